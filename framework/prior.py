@@ -1,0 +1,85 @@
+"""The latent prior interface.
+
+Shapes: ``z`` is ``(..., D)``; ``log_prob`` and ``energy`` return ``(...)``. The energy is
+``U(z) = -log p(z)`` up to an additive constant and is batch-separable (row i depends on
+``z[i]`` only), so ``autograd.grad(U(z).sum(), z)`` gives each chain its own gradient.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ncpvae.component import Component
+from ncpvae.errors import DataError
+
+
+class Prior(nn.Module, Component):
+    """A density over latents ``z`` in R^D.
+
+    Capability flags (class attributes): ``normalized`` (``log_prob`` includes the normalizer),
+    ``requires_fit`` (learned after the VAE is trained, with the VAE frozen), ``exact_sampling``
+    (``sample`` draws exactly from the prior rather than approximately).
+    """
+
+    kind: ClassVar[str] = "prior"
+    normalized: ClassVar[bool] = True
+    requires_fit: ClassVar[bool] = False
+    exact_sampling: ClassVar[bool] = True
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        self.latent_dim = int(latent_dim)
+
+    @abstractmethod
+    def log_prob(self, z: Tensor) -> Tensor:
+        """``(..., D) -> (...)``: log density (unnormalized when ``normalized`` is False)."""
+
+    @abstractmethod
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` latents, ``(n, D)``, on the prior's device and dtype."""
+
+    def energy(self, z: Tensor) -> Tensor:
+        """``(..., D) -> (...)``: ``-log p(z)`` up to a constant (the sampler's target)."""
+        return -self.log_prob(z)
+
+    def kl_from_gaussian(self, mu: Tensor, logvar: Tensor) -> Tensor | None:
+        """Per-dimension ``KL(N(mu, exp(logvar)) || p)``, ``(B, D)``, or None without a closed form."""
+        return None
+
+    @property
+    def base_prior(self) -> Prior:
+        """The tractable prior this one builds on: itself here. The VAE trains against it and
+        samplers start from it; a learned prior such as NCP returns its base."""
+        return self
+
+    @classmethod
+    def capabilities(cls) -> dict[str, bool]:
+        return {
+            "normalized": cls.normalized,
+            "requires_fit": cls.requires_fit,
+            "exact_sampling": cls.exact_sampling,
+        }
+
+    def check_latents(self, z: Tensor, what: str = "latents") -> None:
+        """Raise a clear error unless ``z`` is ``(..., D)`` and finite."""
+        if z.ndim < 1 or z.shape[-1] != self.latent_dim:
+            raise DataError(
+                f"{what}: expected shape (..., {self.latent_dim}) for a {self.latent_dim}-dim "
+                f"{self.name} prior, got {tuple(z.shape)}"
+            )
+        if not torch.isfinite(z).all():
+            raise DataError(f"{what}: contain NaN or infinite values")
+
+    def _param_like(self) -> Tensor:
+        """A tensor carrying the module's device and dtype (buffers or parameters)."""
+        for t in self.parameters():
+            return t
+        for t in self.buffers():
+            return t
+        return torch.empty(0)
