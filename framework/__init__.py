@@ -13,7 +13,7 @@ from ncpvae.hookspecs import hookimpl
 from ncpvae.model import LatentModel
 from ncpvae.objective import Objective
 from ncpvae.prior import Prior
-from ncpvae.sampler import SampleResult, Sampler
+from ncpvae.sampler import Sampler, SampleResult
 
 __version__ = "0.1.0"
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from ncpvae.errors import NonFiniteError
+from torch import Tensor
 
 
 def ess_fraction(log_weights: Tensor) -> float:

@@ -13,9 +13,8 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from ncpvae.component import Component
+from torch import Tensor, nn
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 

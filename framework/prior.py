@@ -8,13 +8,13 @@ Shapes: ``z`` is ``(..., D)``; ``log_prob`` and ``energy`` return ``(...)``. The
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
-
 from ncpvae.component import Component
 from ncpvae.errors import DataError
+from torch import Tensor, nn
 
 
 class Prior(nn.Module, Component):
@@ -51,6 +51,23 @@ class Prior(nn.Module, Component):
     def kl_from_gaussian(self, mu: Tensor, logvar: Tensor) -> Tensor | None:
         """Per-dimension ``KL(N(mu, exp(logvar)) || p)``, ``(B, D)``, or None without a closed form."""
         return None
+
+    def fit(
+        self,
+        mu: Tensor,
+        logvar: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Fit a learned prior (``requires_fit``) to the aggregate posterior of a frozen VAE.
+
+        ``mu`` and ``logvar`` are the encoder outputs ``(N, D)`` for the whole training set;
+        fresh reparameterized draws ``z ~ q(z|x)`` are made from them as needed. ``log`` receives
+        one plain-data record per epoch; the return value is a plain-data summary.
+        """
+        raise NotImplementedError(f"the {self.name} prior has nothing to fit")
 
     @property
     def base_prior(self) -> Prior:

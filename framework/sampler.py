@@ -11,9 +11,8 @@ from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from torch import Tensor
-
 from ncpvae.component import Component, ComponentConfig
+from torch import Tensor
 
 Energy = Callable[[Tensor], Tensor]
 

@@ -1,0 +1,277 @@
+"""Run configuration: pydantic models, TOML loading and ``--set`` overrides.
+
+Component sections (``data``, ``model``, ``prior``, ``objective``, ``sampler``) are validated
+against the plugin registry passed as validation context: the ``name`` key picks the plugin,
+whose own ``Config`` class validates the rest. Nothing is rebuilt when plugins register.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomllib
+from ncpvae.component import ComponentConfig, StrictModel
+from ncpvae.errors import ConfigError, did_you_mean
+from ncpvae.registry import Registry
+from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, ValidationInfo
+
+
+def _registry_from(info: ValidationInfo | None) -> Registry:
+    context = info.context if info is not None else None
+    if isinstance(context, Mapping) and context.get("registry") is not None:
+        return context["registry"]
+    from ncpvae.plugin_manager import get_registry
+
+    return get_registry()
+
+
+def _component_validator(kind: str):
+    def validate(data: Any, info: ValidationInfo) -> ComponentConfig:
+        registry = _registry_from(info)
+        if isinstance(data, ComponentConfig):
+            data = data.model_dump()
+        if isinstance(data, str):  # a bare name selects that plugin with its defaults
+            data = {"name": data}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"expected a {kind} name or a table with a 'name' key")
+        if "name" not in data:
+            raise ValueError(
+                f"missing 'name'; available {kind}s: {', '.join(registry.names(kind)) or 'none'}"
+            )
+        cls = registry.get(kind, str(data["name"]))
+        return cls.Config.model_validate(dict(data), context=info.context)
+
+    return validate
+
+
+def component_section(kind: str) -> Any:
+    """The annotated type of a config field holding a ``kind`` component's config."""
+    return Annotated[SerializeAsAny[ComponentConfig], BeforeValidator(_component_validator(kind))]
+
+
+DatasetSection = component_section("dataset")
+ModelSection = component_section("model")
+PriorSection = component_section("prior")
+ObjectiveSection = component_section("objective")
+SamplerSection = component_section("sampler")
+
+
+class TrainConfig(StrictModel):
+    """Optimization of the VAE (the original notebook's epochs, learning rate and batch size)."""
+
+    epochs: int = Field(10, ge=1, description="passes over the training set")
+    batch_size: int = Field(64, ge=1, description="images per optimizer step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="cap on optimizer steps per epoch (None: a full pass)"
+    )
+    grad_clip: float | None = Field(None, gt=0, description="max gradient norm (None: off)")
+    eval_size: int = Field(2000, ge=1, description="test images used for per-epoch metrics")
+
+
+class SampleConfig(StrictModel):
+    """The sampling stage after training (and prior fitting)."""
+
+    num_samples: int = Field(64, ge=1, description="latents drawn per prior/sampler and decoded")
+
+
+class RunConfig(StrictModel):
+    """A whole run: which components, and how to train and sample them."""
+
+    name: str = Field("default", min_length=1, description="run name (the run directory's name)")
+    seed: int = Field(0, ge=0, description="seed for every random number of the run")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda if present")
+    latent_dim: int = Field(10, ge=1, description="latent size D")
+    data: DatasetSection = Field(default_factory=lambda: {"name": "sprites"})
+    model: ModelSection = Field(default_factory=lambda: {"name": "conv"})
+    prior: PriorSection = Field(default_factory=lambda: {"name": "gaussian"})
+    objective: ObjectiveSection = Field(default_factory=lambda: {"name": "beta_elbo"})
+    sampler: SamplerSection | None = Field(
+        None, description="sampler for the learned prior (None: the prior's own sampling)"
+    )
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# validation with readable errors
+
+
+def format_validation_error(error: ValidationError, what: str = "config") -> str:
+    """One line naming each failing location, e.g. ``invalid config: prior.scale: ...``."""
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] in ("greater_than", "greater_than_equal", "less_than",
+                            "less_than_equal", "literal_error", "int_parsing", "float_parsing",
+                            "bool_parsing", "string_type", "int_type", "float_type"):
+            msg += f" (got {item['input']!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def validate_config(raw: Mapping[str, Any], registry: Registry | None = None,
+                    what: str = "config") -> RunConfig:
+    """Validate a raw config mapping; raise :class:`ConfigError` with a one-line message."""
+    try:
+        return RunConfig.model_validate(dict(raw), context={"registry": registry})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, what)) from None
+
+
+def validate_component(kind: str, raw: Mapping[str, Any],
+                       registry: Registry | None = None) -> ComponentConfig:
+    """Validate one component's config (what ``ncpvae.create`` does)."""
+    registry = registry if registry is not None else _registry_from(None)
+    cls = registry.get(kind, str(raw.get("name")))
+    try:
+        return cls.Config.model_validate(dict(raw), context={"registry": registry})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{kind} '{cls.name}' config")) from None
+
+
+# --------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def builtin_config_names() -> list[str]:
+    """Names of the configs shipped in ``ncpvae/configs`` (without ``.toml``)."""
+    files = resources.files("ncpvae.configs").iterdir()
+    return sorted(f.name.removesuffix(".toml") for f in files if f.name.endswith(".toml"))
+
+
+def read_toml(source: str | Path | None) -> dict[str, Any]:
+    """Read a config: a file path, a built-in config name (``smoke``), or None for the default."""
+    if source is None:
+        source = "default"
+    path = Path(source)
+    if path.suffix != ".toml" and not path.exists():
+        names = builtin_config_names()
+        if str(source) not in names:
+            raise ConfigError(
+                f"no config file '{source}' and no built-in config of that name"
+                f"{did_you_mean(str(source), names)}; built-in configs: {', '.join(names)}"
+            )
+        text = resources.files("ncpvae.configs").joinpath(f"{source}.toml").read_text()
+        origin = f"built-in config '{source}'"
+    else:
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        text = path.read_text()
+        origin = f"config file '{path}'"
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin} is not valid TOML: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and TOML-typed value (bare words are strings)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' must look like dotted.key=value")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides in order; returns a new dict.
+
+    Swapping a component is one override: a bare name for a component table
+    (``prior=gaussian``) or a new ``name`` (``prior.name=ncp``) replaces the whole table with
+    that plugin's defaults, so fields of the old plugin do not leak into the new one.
+    """
+    result = json.loads(json.dumps(raw))  # a deep copy of plain TOML data
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if isinstance(child, str):  # `prior = "ncp"` written as a bare name: expand it
+                child = {"name": child}
+            if not isinstance(child, dict):
+                child = {}
+            node[part] = child
+            node = child
+        last = path[-1]
+        current = node.get(last)
+        if last == "name" and node.get("name") not in (None, value):
+            node.clear()
+        if isinstance(value, str) and isinstance(current, dict) and "name" in current:
+            value = {"name": value}
+        node[last] = value
+    return result
+
+
+def load_config(source: str | Path | None = None, overrides: Iterable[str] = (),
+                registry: Registry | None = None) -> RunConfig:
+    """Read, override and validate a run config."""
+    raw = apply_overrides(read_toml(source), overrides)
+    return validate_config(raw, registry)
+
+
+# --------------------------------------------------------------------------------------------
+# writing TOML (the resolved config saved with every run)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string literal is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+        return "{ " + items + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Write nested plain data as TOML. ``None`` values are omitted (TOML has no null): every
+    optional config field defaults to None, so omission round-trips."""
+    lines: list[str] = []
+    tables: list[tuple[list[str], Mapping[str, Any]]] = []
+
+    def emit(prefix: list[str], table: Mapping[str, Any]) -> None:
+        for key, value in table.items():
+            if value is None:
+                continue
+            if isinstance(value, Mapping):
+                tables.append((prefix + [key], value))
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+
+    emit([], data)
+    while tables:
+        path, table = tables.pop(0)
+        lines.append("")
+        lines.append(f"[{'.'.join(path)}]")
+        nested_start = len(tables)
+        emit(path, table)
+        # keep depth-first order: sub-tables of this table come right after it
+        tables[:] = tables[nested_start:] + tables[:nested_start]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def config_to_toml(config: RunConfig) -> str:
+    """The resolved config as TOML (defaults filled in)."""
+    return to_toml(config.model_dump(mode="json"))

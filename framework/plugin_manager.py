@@ -1,0 +1,233 @@
+"""Loading plugins and building the component registry.
+
+Built-in plugins (``ncpvae.plugins.*``) and third-party plugins (entry-point group ``ncpvae``)
+register through the same hooks (see :mod:`ncpvae.hookspecs`). Each third-party plugin is loaded
+on its own: one that fails to import becomes a warning naming it (an error when ``strict``), and
+everything else keeps working.
+
+Environment switches: ``NCPVAE_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points;
+``NCPVAE_DISABLE_PLUGINS=a,b`` skips the named plugins (entry-point names, or built-in module
+names such as ``ncpvae.plugins.sgld``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import pluggy
+from ncpvae import hookspecs
+from ncpvae.component import BuildContext, Component
+from ncpvae.errors import PluginError
+from ncpvae.registry import Registry
+
+ENTRY_POINT_GROUP = "ncpvae"
+
+#: Modules of the plugins that ship with ncpvae; the only place the framework names them.
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "ncpvae.plugins.datasets",
+    "ncpvae.plugins.models",
+    "ncpvae.plugins.gaussian",
+    "ncpvae.plugins.beta_elbo",
+    "ncpvae.plugins.ncp",
+    "ncpvae.plugins.langevin",
+    "ncpvae.plugins.sgld",
+    "ncpvae.plugins.sir",
+)
+
+
+class PluginLoadWarning(UserWarning):
+    """A third-party plugin failed to load and was skipped."""
+
+
+@dataclass
+class PluginInfo:
+    """One loaded plugin: its name, where it came from, its version and what it registered."""
+
+    name: str
+    source: str  # "builtin", "entrypoint" or "manual"
+    version: str
+    components: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _disabled_names() -> set[str]:
+    raw = os.environ.get("NCPVAE_DISABLE_PLUGINS", "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _kind_base(kind: str) -> type:
+    from ncpvae.data import DatasetPlugin
+    from ncpvae.model import LatentModel
+    from ncpvae.objective import Objective
+    from ncpvae.prior import Prior
+    from ncpvae.sampler import Sampler
+
+    return {"dataset": DatasetPlugin, "model": LatentModel, "prior": Prior,
+            "objective": Objective, "sampler": Sampler}[kind]
+
+
+class PluginManager:
+    """Loads plugins into a pluggy manager and builds a :class:`Registry` from their hooks.
+
+    ``plugins`` are extra plugin objects (modules or instances with ``@hookimpl`` functions),
+    registered as ``manual``; tests pass throw-away plugins this way with ``entrypoints=False``.
+    """
+
+    def __init__(
+        self,
+        *,
+        builtins: bool = True,
+        entrypoints: bool | None = None,
+        plugins: Iterable[Any] = (),
+        strict: bool = False,
+    ):
+        self.strict = strict
+        self.failures: list[str] = []
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self._pm.add_hookspecs(hookspecs)
+        self._info: dict[str, PluginInfo] = {}
+        disabled = _disabled_names()
+        if entrypoints is None:
+            entrypoints = os.environ.get("NCPVAE_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
+        # External plugins first, then built-ins (tox's order); duplicates are errors either way.
+        if entrypoints:
+            self._load_entrypoints(disabled)
+        if builtins:
+            for module_name in BUILTIN_PLUGINS:
+                if module_name in disabled or module_name.rsplit(".", 1)[-1] in disabled:
+                    continue
+                try:
+                    module = importlib.import_module(module_name)
+                except ModuleNotFoundError as exc:  # TEMPORARY while built-ins are being written
+                    if exc.name == module_name:
+                        continue
+                    raise
+                self._register(module, module_name, "builtin", _distribution_version("ncpvae"))
+        for index, plugin in enumerate(plugins):
+            name = getattr(plugin, "__name__", None) or f"manual-{index}"
+            self._register(plugin, name, "manual", getattr(plugin, "__version__", "-"))
+        self._pm.check_pending()
+        self.registry = self._build_registry()
+
+    def _load_entrypoints(self, disabled: set[str]) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in disabled or self._pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                module = ep.load()
+            except Exception as exc:  # any import-time failure of a third-party plugin
+                message = (
+                    f"plugin '{ep.name}' ({ep.value}) failed to load and was skipped: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                if self.strict:
+                    raise PluginError(message) from exc
+                self.failures.append(message)
+                warnings.warn(message, PluginLoadWarning, stacklevel=2)
+                continue
+            version = ep.dist.version if ep.dist is not None else "-"
+            self._register(module, ep.name, "entrypoint", version)
+
+    def _register(self, plugin: Any, name: str, source: str, version: str) -> None:
+        self._pm.register(plugin, name=name)
+        self._info[name] = PluginInfo(name=name, source=source, version=version)
+
+    def _build_registry(self) -> Registry:
+        registry = Registry()
+        for hook_name, kind in hookspecs.HOOK_KINDS.items():
+            base = _kind_base(kind)
+            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                classes = impl.function()
+                if not isinstance(classes, (list, tuple)):
+                    raise PluginError(
+                        f"plugin '{impl.plugin_name}': {hook_name}() must return a list of "
+                        f"classes, got {type(classes).__name__}"
+                    )
+                for cls in classes:
+                    if not (isinstance(cls, type) and issubclass(cls, base)):
+                        raise PluginError(
+                            f"plugin '{impl.plugin_name}': {hook_name}() returned {cls!r}, "
+                            f"which is not a subclass of {base.__name__}"
+                        )
+                    registry.register(kind, cls, impl.plugin_name)
+                    self._info[impl.plugin_name].components.append((kind, cls.name))
+        return registry
+
+    @property
+    def plugins(self) -> list[PluginInfo]:
+        """Loaded plugins, in load order."""
+        return list(self._info.values())
+
+
+def _distribution_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+@lru_cache(maxsize=2)
+def get_plugin_manager(strict: bool = False) -> PluginManager:
+    """The process-wide plugin manager (built-ins plus entry points), built once."""
+    return PluginManager(strict=strict)
+
+
+def get_registry(strict: bool = False) -> Registry:
+    """The process-wide component registry."""
+    return get_plugin_manager(strict).registry
+
+
+def create(
+    kind: str,
+    name: str,
+    *,
+    latent_dim: int | None = None,
+    device: str | Any | None = None,
+    dtype: Any = None,
+    image_shape: tuple[int, int, int] | None = None,
+    seed: int = 0,
+    registry: Registry | None = None,
+    **config_fields: Any,
+) -> Component:
+    """Build any registered component by name from its config defaults plus ``config_fields``.
+
+    Validation and error messages are the same as for config files, e.g.
+    ``ncpvae.create("prior", "gaussian", latent_dim=8)`` or
+    ``ncpvae.create("sampler", "langevin", step_size=0.1, metropolis=True)``.
+    """
+    import torch
+    from ncpvae.config import validate_component
+
+    registry = registry if registry is not None else get_registry()
+    config = validate_component(kind, {"name": name, **config_fields}, registry)
+    ctx = BuildContext(
+        latent_dim=latent_dim,
+        image_shape=image_shape,
+        device=torch.device(device) if device is not None else torch.device("cpu"),
+        dtype=dtype if dtype is not None else torch.float32,
+        seed=seed,
+        registry=registry,
+    )
+    return build_component(config, kind, ctx)
+
+
+def build_component(config: Any, kind: str, ctx: BuildContext) -> Component:
+    """Build a component from an already validated config section (used by the runner and by
+    composite components such as the NCP prior's base)."""
+    import torch
+
+    registry = ctx.registry if ctx.registry is not None else get_registry()
+    component = registry.get(kind, config.name).from_config(config, ctx)
+    if isinstance(component, torch.nn.Module):
+        component = component.to(device=ctx.device, dtype=ctx.dtype)
+    return component
+
+
+__all__ = ["PluginManager", "PluginInfo", "PluginLoadWarning", "create", "build_component",
+           "get_plugin_manager", "get_registry"]

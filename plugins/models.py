@@ -1,0 +1,148 @@
+"""Built-in latent models: ``mlp`` and ``conv`` encoder/decoder pairs.
+
+``conv`` is the encoder/decoder of Burgess et al. (2018), used across the disentanglement
+literature at 64x64: 4x4 stride-2 convolutions with 32 channels down to 4x4, then two dense
+layers of 256. For other sizes it uses as many stride-2 stages as halve the image evenly
+(64: 4, 32: 3, 28: 2 -> 7x7, 8: 1), and the decoder mirrors them with transposed convolutions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from ncpvae import BuildContext, ComponentConfig, LatentModel, hookimpl
+from ncpvae.errors import ConfigError
+from pydantic import Field
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
+
+
+class LikelihoodFields(ComponentConfig):
+    likelihood: Literal["bernoulli", "gaussian"] = Field(
+        "bernoulli", description="pixel likelihood: bernoulli logits or gaussian means")
+    gaussian_scale: float = Field(0.1, gt=0, description="std of the gaussian likelihood")
+    learn_scale: bool = Field(False, description="learn the gaussian likelihood's scale")
+
+
+def _require_image_shape(ctx: BuildContext, who: str) -> tuple[int, int, int]:
+    if ctx.image_shape is None:
+        raise ConfigError(f"{who} needs the image shape; pass image_shape=(C, H, W) to create()")
+    return ctx.image_shape
+
+
+class MLPVAE(LatentModel):
+    """Dense encoder ``prod(C,H,W) -> hidden... -> 2D`` and mirrored decoder."""
+
+    name = "mlp"
+
+    class Config(LikelihoodFields):
+        name: Literal["mlp"] = "mlp"
+        hidden: list[int] = Field([512, 256, 128, 64], min_length=1,
+                                  description="encoder hidden sizes (decoder mirrors them)")
+        activation: Literal["relu", "silu", "elu", "tanh"] = "relu"
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int,
+                 hidden: list[int] = (512, 256, 128, 64), activation: str = "relu", **likelihood):
+        super().__init__(latent_dim, **likelihood)
+        if any(h < 1 for h in hidden):
+            raise ConfigError(f"model.hidden sizes must be >= 1, got {list(hidden)}")
+        self.image_shape = tuple(image_shape)
+        act = ACTIVATIONS[activation]
+        n_pixels = int(torch.tensor(image_shape).prod())
+        sizes = [n_pixels, *hidden]
+        enc: list[nn.Module] = [nn.Flatten()]
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            enc += [nn.Linear(a, b), act()]
+        enc.append(nn.Linear(sizes[-1], 2 * latent_dim))
+        self.encoder = nn.Sequential(*enc)
+        dec_sizes = [latent_dim, *reversed(hidden)]
+        dec: list[nn.Module] = []
+        for a, b in zip(dec_sizes[:-1], dec_sizes[1:]):
+            dec += [nn.Linear(a, b), act()]
+        dec.append(nn.Linear(dec_sizes[-1], n_pixels))
+        self.decoder = nn.Sequential(*dec)
+
+    @classmethod
+    def from_config(cls, config: Config, ctx: BuildContext) -> MLPVAE:
+        return cls(_require_image_shape(ctx, "the mlp model"), ctx.require_latent_dim("mlp"),
+                   hidden=config.hidden, activation=config.activation,
+                   likelihood=config.likelihood, gaussian_scale=config.gaussian_scale,
+                   learn_scale=config.learn_scale)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z).view(*z.shape[:-1], *self.image_shape)
+
+
+def num_halvings(size: int, max_halvings: int = 4, min_size: int = 4) -> int:
+    """How many stride-2 stages halve ``size`` exactly while staying >= ``min_size``."""
+    count = 0
+    while count < max_halvings and size % 2 == 0 and size // 2 >= min_size:
+        size //= 2
+        count += 1
+    return count
+
+
+class ConvVAE(LatentModel):
+    """The Burgess et al. (2018) convolutional encoder/decoder."""
+
+    name = "conv"
+
+    class Config(LikelihoodFields):
+        name: Literal["conv"] = "conv"
+        channels: int = Field(32, ge=1, description="channels of every conv layer")
+        hidden: int = Field(256, ge=1, description="width of the two dense layers")
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, channels: int = 32,
+                 hidden: int = 256, **likelihood):
+        super().__init__(latent_dim, **likelihood)
+        c, h, w = image_shape
+        self.image_shape = tuple(image_shape)
+        stages = min(num_halvings(h), num_halvings(w))
+        if stages == 0:
+            raise ConfigError(f"the conv model needs an even image size >= 8, got {h}x{w}")
+        self.feature_shape = (channels, h >> stages, w >> stages)
+        flat = channels * (h >> stages) * (w >> stages)
+        enc: list[nn.Module] = []
+        in_ch = c
+        for _ in range(stages):
+            enc += [nn.Conv2d(in_ch, channels, 4, stride=2, padding=1), nn.ReLU()]
+            in_ch = channels
+        enc += [nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                nn.ReLU(), nn.Linear(hidden, 2 * latent_dim)]
+        self.encoder = nn.Sequential(*enc)
+        self.decoder_dense = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, flat), nn.ReLU())
+        dec: list[nn.Module] = []
+        for i in range(stages):
+            out_ch = c if i == stages - 1 else channels
+            dec.append(nn.ConvTranspose2d(channels, out_ch, 4, stride=2, padding=1))
+            if i < stages - 1:
+                dec.append(nn.ReLU())
+        self.decoder_conv = nn.Sequential(*dec)
+
+    @classmethod
+    def from_config(cls, config: Config, ctx: BuildContext) -> ConvVAE:
+        return cls(_require_image_shape(ctx, "the conv model"), ctx.require_latent_dim("conv"),
+                   channels=config.channels, hidden=config.hidden, likelihood=config.likelihood,
+                   gaussian_scale=config.gaussian_scale, learn_scale=config.learn_scale)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        lead = z.shape[:-1]
+        features = self.decoder_dense(z.reshape(-1, z.shape[-1])).view(-1, *self.feature_shape)
+        return self.decoder_conv(features).view(*lead, *self.image_shape)
+
+
+@hookimpl
+def ncpvae_register_models() -> list[type]:
+    return [MLPVAE, ConvVAE]
