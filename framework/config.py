@@ -275,3 +275,27 @@ def to_toml(data: Mapping[str, Any]) -> str:
 def config_to_toml(config: RunConfig) -> str:
     """The resolved config as TOML (defaults filled in)."""
     return to_toml(config.model_dump(mode="json"))
+
+
+def run_config_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """JSON Schema of :class:`RunConfig` with each component section expanded to the configs
+    of the installed plugins (``oneOf``, discriminated by ``name``)."""
+    from ncpvae.registry import KINDS
+
+    registry = registry if registry is not None else _registry_from(None)
+    schema = RunConfig.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    section_of_kind = {"dataset": "data"}
+    for kind in KINDS:
+        variants = []
+        for name in registry.names(kind):
+            sub = registry.get(kind, name).Config.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(sub.pop("$defs", {}))
+            title = f"{kind}:{name}"
+            defs[title] = sub
+            variants.append({"$ref": f"#/$defs/{title}"})
+        section = section_of_kind.get(kind, kind)
+        described = schema["properties"][section].get("description")
+        schema["properties"][section] = {"oneOf": variants, "description": described
+                                         or f"a {kind} plugin's config, chosen by 'name'"}
+    return schema

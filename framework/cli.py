@@ -1,0 +1,229 @@
+"""The ``ncpvae`` command.
+
+User errors print one line on stderr and exit with status 2 (``--debug`` shows the traceback);
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ncpvae.errors import NcpvaeError
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--strict-plugins", action="store_true",
+                        help="fail when a third-party plugin does not load")
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set objective.beta=4 or "
+                             "--set prior=gaussian (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ncpvae",
+        description="Train beta-VAEs, fit Noise-Contrastive Priors on their latents and sample "
+                    "them with Langevin-type samplers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run the whole pipeline (default: the built-in config)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a TOML file or a built-in config name (default: 'default')")
+    _overrides(p)
+    p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+
+    p = sub.add_parser("fit-prior", help="(re)fit the learned prior of an existing run")
+    p.add_argument("run", help="run directory")
+    _overrides(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+
+    p = sub.add_parser("sample", help="sample a trained run's prior and decode the samples")
+    p.add_argument("run", help="run directory")
+    _overrides(p)
+    p.add_argument("--prior", default=None, help="swap the prior section by name")
+    p.add_argument("--sampler", default=None, help="sampler name (e.g. langevin, sgld, sir)")
+    p.add_argument("--chains", type=int, default=None, help="number of chains / samples")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/sampling)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+
+    p = sub.add_parser("plugins", help="list loaded plugins with their versions and components")
+    _common(p)
+    p = sub.add_parser("list", help="list registered components")
+    p.add_argument("kind", nargs="?", default=None, help="dataset, model, prior, objective or sampler")
+    _common(p)
+    p = sub.add_parser("describe", help="show a component's config fields and capabilities")
+    p.add_argument("kind")
+    p.add_argument("name")
+    _common(p)
+    p = sub.add_parser("schema", help="print the JSON Schema of run configs (with installed plugins)")
+    _common(p)
+    p = sub.add_parser("validate", help="validate a config file and print it resolved")
+    p.add_argument("config", nargs="?", default=None)
+    _overrides(p)
+    _common(p)
+    return parser
+
+
+def _manager(args: argparse.Namespace):
+    from ncpvae.plugin_manager import get_plugin_manager
+
+    return get_plugin_manager(strict=args.strict_plugins)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ncpvae.config import load_config
+    from ncpvae.runner import train
+
+    manager = _manager(args)
+    config = load_config(args.config, args.overrides, manager.registry)
+    path = train(config, args.out, overwrite=args.overwrite, quiet=args.quiet, manager=manager)
+    print(f"run written to {path}")
+    return 0
+
+
+def cmd_fit_prior(args: argparse.Namespace) -> int:
+    from ncpvae.runner import fit_prior, open_run, sample_stage
+
+    run = open_run(args.run, args.overrides, registry=_manager(args).registry, quiet=args.quiet)
+    if not run.prior.requires_fit:
+        raise NcpvaeError(f"the run's prior '{run.prior.name}' has nothing to fit; "
+                          "use --set prior=ncp")
+    if args.overrides:  # the run now is what was refitted: keep its config true
+        from ncpvae.config import config_to_toml
+
+        run.directory.write_config(config_to_toml(run.config))
+    summary = fit_prior(run)
+    sample_stage(run)
+    print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ncpvae.sampling import sample_command
+
+    overrides = list(args.overrides)
+    if args.prior:
+        overrides.append(f"prior={args.prior}")
+    if args.sampler:
+        overrides.append(f"sampler={args.sampler}")
+    if args.steps is not None:
+        overrides.append(f"sampler.num_steps={args.steps}")
+    out = sample_command(args.run, overrides, chains=args.chains, out=args.out,
+                         quiet=args.quiet, registry=_manager(args).registry)
+    print(f"samples written to {out}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    manager = _manager(args)
+    rows = [(p.name, p.source, p.version, ", ".join(f"{k}:{n}" for k, n in p.components) or "-")
+            for p in manager.plugins]
+    _print_table(("plugin", "source", "version", "components"), rows)
+    for failure in manager.failures:
+        print(f"warning: {failure}", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from ncpvae.registry import KINDS
+
+    registry = _manager(args).registry
+    kinds = [args.kind] if args.kind else list(KINDS)
+    rows = []
+    for kind in kinds:
+        for name in registry.names(kind):
+            cls = registry.get(kind, name)
+            doc = (cls.__doc__ or "").strip().splitlines()
+            rows.append((kind, name, registry.source(kind, name), doc[0] if doc else ""))
+    _print_table(("kind", "name", "plugin", "summary"), rows)
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    registry = _manager(args).registry
+    cls = registry.get(args.kind, args.name)
+    print(f"{args.kind} '{args.name}' ({cls.__module__}.{cls.__qualname__}), "
+          f"from plugin '{registry.source(args.kind, args.name)}'")
+    doc = (cls.__doc__ or "").strip()
+    if doc:
+        print(f"\n{doc}\n")
+    rows = []
+    for field_name, field in cls.Config.model_fields.items():
+        if field_name == "name":
+            continue
+        default = field.get_default(call_default_factory=True)
+        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
+        bounds = ", ".join(str(m) for m in field.metadata)
+        rows.append((field_name, annotation.replace("typing.", ""), _short(default),
+                     bounds, field.description or ""))
+    if rows:
+        _print_table(("field", "type", "default", "bounds", "description"), rows)
+    capabilities = cls.capabilities()
+    if capabilities:
+        print("\ncapabilities: " + ", ".join(f"{k}={v}" for k, v in capabilities.items()))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from ncpvae.config import run_config_schema
+
+    print(json.dumps(run_config_schema(_manager(args).registry), indent=2))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ncpvae.config import config_to_toml, load_config
+
+    config = load_config(args.config, args.overrides, _manager(args).registry)
+    print(config_to_toml(config), end="")
+    return 0
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else \
+        [len(h) for h in header]
+    for line in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+
+
+COMMANDS = {"train": cmd_train, "fit-prior": cmd_fit_prior, "sample": cmd_sample,
+            "plugins": cmd_plugins, "list": cmd_list, "describe": cmd_describe,
+            "schema": cmd_schema, "validate": cmd_validate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except NcpvaeError as exc:
+        if args.debug:
+            raise
+        print(f"ncpvae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; files already written are complete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Atomic file writes and checkpoint loading.
+
+Every file of a run directory is written to a temporary file in the same directory and then
+renamed over the target, so a crash never leaves a half-written file and never destroys the
+previous good one. Checkpoints hold state dicts and plain data only and load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from ncpvae.errors import DataError
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], *, binary: bool = False) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    """``torch.save`` atomically (state dicts and plain data only)."""
+    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with clear errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(
+            f"{what} '{path}' is corrupt or not a ncpvae checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} '{path}' does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{what} '{path}' is not valid JSON: {exc}") from None
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line (appends are not atomic, but never touch earlier lines)."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
