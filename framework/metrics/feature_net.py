@@ -1,0 +1,324 @@
+"""A small feature network trained locally, standing in for Inception (no downloaded weights).
+
+For ground-truth-factor datasets (sprites) it predicts every factor with one softmax head per
+factor; for labelled datasets it predicts the label (one head). Its penultimate layer (ReLU
+features, ``feature_dim`` wide) is what KID, the Fréchet distance and precision/recall compare.
+
+Architecture, for any input ``(C, H, W)``: ``s`` stride-2 4x4 convolutions (``s`` from 1 at 8x8
+to 4 at 64x64, so the last map is about 4x4), a 3x3 convolution, adaptive average pooling to
+``pool_size x pool_size``, a dense ReLU layer (the features), and the heads.
+
+Caching: :func:`save_feature_net` writes the state dict and plain-data metadata atomically
+(``torch.save`` to a temporary file, then ``os.replace``); :func:`load_feature_net` reads it with
+``torch.load(weights_only=True)``. :func:`feature_net_cache_key` names a cache entry after the
+dataset and the training config; :func:`cached_feature_net` loads or trains and saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ncpvae.component import StrictModel
+from ncpvae.data import GroundTruthData, ImageSource
+from ncpvae.errors import DataError
+from pydantic import Field
+from torch import Tensor, nn
+
+FORMAT = "ncpvae-feature-net"
+FORMAT_VERSION = 1
+
+
+class FeatureNetConfig(StrictModel):
+    """How the feature network is built and trained (part of its cache key)."""
+
+    width: int = Field(32, ge=4, description="channels of the first convolution")
+    feature_dim: int = Field(128, ge=2, description="width of the penultimate (feature) layer")
+    pool_size: int = Field(4, ge=1, description="adaptive pooling output size")
+    epochs: int = Field(3, ge=1, description="passes over the training images")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    num_train: int = Field(50_000, ge=10, description="images drawn from a ground-truth dataset")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="held out to report accuracy")
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FeatureNetSpec:
+    """The architecture, as plain data (saved with the weights)."""
+
+    image_shape: tuple[int, int, int]
+    head_sizes: tuple[int, ...]
+    head_names: tuple[str, ...]
+    width: int = 32
+    feature_dim: int = 128
+    pool_size: int = 4
+
+
+def _num_downsamplings(height: int, width: int) -> int:
+    """Stride-2 stages so the last map is about 4x4: 8 -> 1, 28 -> 2, 32 -> 3, 64 -> 4."""
+    return int(min(4, max(1, math.floor(math.log2(max(min(height, width), 2) / 4)))))
+
+
+class FeatureNet(nn.Module):
+    """Conv classifier with one head per target; ``features(x)`` is its penultimate layer."""
+
+    def __init__(self, spec: FeatureNetSpec):
+        super().__init__()
+        if len(spec.head_sizes) != len(spec.head_names) or not spec.head_sizes:
+            raise DataError("feature net: need one name per head and at least one head")
+        if any(s < 2 for s in spec.head_sizes):
+            raise DataError(f"feature net: every head needs >= 2 classes, got {spec.head_sizes}")
+        self.spec = spec
+        self.info: dict[str, Any] = {}  # plain data saved with the weights (val accuracy, config)
+        c, h, w = spec.image_shape
+        layers: list[nn.Module] = []
+        channels = c
+        for i in range(_num_downsamplings(h, w)):
+            out = spec.width if i == 0 else 2 * spec.width
+            layers += [nn.Conv2d(channels, out, 4, stride=2, padding=1), nn.ReLU()]
+            channels = out
+        layers += [nn.Conv2d(channels, 2 * spec.width, 3, padding=1), nn.ReLU(),
+                   nn.AdaptiveAvgPool2d(spec.pool_size), nn.Flatten(),
+                   nn.Linear(2 * spec.width * spec.pool_size**2, spec.feature_dim), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(spec.feature_dim, s) for s in spec.head_sizes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, feature_dim)``."""
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Logits of every head, ``[(B, head_sizes[k])]``."""
+        h = self.features(x)
+        return [head(h) for head in self.heads]
+
+
+def _device_of(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def _check_images(images: Tensor, spec: FeatureNetSpec) -> None:
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(spec.image_shape):
+        raise DataError(
+            f"feature net expects images of shape (n, {', '.join(map(str, spec.image_shape))}), "
+            f"got {tuple(images.shape)}"
+        )
+
+
+def _batches(images: Tensor | ImageSource, batch_size: int):
+    n = len(images)
+    for start in range(0, n, batch_size):
+        if isinstance(images, ImageSource):
+            yield images.get_batch(torch.arange(start, min(n, start + batch_size)))
+        else:
+            yield images[start:start + batch_size]
+
+
+@torch.no_grad()
+def extract_features(net: FeatureNet, images: Tensor | ImageSource, *,
+                     batch_size: int = 512) -> np.ndarray:
+    """Penultimate features of ``images`` ``(n, C, H, W)`` in batches: float64 ``(n, F)``."""
+    was_training = net.training
+    net.eval()
+    device = _device_of(net)
+    out = []
+    try:
+        for batch in _batches(images, batch_size):
+            _check_images(batch, net.spec)
+            out.append(net.features(batch.to(device, torch.float32)).double().cpu().numpy())
+    finally:
+        net.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, net.spec.feature_dim))
+
+
+@torch.no_grad()
+def predict_factors(net: FeatureNet, images: Tensor | ImageSource, *,
+                    batch_size: int = 512) -> np.ndarray:
+    """The most likely class of every head: int64 ``(n, num_heads)``."""
+    was_training = net.training
+    net.eval()
+    device = _device_of(net)
+    out = []
+    try:
+        for batch in _batches(images, batch_size):
+            _check_images(batch, net.spec)
+            logits = net(batch.to(device, torch.float32))
+            out.append(torch.stack([lg.argmax(1) for lg in logits], 1).cpu().numpy())
+    finally:
+        net.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, len(net.spec.head_sizes)), np.int64)
+
+
+def train_feature_net(
+    get_images: Callable[[Tensor], Tensor],
+    targets: Tensor,
+    head_sizes: Sequence[int],
+    *,
+    image_shape: tuple[int, int, int],
+    head_names: Sequence[str] | None = None,
+    config: FeatureNetConfig | None = None,
+    device: torch.device | str = "cpu",
+) -> FeatureNet:
+    """Train a feature net on ``len(targets)`` examples.
+
+    ``get_images(index)`` returns the images ``(B, C, H, W)`` of a ``(B,)`` long index;
+    ``targets`` is ``(N, num_heads)`` long with column k in ``[0, head_sizes[k])``. The last
+    ``val_fraction`` of a seeded shuffle is held out; its per-head accuracy is stored in
+    ``net.info["val_accuracy"]``. Deterministic given ``config.seed`` (on CPU).
+    """
+    cfg = config or FeatureNetConfig()
+    targets = torch.as_tensor(targets).long()
+    if targets.ndim == 1:
+        targets = targets[:, None]
+    head_sizes = tuple(int(s) for s in head_sizes)
+    if targets.ndim != 2 or targets.shape[1] != len(head_sizes):
+        raise DataError(f"targets must be (N, {len(head_sizes)}), got {tuple(targets.shape)}")
+    if (targets < 0).any() or (targets >= torch.tensor(head_sizes)).any():
+        raise DataError("targets lie outside [0, head_sizes)")
+    names = tuple(head_names) if head_names is not None else tuple(
+        f"head{k}" for k in range(len(head_sizes)))
+    spec = FeatureNetSpec(tuple(int(s) for s in image_shape), head_sizes, names,  # type: ignore[arg-type]
+                          cfg.width, cfg.feature_dim, cfg.pool_size)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = FeatureNet(spec)
+    net.to(device)
+    n = targets.shape[0]
+    order = torch.randperm(n, generator=gen)
+    n_val = int(n * cfg.val_fraction)
+    train_idx, val_idx = order[:n - n_val], order[n - n_val:]
+    if train_idx.numel() == 0:
+        raise DataError("feature net: no training examples left after the validation split")
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    net.train()
+    for _ in range(cfg.epochs):
+        perm = train_idx[torch.randperm(train_idx.numel(), generator=gen)]
+        for start in range(0, perm.numel(), cfg.batch_size):
+            idx = perm[start:start + cfg.batch_size]
+            x = get_images(idx).to(device, torch.float32)
+            y = targets[idx].to(device)
+            loss = sum(F.cross_entropy(lg, y[:, k]) for k, lg in enumerate(net(x)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    net.eval()
+    val_acc: list[float] = []
+    if val_idx.numel():
+        pred = predict_factors(net, get_images(val_idx[:10_000]))
+        truth = targets[val_idx[:10_000]].numpy()
+        val_acc = [float(v) for v in (pred == truth).mean(0)]
+    net.info = {"val_accuracy": val_acc, "config": cfg.model_dump(), "num_examples": n}
+    return net
+
+
+def feature_net_for_ground_truth(
+    data: GroundTruthData, *, config: FeatureNetConfig | None = None,
+    device: torch.device | str = "cpu",
+) -> FeatureNet:
+    """A net predicting every factor of ``data`` from ``config.num_train`` rendered images."""
+    cfg = config or FeatureNetConfig()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    factors = data.sample_factors(cfg.num_train, gen).long()
+    probe = data.images_from_factors(factors[:1])
+    return train_feature_net(
+        lambda idx: data.images_from_factors(factors[idx]), factors, data.factor_sizes,
+        image_shape=tuple(probe.shape[1:]), head_names=data.factor_names, config=cfg,
+        device=device,
+    )
+
+
+def feature_net_for_labels(
+    source: ImageSource, *, num_classes: int | None = None,
+    config: FeatureNetConfig | None = None, device: torch.device | str = "cpu",
+) -> FeatureNet:
+    """A net predicting the labels of ``source`` (every image; ``num_train`` is not used)."""
+    if source.labels is None:
+        raise DataError("feature net: this image source has no labels; use a labelled dataset")
+    labels = source.labels.long()
+    k = int(num_classes) if num_classes is not None else int(labels.max()) + 1
+    return train_feature_net(source.get_batch, labels, (k,), image_shape=source.image_shape,
+                             head_names=("label",), config=config, device=device)
+
+
+def save_feature_net(net: FeatureNet, path: str | os.PathLike) -> None:
+    """Atomically write ``net`` (state dict + plain metadata) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "spec": {k: list(v) if isinstance(v, tuple) else v
+                 for k, v in dataclasses.asdict(net.spec).items()},
+        "info_json": json.dumps(net.info),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_feature_net(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> FeatureNet:
+    """Load a net written by :func:`save_feature_net` (``weights_only=True``), in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"feature net file not found: {path}")
+    try:
+        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(f"cannot read feature net {path}: {exc}; delete it to retrain") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DataError(f"{path} is not an ncpvae feature net file; delete it to retrain")
+    if payload.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: feature net format version {payload.get('version')}, expected "
+                        f"{FORMAT_VERSION}; delete it to retrain")
+    s = payload["spec"]
+    spec = FeatureNetSpec(
+        image_shape=tuple(s["image_shape"]), head_sizes=tuple(s["head_sizes"]),
+        head_names=tuple(s["head_names"]), width=s["width"], feature_dim=s["feature_dim"],
+        pool_size=s["pool_size"],
+    )
+    net = FeatureNet(spec)
+    net.load_state_dict(payload["state_dict"])
+    net.info = json.loads(payload.get("info_json", "{}"))
+    return net.to(device).eval()
+
+
+def feature_net_cache_key(dataset_name: str, dataset_config: Mapping[str, Any] | None = None,
+                          config: FeatureNetConfig | None = None) -> str:
+    """A short stable hash of the dataset (name + config) and the feature-net config."""
+    cfg = config or FeatureNetConfig()
+    blob = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "dataset": dataset_name,
+                       "dataset_config": dict(dataset_config or {}),
+                       "feature_net": cfg.model_dump()}, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in dataset_name)
+    return f"{safe}-{digest}"
+
+
+def cached_feature_net(cache_dir: str | os.PathLike, key: str, build: Callable[[], FeatureNet],
+                       *, device: torch.device | str = "cpu") -> FeatureNet:
+    """Load ``<cache_dir>/<key>.pt`` if present, else ``build()`` it and save it there."""
+    path = Path(cache_dir) / f"{key}.pt"
+    if path.is_file():
+        return load_feature_net(path, device=device)
+    net = build()
+    save_feature_net(net, path)
+    return net.to(device).eval()
