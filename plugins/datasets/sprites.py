@@ -83,7 +83,8 @@ def _check_factors(factors: Tensor) -> Tensor:
     factors = factors.long().cpu()
     if ((factors < 0) | (factors >= _SIZES)).any():
         raise DataError(
-            f"sprites: factor indices out of range; column k must lie in [0, {FACTOR_SIZES}[k])"
+            f"sprites: factor indices out of range; the columns {FACTOR_NAMES} take values "
+            f"0 .. size-1 with sizes {FACTOR_SIZES}"
         )
     return factors
 

@@ -1,0 +1,147 @@
+"""``mnist`` and ``fashion-mnist``: torchvision's MNIST / FashionMNIST read from local files.
+
+Files live where torchvision expects them::
+
+    <root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte          (mnist)
+    <root>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte   (fashion-mnist)
+
+torchvision (checked with 0.29) reads only the uncompressed files when ``download`` is false;
+when just the ``.gz`` archive of a file is there, it is decompressed next to it first (what
+torchvision does after a download; written to a temporary name, then renamed).
+``download = true`` lets torchvision fetch missing files (needs internet). Images are kept
+as uint8 ``(N, 1, 28, 28)`` with ``(N,)`` long labels; the official train/test split is used,
+optionally cut to a seeded random subset of ``train_size`` / ``test_size`` images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from typing import Any, ClassVar, Literal
+
+import torch
+from ncpvae.component import BuildContext, ComponentConfig
+from ncpvae.data import DataBundle, DatasetPlugin, TensorImageSource
+from ncpvae.errors import DataError
+from ncpvae.plugins.datasets import seeded_permutation
+from pydantic import Field
+from torch import Tensor
+
+RAW_FILES: tuple[str, ...] = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+class _TorchvisionMNISTLike(DatasetPlugin):
+    """Shared loader; subclasses name the torchvision class (``tv_class``)."""
+
+    tv_class: ClassVar[str]
+
+    def raw_folder(self, root: str) -> str:
+        """``<root>/<torchvision class name>/raw``, where the IDX files must be."""
+        return os.path.join(root, self.tv_class, "raw")
+
+    def _prepare_files(self, raw: str) -> None:
+        """Decompress ``.gz``-only files; raise a :class:`DataError` naming any missing file."""
+        missing = []
+        for name in RAW_FILES:
+            path = os.path.join(raw, name)
+            if os.path.isfile(path):
+                continue
+            if os.path.isfile(path + ".gz"):
+                try:
+                    with gzip.open(path + ".gz", "rb") as fh:
+                        data = fh.read()
+                except (OSError, EOFError, zlib.error) as err:
+                    raise DataError(
+                        f"{self.name}: cannot decompress {path}.gz ({err}); the file is corrupt, "
+                        "replace it (or delete it and set download=true)"
+                    ) from None
+                # write then rename, so a failed write never leaves a truncated file behind
+                try:
+                    with open(path + ".part", "wb") as fh:
+                        fh.write(data)
+                    os.replace(path + ".part", path)
+                except OSError as err:
+                    raise DataError(
+                        f"{self.name}: cannot write the decompressed {path} ({err}); "
+                        f"decompress {path}.gz yourself or make {raw} writable"
+                    ) from None
+                continue
+            missing.append(name)
+        if missing:
+            paths = ", ".join(os.path.join(raw, m) + "(.gz)" for m in missing)
+            raise DataError(
+                f"{self.name}: data not found, missing {paths}; set download=true to fetch it "
+                f"(needs internet), or put the IDX files (optionally .gz) in {raw}"
+            )
+
+    def _load(self, root: str, *, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, self.tv_class)
+        raw = self.raw_folder(root)
+        if not download:
+            self._prepare_files(raw)
+        try:
+            ds: Any = cls(root, train=train, download=download)
+        except (AssertionError, ValueError, TypeError, KeyError, RuntimeError, OSError) as err:
+            split = "train" if train else "t10k"
+            raise DataError(
+                f"{self.name}: cannot read the {split} IDX files in {raw} "
+                f"({type(err).__name__}: {err}); the files are corrupt or not MNIST IDX files, "
+                "replace them (or delete them and set download=true)"
+            ) from None
+        images, labels = ds.data, ds.targets
+        if images.ndim != 3 or images.dtype != torch.uint8 or len(labels) != len(images):
+            raise DataError(
+                f"{self.name}: the {'train' if train else 't10k'} files in {raw} hold images of "
+                f"shape {tuple(images.shape)} and {len(labels)} labels; expected (N, 28, 28) "
+                "uint8 images and N labels"
+            )
+        return images.unsqueeze(1), labels.long()
+
+    def build(self, ctx: BuildContext) -> DataBundle:
+        cfg = self.config
+        sources = []
+        for train, limit, seed_offset in ((True, cfg.train_size, 0), (False, cfg.test_size, 1)):
+            images, labels = self._load(str(cfg.root), train=train, download=cfg.download)
+            if limit is not None and limit < len(images):
+                # a seeded subset; train and test use different streams of the same seed
+                keep = seeded_permutation(len(images), 2 * ctx.seed + seed_offset)[:limit]
+                images, labels = images[keep], labels[keep]
+            what = f"{self.name} {'train' if train else 'test'}"
+            sources.append(TensorImageSource(images, labels, what=what))
+        return DataBundle(train=sources[0], test=sources[1], ground_truth=None)
+
+
+class MNISTDataset(_TorchvisionMNISTLike):
+    """MNIST digits, 28x28 grey, 60,000 train / 10,000 test, labels 0..9."""
+
+    name = "mnist"
+    tv_class = "MNIST"
+
+    class Config(ComponentConfig):
+        name: Literal["mnist"] = "mnist"
+        root: str = Field("data", description="folder holding MNIST/raw/")
+        download: bool = Field(False, description="let torchvision download missing files")
+        train_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
+        test_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
+
+
+class FashionMNISTDataset(_TorchvisionMNISTLike):
+    """Fashion-MNIST clothing images, 28x28 grey, 60,000 train / 10,000 test, labels 0..9."""
+
+    name = "fashion-mnist"
+    tv_class = "FashionMNIST"
+
+    class Config(ComponentConfig):
+        name: Literal["fashion-mnist"] = "fashion-mnist"
+        root: str = Field("data", description="folder holding FashionMNIST/raw/")
+        download: bool = Field(False, description="let torchvision download missing files")
+        train_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
+        test_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
