@@ -53,6 +53,26 @@ def test_hook_registers_all_dataset_classes():
     assert registry.names("dataset") == sorted(names)
 
 
+@pytest.mark.slow  # first use of torchvision, scikit-learn and the sprite masks: a few seconds
+def test_framework_contract_checks(tmp_path):
+    testing = pytest.importorskip("ncpvae.testing")
+    for cls in datasets_plugin.ncpvae_register_datasets():
+        testing.check_component_class(cls, "dataset")
+    make_mnist(tmp_path, "MNIST", gz=False)
+    write_npz(tmp_path / "images.npz", images=np.zeros((10, 4, 4), np.uint8), y=np.arange(10))
+    write_fake_dsprites(tmp_path / "dsprites.npz")
+    for cls, fields in [
+        (SpritesDataset, {"train_size": 20, "test_size": 10}),
+        (SpritesDataset, {"image_size": 32, "train_size": 20, "test_size": 10}),
+        (MNISTDataset, {"root": str(tmp_path)}),
+        (DigitsDataset, {}),
+        (NpzDataset, {"path": str(tmp_path / "images.npz"), "labels_key": "y"}),
+        (DSpritesDataset, {"path": str(tmp_path / "dsprites.npz"), "test_size": 8}),
+    ]:
+        ctx = BuildContext(seed=0)
+        testing.check_dataset(cls.from_config(cls.Config(**fields), ctx), ctx)
+
+
 # ------------------------------------------------------------------------------------ sprites
 
 #: SHA-256 of little-endian float32 bytes, computed once from this implementation. A change

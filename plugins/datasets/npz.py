@@ -132,7 +132,7 @@ class NpzDataset(DatasetPlugin):
 
     class Config(ComponentConfig):
         name: Literal["npz"] = "npz"
-        path: str = Field(description="the .npz file")
+        path: str = Field("data/images.npz", min_length=1, description="the .npz file")
         key: str = Field("images", min_length=1, description="array name of the images")
         labels_key: str | None = Field(None, description="array name of integer labels, if any")
         layout: Literal["auto", "nchw", "nhwc"] = Field(
