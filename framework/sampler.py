@@ -1,45 +1,320 @@
-"""The latent sampler interface (skeleton; the samplers issue completes ``run``).
+"""The latent sampler interface and the shared run loop (BlackJAX-style kernels).
 
-Convention: target ``pi(z) ∝ exp(-U(z))``; ``energy`` maps chains ``(C, D)`` to ``(C,)``.
-A sampler holds hyperparameters only, never chain state.
+Convention (MATH.md §3): the target is ``pi(z) ∝ exp(-U(z))``. An ``energy`` is any callable
+mapping chains ``(C, D)`` to ``(C,)``; it must be *batch-separable* (row i depends on ``z[i]``
+only), because every gradient is ``autograd.grad(U(z).sum(), z)``: one backward pass gives each
+chain its own gradient. (An energy that returns ``U(z).mean()`` is rejected by the shape check;
+one that mixes rows silently couples chains.)
+
+A :class:`Sampler` holds hyperparameters only, never chain state:
+
+- ``state = sampler.init(position, energy)``: a NamedTuple caching at least ``position``
+  ``(C, D)`` and ``energy`` ``(C,)`` (gradient samplers also cache ``grad`` ``(C, D)``, so a
+  step costs exactly one energy-and-gradient evaluation);
+- ``state, info = sampler.step(state, energy, generator=g)``: one transition of every chain;
+  ``info`` is a NamedTuple of ``(C,)`` tensors;
+- ``sampler.run(...)`` (shared, final): loops ``step``, keeps draws, stacks infos, diagnoses.
+
+Chains are the batch dimension: nothing loops over chains in Python. All randomness comes from
+the ``generator`` (which must live on the positions' device), so a seeded run is bit-for-bit
+reproducible. States and infos are detached: no autograd graph survives a step.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, final
 
 import torch
-from ncpvae.component import Component, ComponentConfig
+from ncpvae.component import BuildContext, Component, ComponentConfig
+from ncpvae.errors import ConfigError, DataError, NonFiniteError
+from pydantic import ValidationError
 from torch import Tensor
 
 Energy = Callable[[Tensor], Tensor]
 
+#: ``callback(step, state, info)``, called after every step (``step`` counts from 1).
+Callback = Callable[[int, NamedTuple, NamedTuple], None]
+
 
 class SampleResult(NamedTuple):
-    """``samples`` ``(S, C, D)``; ``info`` per-step tensors; ``diagnostics`` plain numbers."""
+    """The output of :meth:`Sampler.run` and :meth:`Sampler.sample_prior`.
+
+    ``samples`` ``(S, C, D)``: kept draws (after burn-in and thinning; ``samples[-1]`` is always
+    the final state). ``info``: per-step tensors ``(num_steps, C)`` covering every step, burn-in
+    included (e.g. ``energy``, ``step_size``, ``acceptance_rate``, ``nonfinite``).
+    ``diagnostics``: plain numbers (JSON-ready), see :meth:`Sampler.run`.
+    """
 
     samples: Tensor
     info: dict[str, Tensor]
     diagnostics: dict[str, Any]
 
 
-class Sampler(Component, ABC):
-    kind: ClassVar[str] = "sampler"
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the kernels
 
-    def __init__(self, config: ComponentConfig):
+
+def check_positions(position: Tensor, what: str = "initial positions") -> None:
+    """Raise :class:`DataError` unless ``position`` is a finite floating ``(C, D)`` tensor."""
+    if not isinstance(position, Tensor):
+        raise DataError(f"{what}: expected a torch.Tensor (C, D), got {type(position).__name__}")
+    if position.ndim != 2 or position.shape[0] < 1 or position.shape[1] < 1:
+        raise DataError(f"{what}: expected shape (C, D) with C, D >= 1, got {tuple(position.shape)}")
+    if not position.is_floating_point():
+        raise DataError(f"{what}: expected a floating dtype, got {position.dtype}")
+    if not torch.isfinite(position).all():
+        raise DataError(f"{what}: contain NaN or infinite values")
+
+
+def check_generator(generator: torch.Generator | None, like: Tensor) -> None:
+    """Raise :class:`ConfigError` if ``generator`` lives on another device than ``like``."""
+    if generator is not None and generator.device.type != like.device.type:
+        raise ConfigError(
+            f"the generator is on {generator.device} but the chains are on {like.device}; "
+            f"create it with torch.Generator(device='{like.device.type}')"
+        )
+
+
+def evaluate_energy(energy: Energy, position: Tensor) -> Tensor:
+    """``U(position)`` without a graph, checked to be ``(C,)``."""
+    with torch.no_grad():
+        u = energy(position)
+    _check_energy_shape(u, position)
+    return u.detach()
+
+
+def energy_and_grad(energy: Energy, position: Tensor) -> tuple[Tensor, Tensor]:
+    """``U(z)`` ``(C,)`` and ``∇U(z)`` ``(C, D)`` from one backward pass, both detached.
+
+    The gradient is ``autograd.grad(U(z).sum(), z)``, correct for batch-separable energies.
+    Parameters inside ``energy`` (e.g. a classifier's weights) get no ``.grad``.
+    """
+    with torch.enable_grad():
+        z = position.detach().requires_grad_(True)
+        u = energy(z)
+        _check_energy_shape(u, position)
+        if u.requires_grad:
+            (grad,) = torch.autograd.grad(u.sum(), z, allow_unused=True)
+        else:
+            grad = None
+    if grad is None:  # the energy does not depend on z
+        grad = torch.zeros_like(position)
+    return u.detach(), grad.detach()
+
+
+def _check_energy_shape(u: Any, position: Tensor) -> None:
+    if not isinstance(u, Tensor) or u.shape != position.shape[:1]:
+        shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise DataError(
+            f"the energy must map chains (C, D) to per-chain values (C,) = "
+            f"({position.shape[0]},), got {shape}; do not reduce over chains (no .sum()/.mean())"
+        )
+
+
+def finite_rows(position: Tensor, energy: Tensor, grad: Tensor | None = None) -> Tensor:
+    """``(C,)`` bool: chains whose position, energy (and gradient) are all finite."""
+    ok = torch.isfinite(energy) & torch.isfinite(position).all(-1)
+    if grad is not None:
+        ok &= torch.isfinite(grad).all(-1)
+    return ok
+
+
+def select_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """Row-wise ``where``: rows of ``new`` where ``mask`` ``(C,)`` is True, else rows of ``old``."""
+    return torch.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class Sampler(Component, ABC):
+    """Base class of latent samplers; see the module docstring for the kernel contract.
+
+    Subclasses set ``name``, a ``Config`` (with ``num_steps``/``burn_in``/``thin`` fields if they
+    use the default :meth:`sample_prior`), and implement :meth:`init` and :meth:`step`.
+    ``run_options`` names the extra keyword arguments :meth:`run` forwards to ``init`` and
+    ``step`` (e.g. the ``sir`` sampler's ``proposal``).
+    """
+
+    kind: ClassVar[str] = "sampler"
+    run_options: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: ComponentConfig | None = None, **fields: Any):
+        if config is None:
+            try:
+                config = self.Config(**fields)
+            except ValidationError as exc:
+                from ncpvae.config import format_validation_error
+
+                raise ConfigError(
+                    format_validation_error(exc, f"sampler '{self.name}' config")
+                ) from None
+        elif fields:
+            raise ConfigError(f"{self.name} sampler: pass either a Config or keyword fields, not both")
+        if not isinstance(config, self.Config):
+            raise ConfigError(
+                f"{type(self).__name__} needs a {type(self).__name__}.Config, "
+                f"got {type(config).__name__}"
+            )
         self.config = config
 
-    @abstractmethod
-    def init(self, position: Tensor, energy: Energy) -> NamedTuple: ...
+    @classmethod
+    def from_config(cls, config: ComponentConfig, ctx: BuildContext) -> Sampler:
+        """Build from a validated config; a sampler needs nothing from ``ctx``."""
+        return cls(config)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "name")
+        return f"{type(self).__name__}({fields})"
+
+    # -- the kernel ----------------------------------------------------------------------------
 
     @abstractmethod
-    def step(self, state: NamedTuple, energy: Energy, *, generator: torch.Generator | None = None
-             ) -> tuple[NamedTuple, NamedTuple]: ...
+    def init(self, position: Tensor, energy: Energy, **options: Any) -> NamedTuple:
+        """The initial state of chains at ``position`` ``(C, D)`` (evaluates ``energy`` once)."""
+
+    @abstractmethod
+    def step(self, state: NamedTuple, energy: Energy, *, generator: torch.Generator | None = None,
+             **options: Any) -> tuple[NamedTuple, NamedTuple]:
+        """One transition of every chain: ``(state, info)``, both made of detached tensors."""
+
+    def adapt(self, state: NamedTuple, info: NamedTuple, *, iteration: int, num_adapt: int
+              ) -> NamedTuple:
+        """Tune the state's adaptive quantities after burn-in step ``iteration`` (1-based) of
+        ``num_adapt``. Called by :meth:`run` during burn-in only; the default does nothing."""
+        return state
+
+    def check_run(self, num_steps: int, burn_in: int, thin: int) -> None:
+        """Raise :class:`ConfigError` if this sampler cannot run with these arguments."""
+
+    # Randomness goes through these two methods so tests can inject per-chain noise.
+    def _randn(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+    def _rand(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        return torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+
+    # -- the shared loop -----------------------------------------------------------------------
+
+    @final
+    def run(
+        self,
+        energy: Energy,
+        init_position: Tensor,
+        num_steps: int,
+        *,
+        burn_in: int = 0,
+        thin: int = 1,
+        generator: torch.Generator | None = None,
+        callback: Callback | None = None,
+        progress: bool = False,
+        **options: Any,
+    ) -> SampleResult:
+        """Run ``num_steps`` transitions of every chain from ``init_position`` ``(C, D)``.
+
+        Steps ``1..burn_in`` are burn-in (adaptation happens there only, then is frozen). After
+        it, every ``thin``-th state is kept, counted back from the last step, so
+        ``samples[-1]`` is the final state and ``S = ceil((num_steps - burn_in) / thin)``. With
+        ``num_steps = 0`` nothing moves and ``samples`` is the initial position ``(1, C, D)``.
+
+        ``info`` stacks every step's info: ``(num_steps, C)`` tensors. ``diagnostics``: per-
+        dimension ``ess``/``rhat``/``mcse_mean`` of the kept draws (see
+        :func:`ncpvae.diagnostics.summarize`), ``acceptance_rate`` (post-burn-in mean, when the
+        kernel reports one), ``num_nonfinite`` (non-finite proposals rejected or chains reset),
+        ``wall_time_s`` (the stepping loop) and ``chain_steps_per_s``.
+
+        ``callback(step, state, info)`` runs after each step; ``progress`` shows a tqdm bar;
+        ``options`` are forwarded to ``init`` and ``step`` (names in ``run_options``).
+        """
+        from ncpvae.diagnostics import acceptance_summary, summarize
+
+        for label, value, low in (("num_steps", num_steps, 0), ("burn_in", burn_in, 0),
+                                  ("thin", thin, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
+        if num_steps > 0 and burn_in >= num_steps:
+            raise ConfigError(
+                f"burn_in ({burn_in}) must be smaller than num_steps ({num_steps}) so that some "
+                f"draws are kept"
+            )
+        if num_steps == 0 and burn_in:
+            raise ConfigError(f"burn_in ({burn_in}) needs num_steps > 0")
+        unknown = set(options) - set(self.run_options)
+        if unknown:
+            allowed = ", ".join(sorted(self.run_options)) or "none"
+            raise ConfigError(
+                f"{self.name} sampler: unknown run option(s) {', '.join(sorted(unknown))}; "
+                f"allowed: {allowed}"
+            )
+        self.check_run(num_steps, burn_in, thin)
+        check_positions(init_position)
+        check_generator(generator, init_position)
+
+        start = time.perf_counter()
+        state = self.init(init_position, energy, **options)
+        kept: list[Tensor] = []
+        infos: list[NamedTuple] = []
+        steps = range(1, num_steps + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc=f"{self.name} sampling", unit="step")
+        for t in steps:
+            try:
+                state, info = self.step(state, energy, generator=generator, **options)
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{self.name} sampler, step {t} of {num_steps}: {exc}") from None
+            if t <= burn_in:
+                state = self.adapt(state, info, iteration=t, num_adapt=burn_in)
+            infos.append(info)
+            if t > burn_in and (num_steps - t) % thin == 0:
+                kept.append(state.position)
+            if callback is not None:
+                callback(t, state, info)
+        wall = time.perf_counter() - start
+
+        if not kept:
+            kept = [state.position]
+        samples = torch.stack(kept)
+        info_dict: dict[str, Tensor] = {}
+        if infos:
+            for field in infos[0]._fields:
+                info_dict[field] = torch.stack([getattr(i, field) for i in infos])
+
+        diagnostics = summarize(samples)
+        chains = int(init_position.shape[0])
+        diagnostics.update(
+            sampler=self.name,
+            num_steps=num_steps,
+            burn_in=burn_in,
+            thin=thin,
+            num_nonfinite=int(info_dict["nonfinite"].sum()) if "nonfinite" in info_dict else 0,
+            wall_time_s=wall,
+            chain_steps_per_s=(chains * num_steps / wall) if wall > 0 else float("nan"),
+        )
+        if "acceptance_rate" in info_dict:
+            diagnostics["acceptance"] = acceptance_summary(info_dict["acceptance_rate"][burn_in:])
+            diagnostics["acceptance_rate"] = diagnostics["acceptance"]["mean"]
+        if "step_size" in info_dict:
+            diagnostics["final_step_size"] = float(info_dict["step_size"][-1].double().mean())
+        return SampleResult(samples, info_dict, diagnostics)
 
     def sample_prior(self, prior, num_samples: int, *, generator: torch.Generator | None = None,
                      progress: bool = False) -> SampleResult:
-        """Draw ``num_samples`` latents from ``prior``: chains start at ``prior.base_prior`` draws
-        and run on ``prior.energy``; ``result.samples[-1]`` are the final states ``(C, D)``."""
-        raise NotImplementedError
+        """Draw ``num_samples`` latents from ``prior`` with this sampler.
+
+        MCMC samplers start ``num_samples`` chains at ``prior.base_prior.sample(...)`` and run
+        ``config.num_steps`` steps (``config.burn_in``, ``config.thin``) on ``prior.energy``;
+        ``result.samples[-1]`` are the final states ``(num_samples, D)``.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+        cfg = self.config
+        if not hasattr(cfg, "num_steps"):
+            raise ConfigError(f"the {self.name} sampler has no num_steps setting; use run()")
+        start = prior.base_prior.sample(num_samples, generator=generator).detach()
+        return self.run(prior.energy, start, cfg.num_steps, burn_in=getattr(cfg, "burn_in", 0),
+                        thin=getattr(cfg, "thin", 1), generator=generator, progress=progress)

@@ -1,0 +1,152 @@
+"""MCMC diagnostics on sample tensors ``(S, C, D)``: S kept draws, C chains, D dimensions.
+
+Pure functions, computed in float64, returning tensors (per dimension) or plain numbers.
+
+- :func:`ess` — effective sample size per dimension, multi-chain, with Geyer's initial monotone
+  sequence on FFT autocovariances (the estimator of Stan / BDA3, without rank normalization).
+- :func:`split_rhat` — potential scale reduction on split chains (each chain cut in two halves).
+- :func:`mcse_mean` — Monte Carlo standard error of the mean, ``sd / sqrt(ess)``.
+- :func:`acceptance_summary` — mean acceptance and its spread over chains.
+- :func:`summarize` — all of the above as a JSON-ready dict (what ``Sampler.run`` reports).
+
+Fewer than 4 draws (or a constant dimension) give NaN: these quantities are undefined there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from ncpvae.errors import DataError
+from torch import Tensor
+
+
+def _as_draws(samples: Tensor) -> Tensor:
+    if samples.ndim != 3:
+        raise DataError(f"diagnostics expect samples (S, C, D), got shape {tuple(samples.shape)}")
+    return samples.detach().to(torch.float64)
+
+
+def autocovariance(samples: Tensor) -> Tensor:
+    """Biased (divide by S) autocovariance of every chain and dimension at every lag.
+
+    ``(S, C, D) -> (S, C, D)``; lag ``t`` is ``mean_s (x_s - xbar)(x_{s+t} - xbar)``. Uses an FFT
+    zero-padded to avoid circular wrap-around, so it costs ``O(S log S)`` per chain.
+    """
+    x = _as_draws(samples)
+    n = x.shape[0]
+    centered = x - x.mean(0, keepdim=True)
+    size = 1 << (2 * n - 1).bit_length()  # next power of two >= 2n - 1
+    spectrum = torch.fft.rfft(centered, n=size, dim=0)
+    acov = torch.fft.irfft(spectrum * spectrum.conj(), n=size, dim=0)[:n]
+    return acov / n
+
+
+def ess(samples: Tensor) -> Tensor:
+    """Effective sample size of the mean, per dimension: ``(S, C, D) -> (D,)``.
+
+    Autocorrelations are pooled over chains through the between/within variance (so chains that
+    disagree lower the ESS), then summed with Geyer's initial positive and monotone sequence:
+    ``tau = -1 + 2 sum_k P_k`` with ``P_k = rho_2k + rho_2k+1`` truncated at the first
+    non-positive pair and made non-increasing; ``ESS = S C / tau``. For i.i.d. draws
+    ``ESS ≈ S C``; for an AR(1) chain with coefficient rho, ``ESS ≈ S C (1 - rho) / (1 + rho)``.
+    """
+    x = _as_draws(samples)
+    n, m, d = x.shape
+    if n < 4:
+        return torch.full((d,), math.nan, dtype=torch.float64)
+    acov = autocovariance(x)  # (n, m, d)
+    chain_var = acov[0] * n / (n - 1)  # unbiased within-chain variances, (m, d)
+    within = chain_var.mean(0)
+    between_over_n = x.mean(0).var(0, unbiased=True) if m > 1 else torch.zeros(d, dtype=x.dtype)
+    var_plus = within * (n - 1) / n + between_over_n
+    rho = 1.0 - (within - acov.mean(1)) / var_plus  # (n, d); rho[0] = 1 up to rounding
+    rho[0] = 1.0
+    num_pairs = n // 2
+    pairs = rho[: 2 * num_pairs].reshape(num_pairs, 2, d).sum(1)  # P_k, (K, d)
+    # Initial positive sequence: keep pairs up to (not including) the first non-positive one.
+    keep = torch.cumprod((pairs > 0).to(x.dtype), dim=0)
+    # Initial monotone sequence: each kept pair is at most the previous one.
+    monotone = torch.cummin(pairs, dim=0).values
+    tau = -1.0 + 2.0 * (monotone * keep).sum(0)
+    # Guard the degenerate cases (antithetic chains, constant dimensions).
+    tau = torch.clamp(tau, min=1.0 / math.log10(max(n * m, 10)))
+    out = n * m / tau
+    out[~torch.isfinite(var_plus) | (var_plus <= 0)] = math.nan
+    return out
+
+
+def split_rhat(samples: Tensor) -> Tensor:
+    """Split R-hat per dimension: ``(S, C, D) -> (D,)``.
+
+    Each chain is cut into two halves (the middle draw of an odd S is dropped), giving 2C chains
+    of length ``n = S // 2``; ``R = sqrt(((n - 1)/n W + B/n) / W)`` with W the mean within-chain
+    variance and B/n the variance of the chain means. ``R ≈ 1`` for well-mixed chains; values
+    above about 1.01 (strict) or 1.1 (lenient) flag chains that have not mixed.
+    """
+    x = _as_draws(samples)
+    s, _, d = x.shape
+    half = s // 2
+    if half < 2:
+        return torch.full((d,), math.nan, dtype=torch.float64)
+    halves = torch.cat([x[:half], x[s - half:]], dim=1)  # (half, 2C, D)
+    within = halves.var(0, unbiased=True).mean(0)
+    between_over_n = halves.mean(0).var(0, unbiased=True)
+    var_plus = within * (half - 1) / half + between_over_n
+    return torch.sqrt(var_plus / within)
+
+
+def mcse_mean(samples: Tensor) -> Tensor:
+    """Monte Carlo standard error of the posterior-mean estimate: ``sd / sqrt(ESS)``, ``(D,)``."""
+    x = _as_draws(samples)
+    if x.shape[0] < 4:
+        return torch.full(x.shape[-1:], math.nan, dtype=torch.float64)
+    sd = x.reshape(-1, x.shape[-1]).std(0, unbiased=True)
+    return sd / torch.sqrt(ess(x))
+
+
+def acceptance_summary(acceptance: Tensor) -> dict[str, float]:
+    """Summaries of per-step, per-chain acceptance probabilities ``(S, C)`` (or ``(S,)``).
+
+    Returns ``mean`` (over everything), ``chain_min`` / ``chain_max`` (of the per-chain means,
+    which expose stuck chains) and ``last`` (mean over chains at the final step).
+    """
+    a = acceptance.detach().to(torch.float64)
+    if a.numel() == 0:
+        return {"mean": math.nan, "chain_min": math.nan, "chain_max": math.nan, "last": math.nan}
+    a = a.reshape(a.shape[0], -1)
+    per_chain = a.mean(0)
+    return {
+        "mean": float(a.mean()),
+        "chain_min": float(per_chain.min()),
+        "chain_max": float(per_chain.max()),
+        "last": float(a[-1].mean()),
+    }
+
+
+def summarize(samples: Tensor) -> dict[str, Any]:
+    """JSON-ready diagnostics of ``(S, C, D)`` samples.
+
+    Keys: ``num_draws`` (S), ``num_chains`` (C), ``ess`` and ``rhat`` and ``mcse_mean`` (lists of
+    D floats), ``ess_min``, ``ess_median``, ``rhat_max``. NaN where undefined (S < 4).
+    """
+    x = _as_draws(samples)
+    e = ess(x)
+    r = split_rhat(x)
+    mc = mcse_mean(x)
+
+    def nan_reduce(t: Tensor, fn: str) -> float:
+        finite = t[torch.isfinite(t)]
+        return float(getattr(finite, fn)()) if finite.numel() else math.nan
+
+    return {
+        "num_draws": int(x.shape[0]),
+        "num_chains": int(x.shape[1]),
+        "ess": [float(v) for v in e],
+        "ess_min": nan_reduce(e, "min"),
+        "ess_median": nan_reduce(e, "median"),
+        "rhat": [float(v) for v in r],
+        "rhat_max": nan_reduce(r, "max"),
+        "mcse_mean": [float(v) for v in mc],
+    }

@@ -1,0 +1,39 @@
+"""Energies for sampling tasks beyond the prior: the latent posterior of a trained VAE.
+
+An :data:`~ncpvae.sampler.Energy` maps chains ``(C, D)`` to ``(C,)``; see :mod:`ncpvae.sampler`.
+"""
+
+from __future__ import annotations
+
+from ncpvae.errors import DataError
+from ncpvae.model import LatentModel
+from ncpvae.prior import Prior
+from ncpvae.sampler import Energy
+from torch import Tensor
+
+
+def posterior_energy(model: LatentModel, prior: Prior, x: Tensor) -> Energy:
+    """The latent-posterior energy ``U(z) = -log p(x | z) - log p(z)`` for a batch ``x``.
+
+    ``x`` is ``(C, ...)`` (images ``(C, C_img, H, W)``); chain i targets ``p(z | x[i])``, so the
+    energy takes exactly ``C`` chains ``(C, D)`` and returns ``(C,)``::
+
+        U(z)[i] = -model.recon_log_prob(x, model.decode(z))[i] + prior.energy(z)[i]
+
+    ``prior.energy`` is ``-prior.log_prob`` up to a constant (so learned priors whose normalizer
+    is unknown work too). The model and prior are used as they are (put them in ``eval()`` mode
+    yourself); their parameters receive no gradient from sampling.
+    """
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise DataError(f"posterior_energy: x must be a batch (C, ...), got {tuple(x.shape)}")
+    num = int(x.shape[0])
+
+    def energy(z: Tensor) -> Tensor:
+        if z.ndim != 2 or z.shape[0] != num:
+            raise DataError(
+                f"posterior energy: expected {num} chains (one per image), got z of shape "
+                f"{tuple(z.shape)}"
+            )
+        return -model.recon_log_prob(x, model.decode(z)) + prior.energy(z)
+
+    return energy

@@ -1,0 +1,212 @@
+"""The ``langevin`` sampler: unadjusted Langevin (ULA) and, with ``metropolis = true``, MALA.
+
+Convention (MATH.md §3), step size ``eps``::
+
+    z' = z - eps ∇U(z) + sqrt(2 eps) xi,        xi ~ N(0, I)
+
+(the ``eps/2``-gradient, ``sqrt(eps)``-noise form is the same algorithm at half the step size).
+MALA proposes ``z'`` this way and accepts with probability
+``min(1, exp(-U(z')) q(z | z') / (exp(-U(z)) q(z' | z)))``, ``q(z' | z) = N(z'; z - eps ∇U(z),
+2 eps I)``; a proposal with a non-finite energy, gradient or position is rejected. MALA is exact
+for every ``eps``; ULA is biased (on N(mu, s^2) its stationary variance is
+``s^2 / (1 - eps / (2 s^2))``).
+
+Every step costs one energy-and-gradient evaluation (at the proposal); the state caches the
+energy and gradient at the current position. ULA reports the MALA acceptance probability of its
+move in ``info.acceptance_rate`` too, as a free measure of its discretization error.
+
+Step-size adaptation (``adapt_step_size``) runs during burn-in only and is frozen afterwards:
+a Robbins–Monro update ``log eps += (alpha - target_accept) / t^0.6`` (change clipped to ±1
+per step), where ``alpha`` is the mean acceptance probability over chains (one step size for the
+run; this couples the chains during burn-in) or, with ``adapt_per_chain``, each chain's own
+(one step size per chain; chains stay independent). ULA adapts on the same MALA acceptance
+probability.
+
+Divergence (ULA): a chain whose energy, gradient or position becomes non-finite raises
+:class:`~ncpvae.errors.NonFiniteError` naming the step and the step size (``on_nonfinite =
+"raise"``), or is put back to its previous position and counted (``"reset"``). Under MALA such
+proposals are ordinary rejections (counted in ``info.nonfinite``).
+
+A step size of 0 is a no-op: every state stays where it is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+from ncpvae.component import BuildContext, ComponentConfig
+from ncpvae.errors import ConfigError, NonFiniteError
+from ncpvae.hookspecs import hookimpl
+from ncpvae.sampler import (
+    Energy,
+    Sampler,
+    check_generator,
+    check_positions,
+    energy_and_grad,
+    finite_rows,
+    select_rows,
+)
+from pydantic import Field, model_validator
+from torch import Tensor
+
+
+class LangevinState(NamedTuple):
+    """Chains at ``position`` ``(C, D)``, with cached ``energy`` ``(C,)`` and ``grad`` ``(C, D)``
+    there, and each chain's current ``step_size`` ``(C,)`` (equal across chains unless adapted
+    per chain)."""
+
+    position: Tensor
+    energy: Tensor
+    grad: Tensor
+    step_size: Tensor
+
+
+class LangevinInfo(NamedTuple):
+    """Per-chain ``(C,)`` facts about one step.
+
+    ``acceptance_rate``: the MALA acceptance probability of the proposal (ULA: diagnostic only).
+    ``is_accepted``: whether the chain moved to the proposal (ULA: True unless reset).
+    ``energy``: the energy after the step. ``step_size``: the step size used.
+    ``nonfinite``: the proposal had a non-finite energy, gradient or position.
+    """
+
+    acceptance_rate: Tensor
+    is_accepted: Tensor
+    energy: Tensor
+    step_size: Tensor
+    nonfinite: Tensor
+
+
+def langevin_log_accept(position: Tensor, energy: Tensor, grad: Tensor, proposal: Tensor,
+                        proposal_energy: Tensor, proposal_grad: Tensor, step_size: Tensor,
+                        *, correct_proposal: bool = True) -> Tensor:
+    """``(C,)`` log MH ratio of a Langevin move ``position -> proposal`` with step sizes
+    ``step_size`` ``(C,)``: ``U(z) - U(z') + log q(z | z') - log q(z' | z)``.
+
+    Chains with ``step_size == 0`` get 0 (their proposal is their position). ``correct_proposal
+    = False`` drops the ``q`` terms (a wrong sampler, kept for tests that must reject it)."""
+    log_ratio = energy - proposal_energy
+    if correct_proposal:
+        eps = step_size.unsqueeze(-1)
+        safe = torch.where(eps > 0, eps, torch.ones_like(eps))
+        forward = ((proposal - position + safe * grad) ** 2).sum(-1)
+        backward = ((position - proposal + safe * proposal_grad) ** 2).sum(-1)
+        log_ratio = log_ratio + (forward - backward) / (4 * safe.squeeze(-1))
+    return torch.where(step_size > 0, log_ratio, torch.zeros_like(log_ratio))
+
+
+def adapt_log_step(step_size: Tensor, acceptance: Tensor, target: float, iteration: int,
+                   per_chain: bool) -> Tensor:
+    """One Robbins–Monro step on ``log step_size`` toward mean acceptance ``target``."""
+    accept = acceptance if per_chain else acceptance.mean().expand_as(acceptance)
+    delta = ((accept - target) / iteration**0.6).clamp(-1.0, 1.0)
+    return step_size * torch.exp(delta)
+
+
+class LangevinSampler(Sampler):
+    """ULA (``metropolis = false``) or MALA (``metropolis = true``); see the module docstring."""
+
+    name = "langevin"
+    _correct_proposal: ClassVar[bool] = True  # tests flip this to get a deliberately wrong MALA
+
+    class Config(ComponentConfig):
+        name: Literal["langevin"] = "langevin"
+        step_size: float = Field(0.05, ge=0, description="eps in z' = z - eps ∇U + sqrt(2 eps) xi; "
+                                 "0 is a no-op")
+        metropolis: bool = Field(False, description="MALA: add the exact Metropolis-Hastings "
+                                 "correction")
+        num_steps: int = Field(500, ge=0, description="steps per chain in sample_prior")
+        burn_in: int = Field(250, ge=0, description="initial steps not kept (adaptation runs here)")
+        thin: int = Field(25, ge=1, description="keep every thin-th state after burn-in")
+        adapt_step_size: bool = Field(False, description="tune step_size during burn-in toward "
+                                      "target_accept, then freeze it")
+        target_accept: float = Field(0.574, gt=0, lt=1, description="acceptance probability "
+                                     "aimed at by adaptation (0.574 is optimal for MALA)")
+        adapt_per_chain: bool = Field(False, description="one adapted step size per chain "
+                                      "instead of one per run")
+        on_nonfinite: Literal["raise", "reset"] = Field(
+            "raise", description="ULA divergence: raise NonFiniteError, or reset those chains "
+            "to their previous position and count them")
+
+        @model_validator(mode="after")
+        def _burn_in_below_steps(self):
+            if self.num_steps > 0 and self.burn_in >= self.num_steps:
+                raise ValueError(f"burn_in ({self.burn_in}) must be smaller than num_steps "
+                                 f"({self.num_steps})")
+            return self
+
+    @classmethod
+    def from_config(cls, config: Config, ctx: BuildContext) -> LangevinSampler:
+        return cls(config)
+
+    @property
+    def algorithm(self) -> str:
+        return "MALA" if self.config.metropolis else "ULA"
+
+    def check_run(self, num_steps: int, burn_in: int, thin: int) -> None:
+        if self.config.adapt_step_size and num_steps > 0 and burn_in == 0:
+            raise ConfigError("adapt_step_size needs burn_in > 0 (adaptation happens during "
+                              "burn-in only)")
+
+    def init(self, position: Tensor, energy: Energy, **options: Any) -> LangevinState:
+        check_positions(position)
+        u, g = energy_and_grad(energy, position)
+        bad = ~finite_rows(position, u, g)
+        if bad.any():
+            raise NonFiniteError(
+                f"the energy or its gradient is non-finite at the initial position of "
+                f"{int(bad.sum())} of {position.shape[0]} chains; start them elsewhere"
+            )
+        eps = torch.full(position.shape[:1], self.config.step_size, dtype=position.dtype,
+                         device=position.device)
+        return LangevinState(position.detach(), u, g, eps)
+
+    def step(self, state: LangevinState, energy: Energy, *,
+             generator: torch.Generator | None = None, **options: Any
+             ) -> tuple[LangevinState, LangevinInfo]:
+        z, u, g, eps = state
+        check_generator(generator, z)
+        xi = self._randn(z, generator)
+        scale = eps.unsqueeze(-1)
+        proposal = z - scale * g + torch.sqrt(2 * scale) * xi
+        new_u, new_g = energy_and_grad(energy, proposal)
+        ok = finite_rows(proposal, new_u, new_g)
+        log_alpha = langevin_log_accept(z, u, g, proposal, new_u, new_g, eps,
+                                        correct_proposal=self._correct_proposal)
+        log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
+        # NaN compares False, so a NaN ratio (only possible from a non-finite proposal) rejects.
+        alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
+        if self.config.metropolis:
+            log_uniform = torch.log(self._rand(u, generator))
+            accept = ok & (log_uniform < log_alpha)
+        else:
+            if not bool(ok.all()) and self.config.on_nonfinite == "raise":
+                bad = ~ok
+                worst = float(eps[bad].max())
+                raise NonFiniteError(
+                    f"ULA diverged: energy or position became non-finite in {int(bad.sum())} of "
+                    f"{z.shape[0]} chains with step_size={worst:g}; use a smaller step_size "
+                    f"(e.g. {worst / 10:g}), metropolis=true, or on_nonfinite='reset'"
+                )
+            accept = ok
+        new_state = LangevinState(
+            select_rows(accept, proposal, z), select_rows(accept, new_u, u),
+            select_rows(accept, new_g, g), eps,
+        )
+        info = LangevinInfo(alpha, accept, new_state.energy, eps, ~ok)
+        return new_state, info
+
+    def adapt(self, state: LangevinState, info: LangevinInfo, *, iteration: int,
+              num_adapt: int) -> LangevinState:
+        if not self.config.adapt_step_size:
+            return state
+        eps = adapt_log_step(state.step_size, info.acceptance_rate, self.config.target_accept,
+                             iteration, self.config.adapt_per_chain)
+        return state._replace(step_size=eps)
+
+
+@hookimpl
+def ncpvae_register_samplers() -> list[type]:
+    return [LangevinSampler]

@@ -1,0 +1,487 @@
+"""Contract tests of the samplers (langevin ULA/MALA, sgld, sir): shapes, dtypes, determinism,
+no-ops, chain independence, MALA bookkeeping, no retained graph, divergence handling, config
+validation and registration."""
+
+from __future__ import annotations
+
+import math
+
+import ncpvae.plugins.langevin as langevin_mod
+import ncpvae.plugins.sgld as sgld_mod
+import ncpvae.plugins.sir as sir_mod
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ncpvae.component import BuildContext
+from ncpvae.errors import ConfigError, DataError, NonFiniteError
+from ncpvae.plugins.langevin import LangevinSampler
+from ncpvae.plugins.sgld import MinibatchEnergy, SGLDSampler
+from ncpvae.plugins.sir import SIRSampler
+from ncpvae.prior import Prior
+from ncpvae.sampler import Sampler, SampleResult, energy_and_grad
+from pydantic import ValidationError
+from torch import Tensor
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: threads only add overhead (and oversubscribe a shared CI box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class TinyGaussian(Prior):
+    """N(loc, scale^2 I) for tests (the built-in gaussian prior is tested elsewhere)."""
+
+    name = "tiny_gaussian"
+
+    def __init__(self, dim: int, loc: float = 0.0, scale: float = 1.0,
+                 dtype: torch.dtype = torch.float64):
+        super().__init__(dim)
+        self.register_buffer("loc", torch.full((dim,), float(loc), dtype=dtype))
+        self.register_buffer("scale", torch.full((dim,), float(scale), dtype=dtype))
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        s = (z - self.loc) / self.scale
+        return (-0.5 * s**2 - torch.log(self.scale) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(n, self.latent_dim, generator=generator, dtype=self.loc.dtype)
+        return self.loc + self.scale * noise
+
+
+def quartic(z: Tensor) -> Tensor:
+    """A non-Gaussian, batch-separable test energy (C, D) -> (C,)."""
+    return 0.25 * (z**4).sum(-1) + 0.5 * (z**2).sum(-1) + 0.3 * z.sum(-1)
+
+
+def build(kind: str, **fields) -> Sampler:
+    """Build a sampler the way the framework does: Config + from_config."""
+    ctx = BuildContext()
+    if kind == "ula":
+        return LangevinSampler.from_config(LangevinSampler.Config(**{"step_size": 0.1, **fields}),
+                                           ctx)
+    if kind == "mala":
+        cfg = LangevinSampler.Config(**{"step_size": 0.3, "metropolis": True, **fields})
+        return LangevinSampler.from_config(cfg, ctx)
+    if kind == "sgld":
+        return SGLDSampler.from_config(SGLDSampler.Config(**{"a": 0.1, **fields}), ctx)
+    if kind == "sir":
+        return SIRSampler.from_config(SIRSampler.Config(**{"num_candidates": 3, **fields}), ctx)
+    raise AssertionError(kind)
+
+
+KINDS = ["ula", "mala", "sgld", "sir"]
+
+
+def run(kind: str, sampler: Sampler, z0: Tensor, steps: int, **kw) -> SampleResult:
+    if kind == "sir":
+        kw.setdefault("proposal", TinyGaussian(z0.shape[1], dtype=z0.dtype))
+    return sampler.run(quartic, z0, steps, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes, dtypes, graphs
+
+
+@settings(derandomize=True, max_examples=40, deadline=None)
+@given(kind=st.sampled_from(KINDS), chains=st.integers(1, 6), dim=st.integers(1, 4),
+       dtype=st.sampled_from([torch.float32, torch.float64]), steps=st.integers(0, 4),
+       thin=st.integers(1, 3))
+def test_shapes_and_dtypes(kind, chains, dim, dtype, steps, thin):
+    sampler = build(kind)
+    z0 = torch.randn(chains, dim, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    result = run(kind, sampler, z0, steps, thin=thin, generator=torch.Generator().manual_seed(1))
+    expected_draws = max(1, math.ceil(steps / thin))
+    assert result.samples.shape == (expected_draws, chains, dim)
+    assert result.samples.dtype == dtype
+    assert result.samples.device == z0.device
+    assert not result.samples.requires_grad and result.samples.grad_fn is None
+    assert torch.isfinite(result.samples).all()
+    for name, value in result.info.items():
+        assert value.shape == (steps, chains), name
+        assert not value.requires_grad, name
+    if steps == 0:
+        assert result.info == {}
+    else:
+        assert result.info["energy"].dtype == dtype
+    assert result.diagnostics["num_chains"] == chains
+    assert len(result.diagnostics["ess"]) == dim
+
+
+@pytest.mark.parametrize("kind", ["ula", "mala", "sgld"])
+def test_state_caches_energy_and_gradient_without_graph(kind):
+    sampler = build(kind)
+    z0 = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    state = sampler.init(z0, quartic)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        state, info = sampler.step(state, quartic, generator=g)
+        u, grad = energy_and_grad(quartic, state.position)
+        torch.testing.assert_close(state.energy, u, rtol=0, atol=0)
+        torch.testing.assert_close(state.grad, grad, rtol=0, atol=0)
+        for t in (*state, *info):
+            if isinstance(t, Tensor):
+                assert not t.requires_grad and t.grad_fn is None
+
+
+def test_energy_parameters_get_no_gradient():
+    net = torch.nn.Linear(3, 1).double()
+
+    def energy(z):
+        return 0.5 * (z**2).sum(-1) + net(z).squeeze(-1)
+
+    result = build("mala").run(energy, torch.zeros(4, 3, dtype=torch.float64), 3)
+    assert all(p.grad is None for p in net.parameters())
+    assert result.samples.grad_fn is None
+
+
+@pytest.mark.parametrize("kind", ["ula", "mala", "sgld"])
+def test_one_energy_evaluation_per_step(kind):
+    calls = []
+
+    def energy(z):
+        calls.append(z.shape)
+        return quartic(z)
+
+    build(kind).run(energy, torch.zeros(7, 2, dtype=torch.float64), 6)
+    assert len(calls) == 1 + 6  # init + one per step (the gradient is cached)
+    assert all(shape == (7, 2) for shape in calls)
+
+
+def test_energy_that_reduces_over_chains_is_rejected():
+    with pytest.raises(DataError, match=r"\(C,\)"):
+        build("ula").run(lambda z: quartic(z).mean(), torch.zeros(4, 2), 2)
+
+
+def test_bad_initial_positions_are_rejected():
+    with pytest.raises(DataError, match="shape"):
+        build("ula").run(quartic, torch.zeros(4), 2)
+    with pytest.raises(DataError, match="NaN"):
+        build("ula").run(quartic, torch.full((2, 2), math.nan), 2)
+    with pytest.raises(NonFiniteError, match="initial position"):
+        build("mala").run(lambda z: quartic(z) + torch.log(z[:, 0] - 1.0), torch.ones(2, 2), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism and no-ops
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeded_runs_are_bit_for_bit_reproducible(kind):
+    z0 = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = run(kind, build(kind), z0, 12, generator=torch.Generator().manual_seed(7))
+    b = run(kind, build(kind), z0, 12, generator=torch.Generator().manual_seed(7))
+    c = run(kind, build(kind), z0, 12, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.samples, b.samples)
+    assert all(torch.equal(a.info[k], b.info[k]) for k in a.info)
+    assert not torch.equal(a.samples, c.samples)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_steps_is_a_no_op(kind):
+    z0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = run(kind, build(kind), z0, 0)
+    assert result.samples.shape == (1, 5, 2)
+    assert torch.equal(result.samples[0], z0)
+
+
+@pytest.mark.parametrize("kind, fields", [("ula", {"step_size": 0.0}),
+                                          ("mala", {"step_size": 0.0}),
+                                          ("sgld", {"a": 0.0})])
+def test_zero_step_size_is_a_no_op(kind, fields):
+    z0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = run(kind, build(kind, **fields), z0, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(result.samples, z0.expand(4, 5, 2))
+    if "acceptance_rate" in result.info:
+        assert torch.equal(result.info["acceptance_rate"], torch.ones(4, 5, dtype=torch.float64))
+
+
+def test_thinning_keeps_the_final_state():
+    final = {}
+    result = build("ula").run(quartic, torch.zeros(3, 2), 10, burn_in=2, thin=3,
+                              callback=lambda t, s, i: final.update(t=t, z=s.position))
+    assert result.samples.shape[0] == math.ceil((10 - 2) / 3)
+    assert final["t"] == 10 and torch.equal(result.samples[-1], final["z"])
+
+
+# ---------------------------------------------------------------------------------------------
+# chain independence: chain i's trajectory is the same alone or inside a batch, given the same
+# per-chain noise. Noise comes from a table indexed by (draw number, chain id).
+
+
+class TableNoise:
+    """Per-chain noise: draw k of chain i is a fixed function of (k, i), whoever else runs."""
+
+    def __init__(self, rows: list[int]):
+        self.rows = torch.tensor(rows)
+        self.count = 0
+
+    def _table(self, like: Tensor, uniform: bool) -> Tensor:
+        # the chain axis is the last of (K + 1, C) (sir's Gumbel draws), else the first
+        g = torch.Generator().manual_seed(1000 + self.count)
+        self.count += 1
+        chain_axis = 1 if uniform and like.ndim == 2 else 0
+        shape = list(like.shape)
+        shape[chain_axis] = 50
+        full = (torch.rand if uniform else torch.randn)(shape, generator=g, dtype=like.dtype)
+        return full.index_select(chain_axis, self.rows)
+
+
+def with_table_noise(sampler: Sampler, rows: list[int]) -> Sampler:
+    noise = TableNoise(rows)
+    sampler._randn = lambda like, generator: noise._table(like, uniform=False)
+    sampler._rand = lambda like, generator: noise._table(like, uniform=True)
+    return sampler
+
+
+class TableProposal(TinyGaussian):
+    """A proposal whose k-th candidate for chain i depends on (call, k, i) only."""
+
+    def __init__(self, dim: int, rows: list[int], per_chain: int):
+        super().__init__(dim)
+        self.rows, self.per_chain, self.count = torch.tensor(rows), per_chain, 0
+
+    def sample(self, n, *, generator=None):
+        g = torch.Generator().manual_seed(5000 + self.count)
+        self.count += 1
+        full = torch.randn(self.per_chain, 50, self.latent_dim, generator=g, dtype=torch.float64)
+        return full[:, self.rows].reshape(n, self.latent_dim)
+
+
+def trajectories(kind: str, rows: list[int], z_all: Tensor, steps: int) -> Tensor:
+    sampler = with_table_noise(build(kind), rows)
+    kw = {}
+    if kind == "sir":
+        kw["proposal"] = TableProposal(z_all.shape[1], rows, sampler.config.num_candidates)
+    return sampler.run(quartic, z_all[rows], steps, **kw).samples
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chains_are_independent_of_the_batch(kind):
+    z_all = torch.randn(50, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    batch_rows = [4, 9, 17, 23, 31, 42]
+    together = trajectories(kind, batch_rows, z_all, 8)
+    for j, i in enumerate(batch_rows):
+        alone = trajectories(kind, [i], z_all, 8)
+        torch.testing.assert_close(alone[:, 0], together[:, j], rtol=1e-12, atol=1e-12)
+
+
+def test_independence_check_catches_a_mean_reduced_gradient(monkeypatch):
+    """The check above can fail: a kernel using grad(U.mean()) couples step size and C."""
+
+    def mean_grad(energy, position):
+        z = position.detach().requires_grad_(True)
+        u = energy(z)
+        (g,) = torch.autograd.grad(u.mean(), z)
+        return u.detach(), g
+
+    monkeypatch.setattr(langevin_mod, "energy_and_grad", mean_grad)
+    z_all = torch.randn(50, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    together = trajectories("ula", [4, 9, 17], z_all, 8)
+    alone = trajectories("ula", [4], z_all, 8)
+    assert not torch.allclose(alone[:, 0], together[:, 0], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# MALA bookkeeping
+
+
+def test_mala_rejection_leaves_the_state_unchanged_and_acceptance_moves_it():
+    sampler = build("mala", step_size=2.0)  # large: many rejections on the quartic
+    state = sampler.init(torch.randn(400, 2, generator=torch.Generator().manual_seed(0),
+                                     dtype=torch.float64), quartic)
+    g = torch.Generator().manual_seed(1)
+    seen_reject = seen_accept = 0
+    for _ in range(5):
+        new, info = sampler.step(state, quartic, generator=g)
+        rej = ~info.is_accepted
+        assert torch.equal(new.position[rej], state.position[rej])
+        assert torch.equal(new.energy[rej], state.energy[rej])
+        assert torch.equal(new.grad[rej], state.grad[rej])
+        assert not torch.equal(new.position[~rej], state.position[~rej]) or (~rej).sum() == 0
+        assert ((info.acceptance_rate >= 0) & (info.acceptance_rate <= 1)).all()
+        seen_reject += int(rej.sum())
+        seen_accept += int((~rej).sum())
+        state = new
+    assert seen_reject > 0 and seen_accept > 0
+
+
+def test_mala_treats_a_nonfinite_proposal_as_a_rejection():
+    def walled(z):  # +inf beyond |z| > 1.5
+        u = 0.5 * (z**2).sum(-1)
+        return torch.where(z.abs().max(-1).values > 1.5, torch.full_like(u, math.inf), u)
+
+    result = build("mala", step_size=1.0).run(walled, torch.zeros(500, 2, dtype=torch.float64),
+                                              20, generator=torch.Generator().manual_seed(0))
+    assert result.diagnostics["num_nonfinite"] > 0
+    assert (result.samples.abs() <= 1.5).all()
+    assert not result.info["is_accepted"][result.info["nonfinite"]].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# divergence
+
+
+@pytest.mark.parametrize("kind, fields, label", [("ula", {"step_size": 10.0}, "step_size=10"),
+                                                 ("sgld", {"a": 10.0, "gamma": 0.0},
+                                                  "step_size=10")])
+def test_divergence_raises_naming_step_and_step_size(kind, fields, label):
+    gauss = TinyGaussian(2)
+    with pytest.raises(NonFiniteError) as err:
+        build(kind, **fields).run(gauss.energy, torch.ones(8, 2, dtype=torch.float64), 1000)
+    message = str(err.value)
+    assert label in message and "step " in message and "smaller" in message
+
+
+@pytest.mark.parametrize("kind, fields", [("ula", {"step_size": 10.0}),
+                                          ("sgld", {"a": 10.0, "gamma": 0.0})])
+def test_reset_mode_counts_and_keeps_chains_finite(kind, fields):
+    gauss = TinyGaussian(2)
+    result = build(kind, on_nonfinite="reset", **fields).run(
+        gauss.energy, torch.ones(8, 2, dtype=torch.float64), 400,
+        generator=torch.Generator().manual_seed(0))
+    assert result.diagnostics["num_nonfinite"] > 0
+    assert result.diagnostics["num_nonfinite"] == int(result.info["nonfinite"].sum())
+    assert torch.isfinite(result.samples).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# step-size adaptation
+
+
+def test_adaptation_reaches_the_target_during_burn_in_and_then_freezes():
+    sampler = build("mala", step_size=0.01, adapt_step_size=True)
+    gauss = TinyGaussian(10)
+    result = sampler.run(gauss.energy, torch.zeros(256, 10, dtype=torch.float64), 500,
+                         burn_in=400, generator=torch.Generator().manual_seed(0))
+    eps = result.info["step_size"]
+    assert torch.all(eps[400:] == eps[400, 0])  # frozen, one value per run
+    assert not torch.all(eps[:400] == eps[0, 0])  # it did adapt
+    assert abs(result.diagnostics["acceptance_rate"] - 0.574) < 0.05
+
+
+def test_per_chain_adaptation_gives_each_chain_its_step_size():
+    sampler = build("mala", step_size=0.05, adapt_step_size=True, adapt_per_chain=True)
+    result = sampler.run(quartic, torch.zeros(32, 2, dtype=torch.float64), 60, burn_in=50,
+                         generator=torch.Generator().manual_seed(0))
+    final = result.info["step_size"][-1]
+    assert final.unique().numel() > 1
+    assert torch.equal(result.info["step_size"][50:], final.expand(10, 32))
+
+
+def test_adaptation_needs_burn_in():
+    with pytest.raises(ConfigError, match="burn_in"):
+        build("mala", adapt_step_size=True).run(quartic, torch.zeros(2, 2), 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# SGLD schedule and minibatch energies
+
+
+def test_sgld_step_schedule():
+    sampler = build("sgld", a=0.2, b=3.0, gamma=0.75)
+    result = sampler.run(quartic, torch.zeros(2, 2, dtype=torch.float64), 6)
+    expected = torch.tensor([0.2 * (3.0 + t) ** -0.75 for t in range(6)], dtype=torch.float64)
+    torch.testing.assert_close(result.info["step_size"][:, 0], expected, rtol=1e-15, atol=0)
+
+
+def test_minibatch_energy_is_unbiased_and_per_chain():
+    data = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def nll(z, batch):  # z (C, D), batch (C, n, D) -> (C, n)
+        return 0.5 * ((batch - z.unsqueeze(1)) ** 2).sum(-1)
+
+    est = MinibatchEnergy(nll, data, 5, prior_energy=lambda z: 0.5 * (z**2).sum(-1),
+                          generator=torch.Generator().manual_seed(1))
+    z = torch.tensor([[0.3, -0.2], [1.0, 0.5]], dtype=torch.float64)
+    draws = torch.stack([est(z) for _ in range(4000)])  # (R, C)
+    full = est.full(z)
+    se = draws.std(0) / math.sqrt(draws.shape[0])
+    assert ((draws.mean(0) - full).abs() / se < 5).all()
+    # each chain draws its own minibatch: the two chains' estimates are not perfectly coupled
+    assert abs(float(torch.corrcoef(draws.T)[0, 1])) < 0.9
+    with pytest.raises(DataError, match=r"\(C, n\)"):
+        MinibatchEnergy(lambda z, b: nll(z, b).sum(-1), data, 5)(z)
+
+
+def test_sgld_runs_on_a_minibatch_energy():
+    data = torch.randn(40, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def nll(z, batch):
+        return 0.5 * ((batch - z.unsqueeze(1)) ** 2).sum(-1)
+
+    est = MinibatchEnergy(nll, data, 4, generator=torch.Generator().manual_seed(1))
+    result = build("sgld", a=0.001, gamma=0.0).run(est, torch.zeros(3, 1, dtype=torch.float64),
+                                                   5, generator=torch.Generator().manual_seed(2))
+    assert result.samples.shape == (5, 3, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# config, options, registration, sample_prior
+
+
+def test_config_bounds_and_messages():
+    with pytest.raises(ValidationError):
+        LangevinSampler.Config(step_size=-0.1)
+    with pytest.raises(ValidationError, match="burn_in"):
+        LangevinSampler.Config(num_steps=5, burn_in=5)
+    with pytest.raises(ValidationError, match="gamma"):
+        SGLDSampler.Config(gamma=0.4)
+    with pytest.raises(ValidationError):
+        SIRSampler.Config(num_candidates=0)
+    with pytest.raises(ConfigError, match="step_size"):
+        LangevinSampler(step_size=-1.0)
+    with pytest.raises(ConfigError, match="burn_in"):
+        build("ula").run(quartic, torch.zeros(2, 2), 5, burn_in=5)
+    with pytest.raises(ConfigError, match="proposal"):
+        build("ula").run(quartic, torch.zeros(2, 2), 5, proposal=None)
+    with pytest.raises(ConfigError, match="proposal"):
+        build("sir").run(quartic, torch.zeros(2, 2), 5)
+
+
+def test_callback_and_progress(capsys):
+    steps = []
+    build("ula").run(quartic, torch.zeros(3, 2), 4, callback=lambda t, s, i: steps.append(t),
+                     progress=True)
+    assert steps == [1, 2, 3, 4]
+    assert "langevin" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["ula", "mala", "sgld"])
+def test_sample_prior_for_mcmc_samplers(kind):
+    sampler = build(kind, num_steps=6, burn_in=2, thin=2)
+    result = sampler.sample_prior(TinyGaussian(3), 11, generator=torch.Generator().manual_seed(0))
+    assert result.samples.shape == (2, 11, 3)
+    assert result.samples[-1].shape == (11, 3)
+    assert result.diagnostics["num_steps"] == 6
+
+
+def test_sample_prior_for_sir():
+    prior = TinyGaussian(2, loc=0.5)
+    result = build("sir", num_candidates=20).sample_prior(
+        prior, 100, generator=torch.Generator().manual_seed(0))
+    assert result.samples.shape == (1, 100, 2)
+    assert 0 < result.diagnostics["ess_fraction"] <= 1 + 1e-12
+    assert result.diagnostics["num_candidates"] == 2000
+    # target == proposal: all weights equal
+    assert result.diagnostics["ess_fraction"] == pytest.approx(1.0)
+    other = build("sir", num_candidates=20).sample_prior(
+        prior, 100, proposal=TinyGaussian(2, scale=2.0), generator=torch.Generator().manual_seed(0))
+    assert other.diagnostics["ess_fraction"] < 0.9
+
+
+def test_plugins_register_their_samplers():
+    assert langevin_mod.ncpvae_register_samplers() == [LangevinSampler]
+    assert sgld_mod.ncpvae_register_samplers() == [SGLDSampler]
+    assert sir_mod.ncpvae_register_samplers() == [SIRSampler]
+    from ncpvae.plugin_manager import PluginManager
+
+    registry = PluginManager(builtins=False, entrypoints=False,
+                             plugins=[langevin_mod, sgld_mod, sir_mod]).registry
+    assert registry.names("sampler") == ["langevin", "sgld", "sir"]
+    for cls in (LangevinSampler, SGLDSampler, SIRSampler):
+        assert cls.Config().name == cls.name
