@@ -108,7 +108,7 @@ def plot_trajectories(samples: Tensor, energy: Energy | None, path: str | os.Pat
         u = u - u[torch.isfinite(u)].min()
         top = float(torch.quantile(u[torch.isfinite(u)], 0.95))
         levels = torch.linspace(0.0, max(top, 1e-9), 15).numpy()
-        filled = ax.contourf(aa.numpy(), bb.numpy(), u.clamp(max=top).numpy(), levels=levels,
+        filled = ax.contourf(aa.numpy(), bb.numpy(), u.numpy(), levels=levels, extend="max",
                              cmap="viridis", alpha=0.8)
         fig.colorbar(filled, ax=ax, label="energy U(z) − min (on this plane)")
     for c in range(min(num_chains, x.shape[1])):
