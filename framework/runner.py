@@ -248,7 +248,7 @@ def train_vae(run: Run) -> dict[str, Any]:
                 if value.ndim == 0:
                     sums[key] = sums.get(key, 0.0) + value.detach()
             if batch_number % 25 == 0:
-                step_bar.set_postfix(loss=f"{float(loss):.1f}")
+                step_bar.set_postfix(loss=f"{float(loss.detach()):.1f}")
         epoch_time = time.perf_counter() - epoch_start
         record = {"stage": "train", "epoch": epoch, "step": step,
                   **{f"train_{k}": float(v) / len(batches) for k, v in sums.items()},
