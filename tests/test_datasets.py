@@ -343,6 +343,18 @@ def test_mnist_corrupt_files_give_data_error(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "g", "MNIST", "raw", "t10k-images-idx3-ubyte"))
 
 
+def test_mnist_failed_download_is_one_clear_line(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried a mirror, got: 404")
+
+    monkeypatch.setattr(tvd.MNIST, "download", offline)  # never touch the network in tests
+    with pytest.raises(DataError, match="downloading into .* failed") as info:
+        build(MNISTDataset, root=str(tmp_path), download=True)
+    assert "\n" not in str(info.value) and "download=false" in str(info.value)
+
+
 # ------------------------------------------------------------------------------------ digits
 
 

@@ -43,7 +43,7 @@ class IndexedImageSource(ImageSource):
         return self.rows.shape[0]
 
     def get_batch(self, index: Tensor) -> Tensor:
-        return self.images[self.rows[index]].to(torch.float32) / 255.0
+        return self.images[self.rows[index.cpu()]].to(torch.float32) / 255.0
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

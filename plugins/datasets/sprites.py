@@ -13,7 +13,8 @@ shape functions, on a 31x31 patch with 8x8 supersampling per pixel. A pixel's va
 **grey-level coverage** ``count / 64`` (the fraction of its 64 subsamples inside the shape), so
 sub-pixel changes of scale or orientation still change pixel values. An image is a zero canvas
 with one mask pasted at an integer pixel offset: a batch is one ``scatter_`` of precomputed masks
-into zero canvases (no per-sample Python), roughly 10^5-10^6 images/s on a laptop CPU. Every
+into zero canvases (no per-sample Python): about 6e5 images/s at 64x64 and 1.3e6 at 32x32
+(batch 256, two idle CPU cores). Every
 value is a dyadic rational (``k/64``, or ``k/256`` at 32x32), hence exact in float32 and
 reproducible bit for bit; the tests pin SHA-256 hashes of the masks and of a few images.
 

@@ -58,8 +58,8 @@ class _TorchvisionMNISTLike(DatasetPlugin):
                         data = fh.read()
                 except (OSError, EOFError, zlib.error) as err:
                     raise DataError(
-                        f"{self.name}: cannot decompress {path}.gz ({err}); the file is corrupt, "
-                        "replace it (or delete it and set download=true)"
+                        f"{self.name}: cannot decompress {path}.gz ({' '.join(str(err).split())}); "
+                        "the file is corrupt, replace it (or delete it and set download=true)"
                     ) from None
                 # write then rename, so a failed write never leaves a truncated file behind
                 try:
@@ -90,11 +90,17 @@ class _TorchvisionMNISTLike(DatasetPlugin):
         try:
             ds: Any = cls(root, train=train, download=download)
         except (AssertionError, ValueError, TypeError, KeyError, RuntimeError, OSError) as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+            if download and not all(os.path.isfile(os.path.join(raw, f)) for f in RAW_FILES):
+                raise DataError(
+                    f"{self.name}: downloading into {raw} failed ({reason}); check the internet "
+                    "connection, or put the IDX files there yourself and set download=false"
+                ) from None
             split = "train" if train else "t10k"
             raise DataError(
-                f"{self.name}: cannot read the {split} IDX files in {raw} "
-                f"({type(err).__name__}: {err}); the files are corrupt or not MNIST IDX files, "
-                "replace them (or delete them and set download=true)"
+                f"{self.name}: cannot read the {split} IDX files in {raw} ({reason}); the files "
+                "are corrupt or not MNIST IDX files, replace them (or delete them and set "
+                "download=true)"
             ) from None
         images, labels = ds.data, ds.targets
         if images.ndim != 3 or images.dtype != torch.uint8 or len(labels) != len(images):
