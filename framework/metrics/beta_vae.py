@@ -60,20 +60,20 @@ def beta_vae_features(
     num_factors = len(data.factor_sizes)
     gen = torch_generator(rng)
     labels = rng.integers(0, num_factors, size=num_points)
-    # Whole groups per chunk, so one call never renders more than batch_size images per side.
+    # All factors are drawn up front (int64, n * group_size * K), so the result does not depend
+    # on batch_size; only rendering and encoding are chunked.
+    f1 = sample_factors(data, num_points * group_size, gen).view(num_points, group_size, -1)
+    f2 = sample_factors(data, num_points * group_size, gen).view(num_points, group_size, -1)
+    rows, k = torch.arange(num_points), torch.as_tensor(labels)
+    f2[rows, :, k] = f1[rows, :, k]
     points_per_chunk = max(1, batch_size // group_size)
     features = []
     for start in range(0, num_points, points_per_chunk):
-        k = torch.as_tensor(labels[start:start + points_per_chunk])
-        n = k.shape[0]
-        f1 = sample_factors(data, n * group_size, gen).view(n, group_size, -1)
-        f2 = sample_factors(data, n * group_size, gen).view(n, group_size, -1)
-        rows = torch.arange(n)
-        f2[rows, :, k] = f1[rows, :, k]
-        z1 = represent_factors(data, represent, f1.reshape(n * group_size, -1), batch_size)
-        z2 = represent_factors(data, represent, f2.reshape(n * group_size, -1), batch_size)
-        diff = np.abs(z1 - z2).reshape(n, group_size, -1)
-        features.append(diff.mean(axis=1))
+        a = f1[start:start + points_per_chunk].reshape(-1, num_factors)
+        b = f2[start:start + points_per_chunk].reshape(-1, num_factors)
+        diff = np.abs(represent_factors(data, represent, a, batch_size)
+                      - represent_factors(data, represent, b, batch_size))
+        features.append(diff.reshape(-1, group_size, diff.shape[1]).mean(axis=1))
     return np.concatenate(features, axis=0), labels
 
 

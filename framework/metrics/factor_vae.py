@@ -68,18 +68,18 @@ def factor_vae_votes(
     gen = torch_generator(rng)
     labels = rng.integers(0, num_factors, size=num_votes)
     votes = np.zeros((num_factors, num_dims), dtype=np.int64)
+    # Factors are drawn up front so the votes do not depend on batch_size.
+    factors = sample_factors(data, num_votes * group_size, gen).view(num_votes, group_size, -1)
+    rows, k = torch.arange(num_votes), torch.as_tensor(labels)
+    factors[rows, :, k] = factors[rows, 0, k].unsqueeze(1)
     points_per_chunk = max(1, batch_size // group_size)
     for start in range(0, num_votes, points_per_chunk):
-        k = torch.as_tensor(labels[start:start + points_per_chunk])
-        n = k.shape[0]
-        factors = sample_factors(data, n * group_size, gen).view(n, group_size, -1)
-        rows = torch.arange(n)
-        factors[rows, :, k] = factors[rows, 0, k].unsqueeze(1)
-        codes = represent_factors(data, represent, factors.reshape(n * group_size, -1), batch_size)
-        local = codes.reshape(n, group_size, -1).var(axis=1, ddof=1)
+        part = factors[start:start + points_per_chunk].reshape(-1, num_factors)
+        codes = represent_factors(data, represent, part, batch_size)
+        local = codes.reshape(-1, group_size, num_dims).var(axis=1, ddof=1)
         ratio = local[:, active_idx] / global_variances[active_idx]
         winners = active_idx[np.argmin(ratio, axis=1)]
-        np.add.at(votes, (k.numpy(), winners), 1)
+        np.add.at(votes, (labels[start:start + points_per_chunk], winners), 1)
     return votes
 
 

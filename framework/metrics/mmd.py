@@ -47,7 +47,7 @@ def median_heuristic(x: np.ndarray, y: np.ndarray, *, max_points: int = 1000,
         rng = rng if rng is not None else np.random.default_rng(0)
         pooled = pooled[rng.choice(pooled.shape[0], max_points, replace=False)]
     d2 = squared_distances(pooled, pooled)
-    med = float(np.sqrt(np.median(d2[np.triu_indices_from(d2, k=1)])))
+    med = float(np.median(np.sqrt(d2[np.triu_indices_from(d2, k=1)])))
     return med if med > 0 else 1.0
 
 
