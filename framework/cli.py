@@ -166,7 +166,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
     for field_name, field in cls.Config.model_fields.items():
         if field_name == "name":
             continue
-        default = field.get_default(call_default_factory=True)
+        default = ("(required)" if field.is_required()
+                   else field.get_default(call_default_factory=True))
         annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
         bounds = ", ".join(str(m) for m in field.metadata)
         rows.append((field_name, annotation.replace("typing.", ""), _short(default),
