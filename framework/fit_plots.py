@@ -16,6 +16,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
 from ncpvae.errors import DataError
 
 _REQUIRED = ("epoch", "train_loss_mean", "train_loss_min", "heldout_loss")

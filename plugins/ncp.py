@@ -32,13 +32,14 @@ from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
 from ncpvae import BuildContext, ComponentConfig, Prior, hookimpl
 from ncpvae.config import PriorSection
 from ncpvae.errors import ConfigError, DataError, NonFiniteError, NotFittedError
 from ncpvae.importance import ess_fraction, importance_resample
 from ncpvae.plugin_manager import build_component
-from pydantic import Field
-from torch import Tensor, nn
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,

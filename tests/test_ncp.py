@@ -15,13 +15,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor, nn
+
 from ncpvae.errors import ConfigError, DataError, NotFittedError
 from ncpvae.fit_plots import plot_classifier_loss
 from ncpvae.plugin_manager import PluginManager, create
 from ncpvae.plugins import gaussian, ncp
 from ncpvae.plugins.gaussian import GaussianPrior
 from ncpvae.plugins.ncp import MLPClassifier, NCPPrior, roc_auc
-from torch import Tensor, nn
 
 F64 = torch.float64
 
@@ -30,6 +31,16 @@ F64 = torch.float64
 def registry():
     # Hermetic: only the plugins under test, no entry points.
     return PluginManager(builtins=False, entrypoints=False, plugins=[gaussian, ncp]).registry
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are tiny: intra-op threads only add contention on a busy 2-core machine
+    # (a fit ran 16x slower with 2 threads under load). Results do not depend on it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def gen(seed: int) -> torch.Generator:
