@@ -16,6 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from pydantic import ValidationError
+
 from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
 from ncpvae.metrics import (
@@ -35,7 +37,6 @@ from ncpvae.metrics import (
 )
 from ncpvae.metrics.mig import discretize_codes
 from ncpvae.metrics.sap import sap_from_score_matrix
-from pydantic import ValidationError
 
 
 class ToyFactors:

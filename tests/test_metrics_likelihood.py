@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from ncpvae.errors import ConfigError, NonFiniteError
 from ncpvae.metrics import bounds, elbo, evaluate_likelihood, iw_bound, summarize_bound
 from ncpvae.model import LatentModel

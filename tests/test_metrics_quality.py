@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+
 from ncpvae.errors import DataError
 from ncpvae.metrics import (
     FeatureNetConfig,

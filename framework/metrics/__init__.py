@@ -41,6 +41,7 @@ from ncpvae.metrics.factor_vae import FactorVAEConfig, FactorVAEResult, compute_
 from ncpvae.metrics.feature_net import (
     FeatureNet,
     FeatureNetConfig,
+    FeatureNetSpec,
     cached_feature_net,
     extract_features,
     feature_net_cache_key,
@@ -71,6 +72,7 @@ from ncpvae.metrics.prior_fit import (
     prior_fit,
 )
 from ncpvae.metrics.sample_quality import (
+    SPRITES_JOINT_BINS,
     CoverageResult,
     KIDResult,
     PrecisionRecall,
@@ -86,9 +88,10 @@ from ncpvae.metrics.sample_quality import (
 from ncpvae.metrics.sap import SAPConfig, SAPResult, compute_sap, sap_from_codes
 
 __all__ = [
+    "SPRITES_JOINT_BINS",
     "BetaVAEConfig", "BetaVAEResult", "BoundEstimate", "C2STResult", "CoverageResult",
     "DCIConfig", "DCIResult", "FactorVAEConfig", "FactorVAEResult", "FeatureNet",
-    "FeatureNetConfig", "KIDResult", "LikelihoodResult", "MIGConfig", "MIGResult",
+    "FeatureNetConfig", "FeatureNetSpec", "KIDResult", "LikelihoodResult", "MIGConfig", "MIGResult",
     "MMDTestResult", "PrecisionRecall", "PriorFitConfig", "PriorFitResult", "SAPConfig",
     "SAPResult", "SampleQualityConfig", "SampleQualityResult", "bounds", "cached_feature_net",
     "classifier_two_sample_test", "completeness_from_importance", "compute_beta_vae",

@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
-from torch import Tensor
 
 RepresentFn = Callable[[Tensor], "Tensor | np.ndarray"]
 

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import Field
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
@@ -28,9 +32,6 @@ from ncpvae.metrics._common import (
     sample_factors,
     torch_generator,
 )
-from pydantic import Field
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 
 class BetaVAEConfig(StrictModel):

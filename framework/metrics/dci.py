@@ -21,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
+from sklearn.ensemble import GradientBoostingClassifier
+
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
@@ -32,8 +35,6 @@ from ncpvae.metrics._common import (
     make_rng,
     sample_codes,
 )
-from pydantic import Field
-from sklearn.ensemble import GradientBoostingClassifier
 
 
 class DCIConfig(StrictModel):

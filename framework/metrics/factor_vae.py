@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import Field
+
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
@@ -30,7 +32,6 @@ from ncpvae.metrics._common import (
     sample_factors,
     torch_generator,
 )
-from pydantic import Field
 
 
 class FactorVAEConfig(StrictModel):

@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData, ImageSource
 from ncpvae.errors import DataError
-from pydantic import Field
-from torch import Tensor, nn
 
 FORMAT = "ncpvae-feature-net"
 FORMAT_VERSION = 1

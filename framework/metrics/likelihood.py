@@ -23,12 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
+
 from ncpvae.data import ImageSource
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
 from ncpvae.metrics._common import MetricResult
 from ncpvae.model import LatentModel
 from ncpvae.prior import Prior
-from torch import Tensor, nn
 
 #: importance samples per example (Burda et al. evaluate with 5000; cost grows linearly in K)
 IW_NUM_SAMPLES = 1000

@@ -16,6 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
+from sklearn.metrics import mutual_info_score
+
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
@@ -27,8 +30,6 @@ from ncpvae.metrics._common import (
     make_rng,
     sample_codes,
 )
-from pydantic import Field
-from sklearn.metrics import mutual_info_score
 
 NUM_BINS = 20
 

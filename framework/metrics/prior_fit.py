@@ -20,16 +20,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from ncpvae.component import StrictModel
-from ncpvae.errors import DataError
-from ncpvae.metrics._common import MetricResult, make_rng
-from ncpvae.metrics.mmd import as_samples, median_heuristic, squared_distances
 from pydantic import Field
 from scipy.stats import binom
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import PolynomialFeatures, StandardScaler
+
+from ncpvae.component import StrictModel
+from ncpvae.errors import DataError
+from ncpvae.metrics._common import MetricResult, make_rng
+from ncpvae.metrics.mmd import as_samples, median_heuristic, squared_distances
 
 Classifier = Literal["linear", "quadratic", "mlp"]
 

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import Field
+
 from ncpvae.component import StrictModel
 from ncpvae.errors import DataError
 from ncpvae.metrics._common import MetricResult, make_rng
 from ncpvae.metrics.mmd import as_samples, mmd2_unbiased, polynomial_kernel
-from pydantic import Field
 
 KID_SUBSET_SIZE = 1000
 KID_NUM_SUBSETS = 10

@@ -16,6 +16,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.svm import LinearSVC
+
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
 from ncpvae.metrics._common import (
@@ -26,9 +30,6 @@ from ncpvae.metrics._common import (
     make_rng,
     sample_codes,
 )
-from pydantic import Field
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.svm import LinearSVC
 
 
 class SAPConfig(StrictModel):
