@@ -48,6 +48,7 @@ from ncpvae.data import DataBundle, DatasetPlugin, GroundTruthData, ImageSource
 from ncpvae.model import LatentModel
 from ncpvae.objective import Objective
 from ncpvae.prior import Prior
+from ncpvae.registry import Registry
 from ncpvae.sampler import Sampler
 
 __all__ = [
@@ -114,6 +115,12 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def _own_global_rng(device: torch.device):
+    """Reseed the global RNG inside, restore the caller's RNG state afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def _all_finite(x: Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
@@ -127,14 +134,18 @@ def standard_normal_energy(z: Tensor) -> Tensor:
 # every component class
 
 
-def check_component_class(cls: type, kind: str | None = None) -> None:
+def check_component_class(cls: type, kind: str | None = None, *,
+                          example: Mapping[str, Any] | None = None,
+                          registry: Registry | None = None) -> None:
     """Check a component class's identity and config contract.
 
     ``name`` is a non-empty string; ``kind`` matches (when given); ``Config`` subclasses
-    :class:`ComponentConfig`, builds from defaults alone with ``name == cls.name``, rejects
+    :class:`ComponentConfig`, its ``name`` defaults to ``cls.name``, it builds from ``example``
+    (values for the fields without defaults; none needed when every field has one), rejects
     another name and unknown keys, round-trips through ``model_dump``, and has a JSON schema.
+    ``registry`` validates nested component sections (default: the process-wide registry).
     """
-    who = f"{kind or getattr(cls, 'kind', 'component')} class {cls.__qualname__}"
+    who = f"{_describe(cls)} class"
     name = getattr(cls, "name", None)
     _require(isinstance(name, str) and name, who, f"needs a non-empty str `name`, got {name!r}")
     if kind is not None:
@@ -145,27 +156,37 @@ def check_component_class(cls: type, kind: str | None = None) -> None:
              "Config must be a subclass of ncpvae.ComponentConfig")
     _require(config_cls is not ComponentConfig, who,
              "must define its own `class Config(ComponentConfig)` with name: Literal[...]")
+    name_field = config_cls.model_fields["name"]
+    _require(name_field.default == name, who,
+             f"Config.name must default to the class name {name!r}, got {name_field.default!r}")
+    schema = config_cls.model_json_schema()
+    _require("name" in schema.get("properties", {}), who, "the Config JSON schema lacks `name`")
+
+    example = dict(example or {})
+    required = [k for k, f in config_cls.model_fields.items() if f.is_required()]
+    missing = [k for k in required if k not in example]
+    _require(not missing or example == {}, who,
+             f"example lacks the required field(s) {', '.join(missing)}")
+    if missing:  # nothing to build it from: the identity checks above are all we can do
+        return
+    context = {"registry": registry}
     try:
-        config = config_cls()
+        config = config_cls.model_validate({"name": name, **example}, context=context)
     except ValidationError as exc:
-        required = [k for k, f in config_cls.model_fields.items() if f.is_required()]
-        raise AssertionError(
-            f"{who}: Config() must build from defaults (required fields: {required}): {exc}"
-        ) from None
-    _require(config.name == name, who,
-             f"Config().name is {config.name!r}, expected the class name {name!r}")
-    for bad in ({"name": f"{name}-not-this-one"}, {"name": name, "no_such_key_xyz": 1}):
+        raise AssertionError(f"{who}: Config does not build from {example or 'its defaults'}: "
+                             f"{exc}") from None
+    _require(config.name == name, who, f"Config().name is {config.name!r}, expected {name!r}")
+    for bad in ({**example, "name": f"{name}-not-this-one"},
+                {**example, "name": name, "no_such_key_xyz": 1}):
         try:
-            config_cls.model_validate(bad)
+            config_cls.model_validate(bad, context=context)
         except ValidationError:
             pass
         else:
             raise AssertionError(f"{who}: Config accepted {bad!r}; it must reject it")
     dumped = config.model_dump()
-    _require(config_cls.model_validate(dumped) == config, who,
+    _require(config_cls.model_validate(dumped, context=context) == config, who,
              "Config does not round-trip through model_dump()/model_validate()")
-    schema = config_cls.model_json_schema()
-    _require("name" in schema.get("properties", {}), who, "the Config JSON schema lacks `name`")
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,10 +270,11 @@ def check_prior(
                  "be batch-separable (a .mean() over the batch divides gradients by B)")
 
     # sampling
-    torch.manual_seed(1)
-    first = prior.sample(num_samples, generator=_generator(generator_seed, device))
-    torch.manual_seed(2)  # the global RNG must not matter when a generator is given
-    second = prior.sample(num_samples, generator=_generator(generator_seed, device))
+    with _own_global_rng(device):
+        torch.manual_seed(1)
+        first = prior.sample(num_samples, generator=_generator(generator_seed, device))
+        torch.manual_seed(2)  # the global RNG must not matter when a generator is given
+        second = prior.sample(num_samples, generator=_generator(generator_seed, device))
     other = prior.sample(num_samples, generator=_generator(generator_seed + 1, device))
     _require(isinstance(first, Tensor), who, "sample must return a Tensor")
     _require(tuple(first.shape) == (num_samples, dim), who,
@@ -387,8 +409,7 @@ def check_objective(objective: Objective, model: LatentModel, prior: Prior, batc
     who = _describe(objective)
     _require(isinstance(objective, Objective), who, "is not an ncpvae.Objective")
     objective.check_compatible(model, prior)
-    devices = [batch.device] if batch.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with _own_global_rng(batch.device):
         torch.manual_seed(seed)
         out = objective.loss(batch, model, prior, step=step)
         torch.manual_seed(seed)
@@ -568,10 +589,11 @@ def check_sampler(
                            **kwargs, **options)
 
     original = init_position.clone()
-    torch.manual_seed(1)
-    result = run(init_position, num_steps, generator_seed)
-    torch.manual_seed(2)  # the global RNG must not matter when a generator is given
-    repeat = run(init_position, num_steps, generator_seed)
+    with _own_global_rng(device):
+        torch.manual_seed(1)
+        result = run(init_position, num_steps, generator_seed)
+        torch.manual_seed(2)  # the global RNG must not matter when a generator is given
+        repeat = run(init_position, num_steps, generator_seed)
     _require(torch.equal(init_position, original), who, "run() modified init_position in place")
     for attr in ("samples", "info", "diagnostics"):
         _require(hasattr(result, attr), who, f"run() must return a SampleResult (no .{attr})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from typing import Literal
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ def build_prior(name: str, latent_dim: int, dtype: torch.dtype, seed: int = 0) -
 
 @pytest.mark.parametrize("kind,name", [(k, n) for k, n, _, _ in REGISTRY.items()])
 def test_component_class_contract(kind, name):
-    check_component_class(REGISTRY.get(kind, name), kind)
+    check_component_class(REGISTRY.get(kind, name), kind, registry=REGISTRY)
 
 
 @pytest.mark.parametrize("kind,name", [(k, n) for k, n, _, _ in REGISTRY.items()])
@@ -109,6 +110,7 @@ def test_component_config_json_schema_is_serializable(kind, name):
 # priors
 
 
+@pytest.mark.slow  # fits a learned prior per example
 @pytest.mark.parametrize("name", names_or_skip("prior"))
 @SHAPES
 @given(latent_dim=latent_dims, dtype=dtypes, batch_shape=batch_shapes)
@@ -131,6 +133,7 @@ def test_prior_state_dict_round_trips(name):
 # models
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("image_shape", IMAGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("name", names_or_skip("model"))
 @settings(derandomize=True, max_examples=2, deadline=None)  # each example builds a network
@@ -227,6 +230,7 @@ def sampler_options(sampler, latent_dim: int, dtype: torch.dtype) -> dict:
     return options
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", names_or_skip("sampler"))
 @SHAPES
 @given(latent_dim=latent_dims, num_chains=st.integers(1, 4), dtype=dtypes)
@@ -398,6 +402,76 @@ def test_check_sampler_catches_the_global_rng_and_wrong_dtypes():
 
     _fails(check_sampler, GlobalRNG(), match="global-rng.*not reproducible")
     _fails(check_sampler, Float32(), match="float32.*samples are torch.float32")
+
+
+def test_check_component_class_catches_config_mistakes():
+    class OpenName(GaussianPrior):  # a plain `str` name accepts any other name
+        name = "open-name"
+
+        class Config(ComponentConfig):
+            name: str = "open-name"
+
+    class Mislabelled(GaussianPrior):
+        name = "mislabelled"
+
+        class Config(ComponentConfig):
+            name: Literal["gaussian"] = "gaussian"
+
+    class NoConfig(GaussianPrior):
+        name = "no-config"
+        Config = ComponentConfig
+
+    _fails(check_component_class, OpenName, match="open-name.*accepted .*open-name-not-this-one")
+    _fails(check_component_class, Mislabelled, match="Mislabelled.*default to the class name")
+    _fails(check_component_class, NoConfig, match="NoConfig.*its own `class Config")
+    _fails(check_component_class, GaussianPrior, "sampler", match="kind is 'prior'")
+
+
+def test_check_component_class_with_required_fields():
+    class NeedsPath(ncpvae.DatasetPlugin):
+        name = "needs-path"
+
+        class Config(ComponentConfig):
+            name: Literal["needs-path"] = "needs-path"
+            path: str
+
+        def build(self, ctx):
+            raise NotImplementedError
+
+    check_component_class(NeedsPath, "dataset")  # identity only: nothing to build it from
+    check_component_class(NeedsPath, "dataset", example={"path": "x.npz"})
+    _fails(check_component_class, NeedsPath, example={"other": 1}, match="lacks the required")
+
+
+def test_the_documented_usage_example_runs(monkeypatch):
+    """The module docstring of ncpvae.testing is public documentation: its example must work."""
+    import sys
+    import textwrap
+    import types
+
+    import ncpvae.testing
+
+    class MoGPrior(GaussianPrior):  # stands in for the docstring's third-party prior
+        name = "mog"
+
+        class Config(ComponentConfig):
+            name: Literal["mog"] = "mog"
+
+        @classmethod
+        def from_config(cls, config, ctx):
+            return cls(ctx.require_latent_dim("mog"))
+
+    plugin = types.ModuleType("ncpvae_mog.plugin")
+    plugin.ncpvae_register_priors = ncpvae.hookimpl(lambda: [MoGPrior])
+    package = types.ModuleType("ncpvae_mog")
+    package.plugin = plugin
+    monkeypatch.setitem(sys.modules, "ncpvae_mog", package)
+    monkeypatch.setitem(sys.modules, "ncpvae_mog.plugin", plugin)
+    doc = ncpvae.testing.__doc__
+    block = doc.split("Usage, in a plugin's test file::")[1].split("\nThe checks:")[0]
+    namespace: dict = {}
+    exec(compile(textwrap.dedent(block), "ncpvae.testing docstring", "exec"), namespace)
+    namespace["test_mog_prior_contract"]()
 
 
 def test_standard_normal_energy_is_batch_separable():
