@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
 from ncpvae.errors import did_you_mean
-from pydantic import BaseModel, ConfigDict, model_validator
 
 if TYPE_CHECKING:
     from ncpvae.registry import Registry
@@ -36,12 +38,17 @@ class StrictModel(BaseModel):
     def _reject_unknown_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
             known = set(cls.model_fields)
-            for key in data:
-                if key not in known:
-                    raise ValueError(
-                        f"unknown key '{key}'{did_you_mean(str(key), known)}; "
-                        f"valid keys: {', '.join(sorted(known))}"
-                    )
+            errors = [
+                InitErrorDetails(
+                    type=PydanticCustomError(
+                        "unknown_key", "unknown key '{key}'{hint}; valid keys: {valid}",
+                        {"key": str(key), "hint": did_you_mean(str(key), known),
+                         "valid": ", ".join(sorted(known))}),
+                    loc=(key,), input=value)
+                for key, value in data.items() if key not in known
+            ]
+            if errors:  # raised as a ValidationError so each location names the bad key
+                raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from ncpvae.errors import NonFiniteError
 from torch import Tensor
+
+from ncpvae.errors import NonFiniteError
 
 
 def ess_fraction(log_weights: Tensor) -> float:
@@ -37,5 +38,7 @@ def importance_resample(
     if torch.isneginf(lw).all():
         raise NonFiniteError("every importance weight is zero; the proposal misses the target")
     probs = torch.softmax(lw, 0)
-    index = torch.multinomial(probs.cpu(), num_samples, replacement=True, generator=generator)
+    # draw where the generator lives (a CUDA generator cannot drive a CPU multinomial)
+    device = generator.device if generator is not None else probs.device
+    index = torch.multinomial(probs.to(device), num_samples, replacement=True, generator=generator)
     return candidates[index.to(candidates.device)], ess_fraction(lw)

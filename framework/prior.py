@@ -12,9 +12,10 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor, nn
+
 from ncpvae.component import Component
 from ncpvae.errors import DataError
-from torch import Tensor, nn
 
 
 class Prior(nn.Module, Component):
@@ -94,9 +95,8 @@ class Prior(nn.Module, Component):
             raise DataError(f"{what}: contain NaN or infinite values")
 
     def _param_like(self) -> Tensor:
-        """A tensor carrying the module's device and dtype (buffers or parameters)."""
-        for t in self.parameters():
-            return t
-        for t in self.buffers():
-            return t
+        """A floating tensor carrying the module's device and dtype (parameters or buffers)."""
+        for t in (*self.parameters(), *self.buffers()):
+            if t.is_floating_point():
+                return t
         return torch.empty(0)

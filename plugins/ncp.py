@@ -134,15 +134,6 @@ def _log_mean_exp(values: Tensor) -> tuple[float, float]:
     return log_z, se
 
 
-def _cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
-    """A CPU generator for ``importance_resample`` (it resamples on the CPU), derived
-    deterministically from ``generator`` when that lives on an accelerator."""
-    if generator is None or generator.device.type == "cpu":
-        return generator
-    seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
-    return torch.Generator().manual_seed(int(seed))
-
-
 class NCPPrior(Prior):
     """``p_NCP(z) = p(z) exp f(z) / Z``: a base prior reweighted by a classifier's logit.
 
@@ -268,13 +259,6 @@ class NCPPrior(Prior):
         """True after :meth:`fit`, after loading a fitted state dict, or if built ``fitted=True``."""
         return bool(self.fitted)
 
-    def _param_like(self) -> Tensor:
-        # The first floating tensor: the bool ``fitted`` buffer carries no dtype to follow.
-        for t in (*self.parameters(), *self.buffers()):
-            if t.is_floating_point():
-                return t
-        return torch.empty(0)
-
     def _require_fitted(self, what: str) -> None:
         if not self.is_fitted:
             raise NotFittedError(
@@ -399,14 +383,13 @@ class NCPPrior(Prior):
             return torch.empty(0, self.latent_dim, device=ref.device, dtype=ref.dtype), {
                 "ess_fraction": float("nan")}
         per_pool = max(1, _SIR_POOL // self.sir_candidates)
-        resample_gen = _cpu_generator(generator)
         draws, log_weights = [], []
         with torch.no_grad():
             for start in range(0, n, per_pool):
                 k = min(per_pool, n - start)
                 candidates = self.base.sample(k * self.sir_candidates, generator=generator)
                 lw = self._logit_nograd(candidates)
-                chosen, _ = importance_resample(candidates, lw, k, generator=resample_gen)
+                chosen, _ = importance_resample(candidates, lw, k, generator=generator)
                 draws.append(chosen)
                 log_weights.append(lw)
         ess = ess_fraction(torch.cat(log_weights))
