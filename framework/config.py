@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
+from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, ValidationInfo
+
 from ncpvae.component import ComponentConfig, StrictModel
 from ncpvae.errors import ConfigError, did_you_mean
 from ncpvae.registry import Registry
-from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, ValidationInfo
 
 
 def _registry_from(info: ValidationInfo | None) -> Registry:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
+from torch import Tensor
+
 from ncpvae.component import BuildContext, Component, ComponentConfig
 from ncpvae.errors import DataError
-from torch import Tensor
 
 
 class ImageSource(ABC):

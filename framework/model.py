@@ -13,8 +13,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from ncpvae.component import Component
 from torch import Tensor, nn
+
+from ncpvae.component import Component
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 

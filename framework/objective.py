@@ -5,10 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from torch import Tensor
+
 from ncpvae.component import Component
 from ncpvae.model import LatentModel
 from ncpvae.prior import Prior
-from torch import Tensor
 
 
 class Objective(Component, ABC):

@@ -17,8 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from ncpvae.io import atomic_write  # noqa: E402
 from torch import Tensor  # noqa: E402
+
+from ncpvae.io import atomic_write  # noqa: E402
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

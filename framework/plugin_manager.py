@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 import pluggy
+
 from ncpvae import hookspecs
 from ncpvae.component import BuildContext, Component
 from ncpvae.errors import PluginError
@@ -202,6 +203,7 @@ def create(
     ``ncpvae.create("sampler", "langevin", step_size=0.1, metropolis=True)``.
     """
     import torch
+
     from ncpvae.config import validate_component
 
     registry = registry if registry is not None else get_registry()

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
 from ncpvae import plots
 from ncpvae.component import BuildContext
 from ncpvae.config import RunConfig, config_to_toml, load_config
@@ -30,8 +33,6 @@ from ncpvae.prior import Prior
 from ncpvae.registry import Registry
 from ncpvae.rundir import RunDirectory
 from ncpvae.sampler import Sampler
-from torch import Tensor
-from tqdm.auto import tqdm
 
 #: latents whose posterior-mean variance over the data exceeds this are "active" (Burda 2016)
 ACTIVE_UNIT_THRESHOLD = 0.01

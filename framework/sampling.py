@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from ncpvae import plots
 from ncpvae.errors import ConfigError
 from ncpvae.io import save_torch, write_json

@@ -13,9 +13,10 @@ import math
 from typing import Literal
 
 import torch
-from ncpvae import BuildContext, ComponentConfig, LatentModel, Objective, Prior, hookimpl
 from pydantic import Field
 from torch import Tensor
+
+from ncpvae import BuildContext, ComponentConfig, LatentModel, Objective, Prior, hookimpl
 
 _LOG_2PI = math.log(2 * math.pi)
 

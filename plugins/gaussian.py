@@ -10,9 +10,10 @@ import math
 from typing import Literal
 
 import torch
-from ncpvae import BuildContext, ComponentConfig, Prior, hookimpl
 from pydantic import Field
 from torch import Tensor, nn
+
+from ncpvae import BuildContext, ComponentConfig, Prior, hookimpl
 
 _LOG_2PI = math.log(2 * math.pi)
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from ncpvae import BuildContext, ComponentConfig, LatentModel, hookimpl
-from ncpvae.errors import ConfigError
 from pydantic import Field
 from torch import Tensor, nn
+
+from ncpvae import BuildContext, ComponentConfig, LatentModel, hookimpl
+from ncpvae.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
 

@@ -10,9 +10,10 @@ free of import cycles.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from ncpvae.errors import DataError
 from ncpvae.hookspecs import hookimpl
-from torch import Tensor
 
 
 def seeded_permutation(n: int, seed: int) -> Tensor:

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
+
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.data import DataBundle, DatasetPlugin, TensorImageSource
 from ncpvae.plugins.datasets import split_by_fraction
-from pydantic import Field
 
 
 class DigitsDataset(DatasetPlugin):

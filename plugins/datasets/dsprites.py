@@ -20,13 +20,14 @@ from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
+from torch import Tensor
+
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.data import DataBundle, DatasetPlugin, ImageSource
 from ncpvae.errors import DataError
 from ncpvae.plugins.datasets import split_by_count
 from ncpvae.plugins.datasets.npz import read_npz
-from pydantic import Field
-from torch import Tensor
 
 DEFAULT_PATH = "data/dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 LATENT_NAMES: tuple[str, ...] = ("color", "shape", "scale", "orientation", "posX", "posY")

@@ -25,12 +25,13 @@ from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
+from torch import Tensor
+
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.data import DataBundle, DatasetPlugin, TensorImageSource
 from ncpvae.errors import DataError
 from ncpvae.plugins.datasets import split_by_fraction
-from pydantic import Field
-from torch import Tensor
 
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, pickle.PickleError)
 

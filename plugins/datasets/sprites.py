@@ -49,12 +49,13 @@ import math
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.data import DataBundle, DatasetPlugin, ImageSource
 from ncpvae.errors import DataError
 from ncpvae.plugins.datasets import split_by_count
-from pydantic import Field, model_validator
-from torch import Tensor
 
 FACTOR_NAMES: tuple[str, ...] = ("shape", "scale", "orientation", "posX", "posY")
 FACTOR_SIZES: tuple[int, ...] = (3, 6, 40, 32, 32)

@@ -21,12 +21,13 @@ import zlib
 from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
+from torch import Tensor
+
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.data import DataBundle, DatasetPlugin, TensorImageSource
 from ncpvae.errors import DataError
 from ncpvae.plugins.datasets import seeded_permutation
-from pydantic import Field
-from torch import Tensor
 
 RAW_FILES: tuple[str, ...] = (
     "train-images-idx3-ubyte",
