@@ -169,7 +169,8 @@ def cmd_describe(args: argparse.Namespace) -> int:
         default = ("(required)" if field.is_required()
                    else field.get_default(call_default_factory=True))
         annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-        bounds = ", ".join(str(m) for m in field.metadata)
+        bounds = ", ".join(str(m) for m in field.metadata
+                           if type(m).__module__.startswith("annotated_types"))
         rows.append((field_name, annotation.replace("typing.", ""), _short(default),
                      bounds, field.description or ""))
     if rows:

@@ -7,6 +7,7 @@ whose own ``Config`` class validates the rest. Nothing is rebuilt when plugins r
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -192,7 +193,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     (``prior=gaussian``) or a new ``name`` (``prior.name=ncp``) replaces the whole table with
     that plugin's defaults, so fields of the old plugin do not leak into the new one.
     """
-    result = json.loads(json.dumps(raw))  # a deep copy of plain TOML data
+    result = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
         node = result
@@ -200,8 +201,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             child = node.get(part)
             if isinstance(child, str):  # `prior = "ncp"` written as a bare name: expand it
                 child = {"name": child}
-            if not isinstance(child, dict):
+            if child is None:
                 child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a table")
             node[part] = child
             node = child
         last = path[-1]
@@ -237,7 +240,9 @@ def _toml_value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string literal is a valid TOML basic string
+        # a JSON string literal is a TOML basic string, once non-ASCII stays literal (TOML has
+        # no surrogate-pair escapes) and DEL, which TOML forbids raw, is escaped
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):

@@ -36,8 +36,6 @@ from ncpvae.sampler import Sampler
 
 #: latents whose posterior-mean variance over the data exceeds this are "active" (Burda 2016)
 ACTIVE_UNIT_THRESHOLD = 0.01
-#: base-prior draws for the NCP normalizer's Monte Carlo estimate in the run summary
-LOG_NORMALIZER_SAMPLES = 100_000
 CHECKPOINT_FORMAT = 1
 
 
@@ -340,10 +338,11 @@ def learned_prior_report(run: Run) -> dict[str, Any]:
     report: dict[str, Any] = {}
     with torch.no_grad():
         if hasattr(prior, "log_normalizer"):
-            log_z, se = prior.log_normalizer(LOG_NORMALIZER_SAMPLES, generator=run.generator(3))
+            log_z, se = prior.log_normalizer(generator=run.generator(3))
             report.update(log_z=float(log_z), log_z_se=float(se))
         if hasattr(prior, "kl_gain"):
-            delta, se = prior.kl_gain(heldout_latents(run, run.generator(4)))
+            delta, se = prior.kl_gain(heldout_latents(run, run.generator(4)),
+                                      generator=run.generator(3))
             report.update(delta=float(delta), delta_se=float(se))
     return report
 

@@ -31,10 +31,13 @@ class GaussianPrior(Prior):
         learn_scale: bool = Field(False, description="train the log-scale with the VAE")
 
     def __init__(self, latent_dim: int, *, mean: float = 0.0, scale: float = 1.0,
-                 learn_mean: bool = False, learn_scale: bool = False):
+                 learn_mean: bool = False, learn_scale: bool = False,
+                 dtype: torch.dtype | None = None):
         super().__init__(latent_dim)
-        loc = torch.full((latent_dim,), float(mean))
-        log_scale = torch.full((latent_dim,), math.log(scale))
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        # computed in float64, then cast once: a float64 prior holds exact log(scale)
+        loc = torch.full((latent_dim,), float(mean), dtype=torch.float64).to(dtype)
+        log_scale = torch.full((latent_dim,), math.log(scale), dtype=torch.float64).to(dtype)
         if learn_mean:
             self.loc = nn.Parameter(loc)
         else:
@@ -48,7 +51,7 @@ class GaussianPrior(Prior):
     def from_config(cls, config: Config, ctx: BuildContext) -> GaussianPrior:
         return cls(ctx.require_latent_dim("the gaussian prior"), mean=config.mean,
                    scale=config.scale, learn_mean=config.learn_mean,
-                   learn_scale=config.learn_scale)
+                   learn_scale=config.learn_scale, dtype=ctx.dtype)
 
     def log_prob(self, z: Tensor) -> Tensor:
         standardized = (z - self.loc) * torch.exp(-self.log_scale)
