@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
 
+    p = sub.add_parser("evaluate", help="evaluate a trained run and write its report")
+    p.add_argument("run", help="run directory")
+    _overrides(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+
     p = sub.add_parser("plugins", help="list loaded plugins with their versions and components")
     _common(p)
     p = sub.add_parser("list", help="list registered components")
@@ -126,6 +132,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = sample_command(args.run, overrides, chains=args.chains, out=args.out,
                          quiet=args.quiet, registry=_manager(args).registry)
     print(f"samples written to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ncpvae.evaluation import evaluate_command
+
+    out = evaluate_command(args.run, args.overrides, quiet=args.quiet,
+                           registry=_manager(args).registry)
+    print(f"evaluation written to {out}")
     return 0
 
 
@@ -209,6 +224,7 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "fit-prior": cmd_fit_prior, "sample": cmd_sample,
+            "evaluate": cmd_evaluate,
             "plugins": cmd_plugins, "list": cmd_list, "describe": cmd_describe,
             "schema": cmd_schema, "validate": cmd_validate}
 

@@ -20,6 +20,7 @@ from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, Va
 
 from ncpvae.component import ComponentConfig, StrictModel
 from ncpvae.errors import ConfigError, did_you_mean
+from ncpvae.evaluation_config import EvaluateConfig
 from ncpvae.registry import Registry
 
 
@@ -98,6 +99,7 @@ class RunConfig(StrictModel):
     )
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 # --------------------------------------------------------------------------------------------

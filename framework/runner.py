@@ -415,6 +415,19 @@ def train(config: RunConfig, out: str | Path | None = None, *, overwrite: bool =
     directory.write_config(config_to_toml(config))
     write_json(directory.plugins, plugin_records(manager))
     run = build_run(config, registry=manager.registry, directory=directory, quiet=quiet)
-    for stage in stages if stages is not None else (train_vae, fit_prior, sample_stage):
+    for stage in stages if stages is not None else DEFAULT_STAGES:
         stage(run)
     return directory.path
+
+
+def evaluate_stage(run: Run) -> dict[str, Any]:
+    """Stage 4: the evaluation report (see :mod:`ncpvae.evaluation`), if enabled."""
+    if not run.config.evaluate.enabled:
+        return {}
+    from ncpvae.evaluation import evaluate_run
+
+    return evaluate_run(run)
+
+
+DEFAULT_STAGES: tuple[Callable[[Run], Any], ...] = (train_vae, fit_prior, sample_stage,
+                                                     evaluate_stage)
