@@ -1,0 +1,460 @@
+"""The evaluation report of a run: one self-contained HTML page (figures embedded as base64
+PNGs, inline CSS, no external assets) or Markdown beside the PNGs.
+
+Built from plain data only (``evaluation.json``, ``summary.json``, the resolved config and the
+PNGs under ``plots/``), so it can be regenerated without the model. The content is assembled
+once as a list of blocks (headings, paragraphs, tables whose cells may hold images, figures)
+and then rendered to either format.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ncpvae.io import read_json, write_text
+
+# ---------------------------------------------------------------------------------------------
+# the document model
+
+
+@dataclass
+class Image:
+    """A PNG of the run directory (path relative to it), shown at ``width`` pixels."""
+
+    path: str
+    width: int = 260
+    alt: str = ""
+    thumbnail: bool = False
+
+
+Cell = str | Image | None
+
+
+@dataclass
+class Block:
+    kind: Literal["heading", "text", "table", "figure", "list"]
+    text: str = ""
+    level: int = 2
+    header: list[str] = field(default_factory=list)
+    rows: list[list[Cell]] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    image: Image | None = None
+
+
+def heading(text: str, level: int = 2) -> Block:
+    return Block("heading", text, level=level)
+
+
+def paragraph(text: str) -> Block:
+    return Block("text", text)
+
+
+def table(header: list[str], rows: list[list[Cell]]) -> Block:
+    return Block("table", header=header, rows=rows)
+
+
+def figure(path: str, caption: str, width: int = 900) -> Block:
+    return Block("figure", caption, image=Image(path, width, caption))
+
+
+def bullet_list(items: list[str]) -> Block:
+    return Block("list", items=items)
+
+
+# ---------------------------------------------------------------------------------------------
+# number formatting
+
+
+def num(value: Any, digits: int = 3) -> str:
+    """A number with ``digits`` significant digits; None/missing as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{max(digits - 1, 1)}f}"
+    return str(value)
+
+
+def pm(mean: Any, se: Any, digits: int = 3) -> str:
+    """``mean ± se``."""
+    if mean is None:
+        return "—"
+    return f"{num(mean, digits)} ± {num(se, 2)}" if se is not None else num(mean, digits)
+
+
+def _get(data: Mapping[str, Any] | None, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, Mapping) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _compact(value: Any) -> str:
+    """A config value on one line: tables as ``name(k=v, ...)``."""
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{k}={_compact(v)}" for k, v in value.items()
+                          if k != "name" and v is not None)
+        name = value.get("name")
+        return f"{name}({inner})" if name else f"{{{inner}}}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_compact(v) for v in value) + "]"
+    return num(value) if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the content
+
+
+def config_summary(config: Mapping[str, Any]) -> Block:
+    """Key hyperparameters: one line per section of the resolved config."""
+    rows: list[list[Cell]] = [
+        ["run", f"{config.get('name')} (seed {config.get('seed')}, device "
+                f"{config.get('device')}, latent_dim {config.get('latent_dim')})"]]
+    for section in ("data", "model", "objective", "prior", "sampler", "train", "sample"):
+        if config.get(section) is not None:
+            rows.append([section, _compact(config[section])])
+    ev = config.get("evaluate", {})
+    rows.append(["evaluate", (
+        f"{ev.get('num_samples')} samples per row, {ev.get('num_heldout')} held-out images, IW "
+        f"K = {_get(ev, 'likelihood', 'num_samples')} on "
+        f"{_get(ev, 'likelihood', 'num_examples')} images, MIG {_get(ev, 'mig', 'num_train')} "
+        f"points, DCI {_get(ev, 'dci', 'num_train')}/{_get(ev, 'dci', 'num_test')}, "
+        f"feature net {_get(ev, 'feature_net', 'num_train')} images x "
+        f"{_get(ev, 'feature_net', 'epochs')} epochs")])
+    return table(["section", "settings"], rows)
+
+
+def headline(evaluation: Mapping[str, Any]) -> Block:
+    """The three questions, answered with the headline numbers."""
+    items = []
+    d = evaluation.get("disentanglement", {})
+    if d:
+        parts = []
+        if "mig" in d:
+            parts.append(f"MIG {num(d['mig']['mig'])}")
+        if "factor_vae" in d:
+            parts.append(f"FactorVAE {num(d['factor_vae']['eval_accuracy'])}")
+        if "dci" in d:
+            parts.append(f"DCI disentanglement {num(d['dci']['disentanglement'])}")
+        if "beta_vae" in d:
+            parts.append(f"beta-VAE {num(d['beta_vae']['eval_accuracy'])}")
+        if "sap" in d:
+            parts.append(f"SAP {num(d['sap']['sap'])}")
+        items.append("Disentangled? " + ", ".join(parts) + " (Locatello et al. 2019 report "
+                     "MIG 0.05–0.35, FactorVAE 0.6–0.75 for beta-VAEs on dSprites).")
+    scored = [r for r in evaluation.get("rows", []) if "sample_quality" in r]
+    if scored:
+        best = min(scored, key=lambda r: r["sample_quality"]["kid"])
+        others = "; ".join(f"{r['label']} {num(r['sample_quality']['kid'] * 1e3)}"
+                           for r in scored if r is not best)
+        kid = best["sample_quality"]
+        items.append(f"Good samples? Lowest KID ×10³: {best['label']} "
+                     f"({pm(kid['kid'] * 1e3, kid['kid_se'] * 1e3)})"
+                     + (f"; {others}" if others else "") + " (lower is better).")
+    lp = evaluation.get("learned_prior", {})
+    gain = _get(evaluation, "likelihood", "iw_gain")
+    if "delta" in lp or gain:
+        text = "Did the learned prior help? "
+        if "delta" in lp:
+            text += (f"Delta = E_q[f] − log Z = {pm(lp['delta'], lp['delta_se'])} nats "
+                     "(> 0: closer to the aggregate posterior than its base)")
+        if gain:
+            text += (f"; IW bound gain over the base prior {pm(gain['mean'], gain['se'])} "
+                     "nats per image")
+        items.append(text + ".")
+    return bullet_list(items)
+
+
+def training_blocks(summary: Mapping[str, Any], plots: Path) -> list[Block]:
+    blocks: list[Block] = [heading("Training")]
+    vae = summary.get("vae", {})
+    if vae:
+        blocks.append(table(["test ELBO", "test recon", "test KL", "active units", "epochs",
+                             "train seconds"],
+                            [[num(vae.get("test_elbo")), num(vae.get("test_recon")),
+                              num(vae.get("test_kl")), num(vae.get("active_units")),
+                              num(vae.get("epoch")), num(vae.get("train_seconds"))]]))
+    for name, caption in (("training_curves.png", "Training curves (nats per image)"),
+                          ("kl_per_dim.png", "KL per latent dimension")):
+        if (plots / name).is_file():
+            blocks.append(figure(f"plots/{name}", caption))
+    fit = summary.get("prior_fit", {})
+    if fit or (plots / "ncp_classifier_loss.png").is_file():
+        blocks.append(heading("Learned prior fit", 3))
+        if fit:
+            keys = [k for k in ("best_epoch", "epochs_run", "heldout_loss", "heldout_accuracy",
+                                "heldout_auc", "log_z", "log_z_se", "delta", "delta_se")
+                    if k in fit]
+            blocks.append(table(keys, [[num(fit[k]) for k in keys]]))
+        if (plots / "ncp_classifier_loss.png").is_file():
+            blocks.append(figure("plots/ncp_classifier_loss.png",
+                                 "NCP classifier loss: average and lowest minibatch BCE per "
+                                 "epoch, held-out BCE"))
+    return blocks
+
+
+def metric_table(evaluation: Mapping[str, Any]) -> list[Block]:
+    rows: list[list[Cell]] = []
+    d = evaluation.get("disentanglement", {})
+    if "beta_vae" in d:
+        rows.append(["beta-VAE metric", num(d["beta_vae"]["eval_accuracy"]),
+                     f"eval accuracy (train {num(d['beta_vae']['train_accuracy'])})"])
+    if "factor_vae" in d:
+        f = d["factor_vae"]
+        rows.append(["FactorVAE metric", num(f["eval_accuracy"]),
+                     f"eval accuracy; {f['num_active_dims']} active dims"
+                     + (" (collapsed)" if f["collapsed"] else "")])
+    if "mig" in d:
+        rows.append(["MIG", num(d["mig"]["mig"]), "per factor: " + ", ".join(
+            num(g, 2) for g in d["mig"]["gap_per_factor"])])
+    if "dci" in d:
+        c = d["dci"]
+        rows.append(["DCI disentanglement", num(c["disentanglement"]),
+                     f"completeness {num(c['completeness'])}, informativeness (test accuracy) "
+                     f"{num(c['informativeness_test'])}"])
+    if "sap" in d:
+        rows.append(["SAP", num(d["sap"]["sap"]), ""])
+    vae = evaluation.get("vae", {})
+    if vae:
+        rows.append(["test reconstruction", num(vae.get("test_recon")),
+                     "−E_q log p(x|z), nats per image"])
+        rows.append(["test ELBO (1 sample)", num(vae.get("test_elbo")),
+                     f"KL {num(vae.get('test_kl'))}; {vae.get('active_units')} active units"])
+    lik = evaluation.get("likelihood", {})
+    for key in ("base", "prior"):
+        if key in lik:
+            e = lik[key]
+            k = e["iw"]["num_samples"]
+            extra = (f"; includes log Z SE {num(e['iw']['se_log_normalizer'], 2)}"
+                     if e["iw"]["se_log_normalizer"] else "")
+            rows.append([f"IW bound, {e['prior']} prior (K = {k})",
+                         pm(e["iw"]["mean"], e["iw"]["se"]),
+                         f"ELBO {pm(e['elbo']['mean'], e['elbo']['se'])}; "
+                         f"{e['iw']['num_examples']} test images{extra}"])
+    if "iw_gain" in lik:
+        g = lik["iw_gain"]
+        rows.append(["IW bound gain of the learned prior", pm(g["mean"], g["se"]),
+                     "paired difference on the same draws (log Z SE included)"])
+    lp = evaluation.get("learned_prior", {})
+    if "log_z" in lp:
+        rows.append(["log Z", pm(lp["log_z"], lp["log_z_se"]),
+                     f"{lp.get('log_z_samples')} base draws"])
+    if "delta" in lp:
+        rows.append(["Delta = E_q[f] − log Z", pm(lp["delta"], lp["delta_se"]),
+                     f"on {lp.get('num_encodings')} held-out encodings; > 0: the learned prior "
+                     "fits better"])
+    net = evaluation.get("feature_net", {})
+    if net:
+        rows.append(["feature net validation accuracy", "",
+                     ", ".join(f"{k} {num(v)}" for k, v in net.get("val_accuracy", {}).items())
+                     + f" (predicts {net.get('target')})"])
+    if not rows:
+        return []
+    return [heading("Metrics"), table(["metric", "value", "details"], rows)]
+
+
+def _sampler_cell(row: Mapping[str, Any]) -> str:
+    diag = row.get("diagnostics", {})
+    parts = []
+    if diag.get("ess_fraction") is not None:
+        parts.append(f"ESS fraction {num(diag['ess_fraction'])}")
+    if diag.get("acceptance_rate") is not None:
+        parts.append(f"acceptance {num(diag['acceptance_rate'])}")
+    if diag.get("final_step_size") is not None:
+        parts.append(f"step {num(diag['final_step_size'])}")
+    if diag.get("rhat_max") is not None:
+        parts.append(f"R-hat max {num(diag['rhat_max'])}")
+    if diag.get("num_nonfinite"):
+        parts.append(f"{diag['num_nonfinite']} non-finite")
+    sampler = row.get("sampler")
+    if sampler:
+        steps = sampler.get("num_steps")
+        parts.insert(0, f"{sampler['name']}" + (f", {steps} steps" if steps else ""))
+    else:
+        parts.insert(0, "exact")
+    return "; ".join(parts)
+
+
+def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
+    rows_in = evaluation.get("rows", [])
+    if not rows_in:
+        return []
+    rows: list[list[Cell]] = []
+    for r in rows_in:
+        sq, pf, cov = r.get("sample_quality"), r.get("prior_fit"), r.get("coverage")
+        rows.append([
+            r["label"],
+            Image(r["plot"], 260, r["label"], thumbnail=True) if r.get("plot") else None,
+            pm(sq["kid"] * 1e3, sq["kid_se"] * 1e3) if sq else "—",
+            num(sq["frechet"]) if sq else "—",
+            f"{num(sq['precision'], 2)} / {num(sq['recall'], 2)}" if sq else "—",
+            num(cov["joint"], 2) if cov and cov.get("joint") is not None else "—",
+            (f"{num(pf['mmd']['mmd2'])} (p = {num(pf['mmd']['p_value'], 2)})" if pf else "—"),
+            pm(pf["c2st"]["accuracy"], pf["c2st"]["se"], 2) if pf else "—",
+            _sampler_cell(r),
+        ])
+    ref = evaluation.get("coverage_reference")
+    blocks = [heading("Prior × sampler"),
+              paragraph("Each row draws latents from a prior with a sampler and decodes them "
+                        "(decoder means). Sample quality compares the decoded samples with "
+                        "held-out test images on the features of a locally trained network "
+                        "(KID: unbiased, lower is better, can be negative; Fréchet distance; "
+                        "precision / recall of k-NN manifolds; coverage: fraction of the "
+                        "shape × scale × posX × posY grid hit by the classified samples). Prior "
+                        "fit compares the latents with held-out encodings z ~ q(z|x): MMD² "
+                        "with its permutation p-value, and the held-out accuracy of a fresh "
+                        "classifier (0.5: indistinguishable)."),
+              table(["prior / sampler", "decoded samples", "KID ×10³", "FD", "precision / recall",
+                     "grid coverage", "MMD² (p)", "C2ST accuracy", "sampler"], rows)]
+    if ref and ref.get("joint") is not None:
+        blocks.append(paragraph(f"Grid coverage of {ref.get('num_images')} held-out images "
+                                f"(the ceiling for a row): {num(ref['joint'], 2)}."))
+    return blocks
+
+
+def build_blocks(evaluation: Mapping[str, Any], summary: Mapping[str, Any],
+                 config: Mapping[str, Any], run_dir: Path) -> list[Block]:
+    plots = run_dir / "plots"
+    blocks = [heading(f"ncpvae evaluation: run '{config.get('name')}'", 1),
+              paragraph(f"Dataset {evaluation.get('dataset')}, prior {evaluation.get('prior')}."),
+              headline(evaluation), heading("Configuration"), config_summary(config)]
+    blocks += training_blocks(summary, plots)
+    pictures = [(n, c) for n, c in (("reconstructions.png", "Test images (odd rows) and their "
+                                     "reconstructions (even rows)"),
+                                    ("traversals.png", "Latent traversals of the first test "
+                                     "image's code, dims sorted by KL"))
+                if (plots / n).is_file()]
+    if pictures:
+        blocks.append(heading("Reconstructions and traversals"))
+        blocks += [figure(f"plots/{n}", c, 700) for n, c in pictures]
+    blocks += metric_table(evaluation)
+    blocks += sample_table(evaluation)
+    if evaluation.get("notes"):
+        blocks += [heading("Notes"), bullet_list(list(evaluation["notes"]))]
+    runtime = evaluation.get("runtime", {})
+    if runtime:
+        seconds = runtime.get("seconds", {})
+        blocks += [heading("Runtime"), paragraph(
+            f"{num(runtime.get('total_seconds'))} s in all on {runtime.get('device')} "
+            f"({runtime.get('torch_threads')} threads); feature net from cache: "
+            f"{num(runtime.get('feature_net_cache_hit'))}. "
+            + "; ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))]
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.4}
+h1{font-size:1.6em;border-bottom:2px solid #ccc}h2{font-size:1.3em;margin-top:1.6em;
+border-bottom:1px solid #ddd}h3{font-size:1.1em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.3em .55em;vertical-align:middle;text-align:left}
+th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
+figure{margin:1em 0}figcaption{font-size:.9em;color:#555}img{image-rendering:pixelated}
+ul{padding-left:1.4em}
+"""
+
+
+def _data_uri(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _html_image(image: Image, run_dir: Path) -> str:
+    """Figures keep their natural size (at most ``width`` px); table thumbnails are scaled to
+    ``width`` px."""
+    uri = _data_uri(run_dir / image.path)
+    if uri is None:
+        return f"<em>missing {html.escape(image.path)}</em>"
+    size = f"width:{image.width}px" if image.thumbnail else f"max-width:min({image.width}px,100%)"
+    return f'<img src="{uri}" alt="{html.escape(image.alt)}" style="{size}">'
+
+
+
+def _html_cell(cell: Cell, run_dir: Path) -> str:
+    if isinstance(cell, Image):
+        return _html_image(cell, run_dir)
+    return "—" if cell is None else html.escape(cell)
+
+
+def render_html(blocks: Sequence[Block], run_dir: Path, title: str) -> str:
+    """One self-contained page: every PNG embedded as a base64 data URI."""
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
+    for b in blocks:
+        if b.kind == "heading":
+            out.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
+        elif b.kind == "text":
+            out.append(f"<p>{html.escape(b.text)}</p>")
+        elif b.kind == "list":
+            out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in b.items) + "</ul>")
+        elif b.kind == "figure" and b.image is not None:
+            out.append(f"<figure>{_html_image(b.image, run_dir)}"
+                       f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{_html_cell(c, run_dir)}</td>" for c in row)
+                           + "</tr>" for row in b.rows)
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def _md_cell(cell: Cell) -> str:
+    if isinstance(cell, Image):
+        return f'<img src="{cell.path}" width="{cell.width}" alt="{cell.alt}">'
+    return "—" if cell is None else cell.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: Sequence[Block]) -> str:
+    """Markdown that links the PNGs under ``plots/`` (kept beside the report)."""
+    out = []
+    for b in blocks:
+        if b.kind == "heading":
+            out.append("#" * b.level + " " + b.text)
+        elif b.kind == "text":
+            out.append(b.text)
+        elif b.kind == "list":
+            out.append("\n".join(f"- {i}" for i in b.items))
+        elif b.kind == "figure" and b.image is not None:
+            out.append(f"![{b.text}]({b.image.path})\n\n*{b.text}*")
+        elif b.kind == "table":
+            lines = ["| " + " | ".join(b.header) + " |", "|" + "---|" * len(b.header)]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def write_report(run_dir: str | Path, evaluation: Mapping[str, Any], config: Any, *,
+                 fmt: Literal["html", "markdown"] = "html") -> Path:
+    """Write ``report.html`` (self-contained) or ``report.md`` into ``run_dir``; return its path.
+
+    ``config`` is the run's :class:`~ncpvae.config.RunConfig` or its plain-data dump.
+    """
+    run_dir = Path(run_dir)
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json")
+    config = json.loads(json.dumps(config))
+    summary_path = run_dir / "summary.json"
+    summary = read_json(summary_path, "summary") if summary_path.is_file() else {}
+    blocks = build_blocks(evaluation, summary, config, run_dir)
+    if fmt == "markdown":
+        return write_text(run_dir / "report.md", render_markdown(blocks))
+    title = f"ncpvae evaluation: {config.get('name')}"
+    return write_text(run_dir / "report.html", render_html(blocks, run_dir, title))
