@@ -1,0 +1,65 @@
+"""The README's code must work exactly as written: the tour snippet and the plugin recipe."""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ncpvae.plugin_manager import PluginManager
+from ncpvae.testing import check_prior
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_python_tour_runs():
+    tour = next(b for b in code_blocks("python") if "sampler.run(" in b)
+    namespace: dict = {}
+    exec(compile(tour, "README tour", "exec"), namespace)
+    assert tuple(namespace["result"].samples.shape) == (400, 1024, 8)
+
+
+def test_plugin_recipe_installs_through_its_entry_point(tmp_path, monkeypatch):
+    module_source = next(b for b in code_blocks("python") if b.startswith("# ncpvae_mog/plugin.py"))
+    entry_points = next(b for b in code_blocks("toml") if "[project.entry-points.ncpvae]" in b)
+    group = tomllib.loads(entry_points)["project"]["entry-points"]["ncpvae"]
+    assert group == {"mog": "ncpvae_mog.plugin"}
+
+    package = tmp_path / "ncpvae_mog"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "plugin.py").write_text(module_source)
+    dist_info = tmp_path / "ncpvae_mog-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: ncpvae_mog\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[ncpvae]\n" + "".join(f"{k} = {v}\n" for k, v in group.items()))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("NCPVAE_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    try:
+        manager = PluginManager()
+        assert "mog" in manager.registry.names("prior")
+        info = next(p for p in manager.plugins if p.name == "mog")
+        assert (info.source, info.version, info.components) == ("entrypoint", "0.1",
+                                                                [("prior", "mog")])
+        import ncpvae
+
+        prior = ncpvae.create("prior", "mog", latent_dim=3, registry=manager.registry)
+        check_prior(prior)
+    finally:
+        for name in [m for m in sys.modules if m.startswith("ncpvae_mog")]:
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize("command", ["python3 -m venv .venv && .venv/bin/pip install -e '.[test]' "
+                                     "&& .venv/bin/ncpvae train", ".venv/bin/pytest"])
+def test_ci_runs_the_readme_commands(command):
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert command in README.read_text() and command in ci
