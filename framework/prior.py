@@ -30,6 +30,8 @@ class Prior(nn.Module, Component):
     normalized: ClassVar[bool] = True
     requires_fit: ClassVar[bool] = False
     exact_sampling: ClassVar[bool] = True
+    #: how ``sample`` draws, for figure titles and reports (e.g. "SIR" for the NCP prior)
+    sampling_method: ClassVar[str] = "exact"
 
     def __init__(self, latent_dim: int):
         super().__init__()

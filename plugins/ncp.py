@@ -152,6 +152,7 @@ class NCPPrior(Prior):
     normalized = False
     requires_fit = True
     exact_sampling = False
+    sampling_method = "SIR"
 
     class Config(ComponentConfig):
         name: Literal["ncp"] = "ncp"
