@@ -28,10 +28,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, final
 
 import torch
-from ncpvae.component import BuildContext, Component, ComponentConfig
-from ncpvae.errors import ConfigError, DataError, NonFiniteError
 from pydantic import ValidationError
 from torch import Tensor
+
+from ncpvae.component import BuildContext, Component, ComponentConfig
+from ncpvae.errors import ConfigError, DataError, NonFiniteError
 
 Energy = Callable[[Tensor], Tensor]
 
@@ -115,11 +116,16 @@ def _check_energy_shape(u: Any, position: Tensor) -> None:
 
 
 def finite_rows(position: Tensor, energy: Tensor, grad: Tensor | None = None) -> Tensor:
-    """``(C,)`` bool: chains whose position, energy (and gradient) are all finite."""
-    ok = torch.isfinite(energy) & torch.isfinite(position).all(-1)
+    """``(C,)`` bool: chains whose position, energy (and gradient) are all finite.
+
+    Tested through row sums (several times cheaper than ``isfinite(...).all(-1)``): a sum is
+    non-finite when an entry is, or when finite entries overflow it (|z| near the dtype's max),
+    and such a chain has diverged anyway.
+    """
+    total = position.sum(-1)
     if grad is not None:
-        ok &= torch.isfinite(grad).all(-1)
-    return ok
+        total = total + grad.sum(-1)
+    return torch.isfinite(energy) & torch.isfinite(total)
 
 
 def select_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:

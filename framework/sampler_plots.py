@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from torch import Tensor
+
 from ncpvae.errors import DataError
 from ncpvae.sampler import Energy
-from torch import Tensor
 
 
 def save_figure_atomic(fig: Figure, path: str | os.PathLike) -> Path:

@@ -5,11 +5,12 @@ An :data:`~ncpvae.sampler.Energy` maps chains ``(C, D)`` to ``(C,)``; see :mod:`
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from ncpvae.errors import DataError
 from ncpvae.model import LatentModel
 from ncpvae.prior import Prior
 from ncpvae.sampler import Energy
-from torch import Tensor
 
 
 def posterior_energy(model: LatentModel, prior: Prior, x: Tensor) -> Energy:

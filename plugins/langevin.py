@@ -36,6 +36,9 @@ import math
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, NonFiniteError
 from ncpvae.hookspecs import hookimpl
@@ -48,8 +51,6 @@ from ncpvae.sampler import (
     finite_rows,
     select_rows,
 )
-from pydantic import Field, model_validator
-from torch import Tensor
 
 
 class LangevinState(NamedTuple):
@@ -79,21 +80,23 @@ class LangevinInfo(NamedTuple):
     nonfinite: Tensor
 
 
-def langevin_log_accept(position: Tensor, energy: Tensor, grad: Tensor, proposal: Tensor,
-                        proposal_energy: Tensor, proposal_grad: Tensor, step_size: Tensor,
+def langevin_log_accept(energy: Tensor, proposal_energy: Tensor, xi: Tensor,
+                        backward_residual: Tensor, step_size: Tensor,
                         *, correct_proposal: bool = True) -> Tensor:
-    """``(C,)`` log MH ratio of a Langevin move ``position -> proposal`` with step sizes
-    ``step_size`` ``(C,)``: ``U(z) - U(z') + log q(z | z') - log q(z' | z)``.
+    """``(C,)`` log MH ratio ``U(z) - U(z') + log q(z | z') - log q(z' | z)`` of the Langevin move
+    ``z' = z - eps ∇U(z) + sqrt(2 eps) xi``.
 
-    Chains with ``step_size == 0`` get 0 (their proposal is their position). ``correct_proposal
-    = False`` drops the ``q`` terms (a wrong sampler, kept for tests that must reject it)."""
+    ``log q(z' | z) = -|xi|^2 / 2`` (up to the shared constant), and ``backward_residual`` is
+    ``z - z' + eps ∇U(z')``, so ``log q(z | z') = -|backward_residual|^2 / (4 eps)``. Chains with
+    ``step_size == 0`` get 0 (their proposal is their position). ``correct_proposal = False``
+    drops the ``q`` terms (a wrong sampler, kept for tests that must reject it).
+    """
     log_ratio = energy - proposal_energy
     if correct_proposal:
-        eps = step_size.unsqueeze(-1)
-        safe = torch.where(eps > 0, eps, torch.ones_like(eps))
-        forward = ((proposal - position + safe * grad) ** 2).sum(-1)
-        backward = ((position - proposal + safe * proposal_grad) ** 2).sum(-1)
-        log_ratio = log_ratio + (forward - backward) / (4 * safe.squeeze(-1))
+        safe = torch.where(step_size > 0, step_size, torch.ones_like(step_size))
+        log_q_forward = -0.5 * torch.linalg.vecdot(xi, xi)
+        log_q_backward = -torch.linalg.vecdot(backward_residual, backward_residual) / (4 * safe)
+        log_ratio = log_ratio + log_q_backward - log_q_forward
     return torch.where(step_size > 0, log_ratio, torch.zeros_like(log_ratio))
 
 
@@ -170,19 +173,27 @@ class LangevinSampler(Sampler):
         check_generator(generator, z)
         xi = self._randn(z, generator)
         scale = eps.unsqueeze(-1)
-        proposal = z - scale * g + torch.sqrt(2 * scale) * xi
+        proposal = torch.addcmul(torch.addcmul(z, scale, g, value=-1.0), torch.sqrt(2 * scale), xi)
         new_u, new_g = energy_and_grad(energy, proposal)
         ok = finite_rows(proposal, new_u, new_g)
-        log_alpha = langevin_log_accept(z, u, g, proposal, new_u, new_g, eps,
+        residual = torch.addcmul(z - proposal, scale, new_g)  # z - z' + eps ∇U(z')
+        log_alpha = langevin_log_accept(u, new_u, xi, residual, eps,
                                         correct_proposal=self._correct_proposal)
+        # A non-finite proposal is a rejection (NaN ratios would compare False anyway).
         log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
-        # NaN compares False, so a NaN ratio (only possible from a non-finite proposal) rejects.
         alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
         if self.config.metropolis:
             log_uniform = torch.log(self._rand(u, generator))
             accept = ok & (log_uniform < log_alpha)
+            new_state = LangevinState(
+                select_rows(accept, proposal, z), select_rows(accept, new_u, u),
+                select_rows(accept, new_g, g), eps,
+            )
+        elif bool(ok.all()):  # ULA, the common case: every chain moves
+            accept = ok
+            new_state = LangevinState(proposal, new_u, new_g, eps)
         else:
-            if not bool(ok.all()) and self.config.on_nonfinite == "raise":
+            if self.config.on_nonfinite == "raise":
                 bad = ~ok
                 worst = float(eps[bad].max())
                 raise NonFiniteError(
@@ -190,11 +201,11 @@ class LangevinSampler(Sampler):
                     f"{z.shape[0]} chains with step_size={worst:g}; use a smaller step_size "
                     f"(e.g. {worst / 10:g}), metropolis=true, or on_nonfinite='reset'"
                 )
-            accept = ok
-        new_state = LangevinState(
-            select_rows(accept, proposal, z), select_rows(accept, new_u, u),
-            select_rows(accept, new_g, g), eps,
-        )
+            accept = ok  # reset: non-finite chains stay at their previous state
+            new_state = LangevinState(
+                select_rows(ok, proposal, z), select_rows(ok, new_u, u),
+                select_rows(ok, new_g, g), eps,
+            )
         info = LangevinInfo(alpha, accept, new_state.energy, eps, ~ok)
         return new_state, info
 

@@ -27,6 +27,9 @@ from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch
+from pydantic import Field, model_validator
+from torch import Tensor
+
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
 from ncpvae.hookspecs import hookimpl
@@ -39,8 +42,6 @@ from ncpvae.sampler import (
     finite_rows,
     select_rows,
 )
-from pydantic import Field, model_validator
-from torch import Tensor
 
 
 class SGLDState(NamedTuple):

@@ -28,6 +28,9 @@ import time
 from typing import Any, Literal, NamedTuple
 
 import torch
+from pydantic import Field
+from torch import Tensor
+
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
 from ncpvae.hookspecs import hookimpl
@@ -40,8 +43,6 @@ from ncpvae.sampler import (
     check_positions,
     evaluate_energy,
 )
-from pydantic import Field
-from torch import Tensor
 
 
 class SIRState(NamedTuple):

@@ -11,11 +11,13 @@ import math
 
 import pytest
 import torch
+
 from ncpvae.diagnostics import (
     acceptance_summary,
     autocovariance,
     ess,
     mcse_mean,
+    mean_autocovariance,
     split_rhat,
     summarize,
 )
@@ -52,6 +54,12 @@ def test_autocovariance_matches_the_direct_sum():
     for lag in (0, 1, 7, 49):
         direct = (xc[: 50 - lag] * xc[lag:]).sum(0) / 50
         torch.testing.assert_close(acov[lag], direct)
+
+
+@pytest.mark.parametrize("draws", [20, 600])  # the Gram and the FFT paths
+def test_mean_autocovariance_is_the_chain_average(draws):
+    x = torch.randn(draws, 6, 3, generator=gen(9), dtype=F64)
+    torch.testing.assert_close(mean_autocovariance(x), autocovariance(x).mean(1))
 
 
 def test_ess_of_iid_draws_is_the_number_of_draws():

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import math
 
-import ncpvae.plugins.langevin as langevin_mod
-import ncpvae.plugins.sgld as sgld_mod
-import ncpvae.plugins.sir as sir_mod
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
+from torch import Tensor
+
+import ncpvae.plugins.langevin as langevin_mod
+import ncpvae.plugins.sgld as sgld_mod
+import ncpvae.plugins.sir as sir_mod
 from ncpvae.component import BuildContext
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
 from ncpvae.plugins.langevin import LangevinSampler
@@ -20,8 +23,6 @@ from ncpvae.plugins.sgld import MinibatchEnergy, SGLDSampler
 from ncpvae.plugins.sir import SIRSampler
 from ncpvae.prior import Prior
 from ncpvae.sampler import Sampler, SampleResult, energy_and_grad
-from pydantic import ValidationError
-from torch import Tensor
 
 
 @pytest.fixture(autouse=True)
@@ -485,3 +486,21 @@ def test_plugins_register_their_samplers():
     assert registry.names("sampler") == ["langevin", "sgld", "sir"]
     for cls in (LangevinSampler, SGLDSampler, SIRSampler):
         assert cls.Config().name == cls.name
+
+
+def test_posterior_energy_needs_one_chain_per_image():
+    from ncpvae.targets import posterior_energy
+
+    class Tiny(torch.nn.Module):
+        def decode(self, z):
+            return z.reshape(-1, 1, 1, z.shape[-1])
+
+        def recon_log_prob(self, x, params):
+            return -0.5 * ((x - params) ** 2).flatten(1).sum(1)
+
+    energy = posterior_energy(Tiny(), TinyGaussian(2), torch.zeros(3, 1, 1, 2))
+    assert energy(torch.zeros(3, 2)).shape == (3,)
+    with pytest.raises(DataError, match="3 chains"):
+        energy(torch.zeros(4, 2))
+    result = build("mala").run(energy, torch.zeros(3, 2, dtype=torch.float64), 3)
+    assert result.samples.shape == (3, 3, 2)
