@@ -72,11 +72,15 @@ def per_chain_loop(energy, z: Tensor, steps: int, generator: torch.Generator) ->
 
 def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
                       ) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured in rounds (one call of each per round) so
-    that a change in machine load hits every variant alike; ``warmup`` rounds are discarded."""
+    """Seconds per call of each function, measured in rounds (one call of each per round, in a
+    rotating order) so that a change in machine load hits every variant alike; ``warmup``
+    rounds are discarded."""
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
+        shift = round_ % len(names)  # rotate the order: no variant always runs first
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             start = time.perf_counter()
             out = fn()
             if round_ >= warmup:
