@@ -52,6 +52,7 @@ _OFFSET_METRICS = 100  # + index of the disentanglement metric
 _OFFSET_HELDOUT = 110
 _OFFSET_LOG_Z = 111
 _OFFSET_LIKELIHOOD = 112
+_OFFSET_VAE = 113
 _OFFSET_ROWS = 120  # + 10 * row index (+0 draws, +1 prior fit, +2 sample quality)
 #: sampler diagnostics that measure time, moved to the runtime section
 _TIMING_KEYS = ("wall_time_s", "chain_steps_per_s", "samples_per_s")
@@ -97,6 +98,16 @@ def _eval_mode(run: Run) -> Iterator[None]:
     finally:
         for m, s in zip(modules, states):
             m.train(s)
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(run: Run, offset: int) -> Iterator[None]:
+    """Seed the global RNG for code that draws from it (the objective's reparameterization in
+    ``evaluate_vae``), and restore the caller's RNG state afterwards."""
+    devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(run.config.seed * 1000 + offset)
+        yield
 
 
 class _Clock:
@@ -249,7 +260,11 @@ class Row:
     sampler_config: ComponentConfig | None = None
 
 
-def _sampler_label(config: ComponentConfig) -> str:
+def _sampler_label(run: Run, config: ComponentConfig) -> str:
+    """The sampler's own short label (e.g. "MALA") if it has one, else one derived here."""
+    label = getattr(_build_sampler(run, config), "label", None)
+    if isinstance(label, str) and label:
+        return label
     if config.name == "langevin":
         return "MALA" if getattr(config, "metropolis", False) else "ULA"
     return {"sir": "SIR", "sgld": "SGLD"}.get(config.name, config.name)
@@ -280,7 +295,7 @@ def table_rows(run: Run) -> list[Row]:
         samplers.append(own)
     seen: dict[str, int] = {}
     for sampler_cfg in samplers:
-        label = f"{_prior_label(prior_cfg)} by {_sampler_label(sampler_cfg)}"
+        label = f"{_prior_label(prior_cfg)} by {_sampler_label(run, sampler_cfg)}"
         seen[label] = seen.get(label, 0) + 1
         if seen[label] > 1:
             label = f"{label} ({seen[label]})"
@@ -324,7 +339,7 @@ def heldout_encodings(run: Run, n: int) -> Tensor:
     return mu + torch.exp(0.5 * logvar) * noise
 
 
-def _check_kid_sizes(cfg: EvaluateConfig, n_real: int) -> None:
+def check_kid_sizes(cfg: EvaluateConfig, n_real: int) -> None:
     need = 2 * cfg.sample_quality.kid_num_subsets
     if min(cfg.num_samples, n_real) < need:
         raise ConfigError(
@@ -353,7 +368,7 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
     coverage_on = net is not None and gt is not None and tuple(net.spec.head_names) == tuple(
         gt.factor_names)
     if net is not None and cfg.sample_quality.enabled:
-        _check_kid_sizes(cfg, n_real)
+        check_kid_sizes(cfg, n_real)
         with clock("features of held-out images"):
             real_images = run.data.test.get_batch(torch.arange(n_real))
             real_features = M.extract_features(net, real_images, batch_size=cfg.batch_size)
@@ -539,7 +554,7 @@ def evaluate_run(run: Run) -> dict[str, Any]:
     try:
         with _eval_mode(run):
             bar.set_postfix_str("reconstruction")
-            with clock("reconstruction"):
+            with clock("reconstruction"), _seeded_global_rng(run, _OFFSET_VAE):
                 vae = evaluate_vae(run, cfg.num_heldout)
             run.model.eval()  # evaluate_vae leaves the model in training mode
             evaluation["vae"] = plain({k: v for k, v in vae.items() if k != "latent_activity"})

@@ -1,0 +1,261 @@
+"""The evaluation stage: evaluation.json, the report, determinism, the feature-net cache, data
+without ground truth, clear errors, and ``ncpvae evaluate`` through the installed script."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ncpvae import metrics as M
+from ncpvae.config import config_to_toml, load_config
+from ncpvae.errors import ConfigError, DataError, NotFittedError
+from ncpvae.evaluation import check_kid_sizes, evaluate_command, evaluate_run, plain, table_rows
+from ncpvae.evaluation_config import (
+    BetaVAESizes,
+    DCISizes,
+    EvaluateConfig,
+    FactorVAESizes,
+    FeatureNetSizes,
+    MIGSizes,
+    PriorFitSizes,
+    SampleQualitySizes,
+    SAPSizes,
+)
+from ncpvae.report import write_report
+from ncpvae.runner import evaluate_stage, fit_prior, open_run, train, train_vae
+
+#: the smoke config's MALA row, also the run's own sampler (so it is not listed twice)
+MALA = ["sampler=langevin", "sampler.metropolis=true", "sampler.step_size=0.05",
+        "sampler.num_steps=20", "sampler.burn_in=10", "sampler.thin=2",
+        "sampler.adapt_step_size=true"]
+NCP_ROWS = ["N(0, I)", "NCP by SIR", "NCP by ULA", "NCP by MALA"]
+#: the pipeline without the sampling stage (whose figures the evaluation does not use)
+STAGES = (train_vae, fit_prior, evaluate_stage)
+
+
+def _read(run: Path, name: str = "evaluation.json") -> dict:
+    return json.loads((run / name).read_text())
+
+
+def _deterministic(evaluation: dict) -> dict:
+    return {k: v for k, v in evaluation.items() if k != "runtime"}
+
+
+@pytest.fixture(scope="module")
+def ncp_run(tmp_path_factory) -> Path:
+    """A smoke-sized NCP run: trained, prior fitted, evaluated by the evaluation stage."""
+    out = tmp_path_factory.mktemp("evaluation") / "ncp"
+    config = load_config("smoke", ["prior=ncp", "prior.epochs=2", "prior.log_z_samples=4096",
+                                   *MALA])
+    train(config, out, quiet=True, stages=STAGES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """Labelled data without ground-truth factors (an MLP VAE on sklearn's 8x8 digits)."""
+    out = tmp_path_factory.mktemp("evaluation") / "digits"
+    train(load_config("smoke", ["data=digits", "model=mlp", "model.hidden=[32]",
+                                "train.epochs=1"]), out, quiet=True, stages=STAGES)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the config
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (BetaVAESizes, M.BetaVAEConfig), (FactorVAESizes, M.FactorVAEConfig), (MIGSizes, M.MIGConfig),
+    (DCISizes, M.DCIConfig), (SAPSizes, M.SAPConfig), (PriorFitSizes, M.PriorFitConfig),
+    (SampleQualitySizes, M.SampleQualityConfig), (FeatureNetSizes, M.FeatureNetConfig)])
+def test_evaluate_sections_mirror_the_metric_configs(ours, theirs):
+    mirrored = ours().model_dump(exclude={"enabled"})
+    assert mirrored == theirs().model_dump()
+
+
+def test_default_disentanglement_sizes_are_disentanglement_libs():
+    cfg = EvaluateConfig()
+    assert (cfg.beta_vae.num_train, cfg.beta_vae.num_eval, cfg.beta_vae.group_size) == (
+        10_000, 5_000, 64)
+    assert (cfg.factor_vae.num_train, cfg.factor_vae.num_eval,
+            cfg.factor_vae.num_variance_estimate) == (10_000, 5_000, 10_000)
+    assert (cfg.mig.num_train, cfg.mig.num_bins) == (10_000, 20)
+    assert (cfg.dci.num_train, cfg.dci.num_test) == (10_000, 5_000)
+    assert (cfg.sap.num_train, cfg.sap.num_test) == (10_000, 5_000)
+
+
+def test_default_table_rows_are_the_four_of_the_issue():
+    config = load_config("default", ["data.train_size=64", "data.test_size=64"])
+    from ncpvae.runner import build_run
+
+    labels = [row.label for row in table_rows(build_run(config, quiet=True))]
+    assert labels == NCP_ROWS  # the run's own MALA sampler is the listed MALA row
+
+
+def test_plain_makes_strict_json():
+    import numpy as np
+    import torch
+
+    data = plain({"a": torch.tensor([1.0, float("nan")]), "b": (np.float32(2.5), np.int64(3)),
+                  "c": float("inf"), "d": np.bool_(True)})
+    assert data == {"a": [1.0, None], "b": [2.5, 3], "c": None, "d": True}
+    json.dumps(data, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# a trained NCP run
+
+
+@pytest.mark.slow
+def test_evaluation_json_has_every_part_with_sane_values(ncp_run):
+    ev = _read(ncp_run)
+    json.dumps(ev, allow_nan=False)  # strict JSON
+    # every metric but DCI, which the smoke config switches off (seconds of gradient boosting)
+    assert set(ev["disentanglement"]) == {"beta_vae", "factor_vae", "mig", "sap"}
+    for metric, key in (("beta_vae", "eval_accuracy"), ("factor_vae", "eval_accuracy"),
+                        ("mig", "mig"), ("sap", "sap")):
+        assert 0.0 <= ev["disentanglement"][metric][key] <= 1.0, metric
+    assert ev["feature_net"]["target"] == "factors"
+    assert ev["feature_net"]["heads"] == ["shape", "scale", "orientation", "posX", "posY"]
+
+    lp = ev["learned_prior"]
+    assert lp["log_z_se"] > 0 and lp["delta_se"] > 0 and lp["log_z_samples"] == 4096
+    assert abs(lp["delta"]) < 5 * lp["delta_se"] + 1.0  # a barely trained classifier
+
+    assert [row["label"] for row in ev["rows"]] == NCP_ROWS
+    for row in ev["rows"]:
+        sq, pf = row["sample_quality"], row["prior_fit"]
+        assert sq["kid_se"] > 0 and sq["frechet"] >= 0
+        assert 0 <= sq["precision"] <= 1 and 0 <= sq["recall"] <= 1
+        assert sq["n_fake"] == 64 and sq["n_real"] == 128
+        assert 0 <= pf["c2st"]["accuracy"] <= 1 and pf["c2st"]["se"] > 0
+        assert 0 < pf["mmd"]["p_value"] <= 1 and 0 < pf["c2st"]["p_value"] <= 1
+        assert 0 <= row["coverage"]["joint"] <= 1
+        assert (ncp_run / row["plot"]).stat().st_size > 1000
+    sir, ula, mala = ev["rows"][1:]
+    assert 0 < sir["diagnostics"]["ess_fraction"] <= 1
+    assert 0 <= mala["diagnostics"]["acceptance_rate"] <= 1
+    assert ula["sampler"]["metropolis"] is False and mala["sampler"]["metropolis"] is True
+    assert 0 <= ev["coverage_reference"]["joint"] <= 1
+
+    lik = ev["likelihood"]
+    assert lik["base"]["prior"] == "gaussian" and lik["prior"]["prior"] == "ncp"
+    for key in ("base", "prior"):
+        assert lik[key]["iw"]["mean"] >= lik[key]["elbo"]["mean"]  # L_K >= ELBO per example
+        assert lik[key]["iw"]["num_samples"] == 8 and lik[key]["iw"]["num_examples"] == 32
+    assert lik["base"]["iw"]["se_log_normalizer"] == 0
+    assert lik["prior"]["iw"]["se_log_normalizer"] == pytest.approx(lp["log_z_se"])
+    assert lik["iw_gain"]["se"] >= lp["log_z_se"]
+
+    summary = _read(ncp_run, "summary.json")["evaluation"]
+    assert summary["mig"] == ev["disentanglement"]["mig"]["mig"]
+    assert summary["delta"] == lp["delta"] and set(summary["kid"]) == set(NCP_ROWS)
+
+
+@pytest.mark.slow
+def test_report_is_self_contained_with_every_figure(ncp_run):
+    page = (ncp_run / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    # training curves, KL per dim, NCP classifier loss, reconstructions, traversals, 4 rows
+    assert len(sources) == 9
+    for text in ("Configuration", "Training", "Metrics", "Prior × sampler", *NCP_ROWS,
+                 "MIG", "FactorVAE", "log Z", "Delta"):
+        assert text in page, text
+    assert "http://" not in page and "https://" not in page
+
+
+@pytest.mark.slow
+def test_markdown_report_links_the_pngs(ncp_run, tmp_path):
+    run = shutil.copytree(ncp_run, tmp_path / "copy")
+    path = write_report(run, _read(run), open_run(run, quiet=True).config, fmt="markdown")
+    text = path.read_text()
+    assert path.name == "report.md" and "![Training curves" in text
+    for link in re.findall(r'(?:\]\(|src=")(plots/[^)"]+)', text):
+        assert (run / link).is_file(), link
+    assert "| NCP by MALA |" in text
+
+
+@pytest.mark.slow
+def test_reevaluation_is_identical_and_reuses_the_feature_net(ncp_run):
+    first = _read(ncp_run)
+    cached = list((ncp_run / "cache").glob("*.pt"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    assert first["runtime"]["feature_net_cache_hit"] is False
+
+    report = evaluate_command(ncp_run, [], quiet=True)
+    second = _read(ncp_run)
+    assert report == ncp_run / "report.html"
+    assert second["runtime"]["feature_net_cache_hit"] is True
+    assert cached[0].stat().st_mtime_ns == mtime  # loaded, not retrained
+    assert _deterministic(second) == _deterministic(first)
+
+
+@pytest.mark.slow
+def test_cli_evaluate_through_the_installed_script(ncp_run, tmp_path):
+    script = shutil.which("ncpvae", path=str(Path(sys.executable).parent))
+    assert script is not None
+    run = shutil.copytree(ncp_run, tmp_path / "run")
+    off = [f"evaluate.{part}.enabled=false" for part in (
+        "beta_vae", "factor_vae", "sap", "likelihood", "sample_quality", "prior_fit")]
+    overrides = [*off, "evaluate.mig.num_train=300", "evaluate.report=markdown",
+                 "evaluate.samplers=[]", "evaluate.include_run_sampler=false"]
+    done = subprocess.run(
+        [script, "evaluate", str(run), "--quiet", *(f"--set={o}" for o in overrides)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"evaluation written to {run / 'report.md'}" in done.stdout
+    ev = _read(run)
+    assert ev["config"]["mig"]["num_train"] == 300 and list(ev["disentanglement"]) == ["mig"]
+    assert [row["label"] for row in ev["rows"]] == ["N(0, I)"] and "likelihood" not in ev
+    assert (run / "report.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# data without ground truth, errors
+
+
+@pytest.mark.slow
+def test_data_without_ground_truth_skips_disentanglement_with_a_note(digits_run):
+    ev = _read(digits_run)
+    assert ev["disentanglement"] == {}
+    assert any("ground-truth factors" in note for note in ev["notes"])
+    assert ev["feature_net"]["target"] == "labels" and ev["feature_net"]["heads"] == ["label"]
+    assert [row["label"] for row in ev["rows"]] == ["N(0, I)"]  # no learned prior: one row
+    row = ev["rows"][0]
+    assert row["sample_quality"]["kid_se"] > 0 and "coverage" not in row
+    assert ev["coverage_reference"] is None and "learned_prior" in ev
+    assert "iw_gain" not in ev["likelihood"] and "prior" not in ev["likelihood"]
+    assert "ground-truth factors" in (digits_run / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_required_metric_on_data_without_ground_truth_is_an_error(digits_run):
+    with pytest.raises(DataError, match=r"evaluate\.mig\.enabled = true.*no ground-truth"):
+        evaluate_command(digits_run, ["evaluate.mig.enabled=true"], quiet=True)
+
+
+@pytest.mark.slow
+def test_an_unfitted_learned_prior_is_an_error(digits_run):
+    run = open_run(digits_run, ["prior=ncp"], quiet=True)
+    with pytest.raises(NotFittedError, match="fit-prior"):
+        evaluate_run(run)
+
+
+def test_a_run_without_checkpoint_is_an_error(tmp_path):
+    (tmp_path / "config.toml").write_text(config_to_toml(load_config("smoke")))
+    with pytest.raises(DataError, match="no checkpoint.pt"):
+        evaluate_command(tmp_path, [], quiet=True)
+
+
+def test_too_few_samples_for_kid_is_a_config_error():
+    config = load_config("smoke", ["evaluate.sample_quality.kid_num_subsets=40"])
+    with pytest.raises(ConfigError, match="kid_num_subsets = 40 needs at least 80 samples"):
+        check_kid_sizes(config.evaluate, 128)
