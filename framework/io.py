@@ -9,6 +9,7 @@ previous good one. Checkpoints hold state dicts and plain data only and load wit
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -41,8 +42,21 @@ def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
 
 
+def to_plain_json(value: Any) -> Any:
+    """Replace NaN and infinities by None (strict JSON has neither), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: to_plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain_json(v) for v in value]
+    return value
+
+
 def write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=False) + "\n"))
+    """Write strict JSON (non-finite floats become null) atomically."""
+    text = json.dumps(to_plain_json(data), indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda f: f.write(text))
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:

@@ -299,8 +299,7 @@ def fit_prior(run: Run) -> dict[str, Any]:
     prior = run.prior
     if not prior.requires_fit:
         return {}
-    run.model.requires_grad_(False)
-    mu, logvar = encode_source(run.model, run.data.train, run.device)
+    mu, logvar = encode_source(run.model, run.data.train, run.device)  # the frozen VAE's q(z|x)
     history: list[dict[str, Any]] = []
 
     def log(record: dict[str, Any]) -> None:
@@ -310,7 +309,6 @@ def fit_prior(run: Run) -> dict[str, Any]:
     summary = dict(prior.fit(mu, logvar, generator=run.generator(2), progress=not run.quiet,
                              log=log))
     summary.update(learned_prior_report(run))
-    run.model.requires_grad_(True)
     if run.directory is not None:
         state = load_torch(run.directory.checkpoint) if run.directory.checkpoint.is_file() else {}
         state.update({"format": CHECKPOINT_FORMAT, "stage": "prior_fitted",
@@ -357,17 +355,17 @@ def draw_panels(run: Run, num_samples: int) -> tuple[dict[str, Tensor], dict[str
     panels: dict[str, Tensor] = {}
     info: dict[str, Any] = {}
     with torch.no_grad():
-        panels[f"base prior ({prior.base_prior.name})"] = prior.base_prior.sample(
+        panels[f"{prior.base_prior.name} (base prior)"] = prior.base_prior.sample(
             num_samples, generator=run.generator(5))
         if prior is not prior.base_prior:
-            panels[f"{prior.name} by its own sampling"] = prior.sample(
+            panels[f"{prior.name} by {prior.sampling_method}"] = prior.sample(
                 num_samples, generator=run.generator(6))
             if getattr(prior, "last_ess_fraction", None) is not None:
                 info["ess_fraction"] = float(prior.last_ess_fraction)
     if run.sampler is not None and prior is not prior.base_prior:
         result = run.sampler.sample_prior(prior, num_samples, generator=run.generator(7),
                                           progress=not run.quiet)
-        panels[f"{prior.name} by {run.sampler.name}"] = result.samples[-1]
+        panels[f"{prior.name} by {run.sampler.label}"] = result.samples[-1]
         info["sampler"] = json.loads(json.dumps(result.diagnostics, default=_plain))
     return panels, info
 

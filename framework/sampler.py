@@ -172,6 +172,12 @@ class Sampler(Component, ABC):
         """Build from a validated config; a sampler needs nothing from ``ctx``."""
         return cls(config)
 
+    @property
+    def label(self) -> str:
+        """A short human name for figure titles (e.g. ``MALA`` for the Metropolis-adjusted
+        ``langevin`` sampler); the registry name unless a sampler says otherwise."""
+        return self.name
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "name")
         return f"{type(self).__name__}({fields})"

@@ -140,6 +140,10 @@ class LangevinSampler(Sampler):
                                  f"({self.num_steps})")
             return self
 
+    @property
+    def label(self) -> str:
+        return "MALA" if self.config.metropolis else "ULA"
+
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> LangevinSampler:
         return cls(config)
