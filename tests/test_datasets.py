@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
+
 from ncpvae.component import BuildContext
 from ncpvae.data import DataBundle, DatasetPlugin, GroundTruthData, ImageSource
 from ncpvae.errors import DataError
@@ -22,7 +24,6 @@ from ncpvae.plugins.datasets.npz import NpzDataset
 from ncpvae.plugins.datasets.sprites import SpritesDataset
 from ncpvae.plugins.datasets.torchvision_sets import FashionMNISTDataset, MNISTDataset
 from ncpvae.registry import Registry
-from pydantic import ValidationError
 
 
 def build(cls: type[DatasetPlugin], seed: int = 0, **fields) -> DataBundle:

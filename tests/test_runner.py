@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import tomllib
 import types
 from typing import Literal
 
 import pytest
+import tomllib
 import torch
 
 from ncpvae import ComponentConfig, Objective, hookimpl
