@@ -115,6 +115,20 @@ def _check_energy_shape(u: Any, position: Tensor) -> None:
         )
 
 
+def initial_energy_and_grad(energy: Energy, position: Tensor) -> tuple[Tensor, Tensor]:
+    """``U`` ``(C,)`` and ``∇U`` ``(C, D)`` at chains' starting points; non-finite is an error
+    (a chain cannot recover from a start where the energy or its gradient is undefined)."""
+    check_positions(position)
+    u, g = energy_and_grad(energy, position)
+    bad = ~finite_rows(position, u, g)
+    if bad.any():
+        raise NonFiniteError(
+            f"the energy or its gradient is non-finite at the initial position of "
+            f"{int(bad.sum())} of {position.shape[0]} chains; start them elsewhere"
+        )
+    return u, g
+
+
 def finite_rows(position: Tensor, energy: Tensor, grad: Tensor | None = None) -> Tensor:
     """``(C,)`` bool: chains whose position, energy (and gradient) are all finite.
 

@@ -46,9 +46,9 @@ from ncpvae.sampler import (
     Energy,
     Sampler,
     check_generator,
-    check_positions,
     energy_and_grad,
     finite_rows,
+    initial_energy_and_grad,
     select_rows,
 )
 
@@ -140,16 +140,12 @@ class LangevinSampler(Sampler):
                                  f"({self.num_steps})")
             return self
 
-    @property
-    def label(self) -> str:
-        return "MALA" if self.config.metropolis else "ULA"
-
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> LangevinSampler:
         return cls(config)
 
     @property
-    def algorithm(self) -> str:
+    def label(self) -> str:
         return "MALA" if self.config.metropolis else "ULA"
 
     def check_run(self, num_steps: int, burn_in: int, thin: int) -> None:
@@ -158,14 +154,7 @@ class LangevinSampler(Sampler):
                               "burn-in only)")
 
     def init(self, position: Tensor, energy: Energy, **options: Any) -> LangevinState:
-        check_positions(position)
-        u, g = energy_and_grad(energy, position)
-        bad = ~finite_rows(position, u, g)
-        if bad.any():
-            raise NonFiniteError(
-                f"the energy or its gradient is non-finite at the initial position of "
-                f"{int(bad.sum())} of {position.shape[0]} chains; start them elsewhere"
-            )
+        u, g = initial_energy_and_grad(energy, position)
         eps = torch.full(position.shape[:1], self.config.step_size, dtype=position.dtype,
                          device=position.device)
         return LangevinState(position.detach(), u, g, eps)

@@ -37,9 +37,9 @@ from ncpvae.sampler import (
     Energy,
     Sampler,
     check_generator,
-    check_positions,
     energy_and_grad,
     finite_rows,
+    initial_energy_and_grad,
     select_rows,
 )
 
@@ -154,14 +154,7 @@ class SGLDSampler(Sampler):
         return cfg.a * (cfg.b + t) ** (-cfg.gamma)
 
     def init(self, position: Tensor, energy: Energy, **options: Any) -> SGLDState:
-        check_positions(position)
-        u, g = energy_and_grad(energy, position)
-        bad = ~finite_rows(position, u, g)
-        if bad.any():
-            raise NonFiniteError(
-                f"the energy or its gradient is non-finite at the initial position of "
-                f"{int(bad.sum())} of {position.shape[0]} chains; start them elsewhere"
-            )
+        u, g = initial_energy_and_grad(energy, position)
         return SGLDState(position.detach(), u, g, 0)
 
     def step(self, state: SGLDState, energy: Energy, *,
