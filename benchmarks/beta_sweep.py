@@ -38,7 +38,7 @@ def run_overrides(beta: float, seed: int, args: argparse.Namespace) -> list[str]
     """The default config, reduced: gaussian prior, fewer images and epochs, only the metrics of
     the sweep (sample quality, prior fit and the likelihood bound switched off)."""
     return [
-        f"name=beta{beta:g}-seed{seed}", f"seed={seed}", "prior=gaussian",
+        f"seed={seed}", "prior=gaussian",
         f"objective.beta={beta}", f"data.train_size={args.train_size}",
         f"data.test_size={args.test_size}", f"train.epochs={args.epochs}",
         f"train.eval_size={min(args.test_size, 2000)}",
@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="further config overrides for every run (dotted.key=value)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temp dir)")
-    parser.add_argument("--json", default="beta_sweep.json", help="where to write the results")
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default: OUT/beta_sweep.json)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
 
@@ -93,6 +94,8 @@ def main() -> None:
     for beta in args.betas:
         for seed in range(args.seeds):
             config = load_config("default", run_overrides(beta, seed, args))
+            # (the run name is set here: a top-level `name=` override would reset the config)
+            config = config.model_copy(update={"name": f"beta{beta:g}-seed{seed}"})
             t0 = time.perf_counter()
             path = train(config, out / config.name, overwrite=True, quiet=args.quiet,
                          stages=(train_vae, evaluate_stage))
@@ -103,10 +106,11 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
     table = markdown_table(results, args.betas)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "runs": results,
+    json_path = Path(args.json) if args.json else out / "beta_sweep.json"
+    json_path.write_text(json.dumps({"args": vars(args), "runs": results,
                                            "table": table}, indent=2) + "\n")
     print(f"\n{table}\n\n{len(results)} runs in {time.perf_counter() - start:.0f} s; "
-          f"runs in {out}, results in {args.json}")
+          f"runs in {out}, results in {json_path}")
 
 
 if __name__ == "__main__":

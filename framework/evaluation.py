@@ -8,8 +8,10 @@ section, see :mod:`ncpvae.evaluation_config`):
 - *Are the samples good?* For each row of the prior x sampler table (the base prior, e.g.
   N(0, I); and for a learned prior each configured sampler: NCP by SIR, ULA, MALA, ...), ``n``
   latents are drawn and decoded (decoder means) and compared with held-out test images on the
-  features of a locally trained network: KID (unbiased, with SE), Fréchet distance,
-  precision/recall, and for ground-truth data the coverage of the factor grid.
+  features of a locally trained network (scaled to unit RMS on the held-out images, see
+  :func:`feature_scale`): KID (unbiased, with SE), Fréchet distance, precision/recall, and for
+  ground-truth data the coverage of the factor grid. The net is trained once per dataset and
+  cached (``evaluate.cache_dir``, default ``<run>/cache``).
 - *Did the learned prior help?* Per row, MMD (permutation p-value) and a fresh classifier
   two-sample test between the row's latents and held-out encodings ``z ~ q(z|x)``; for NCP
   ``log Z`` and ``Delta = E_q[f] - log Z`` with SEs; and the importance-weighted bound (K
@@ -261,9 +263,10 @@ class Row:
 
 
 def _sampler_label(run: Run, config: ComponentConfig) -> str:
-    """The sampler's own short label (e.g. "MALA") if it has one, else one derived here."""
+    """The sampler's own short label (e.g. "MALA") where it sets one, else one derived here
+    (the base class's label is the registry name: "sir" is shown as "SIR")."""
     label = getattr(_build_sampler(run, config), "label", None)
-    if isinstance(label, str) and label:
+    if isinstance(label, str) and label and label != config.name:
         return label
     if config.name == "langevin":
         return "MALA" if getattr(config, "metropolis", False) else "ULA"
@@ -353,10 +356,24 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "row"
 
 
+def feature_scale(real: np.ndarray) -> float:
+    """The RMS coordinate ``sqrt(mean_i |x_i|^2 / F)`` of held-out features ``(n, F)``.
+
+    Features are divided by it before KID and the Fréchet distance: KID's cubic kernel
+    ``(x.y / F + 1)^3`` assumes features of about unit scale (as Inception's are), while a
+    small net's ReLU features can be much larger, which would make KID numbers of order 10^2
+    dominated by the cubic term. One scalar from real images only: every row is scaled alike,
+    precision/recall are unchanged. 1 if the features are all zero.
+    """
+    rms = float(np.sqrt(np.mean(np.sum(real**2, axis=1)) / real.shape[1]))
+    return rms if rms > 0 else 1.0
+
+
 def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqdm,
-                  runtime: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Draw, decode, score and plot every row of the prior x sampler table. Also returns the
-    factor coverage of as many held-out images (the ceiling of a row's coverage), or None."""
+                  runtime: dict[str, Any], table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Draw, decode, score and plot every row of the prior x sampler table. Puts the feature
+    scale and the factor coverage of as many held-out images (the ceiling of a row's coverage)
+    into ``table``."""
     from ncpvae import metrics as M
     from ncpvae.plots import plot_image_grid
 
@@ -372,6 +389,9 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
         with clock("features of held-out images"):
             real_images = run.data.test.get_batch(torch.arange(n_real))
             real_features = M.extract_features(net, real_images, batch_size=cfg.batch_size)
+            scale = feature_scale(real_features)
+            real_features = real_features / scale
+            table["feature_scale"] = scale
     sq_cfg = M.SampleQualityConfig(**cfg.sample_quality.model_dump(exclude={"enabled"}))
     pf_cfg = M.PriorFitConfig(**cfg.prior_fit.model_dump(exclude={"enabled"}))
     rows = []
@@ -400,7 +420,7 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
                                                        seed=_rng(run, offset + 1)).to_dict())
         if real_features is not None:
             with clock(f"sample quality: {row.label}"):
-                fake = M.extract_features(net, images, batch_size=cfg.batch_size)
+                fake = M.extract_features(net, images, batch_size=cfg.batch_size) / scale
                 entry["sample_quality"] = plain(M.sample_quality(
                     real_features, fake, config=sq_cfg, seed=_rng(run, offset + 2)).to_dict())
                 if coverage_on:
@@ -409,15 +429,14 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
                         predicted, gt.factor_sizes, factor_names=gt.factor_names).to_dict())
         rows.append(entry)
         bar.update()
-    reference = None
     if coverage_on and real_images is not None:
         # the same classifier on as many real images: what a perfect sampler would reach
         predicted = M.predict_factors(net, real_images[:cfg.num_samples],
                                       batch_size=cfg.batch_size)
         reference = plain(M.factor_coverage(predicted, gt.factor_sizes,
                                             factor_names=gt.factor_names).to_dict())
-        reference["num_images"] = int(predicted.shape[0])
-    return rows, reference
+        table["coverage_reference"] = {**reference, "num_images": int(predicted.shape[0])}
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,8 +589,9 @@ def evaluate_run(run: Run) -> dict[str, Any]:
             heldout_z = heldout_encodings(run, min(cfg.num_heldout, len(run.data.test)))
             with clock("learned prior"):
                 evaluation["learned_prior"] = learned_prior(run, heldout_z)
-            evaluation["rows"], evaluation["coverage_reference"] = evaluate_rows(
-                run, net, heldout_z, clock, bar, runtime)
+            table: dict[str, Any] = {"feature_scale": None, "coverage_reference": None}
+            evaluation["rows"] = evaluate_rows(run, net, heldout_z, clock, bar, runtime, table)
+            evaluation.update(table)
             lp = evaluation["learned_prior"]
             if cfg.likelihood.enabled:
                 bar.set_postfix_str("likelihood")

@@ -306,10 +306,12 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
             _sampler_cell(r),
         ])
     ref = evaluation.get("coverage_reference")
+    scale = num(evaluation.get("feature_scale"))
     blocks = [heading("Prior × sampler"),
               paragraph("Each row draws latents from a prior with a sampler and decodes them "
                         "(decoder means). Sample quality compares the decoded samples with "
-                        "held-out test images on the features of a locally trained network "
+                        "held-out test images on the features of a locally trained network, "
+                        f"divided by their RMS on held-out images ({scale}) "
                         "(KID: unbiased, lower is better, can be negative; Fréchet distance; "
                         "precision / recall of k-NN manifolds; coverage: fraction of the "
                         "shape × scale × posX × posY grid hit by the classified samples). Prior "

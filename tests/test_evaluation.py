@@ -15,7 +15,14 @@ import pytest
 from ncpvae import metrics as M
 from ncpvae.config import config_to_toml, load_config
 from ncpvae.errors import ConfigError, DataError, NotFittedError
-from ncpvae.evaluation import check_kid_sizes, evaluate_command, evaluate_run, plain, table_rows
+from ncpvae.evaluation import (
+    check_kid_sizes,
+    evaluate_command,
+    evaluate_run,
+    feature_scale,
+    plain,
+    table_rows,
+)
 from ncpvae.evaluation_config import (
     BetaVAESizes,
     DCISizes,
@@ -98,6 +105,15 @@ def test_default_table_rows_are_the_four_of_the_issue():
     assert labels == NCP_ROWS  # the run's own MALA sampler is the listed MALA row
 
 
+def test_feature_scale_gives_real_features_unit_rms():
+    import numpy as np
+
+    real = np.random.default_rng(0).gamma(2.0, 3.0, size=(50, 8))
+    scaled = real / feature_scale(real)
+    assert np.mean(np.sum(scaled**2, axis=1)) / 8 == pytest.approx(1.0)
+    assert feature_scale(np.zeros((5, 3))) == 1.0
+
+
 def test_plain_makes_strict_json():
     import numpy as np
     import torch
@@ -142,7 +158,7 @@ def test_evaluation_json_has_every_part_with_sane_values(ncp_run):
     assert 0 < sir["diagnostics"]["ess_fraction"] <= 1
     assert 0 <= mala["diagnostics"]["acceptance_rate"] <= 1
     assert ula["sampler"]["metropolis"] is False and mala["sampler"]["metropolis"] is True
-    assert 0 <= ev["coverage_reference"]["joint"] <= 1
+    assert 0 <= ev["coverage_reference"]["joint"] <= 1 and ev["feature_scale"] > 0
 
     lik = ev["likelihood"]
     assert lik["base"]["prior"] == "gaussian" and lik["prior"]["prior"] == "ncp"
