@@ -162,7 +162,7 @@ class EvaluateConfig(StrictModel):
     samplers: list[SamplerTable] = Field(
         default_factory=lambda: [
             {"name": "sir", "num_candidates": 100},
-            {"name": "langevin", "metropolis": False, "step_size": 0.01, "num_steps": 300,
+            {"name": "langevin", "metropolis": False, "step_size": 0.02, "num_steps": 300,
              "burn_in": 150, "thin": 10},
             {"name": "langevin", "metropolis": True, "step_size": 0.05, "num_steps": 300,
              "burn_in": 150, "thin": 10, "adapt_step_size": True},
