@@ -270,15 +270,18 @@ def _sampler_cell(row: Mapping[str, Any]) -> str:
     parts = []
     if diag.get("ess_fraction") is not None:
         parts.append(f"ESS fraction {num(diag['ess_fraction'])}")
+    sampler = row.get("sampler")
     if diag.get("acceptance_rate") is not None:
-        parts.append(f"acceptance {num(diag['acceptance_rate'])}")
+        # ULA moves are never rejected: its rate is what MALA would accept (discretization error)
+        unadjusted = bool(sampler) and sampler.get("metropolis") is False
+        parts.append(f"{'MH acceptance if adjusted' if unadjusted else 'acceptance'} "
+                     f"{num(diag['acceptance_rate'])}")
     if diag.get("final_step_size") is not None:
         parts.append(f"step {num(diag['final_step_size'])}")
     if diag.get("rhat_max") is not None:
         parts.append(f"R-hat max {num(diag['rhat_max'])}")
     if diag.get("num_nonfinite"):
         parts.append(f"{diag['num_nonfinite']} non-finite")
-    sampler = row.get("sampler")
     if sampler:
         steps = sampler.get("num_steps")
         parts.insert(0, f"{sampler['name']}" + (f", {steps} steps" if steps else ""))
