@@ -211,7 +211,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             node = child
         last = path[-1]
         current = node.get(last)
-        if last == "name" and node.get("name") not in (None, value):
+        if len(path) > 1 and last == "name" and node.get("name") not in (None, value):
             node.clear()
         if isinstance(value, str) and isinstance(current, dict) and "name" in current:
             value = {"name": value}

@@ -83,6 +83,10 @@ class SIRSampler(Sampler):
         chunk_size: int = Field(65536, ge=1, description="candidates per energy evaluation in "
                                 "sample_prior (bounds memory)")
 
+    @property
+    def label(self) -> str:
+        return "SIR"
+
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> SIRSampler:
         return cls(config)

@@ -415,3 +415,10 @@ def test_json_schema():
     assert {"name", "seed", "device", "latent_dim", "data", "model", "prior", "objective",
             "sampler", "train", "sample"} <= set(schema["properties"])
     assert schema["additionalProperties"] is False
+
+
+def test_top_level_name_override_renames_the_run_only(registry):
+    config = load_config("smoke", ["name=renamed"], registry=registry)
+    assert config.name == "renamed"
+    assert config.model_dump(exclude={"name"}) == load_config(
+        "smoke", registry=registry).model_dump(exclude={"name"})
