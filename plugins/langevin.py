@@ -12,8 +12,9 @@ for every ``eps``; ULA is biased (on N(mu, s^2) its stationary variance is
 ``s^2 / (1 - eps / (2 s^2))``).
 
 Every step costs one energy-and-gradient evaluation (at the proposal); the state caches the
-energy and gradient at the current position. ULA reports the MALA acceptance probability of its
-move in ``info.acceptance_rate`` too, as a free measure of its discretization error.
+energy and gradient at the current position. ULA with ``adapt_step_size`` computes the MALA
+acceptance probability of its moves (``info.acceptance_rate``) and tunes eps by it, a measure of
+its discretization error; plain ULA skips that cost and reports 1 for every finite move.
 
 Step-size adaptation (``adapt_step_size``) runs during burn-in only and is frozen afterwards:
 a Robbins–Monro update ``log eps += (alpha - target_accept) / t^0.6`` (change clipped to ±1
@@ -67,7 +68,7 @@ class LangevinState(NamedTuple):
 class LangevinInfo(NamedTuple):
     """Per-chain ``(C,)`` facts about one step.
 
-    ``acceptance_rate``: the MALA acceptance probability of the proposal (ULA: diagnostic only).
+    ``acceptance_rate``: the MALA acceptance probability of the proposal (plain ULA: 1 per finite move).
     ``is_accepted``: whether the chain moved to the proposal (ULA: True unless reset).
     ``energy``: the energy after the step. ``step_size``: the step size used.
     ``nonfinite``: the proposal had a non-finite energy, gradient or position.
@@ -169,12 +170,16 @@ class LangevinSampler(Sampler):
         proposal = torch.addcmul(torch.addcmul(z, scale, g, value=-1.0), torch.sqrt(2 * scale), xi)
         new_u, new_g = energy_and_grad(energy, proposal)
         ok = finite_rows(proposal, new_u, new_g)
-        residual = torch.addcmul(z - proposal, scale, new_g)  # z - z' + eps ∇U(z')
-        log_alpha = langevin_log_accept(u, new_u, xi, residual, eps,
-                                        correct_proposal=self._correct_proposal)
-        # A non-finite proposal is a rejection (NaN ratios would compare False anyway).
-        log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
-        alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
+        # The MH ratio: MALA needs it; adaptive ULA tunes eps by it. Plain ULA skips its cost.
+        if self.config.metropolis or self.config.adapt_step_size:
+            residual = torch.addcmul(z - proposal, scale, new_g)  # z - z' + eps ∇U(z')
+            log_alpha = langevin_log_accept(u, new_u, xi, residual, eps,
+                                            correct_proposal=self._correct_proposal)
+            # A non-finite proposal is a rejection (NaN ratios would compare False anyway).
+            log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
+            alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
+        else:
+            alpha = ok.to(u.dtype)  # every finite ULA move is taken
         if self.config.metropolis:
             log_uniform = torch.log(self._rand(u, generator))
             accept = ok & (log_uniform < log_alpha)
