@@ -25,10 +25,10 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple, final
+from typing import Any, ClassVar, Literal, NamedTuple, final
 
 import torch
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, model_validator
 from torch import Tensor
 
 from ncpvae.component import BuildContext, Component, ComponentConfig
@@ -148,6 +148,24 @@ def select_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+class MarkovChainConfig(ComponentConfig):
+    """Config fields every Markov-chain sampler shares (``sample_prior`` uses them)."""
+
+    num_steps: int = Field(500, ge=0, description="steps per chain in sample_prior")
+    burn_in: int = Field(250, ge=0, description="initial steps not kept (adaptation runs here)")
+    thin: int = Field(25, ge=1, description="keep every thin-th state after burn-in")
+    on_nonfinite: Literal["raise", "reset"] = Field(
+        "raise", description="unadjusted-move divergence: raise NonFiniteError, or reset those "
+        "chains to their previous position and count them")
+
+    @model_validator(mode="after")
+    def _burn_in_below_steps(self):
+        if self.num_steps > 0 and self.burn_in >= self.num_steps:
+            raise ValueError(f"burn_in ({self.burn_in}) must be smaller than num_steps "
+                             f"({self.num_steps})")
+        return self
 
 
 class Sampler(Component, ABC):

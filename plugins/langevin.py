@@ -37,14 +37,15 @@ import math
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
-from ncpvae.component import BuildContext, ComponentConfig
+from ncpvae.component import BuildContext
 from ncpvae.errors import ConfigError, NonFiniteError
 from ncpvae.hookspecs import hookimpl
 from ncpvae.sampler import (
     Energy,
+    MarkovChainConfig,
     Sampler,
     check_generator,
     energy_and_grad,
@@ -115,31 +116,18 @@ class LangevinSampler(Sampler):
     name = "langevin"
     _correct_proposal: ClassVar[bool] = True  # tests flip this to get a deliberately wrong MALA
 
-    class Config(ComponentConfig):
+    class Config(MarkovChainConfig):
         name: Literal["langevin"] = "langevin"
         step_size: float = Field(0.05, ge=0, description="eps in z' = z - eps ∇U + sqrt(2 eps) xi; "
                                  "0 is a no-op")
         metropolis: bool = Field(False, description="MALA: add the exact Metropolis-Hastings "
                                  "correction")
-        num_steps: int = Field(500, ge=0, description="steps per chain in sample_prior")
-        burn_in: int = Field(250, ge=0, description="initial steps not kept (adaptation runs here)")
-        thin: int = Field(25, ge=1, description="keep every thin-th state after burn-in")
         adapt_step_size: bool = Field(False, description="tune step_size during burn-in toward "
                                       "target_accept, then freeze it")
         target_accept: float = Field(0.574, gt=0, lt=1, description="acceptance probability "
                                      "aimed at by adaptation (0.574 is optimal for MALA)")
         adapt_per_chain: bool = Field(False, description="one adapted step size per chain "
                                       "instead of one per run")
-        on_nonfinite: Literal["raise", "reset"] = Field(
-            "raise", description="ULA divergence: raise NonFiniteError, or reset those chains "
-            "to their previous position and count them")
-
-        @model_validator(mode="after")
-        def _burn_in_below_steps(self):
-            if self.num_steps > 0 and self.burn_in >= self.num_steps:
-                raise ValueError(f"burn_in ({self.burn_in}) must be smaller than num_steps "
-                                 f"({self.num_steps})")
-            return self
 
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> LangevinSampler:

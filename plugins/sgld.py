@@ -30,11 +30,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from ncpvae.component import BuildContext, ComponentConfig
+from ncpvae.component import BuildContext
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
 from ncpvae.hookspecs import hookimpl
 from ncpvae.sampler import (
     Energy,
+    MarkovChainConfig,
     Sampler,
     check_generator,
     energy_and_grad,
@@ -118,7 +119,7 @@ class SGLDSampler(Sampler):
 
     name = "sgld"
 
-    class Config(ComponentConfig):
+    class Config(MarkovChainConfig):
         name: Literal["sgld"] = "sgld"
         a: float = Field(0.01, ge=0, description="step-size scale a in eps_t = a (b + t)^-gamma; "
                          "0 is a no-op")
@@ -127,21 +128,12 @@ class SGLDSampler(Sampler):
                              "(0.5, 1]; 0 means a constant step eps_t = a")
         temperature: float = Field(1.0, ge=0, description="T: noise sqrt(2 eps_t T); 1 targets "
                                    "exp(-U)")
-        num_steps: int = Field(1000, ge=0, description="steps per chain in sample_prior")
-        burn_in: int = Field(500, ge=0, description="initial steps not kept")
-        thin: int = Field(50, ge=1, description="keep every thin-th state after burn-in")
-        on_nonfinite: Literal["raise", "reset"] = Field(
-            "raise", description="divergence: raise NonFiniteError, or reset those chains to "
-            "their previous position and count them")
 
         @model_validator(mode="after")
         def _check(self):
             if 0 < self.gamma <= 0.5:
                 raise ValueError(f"gamma must be in (0.5, 1] (or 0 for a constant step), got "
                                  f"{self.gamma}")
-            if self.num_steps > 0 and self.burn_in >= self.num_steps:
-                raise ValueError(f"burn_in ({self.burn_in}) must be smaller than num_steps "
-                                 f"({self.num_steps})")
             return self
 
     @classmethod
