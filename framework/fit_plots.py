@@ -7,38 +7,17 @@ never leaves a half-written PNG where the run directory expects one.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ncpvae.errors import DataError
+from ncpvae.plots import save_figure
 
 _REQUIRED = ("epoch", "train_loss_mean", "train_loss_min", "heldout_loss")
-
-
-def save_figure_atomic(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
-    """Write ``fig`` to ``path`` (format from the suffix, PNG by default) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            FigureCanvasAgg(fig)
-            fig.savefig(handle, format=fmt, dpi=dpi)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a plot should be readable like others
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def plot_classifier_loss(history: Sequence[Mapping[str, float]],
@@ -78,7 +57,7 @@ def plot_classifier_loss(history: Sequence[Mapping[str, float]],
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save_figure_atomic(fig, path)
+    return save_figure(fig, path)
 
 
-__all__ = ["plot_classifier_loss", "save_figure_atomic"]
+__all__ = ["plot_classifier_loss"]

@@ -1,7 +1,7 @@
 """Figures of a run: training curves, image grids, latent traversals.
 
-All functions take plain tensors/records and a path, use matplotlib's Agg backend (no display)
-and write the PNG atomically.
+All functions take plain tensors/records and a path, draw on matplotlib's Agg canvas (no pyplot,
+no display) and write the PNG atomically.
 """
 
 from __future__ import annotations
@@ -12,22 +12,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from ncpvae.io import atomic_write  # noqa: E402
+from ncpvae.io import atomic_write
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Save a figure as PNG atomically and close it."""
-    out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110,
-                                                  bbox_inches="tight"), binary=True)
-    plt.close(fig)
-    return out
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
+    """Save a figure atomically (format from the suffix, PNG by default).
+
+    Every figure of the package is a bare ``matplotlib.figure.Figure`` rendered by the Agg
+    canvas: no pyplot state, no global backend switch (a notebook importing ncpvae keeps its
+    own backend), no display needed."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"),
+                        binary=True)
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
+              squeeze: bool = True) -> tuple[Figure, Any]:
+    """``plt.subplots`` without pyplot: a new Agg-backed figure and its axes."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
 
 def image_grid(images: Tensor, nrow: int) -> Tensor:
@@ -55,7 +66,7 @@ def _show(ax: Any, grid: Tensor) -> None:
 def plot_image_grid(images: Tensor, path: str | Path, *, title: str, nrow: int = 8) -> Path:
     """A grid of ``(N, C, H, W)`` images in [0, 1]."""
     grid = image_grid(images, nrow)
-    fig, ax = plt.subplots(figsize=(0.9 * nrow + 0.5, 0.9 * math.ceil(len(images) / nrow) + 0.7))
+    fig, ax = _subplots(figsize=(0.9 * nrow + 0.5, 0.9 * math.ceil(len(images) / nrow) + 0.7))
     _show(ax, grid)
     ax.set_title(title)
     return save_figure(fig, path)
@@ -69,7 +80,7 @@ def plot_reconstructions(originals: Tensor, reconstructions: Tensor, path: str |
     for start in range(0, n, nrow):
         stacked += [originals[start:start + nrow], reconstructions[start:start + nrow]]
     grid = image_grid(torch.cat(stacked), nrow)
-    fig, ax = plt.subplots(figsize=(8, 1.0 * len(stacked) + 0.6))
+    fig, ax = _subplots(figsize=(8, 1.0 * len(stacked) + 0.6))
     _show(ax, grid)
     ax.set_title("test images (odd rows) and their reconstructions (even rows)")
     return save_figure(fig, path)
@@ -77,7 +88,7 @@ def plot_reconstructions(originals: Tensor, reconstructions: Tensor, path: str |
 
 def plot_sample_panels(panels: dict[str, Tensor], path: str | Path, *, nrow: int = 8) -> Path:
     """Decoded samples side by side, one panel per prior/sampler (e.g. N(0, I), NCP by SIR)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
     for ax, (title, images) in zip(axes[0], panels.items()):
         _show(ax, image_grid(images, nrow))
         ax.set_title(title)
@@ -98,7 +109,7 @@ def plot_traversals(model: Any, anchor_mu: Tensor, kl_per_dim: Tensor, path: str
             codes[:, dim] = values.to(codes)
             rows.append(model.mean_image(model.decode(codes)).cpu())
     grid = image_grid(torch.cat(rows), num_values)
-    fig, ax = plt.subplots(figsize=(0.8 * num_values + 1.5, 0.8 * len(rows) + 0.8))
+    fig, ax = _subplots(figsize=(0.8 * num_values + 1.5, 0.8 * len(rows) + 0.8))
     _show(ax, grid)
     h = rows[0].shape[-2] + 1
     ax.set_yticks([h * (i + 0.5) for i in range(len(rows))])
@@ -120,7 +131,7 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path,
                 if key in rec and rec[key] is not None:
                     series[term][split].append((rec["epoch"], rec[key]))
     present = [t for t in terms if series[t]]
-    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.4), squeeze=False)
+    fig, axes = _subplots(1, len(present), figsize=(4 * len(present), 3.4), squeeze=False)
     for ax, term in zip(axes[0], present):
         for split, points in series[term].items():
             xs, ys = zip(*points)
@@ -137,7 +148,7 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path,
 def plot_kl_per_dim(kl_per_dim: Tensor, path: str | Path) -> Path:
     """Bar chart of the test KL per latent dimension (which dims are active)."""
     kl = kl_per_dim.detach().cpu()
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(kl) + 1), 3))
+    fig, ax = _subplots(figsize=(max(4, 0.35 * len(kl) + 1), 3))
     ax.bar(range(len(kl)), kl.tolist())
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats)")

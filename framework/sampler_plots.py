@@ -8,34 +8,15 @@ saved atomically: the figure goes to a temporary file in the destination folder,
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from ncpvae.errors import DataError
+from ncpvae.plots import save_figure
 from ncpvae.sampler import Energy
-
-
-def save_figure_atomic(fig: Figure, path: str | os.PathLike) -> Path:
-    """Save ``fig`` to ``path`` (format from the suffix) via a temp file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix.lstrip(".") or "png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".{fmt}.tmp")
-    os.close(fd)
-    try:
-        FigureCanvasAgg(fig)
-        fig.savefig(tmp, format=fmt, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def plot_energy_traces(energies: Tensor, path: str | os.PathLike, *, max_chains: int = 16,
@@ -63,7 +44,7 @@ def plot_energy_traces(energies: Tensor, path: str | os.PathLike, *, max_chains:
     ax.set_xlabel("step")
     ax.set_ylabel("energy U(z)")
     ax.set_title(f"{title} ({e.shape[1]} chains)")
-    return save_figure_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def principal_plane(samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,4 +101,4 @@ def plot_trajectories(samples: Tensor, energy: Energy | None, path: str | os.Pat
     ax.set_xlabel("principal axis 1")
     ax.set_ylabel("principal axis 2")
     ax.set_title(f"{title} ({min(num_chains, x.shape[1])} chains; o start, □ end)")
-    return save_figure_atomic(fig, path)
+    return save_figure(fig, path)

@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData, ImageSource
 from ncpvae.errors import DataError
+from ncpvae.io import save_torch
 
 FORMAT = "ncpvae-feature-net"
 FORMAT_VERSION = 1
@@ -266,14 +266,7 @@ def save_feature_net(net: FeatureNet, path: str | os.PathLike) -> None:
         "info_json": json.dumps(net.info),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_torch(path, payload)
 
 
 def load_feature_net(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> FeatureNet:

@@ -27,6 +27,7 @@ from torch import Tensor
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.data import DataBundle, DatasetPlugin, TensorImageSource
 from ncpvae.errors import DataError
+from ncpvae.io import atomic_write
 from ncpvae.plugins.datasets import seeded_permutation
 
 RAW_FILES: tuple[str, ...] = (
@@ -64,9 +65,7 @@ class _TorchvisionMNISTLike(DatasetPlugin):
                     ) from None
                 # write then rename, so a failed write never leaves a truncated file behind
                 try:
-                    with open(path + ".part", "wb") as fh:
-                        fh.write(data)
-                    os.replace(path + ".part", path)
+                    atomic_write(path, lambda fh, data=data: fh.write(data), binary=True)
                 except OSError as err:
                     raise DataError(
                         f"{self.name}: cannot write the decompressed {path} ({err}); "
