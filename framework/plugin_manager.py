@@ -103,13 +103,8 @@ class PluginManager:
             for module_name in BUILTIN_PLUGINS:
                 if module_name in disabled or module_name.rsplit(".", 1)[-1] in disabled:
                     continue
-                try:
-                    module = importlib.import_module(module_name)
-                except ModuleNotFoundError as exc:  # TEMPORARY while built-ins are being written
-                    if exc.name == module_name:
-                        continue
-                    raise
-                self._register(module, module_name, "builtin", _distribution_version("ncpvae"))
+                self._register(importlib.import_module(module_name), module_name, "builtin",
+                               _distribution_version("ncpvae"))
         for index, plugin in enumerate(plugins):
             name = getattr(plugin, "__name__", None) or f"manual-{index}"
             self._register(plugin, name, "manual", getattr(plugin, "__version__", "-"))
