@@ -43,6 +43,7 @@ from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NcpvaeError, NotFittedError
 from ncpvae.evaluation_config import DISENTANGLEMENT_METRICS, EvaluateConfig
 from ncpvae.io import write_json
+from ncpvae.metrics._common import eval_mode
 from ncpvae.registry import Registry
 from ncpvae.runner import Run, encode_source, evaluate_vae, open_run
 from ncpvae.sampler import Sampler
@@ -86,20 +87,6 @@ def plain(value: Any) -> Any:
 
 def _rng(run: Run, offset: int) -> np.random.Generator:
     return np.random.default_rng([run.config.seed, offset])
-
-
-@contextlib.contextmanager
-def _eval_mode(run: Run) -> Iterator[None]:
-    """Model and prior in eval mode for the evaluation, restored afterwards."""
-    modules = [run.model, run.prior]
-    states = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, s in zip(modules, states):
-            m.train(s)
 
 
 @contextlib.contextmanager
@@ -571,7 +558,7 @@ def evaluate_run(run: Run) -> dict[str, Any]:
                                   "dataset": run.config.data.name, "prior": run.prior.name,
                                   "config": cfg.model_dump(mode="json")}
     try:
-        with _eval_mode(run):
+        with eval_mode(run.model, run.prior):
             bar.set_postfix_str("reconstruction")
             with clock("reconstruction"), _seeded_global_rng(run, _OFFSET_VAE):
                 vae = evaluate_vae(run, cfg.num_heldout)

@@ -8,13 +8,14 @@ than ``batch_size`` images, so memory stays bounded however many points a metric
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
@@ -110,3 +111,16 @@ def sample_codes(
     """``n`` i.i.d. points: codes ``(n, D)`` float64 and their factors ``(n, K)`` int64."""
     factors = sample_factors(data, n, torch_generator(rng))
     return represent_factors(data, represent, factors, batch_size), factors.numpy().astype(np.int64)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Put ``modules`` in eval mode for the block; restore each one's training flag after."""
+    states = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, s in zip(modules, states):
+            m.train(s)

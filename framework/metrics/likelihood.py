@@ -17,17 +17,15 @@ bound is then an estimate, not a strict lower bound. Units: nats per example.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ncpvae.data import ImageSource
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
-from ncpvae.metrics._common import MetricResult
+from ncpvae.metrics._common import MetricResult, eval_mode
 from ncpvae.model import LatentModel
 from ncpvae.prior import Prior
 
@@ -53,18 +51,6 @@ class BoundEstimate(MetricResult):
 class LikelihoodResult(MetricResult):
     iw: BoundEstimate
     elbo: BoundEstimate
-
-
-@contextlib.contextmanager
-def _eval_mode(*modules: nn.Module) -> Iterator[None]:
-    states = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, s in zip(modules, states):
-            m.train(s)
 
 
 def _log_z(prior: Prior, log_normalizer: LogNormalizer | None) -> float:
@@ -95,7 +81,7 @@ def log_weights(
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     log_z = _log_z(prior, log_normalizer)
-    with _eval_mode(model, prior):
+    with eval_mode(model, prior):
         mu, logvar = model.encode(x)
         if mu.ndim != 2 or mu.shape != logvar.shape or mu.shape[0] != x.shape[0]:
             raise DataError(f"encode must return (mu, logvar) of shape (B, D), got "
