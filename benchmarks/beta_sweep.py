@@ -3,7 +3,7 @@ reconstruction as beta grows, on the embedded dSprites-like sprites.
 
 Each (beta, seed) pair trains a reduced version of the default config (N(0, I) prior, fewer
 images and epochs; no NCP fit, since the sweep is about the representation) and evaluates it
-with ``ncpvae.evaluation`` restricted to MIG, FactorVAE and DCI at the default config's sizes,
+with ``ncpvae.evaluation.pipeline`` restricted to MIG, FactorVAE and DCI at the default config's sizes,
 plus the test reconstruction term. Prints a Markdown table of mean ± sd over seeds per beta
 and writes every run's numbers as JSON.
 
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ncpvae.config import load_config
-from ncpvae.runner import evaluate_stage, train, train_vae
+from ncpvae.run.stages import evaluate_stage, train, train_vae
 
 #: (label, path into evaluation.json)
 COLUMNS = (

@@ -93,7 +93,7 @@ def _manager(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ncpvae.config import load_config
-    from ncpvae.runner import train
+    from ncpvae.run.stages import train
 
     manager = _manager(args)
     config = load_config(args.config, args.overrides, manager.registry)
@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_prior(args: argparse.Namespace) -> int:
-    from ncpvae.runner import fit_prior, open_run, sample_stage
+    from ncpvae.run.stages import fit_prior, open_run, sample_stage
 
     run = open_run(args.run, args.overrides, registry=_manager(args).registry, quiet=args.quiet)
     if not run.prior.requires_fit:
@@ -120,7 +120,7 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ncpvae.sampling import sample_command
+    from ncpvae.run.sample_command import sample_command
 
     overrides = list(args.overrides)
     if args.prior:
@@ -136,7 +136,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ncpvae.evaluation import evaluate_command
+    from ncpvae.evaluation.pipeline import evaluate_command
 
     out = evaluate_command(args.run, args.overrides, quiet=args.quiet,
                            registry=_manager(args).registry)

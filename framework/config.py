@@ -20,7 +20,7 @@ from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, Va
 
 from ncpvae.component import ComponentConfig, StrictModel
 from ncpvae.errors import ConfigError, did_you_mean
-from ncpvae.evaluation_config import EvaluateConfig
+from ncpvae.evaluation.config import EvaluateConfig
 from ncpvae.registry import Registry
 
 

@@ -266,14 +266,14 @@ class Sampler(Component, ABC):
 
         ``info`` stacks every step's info: ``(num_steps, C)`` tensors. ``diagnostics``: per-
         dimension ``ess``/``rhat``/``mcse_mean`` of the kept draws (see
-        :func:`ncpvae.diagnostics.summarize`), ``acceptance_rate`` (post-burn-in mean, when the
+        :func:`ncpvae.mcmc.diagnostics.summarize`), ``acceptance_rate`` (post-burn-in mean, when the
         kernel reports one), ``num_nonfinite`` (non-finite proposals rejected or chains reset),
         ``wall_time_s`` (the stepping loop) and ``chain_steps_per_s``.
 
         ``callback(step, state, info)`` runs after each step; ``progress`` shows a tqdm bar;
         ``options`` are forwarded to ``init`` and ``step`` (names in ``run_options``).
         """
-        from ncpvae.diagnostics import acceptance_summary, summarize
+        from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
 
         for label, value, low in (("num_steps", num_steps, 0), ("burn_in", burn_in, 0),
                                   ("thin", thin, 1)):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ncpvae import BuildContext, ComponentConfig, Prior, hookimpl
 from ncpvae.config import PriorSection
 from ncpvae.errors import ConfigError, DataError, NonFiniteError, NotFittedError
-from ncpvae.importance import ess_fraction, importance_resample
+from ncpvae.mcmc.importance import ess_fraction, importance_resample
 from ncpvae.plugin_manager import build_component
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {

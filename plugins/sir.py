@@ -4,7 +4,7 @@
 ``M = num_candidates * num_samples`` candidates from the proposal (the target prior's
 ``base_prior`` unless ``proposal=`` is given), weight them by
 ``w ∝ exp(-U(z) - log q(z))`` with ``U = prior.energy`` and ``q`` the proposal, and resample
-``num_samples`` of them with replacement (:func:`ncpvae.importance.importance_resample`). For an
+``num_samples`` of them with replacement (:func:`ncpvae.mcmc.importance.importance_resample`). For an
 NCP prior on its base, ``log w = f(z)`` up to a constant. The draws are exact as ``M -> ∞``;
 ``diagnostics["ess_fraction"]`` (Kish ESS over M) says how well the proposal covers the target.
 
@@ -34,7 +34,7 @@ from torch import Tensor
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
 from ncpvae.hookspecs import hookimpl
-from ncpvae.importance import importance_resample
+from ncpvae.mcmc.importance import importance_resample
 from ncpvae.sampler import (
     Energy,
     Sampler,

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from ncpvae.diagnostics import (
+from ncpvae.mcmc.diagnostics import (
     acceptance_summary,
     autocovariance,
     ess,
@@ -22,7 +22,7 @@ from ncpvae.diagnostics import (
     summarize,
 )
 from ncpvae.errors import DataError
-from ncpvae.sampler_plots import plot_energy_traces, plot_trajectories
+from ncpvae.plots.samplers import plot_energy_traces, plot_trajectories
 
 F64 = torch.float64
 

@@ -15,7 +15,7 @@ import pytest
 from ncpvae import metrics as M
 from ncpvae.config import config_to_toml, load_config
 from ncpvae.errors import ConfigError, DataError, NotFittedError
-from ncpvae.evaluation import (
+from ncpvae.evaluation.pipeline import (
     check_kid_sizes,
     evaluate_command,
     evaluate_run,
@@ -23,7 +23,7 @@ from ncpvae.evaluation import (
     plain,
     table_rows,
 )
-from ncpvae.evaluation_config import (
+from ncpvae.evaluation.config import (
     BetaVAESizes,
     DCISizes,
     EvaluateConfig,
@@ -34,8 +34,8 @@ from ncpvae.evaluation_config import (
     SampleQualitySizes,
     SAPSizes,
 )
-from ncpvae.report import write_report
-from ncpvae.runner import evaluate_stage, fit_prior, open_run, train, train_vae
+from ncpvae.evaluation.report import write_report
+from ncpvae.run.stages import evaluate_stage, fit_prior, open_run, train, train_vae
 
 #: the smoke config's MALA row, also the run's own sampler (so it is not listed twice)
 MALA = ["sampler=langevin", "sampler.metropolis=true", "sampler.step_size=0.05",
@@ -99,7 +99,7 @@ def test_default_disentanglement_sizes_are_disentanglement_libs():
 
 def test_default_table_rows_are_the_four_of_the_issue():
     config = load_config("default", ["data.train_size=64", "data.test_size=64"])
-    from ncpvae.runner import build_run
+    from ncpvae.run.stages import build_run
 
     labels = [row.label for row in table_rows(build_run(config, quiet=True))]
     assert labels == NCP_ROWS  # the run's own MALA sampler is the listed MALA row

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from ncpvae.errors import ConfigError, DataError, NotFittedError
-from ncpvae.fit_plots import plot_classifier_loss
+from ncpvae.plots.prior_fit import plot_classifier_loss
 from ncpvae.plugin_manager import PluginManager, create
 from ncpvae.plugins import gaussian, ncp
 from ncpvae.plugins.gaussian import GaussianPrior

@@ -489,7 +489,7 @@ def test_plugins_register_their_samplers():
 
 
 def test_posterior_energy_needs_one_chain_per_image():
-    from ncpvae.targets import posterior_energy
+    from ncpvae.mcmc.targets import posterior_energy
 
     class Tiny(torch.nn.Module):
         def decode(self, z):

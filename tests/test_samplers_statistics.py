@@ -22,7 +22,7 @@ from ncpvae.plugins.langevin import LangevinSampler
 from ncpvae.plugins.sgld import MinibatchEnergy, SGLDSampler
 from ncpvae.plugins.sir import SIRSampler
 from ncpvae.prior import Prior
-from ncpvae.targets import posterior_energy
+from ncpvae.mcmc.targets import posterior_energy
 
 N = 20000
 F64 = torch.float64

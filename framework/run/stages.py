@@ -31,7 +31,7 @@ from ncpvae.objective import Objective
 from ncpvae.plugin_manager import PluginManager, build_component, get_plugin_manager
 from ncpvae.prior import Prior
 from ncpvae.registry import Registry
-from ncpvae.rundir import RunDirectory
+from ncpvae.run.directory import RunDirectory
 from ncpvae.sampler import Sampler
 
 #: latents whose posterior-mean variance over the data exceeds this are "active" (Burda 2016)
@@ -316,7 +316,7 @@ def fit_prior(run: Run) -> dict[str, Any]:
         save_torch(run.directory.checkpoint, state)
         run.directory.update_summary("prior_fit", summary)
         if history:
-            from ncpvae.fit_plots import plot_classifier_loss
+            from ncpvae.plots.prior_fit import plot_classifier_loss
 
             plot_classifier_loss(history, run.directory.plots / "ncp_classifier_loss.png")
     return summary
@@ -419,10 +419,10 @@ def train(config: RunConfig, out: str | Path | None = None, *, overwrite: bool =
 
 
 def evaluate_stage(run: Run) -> dict[str, Any]:
-    """Stage 4: the evaluation report (see :mod:`ncpvae.evaluation`), if enabled."""
+    """Stage 4: the evaluation report (see :mod:`ncpvae.evaluation.pipeline`), if enabled."""
     if not run.config.evaluate.enabled:
         return {}
-    from ncpvae.evaluation import evaluate_run
+    from ncpvae.evaluation.pipeline import evaluate_run
 
     return evaluate_run(run)
 

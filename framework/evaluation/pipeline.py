@@ -1,7 +1,7 @@
 """The evaluation stage: metrics of a trained run, ``evaluation.json`` and the report.
 
 ``evaluate_run(run)`` answers three questions about a run (sizes from its ``[evaluate]``
-section, see :mod:`ncpvae.evaluation_config`):
+section, see :mod:`ncpvae.evaluation.config`):
 
 - *Is the representation disentangled?* beta-VAE, FactorVAE, MIG, DCI and SAP on the encoder
   means ``model.encode(x)[0]`` (eval mode, no grad), for data with ground-truth factors.
@@ -41,11 +41,11 @@ from tqdm.auto import tqdm
 
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NcpvaeError, NotFittedError
-from ncpvae.evaluation_config import DISENTANGLEMENT_METRICS, EvaluateConfig
+from ncpvae.evaluation.config import DISENTANGLEMENT_METRICS, EvaluateConfig
 from ncpvae.io import write_json
 from ncpvae.metrics._common import eval_mode
 from ncpvae.registry import Registry
-from ncpvae.runner import Run, encode_source, evaluate_vae, open_run
+from ncpvae.run.stages import Run, encode_source, evaluate_vae, open_run
 from ncpvae.sampler import Sampler
 
 #: version of the evaluation.json layout
@@ -539,7 +539,7 @@ def evaluate_run(run: Run) -> dict[str, Any]:
     ``evaluate.report = "markdown"``), and an ``evaluation`` section of summary.json. Returns
     the evaluation as plain data.
     """
-    from ncpvae.report import write_report
+    from ncpvae.evaluation.report import write_report
 
     if run.directory is None:
         raise NcpvaeError("evaluate_run needs a run with a run directory (use open_run or train)")
@@ -604,7 +604,7 @@ def evaluate_command(path: str | Path, overrides: list[str] | tuple[str, ...] = 
                      quiet: bool = False, registry: Registry | None = None) -> Path:
     """``ncpvae evaluate RUN [--set evaluate.mig.num_train=2000 ...]``: open the run (its saved
     config plus ``overrides``), evaluate it, and return the report's path."""
-    from ncpvae.rundir import RunDirectory
+    from ncpvae.run.directory import RunDirectory
 
     directory = RunDirectory.open(path)
     if not directory.checkpoint.is_file():

@@ -1,0 +1,1 @@
+"""Running an experiment: the run directory, the stages, and the stand-alone sample command."""
