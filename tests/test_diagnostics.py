@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from ncpvae.errors import DataError
 from ncpvae.mcmc.diagnostics import (
     acceptance_summary,
     autocovariance,
@@ -21,7 +22,6 @@ from ncpvae.mcmc.diagnostics import (
     split_rhat,
     summarize,
 )
-from ncpvae.errors import DataError
 from ncpvae.plots.samplers import plot_energy_traces, plot_trajectories
 
 F64 = torch.float64

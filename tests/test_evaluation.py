@@ -15,14 +15,6 @@ import pytest
 from ncpvae import metrics as M
 from ncpvae.config import config_to_toml, load_config
 from ncpvae.errors import ConfigError, DataError, NotFittedError
-from ncpvae.evaluation.pipeline import (
-    check_kid_sizes,
-    evaluate_command,
-    evaluate_run,
-    feature_scale,
-    plain,
-    table_rows,
-)
 from ncpvae.evaluation.config import (
     BetaVAESizes,
     DCISizes,
@@ -33,6 +25,14 @@ from ncpvae.evaluation.config import (
     PriorFitSizes,
     SampleQualitySizes,
     SAPSizes,
+)
+from ncpvae.evaluation.pipeline import (
+    check_kid_sizes,
+    evaluate_command,
+    evaluate_run,
+    feature_scale,
+    plain,
+    table_rows,
 )
 from ncpvae.evaluation.report import write_report
 from ncpvae.run.stages import evaluate_stage, fit_prior, open_run, train, train_vae

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from ncpvae.component import BuildContext
+from ncpvae.mcmc.targets import posterior_energy
 from ncpvae.model import LatentModel
 from ncpvae.plugins.langevin import LangevinSampler
 from ncpvae.plugins.sgld import MinibatchEnergy, SGLDSampler
 from ncpvae.plugins.sir import SIRSampler
 from ncpvae.prior import Prior
-from ncpvae.mcmc.targets import posterior_energy
 
 N = 20000
 F64 = torch.float64

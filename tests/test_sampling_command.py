@@ -13,8 +13,8 @@ import torch
 
 from ncpvae.config import load_config
 from ncpvae.errors import ConfigError
-from ncpvae.run.stages import fit_prior, open_run, sample_stage, train, train_vae
 from ncpvae.run.sample_command import sample_command
+from ncpvae.run.stages import fit_prior, open_run, sample_stage, train, train_vae
 
 NCPVAE = shutil.which("ncpvae", path=str(Path(sys.executable).parent)) or shutil.which("ncpvae")
 NCP_SMOKE = ["prior=ncp", "prior.epochs=3", "prior.hidden=[32,32]", "prior.log_z_samples=2000",

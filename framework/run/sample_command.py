@@ -29,8 +29,8 @@ def sample_command(run_path: str | Path, overrides: list[str], *, chains: int | 
     ``out`` (default ``RUN/sampling``): ``samples.png``, ``latents.pt`` (final states ``(C, D)``
     and the chain history ``(S, C, D)``), ``diagnostics.json``, ``energy_trace.png`` and
     ``trajectories.png``."""
-    from ncpvae.run.stages import open_run
     from ncpvae.plots.samplers import plot_energy_traces, plot_trajectories
+    from ncpvae.run.stages import open_run
 
     run = open_run(run_path, overrides, registry=registry, quiet=quiet)
     if run.sampler is None:
