@@ -8,26 +8,45 @@ Public API::
 
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.data import DataBundle, DatasetPlugin, GroundTruthData, ImageSource, TensorImageSource
-from ncpvae.errors import NcpvaeError
+from ncpvae.errors import (
+    ConfigError,
+    DataError,
+    NcpvaeError,
+    NonFiniteError,
+    NotFittedError,
+    PluginError,
+)
+from ncpvae.factory import build_component, create
 from ncpvae.hookspecs import hookimpl
 from ncpvae.model import LatentModel
 from ncpvae.objective import Objective
-from ncpvae.prior import Prior
+from ncpvae.plugin_manager import get_registry
+from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.sampler import Sampler, SampleResult
+from ncpvae.sections import (
+    DatasetSection,
+    ModelSection,
+    ObjectiveSection,
+    PriorSection,
+    SamplerSection,
+    component_section,
+)
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    # Lazily import the heavier entry points so `import ncpvae` stays cheap for plugin authors.
-    if name in ("create", "get_registry"):
-        from ncpvae import plugin_manager
-
-        return getattr(plugin_manager, name)
-    raise AttributeError(f"module 'ncpvae' has no attribute {name!r}")
-
-
 __all__ = [
+    "ConfigError",
+    "DataError",
+    "DatasetSection",
+    "ModelSection",
+    "NonFiniteError",
+    "NotFittedError",
+    "ObjectiveSection",
+    "PluginError",
+    "PriorSection",
+    "SamplerSection",
+    "component_section",
     "BuildContext",
     "ComponentConfig",
     "DataBundle",
@@ -35,12 +54,14 @@ __all__ = [
     "GroundTruthData",
     "ImageSource",
     "LatentModel",
+    "LearnedPrior",
     "NcpvaeError",
     "Objective",
     "Prior",
     "SampleResult",
     "Sampler",
     "TensorImageSource",
+    "build_component",
     "create",
     "get_registry",
     "hookimpl",

@@ -155,7 +155,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from ncpvae.registry import KINDS
+    from ncpvae.kinds import KINDS
 
     registry = _manager(args).registry
     kinds = [args.kind] if args.kind else list(KINDS)

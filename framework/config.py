@@ -13,55 +13,23 @@ import math
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import tomllib
-from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationError, ValidationInfo
+from pydantic import Field, ValidationError
 
 from ncpvae.component import ComponentConfig, StrictModel
-from ncpvae.errors import ConfigError, did_you_mean
+from ncpvae.errors import ConfigError, did_you_mean, format_validation_error
 from ncpvae.evaluation.config import EvaluateConfig
 from ncpvae.registry import Registry
-
-
-def _registry_from(info: ValidationInfo | None) -> Registry:
-    context = info.context if info is not None else None
-    if isinstance(context, Mapping) and context.get("registry") is not None:
-        return context["registry"]
-    from ncpvae.plugin_manager import get_registry
-
-    return get_registry()
-
-
-def _component_validator(kind: str):
-    def validate(data: Any, info: ValidationInfo) -> ComponentConfig:
-        registry = _registry_from(info)
-        if isinstance(data, ComponentConfig):
-            data = data.model_dump()
-        if isinstance(data, str):  # a bare name selects that plugin with its defaults
-            data = {"name": data}
-        if not isinstance(data, Mapping):
-            raise ValueError(f"expected a {kind} name or a table with a 'name' key")
-        if "name" not in data:
-            raise ValueError(
-                f"missing 'name'; available {kind}s: {', '.join(registry.names(kind)) or 'none'}"
-            )
-        cls = registry.get(kind, str(data["name"]))
-        return cls.Config.model_validate(dict(data), context=info.context)
-
-    return validate
-
-
-def component_section(kind: str) -> Any:
-    """The annotated type of a config field holding a ``kind`` component's config."""
-    return Annotated[SerializeAsAny[ComponentConfig], BeforeValidator(_component_validator(kind))]
-
-
-DatasetSection = component_section("dataset")
-ModelSection = component_section("model")
-PriorSection = component_section("prior")
-ObjectiveSection = component_section("objective")
-SamplerSection = component_section("sampler")
+from ncpvae.sections import (
+    DatasetSection,
+    ModelSection,
+    ObjectiveSection,
+    PriorSection,
+    SamplerSection,
+    registry_from,
+)
 
 
 class TrainConfig(StrictModel):
@@ -106,20 +74,6 @@ class RunConfig(StrictModel):
 # validation with readable errors
 
 
-def format_validation_error(error: ValidationError, what: str = "config") -> str:
-    """One line naming each failing location, e.g. ``invalid config: prior.scale: ...``."""
-    parts = []
-    for item in error.errors():
-        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
-        msg = item["msg"].removeprefix("Value error, ")
-        if item["type"] in ("greater_than", "greater_than_equal", "less_than",
-                            "less_than_equal", "literal_error", "int_parsing", "float_parsing",
-                            "bool_parsing", "string_type", "int_type", "float_type"):
-            msg += f" (got {item['input']!r})"
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"invalid {what}: " + "; ".join(parts)
-
-
 def validate_config(raw: Mapping[str, Any], registry: Registry | None = None,
                     what: str = "config") -> RunConfig:
     """Validate a raw config mapping; raise :class:`ConfigError` with a one-line message."""
@@ -132,7 +86,7 @@ def validate_config(raw: Mapping[str, Any], registry: Registry | None = None,
 def validate_component(kind: str, raw: Mapping[str, Any],
                        registry: Registry | None = None) -> ComponentConfig:
     """Validate one component's config (what ``ncpvae.create`` does)."""
-    registry = registry if registry is not None else _registry_from(None)
+    registry = registry if registry is not None else registry_from(None)
     cls = registry.get(kind, str(raw.get("name")))
     try:
         return cls.Config.model_validate(dict(raw), context={"registry": registry})
@@ -288,9 +242,9 @@ def config_to_toml(config: RunConfig) -> str:
 def run_config_schema(registry: Registry | None = None) -> dict[str, Any]:
     """JSON Schema of :class:`RunConfig` with each component section expanded to the configs
     of the installed plugins (``oneOf``, discriminated by ``name``)."""
-    from ncpvae.registry import KINDS
+    from ncpvae.kinds import KINDS
 
-    registry = registry if registry is not None else _registry_from(None)
+    registry = registry if registry is not None else registry_from(None)
     schema = RunConfig.model_json_schema()
     defs = schema.setdefault("$defs", {})
     section_of_kind = {"dataset": "data"}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from pydantic import ValidationError
+
 
 class NcpvaeError(Exception):
     """An error caused by user input; its message is a complete, one-line explanation."""
@@ -46,3 +48,17 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return `` (did you mean 'x'?)`` for the closest choice, or an empty string."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def format_validation_error(error: ValidationError, what: str = "config") -> str:
+    """One line naming each failing location, e.g. ``invalid config: prior.scale: ...``."""
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-"))
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] in ("greater_than", "greater_than_equal", "less_than",
+                            "less_than_equal", "literal_error", "int_parsing", "float_parsing",
+                            "bool_parsing", "string_type", "int_type", "float_type"):
+            msg += f" (got {item['input']!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"invalid {what}: " + "; ".join(parts)

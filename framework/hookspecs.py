@@ -9,7 +9,8 @@ A plugin is a module with functions named after these specs and decorated with
     def ncpvae_register_priors():
         return [MoGPrior]
 
-Built-in plugins (``ncpvae.plugins.*``) register through exactly the same hooks.
+Built-in plugins (``ncpvae.plugins.*``) register through exactly the same hooks; which hook
+registers which kind is listed once, in :mod:`ncpvae.kinds`.
 """
 
 from __future__ import annotations
@@ -45,13 +46,3 @@ def ncpvae_register_objectives() -> list[type]:
 @hookspec
 def ncpvae_register_samplers() -> list[type]:
     """Return sampler classes (subclasses of :class:`ncpvae.Sampler`)."""
-
-
-#: hook name -> component kind it registers
-HOOK_KINDS: dict[str, str] = {
-    "ncpvae_register_datasets": "dataset",
-    "ncpvae_register_models": "model",
-    "ncpvae_register_priors": "prior",
-    "ncpvae_register_objectives": "objective",
-    "ncpvae_register_samplers": "sampler",
-}

@@ -8,7 +8,7 @@ to likelihood parameters ``(..., C, H, W)`` (Bernoulli logits, or Gaussian means
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
+from abc import ABCMeta, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -20,7 +20,7 @@ from ncpvae.component import Component
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
-class LatentModel(nn.Module, Component):
+class LatentModel(nn.Module, Component, metaclass=ABCMeta):
     """An encoder/decoder pair with a pixel likelihood.
 
     ``likelihood`` is ``"bernoulli"`` (decoder outputs logits; for binary or [0, 1] images) or

@@ -24,8 +24,8 @@ from typing import Any
 import pluggy
 
 from ncpvae import hookspecs
-from ncpvae.component import BuildContext, Component
 from ncpvae.errors import PluginError
+from ncpvae.kinds import COMPONENT_KINDS
 from ncpvae.registry import Registry
 
 ENTRY_POINT_GROUP = "ncpvae"
@@ -60,17 +60,6 @@ class PluginInfo:
 def _disabled_names() -> set[str]:
     raw = os.environ.get("NCPVAE_DISABLE_PLUGINS", "")
     return {part.strip() for part in raw.split(",") if part.strip()}
-
-
-def _kind_base(kind: str) -> type:
-    from ncpvae.data import DatasetPlugin
-    from ncpvae.model import LatentModel
-    from ncpvae.objective import Objective
-    from ncpvae.prior import Prior
-    from ncpvae.sampler import Sampler
-
-    return {"dataset": DatasetPlugin, "model": LatentModel, "prior": Prior,
-            "objective": Objective, "sampler": Sampler}[kind]
 
 
 class PluginManager:
@@ -136,8 +125,8 @@ class PluginManager:
 
     def _build_registry(self) -> Registry:
         registry = Registry()
-        for hook_name, kind in hookspecs.HOOK_KINDS.items():
-            base = _kind_base(kind)
+        for component_kind in COMPONENT_KINDS:
+            hook_name, kind, base = component_kind.hook, component_kind.name, component_kind.base
             for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
                 classes = impl.function()
                 if not isinstance(classes, (list, tuple)):
@@ -179,52 +168,4 @@ def get_registry(strict: bool = False) -> Registry:
     return get_plugin_manager(strict).registry
 
 
-def create(
-    kind: str,
-    name: str,
-    *,
-    latent_dim: int | None = None,
-    device: str | Any | None = None,
-    dtype: Any = None,
-    image_shape: tuple[int, int, int] | None = None,
-    seed: int = 0,
-    registry: Registry | None = None,
-    **config_fields: Any,
-) -> Component:
-    """Build any registered component by name from its config defaults plus ``config_fields``.
-
-    Validation and error messages are the same as for config files, e.g.
-    ``ncpvae.create("prior", "gaussian", latent_dim=8)`` or
-    ``ncpvae.create("sampler", "langevin", step_size=0.1, metropolis=True)``.
-    """
-    import torch
-
-    from ncpvae.config import validate_component
-
-    registry = registry if registry is not None else get_registry()
-    config = validate_component(kind, {"name": name, **config_fields}, registry)
-    ctx = BuildContext(
-        latent_dim=latent_dim,
-        image_shape=image_shape,
-        device=torch.device(device) if device is not None else torch.device("cpu"),
-        dtype=dtype if dtype is not None else torch.float32,
-        seed=seed,
-        registry=registry,
-    )
-    return build_component(config, kind, ctx)
-
-
-def build_component(config: Any, kind: str, ctx: BuildContext) -> Component:
-    """Build a component from an already validated config section (used by the runner and by
-    composite components such as the NCP prior's base)."""
-    import torch
-
-    registry = ctx.registry if ctx.registry is not None else get_registry()
-    component = registry.get(kind, config.name).from_config(config, ctx)
-    if isinstance(component, torch.nn.Module):
-        component = component.to(device=ctx.device, dtype=ctx.dtype)
-    return component
-
-
-__all__ = ["PluginManager", "PluginInfo", "PluginLoadWarning", "create", "build_component",
-           "get_plugin_manager", "get_registry"]
+__all__ = ["PluginManager", "PluginInfo", "PluginLoadWarning", "get_plugin_manager", "get_registry"]

@@ -7,9 +7,10 @@ Shapes: ``z`` is ``(..., D)``; ``log_prob`` and ``energy`` return ``(...)``. The
 
 from __future__ import annotations
 
-from abc import abstractmethod
+import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +18,11 @@ from torch import Tensor, nn
 from ncpvae.component import Component
 from ncpvae.errors import DataError
 
+if TYPE_CHECKING:
+    from ncpvae.model import LatentModel
 
-class Prior(nn.Module, Component):
+
+class Prior(nn.Module, Component, metaclass=ABCMeta):
     """A density over latents ``z`` in R^D.
 
     Capability flags (class attributes): ``normalized`` (``log_prob`` includes the normalizer),
@@ -55,28 +59,22 @@ class Prior(nn.Module, Component):
         """Per-dimension ``KL(N(mu, exp(logvar)) || p)``, ``(B, D)``, or None without a closed form."""
         return None
 
-    def fit(
-        self,
-        mu: Tensor,
-        logvar: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        log: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
-        """Fit a learned prior (``requires_fit``) to the aggregate posterior of a frozen VAE.
-
-        ``mu`` and ``logvar`` are the encoder outputs ``(N, D)`` for the whole training set;
-        fresh reparameterized draws ``z ~ q(z|x)`` are made from them as needed. ``log`` receives
-        one plain-data record per epoch; the return value is a plain-data summary.
-        """
-        raise NotImplementedError(f"the {self.name} prior has nothing to fit")
+    def bind_model(self, model: LatentModel) -> None:
+        """Called once by the runner after the model is built. A prior defined through the
+        model (the VampPrior's ``q(z | u_k)`` uses the encoder) keeps what it needs here; the
+        default does nothing."""
 
     @property
     def base_prior(self) -> Prior:
         """The tractable prior this one builds on: itself here. The VAE trains against it and
         samplers start from it; a learned prior such as NCP returns its base."""
         return self
+
+    @property
+    def label(self) -> str:
+        """A short human name for tables and figure titles (e.g. ``N(0, I)``, ``NCP``); the
+        registry name unless a prior says otherwise."""
+        return self.name
 
     @classmethod
     def capabilities(cls) -> dict[str, bool]:
@@ -102,3 +100,86 @@ class Prior(nn.Module, Component):
             if t.is_floating_point():
                 return t
         return torch.empty(0)
+
+
+class LearnedPrior(Prior):
+    """A prior fitted ex post to the frozen VAE's aggregate posterior ``q(z) = E_x q(z|x)``.
+
+    What the runner, the evaluation and the report use (nothing else is probed):
+
+    - :meth:`fit` and :attr:`is_fitted`;
+    - :meth:`log_normalizer`: ``(log Z, SE)``, ``(0, 0)`` for a normalized prior;
+    - :meth:`log_ratio`: ``log p(z) - log p_base(z)`` up to the constant ``log Z``;
+    - :meth:`kl_gain`: ``Delta = E_q[log_ratio] - log Z`` over the base prior, with its SE;
+    - :meth:`sampling_info`: diagnostics of the last :meth:`sample` call (e.g. an importance
+      sampler's ESS fraction), plain numbers.
+    """
+
+    requires_fit: ClassVar[bool] = True
+
+    @property
+    @abstractmethod
+    def is_fitted(self) -> bool:
+        """True once :meth:`fit` has run or a fitted state dict was loaded."""
+
+    @abstractmethod
+    def fit(
+        self,
+        mu: Tensor,
+        logvar: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Fit to the aggregate posterior of a frozen VAE.
+
+        ``mu`` and ``logvar`` are the encoder outputs ``(N, D)`` for the whole training set;
+        fresh reparameterized draws ``z ~ q(z|x)`` are made from them as needed. ``log`` receives
+        one plain-data record per epoch; the return value is a plain-data summary.
+        """
+
+    def log_normalizer(
+        self, num_samples: int | None = None, *, generator: torch.Generator | None = None
+    ) -> tuple[float, float]:
+        """``(log Z, SE)`` of ``log_prob``'s normalizer: ``(0.0, 0.0)`` when ``normalized``."""
+        if not self.normalized:
+            raise NotImplementedError(
+                f"the unnormalized {self.name} prior must implement log_normalizer()")
+        return 0.0, 0.0
+
+    def log_ratio(self, z: Tensor) -> Tensor:
+        """``(..., D) -> (...)``: ``log p(z) - log p_base(z)`` without ``log Z``."""
+        return self.log_prob(z) - self.base_prior.log_prob(z)
+
+    def kl_gain(
+        self,
+        latents: Tensor,
+        *,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[float, float]:
+        """``Delta = E_q[log_ratio(z)] - log Z`` on held-out draws ``latents`` ``(N, D)`` of
+        ``q(z|x)``, and its standard error (the SE of the mean and that of ``log Z`` add in
+        quadrature). Delta estimates ``KL(q || base) - KL(q || self)``: positive means this prior
+        fits the aggregate posterior better than its base. Plain floats."""
+        if latents.ndim != 2 or latents.shape[1] != self.latent_dim or latents.shape[0] < 2:
+            raise DataError(
+                f"kl_gain: expected held-out latents of shape (N, {self.latent_dim}) with N >= 2, "
+                f"got {tuple(latents.shape)}"
+            )
+        if not torch.isfinite(latents).all():
+            raise DataError("kl_gain: the held-out latents contain NaN or infinite values")
+        ref = self._param_like()
+        with torch.no_grad():
+            ratio = torch.cat([self.log_ratio(part) for part in
+                               latents.to(device=ref.device, dtype=ref.dtype).split(65_536)])
+        ratio = ratio.to(torch.float64)
+        mean = float(ratio.mean())
+        se_mean = float(ratio.std() / math.sqrt(ratio.numel()))
+        log_z, se_z = self.log_normalizer(num_samples, generator=generator)
+        return mean - log_z, math.sqrt(se_mean**2 + se_z**2)
+
+    def sampling_info(self) -> dict[str, float]:
+        """Diagnostics of the last :meth:`sample` call (plain numbers); none by default."""
+        return {}

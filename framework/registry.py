@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ncpvae.errors import PluginError, UnknownComponentError, did_you_mean
-
-#: The component kinds, in the order configs and listings show them.
-KINDS: tuple[str, ...] = ("dataset", "model", "prior", "objective", "sampler")
+from ncpvae.kinds import KINDS
 
 
 @dataclass

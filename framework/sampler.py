@@ -32,7 +32,7 @@ from pydantic import Field, ValidationError, model_validator
 from torch import Tensor
 
 from ncpvae.component import BuildContext, Component, ComponentConfig
-from ncpvae.errors import ConfigError, DataError, NonFiniteError
+from ncpvae.errors import ConfigError, DataError, NonFiniteError, format_validation_error
 
 Energy = Callable[[Tensor], Tensor]
 
@@ -185,8 +185,6 @@ class Sampler(Component, ABC):
             try:
                 config = self.Config(**fields)
             except ValidationError as exc:
-                from ncpvae.config import format_validation_error
-
                 raise ConfigError(
                     format_validation_error(exc, f"sampler '{self.name}' config")
                 ) from None

@@ -53,6 +53,16 @@ class GaussianPrior(Prior):
                    scale=config.scale, learn_mean=config.learn_mean,
                    learn_scale=config.learn_scale, dtype=ctx.dtype)
 
+    @property
+    def label(self) -> str:
+        """``N(0, I)`` for the standard normal (the usual VAE prior), else ``gaussian``."""
+        standard = bool((self.loc == 0).all()) and bool((self.log_scale == 0).all())
+        return "N(0, I)" if standard and not self.learned else self.name
+
+    @property
+    def learned(self) -> bool:
+        return isinstance(self.loc, nn.Parameter) or isinstance(self.log_scale, nn.Parameter)
+
     def log_prob(self, z: Tensor) -> Tensor:
         standardized = (z - self.loc) * torch.exp(-self.log_scale)
         return (-0.5 * standardized**2 - self.log_scale - 0.5 * _LOG_2PI).sum(-1)

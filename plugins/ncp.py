@@ -35,11 +35,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ncpvae import BuildContext, ComponentConfig, Prior, hookimpl
-from ncpvae.config import PriorSection
+from ncpvae import (
+    BuildContext,
+    ComponentConfig,
+    LearnedPrior,
+    Prior,
+    PriorSection,
+    build_component,
+    hookimpl,
+)
 from ncpvae.errors import ConfigError, DataError, NonFiniteError, NotFittedError
 from ncpvae.mcmc.importance import ess_fraction, importance_resample
-from ncpvae.plugin_manager import build_component
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -134,7 +140,7 @@ def _log_mean_exp(values: Tensor) -> tuple[float, float]:
     return log_z, se
 
 
-class NCPPrior(Prior):
+class NCPPrior(LearnedPrior):
     """``p_NCP(z) = p(z) exp f(z) / Z``: a base prior reweighted by a classifier's logit.
 
     ``base`` is any prior with exact sampling (usually the VAE's N(0, I)); ``classifier`` maps
@@ -328,34 +334,19 @@ class NCPPrior(Prior):
                 values.append(self.logit(z).to(torch.float64))
         return _log_mean_exp(torch.cat(values))
 
-    def kl_gain(
-        self,
-        latents: Tensor,
-        *,
-        num_samples: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[float, float]:
-        """``Delta = E_q[f(z)] - log Z`` on held-out encodings, and its standard error.
-
-        ``latents`` ``(N, D)`` are draws ``z ~ q(z|x)`` for held-out ``x``. Delta estimates
-        ``KL(q || p) - KL(q || p_NCP)``: positive means the NCP prior fits the aggregate
-        posterior better than its base. The SE combines the SE of the mean of ``f`` and the SE
-        of ``log Z`` (``num_samples`` base draws), which are independent. Plain floats.
-        """
+    def log_ratio(self, z: Tensor) -> Tensor:
+        """``f(z)``, the classifier's logit (``log p_NCP - log p_base`` up to ``log Z``).
+        :meth:`kl_gain` (inherited) averages it over held-out encodings: ``Delta = E_q[f] - log Z``."""
         self._require_fitted("kl_gain")
-        if latents.ndim != 2 or latents.shape[1] != self.latent_dim or latents.shape[0] < 2:
-            raise DataError(
-                f"kl_gain: expected held-out latents of shape (N, {self.latent_dim}) with N >= 2, "
-                f"got {tuple(latents.shape)}"
-            )
-        if not torch.isfinite(latents).all():
-            raise DataError("kl_gain: the held-out latents contain NaN or infinite values")
-        ref = self._param_like()
-        f = self._logit_nograd(latents.to(device=ref.device, dtype=ref.dtype)).to(torch.float64)
-        mean_f = float(f.mean())
-        se_f = float(f.std() / math.sqrt(f.numel()))
-        log_z, se_z = self.log_normalizer(num_samples, generator=generator)
-        return mean_f - log_z, math.sqrt(se_f**2 + se_z**2)
+        return self.logit(z)
+
+    @property
+    def label(self) -> str:
+        return "NCP"
+
+    def sampling_info(self) -> dict[str, float]:
+        """The Kish ESS fraction of the last SIR call (absent before any)."""
+        return {} if self.last_ess_fraction is None else {"ess_fraction": self.last_ess_fraction}
 
     # ------------------------------------------------------------------------------------------
     # sampling

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from ncpvae.errors import ConfigError, DataError, NotFittedError
+from ncpvae.factory import create
 from ncpvae.plots.prior_fit import plot_classifier_loss
-from ncpvae.plugin_manager import PluginManager, create
+from ncpvae.plugin_manager import PluginManager
 from ncpvae.plugins import gaussian, ncp
 from ncpvae.plugins.gaussian import GaussianPrior
 from ncpvae.plugins.ncp import MLPClassifier, NCPPrior, roc_auc

@@ -18,25 +18,19 @@ directory such as ``~/.cache/ncpvae`` to train it once per dataset across runs).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import BeforeValidator, Field, SerializeAsAny, ValidationInfo
+from pydantic import Field
 
-from ncpvae.component import ComponentConfig, StrictModel
+from ncpvae.component import StrictModel
+from ncpvae.sections import SamplerSection
 
 #: every disentanglement metric (the names of their sub-tables), in report order
 DISENTANGLEMENT_METRICS: tuple[str, ...] = ("beta_vae", "factor_vae", "mig", "dci", "sap")
 
 
-def _validate_sampler(data: Any, info: ValidationInfo) -> ComponentConfig:
-    # Imported here: ncpvae.config imports this module, so a top-level import would be circular.
-    from ncpvae.config import _component_validator
-
-    return _component_validator("sampler")(data, info)
-
-
 #: a sampler table (``{name = "langevin", metropolis = true, ...}``) validated by its plugin
-SamplerTable = Annotated[SerializeAsAny[ComponentConfig], BeforeValidator(_validate_sampler)]
+SamplerTable = SamplerSection
 
 
 # ---------------------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def table_rows(run: Run) -> list[Row]:
 
 
 def _build_sampler(run: Run, config: ComponentConfig) -> Sampler:
-    from ncpvae.plugin_manager import build_component
+    from ncpvae.factory import build_component
 
     ctx = BuildContext(latent_dim=run.config.latent_dim, device=run.device, seed=run.config.seed,
                        registry=run.registry)

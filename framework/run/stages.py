@@ -25,10 +25,11 @@ from ncpvae.component import BuildContext
 from ncpvae.config import RunConfig, config_to_toml, load_config
 from ncpvae.data import DataBundle, ImageSource
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
+from ncpvae.factory import build_component
 from ncpvae.io import load_torch, save_torch
 from ncpvae.model import LatentModel
 from ncpvae.objective import Objective
-from ncpvae.plugin_manager import PluginManager, build_component, get_plugin_manager
+from ncpvae.plugin_manager import PluginManager, get_plugin_manager
 from ncpvae.prior import Prior
 from ncpvae.registry import Registry
 from ncpvae.run.directory import RunDirectory
