@@ -18,7 +18,7 @@ from ncpvae.errors import (
 )
 from ncpvae.factory import build_component, create
 from ncpvae.hookspecs import hookimpl
-from ncpvae.model import LatentModel
+from ncpvae.model import LatentModel, reparameterize
 from ncpvae.objective import Objective
 from ncpvae.plugin_manager import get_registry
 from ncpvae.prior import LearnedPrior, Prior
@@ -65,4 +65,5 @@ __all__ = [
     "create",
     "get_registry",
     "hookimpl",
+    "reparameterize",
 ]

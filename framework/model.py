@@ -20,6 +20,16 @@ from ncpvae.component import Component
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
+def reparameterize(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+    """One draw ``z = mu + exp(logvar / 2) * eps`` per row of ``q(z|x) = N(mu, exp(logvar))``.
+
+    ``mu``, ``logvar``: ``(..., D)``; returns ``(..., D)``, differentiable in both. ``eps`` comes
+    from ``generator`` (global RNG when None), drawn on ``mu``'s device and dtype.
+    """
+    noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * noise
+
+
 class LatentModel(nn.Module, Component, metaclass=ABCMeta):
     """An encoder/decoder pair with a pixel likelihood.
 
