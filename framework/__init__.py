@@ -18,11 +18,35 @@ from ncpvae.errors import (
 )
 from ncpvae.factory import build_component, create
 from ncpvae.hookspecs import hookimpl
+from ncpvae.io import atomic_write
+from ncpvae.mcmc.diagnostics import acceptance_summary, ess, mcse_mean, split_rhat, summarize
+from ncpvae.mcmc.importance import (
+    SIRDraws,
+    ess_fraction,
+    importance_resample,
+    sampling_importance_resampling,
+)
+from ncpvae.mcmc.kernels import (
+    Energy,
+    OnNonfinite,
+    adapt_log_step,
+    apply_divergence_policy,
+    check_generator,
+    check_positions,
+    energy_and_grad,
+    evaluate_energy,
+    finite_rows,
+    initial_energy_and_grad,
+    langevin_log_accept,
+    langevin_move,
+    select_rows,
+)
+from ncpvae.mcmc.targets import posterior_energy
 from ncpvae.model import LatentModel, reparameterize
 from ncpvae.objective import Objective
 from ncpvae.plugin_manager import get_registry
 from ncpvae.prior import LearnedPrior, Prior
-from ncpvae.sampler import Sampler, SampleResult
+from ncpvae.sampler import Callback, MarkovChainConfig, Sampler, SampleResult
 from ncpvae.sections import (
     DatasetSection,
     ModelSection,
@@ -61,9 +85,36 @@ __all__ = [
     "SampleResult",
     "Sampler",
     "TensorImageSource",
+    "atomic_write",
     "build_component",
     "create",
     "get_registry",
     "hookimpl",
     "reparameterize",
+    # MCMC building blocks for sampler authors (ncpvae.mcmc)
+    "Callback",
+    "Energy",
+    "MarkovChainConfig",
+    "OnNonfinite",
+    "SIRDraws",
+    "acceptance_summary",
+    "adapt_log_step",
+    "apply_divergence_policy",
+    "check_generator",
+    "check_positions",
+    "energy_and_grad",
+    "ess",
+    "ess_fraction",
+    "evaluate_energy",
+    "finite_rows",
+    "importance_resample",
+    "initial_energy_and_grad",
+    "langevin_log_accept",
+    "langevin_move",
+    "mcse_mean",
+    "posterior_energy",
+    "sampling_importance_resampling",
+    "select_rows",
+    "split_rhat",
+    "summarize",
 ]

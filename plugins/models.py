@@ -14,8 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ncpvae import BuildContext, ComponentConfig, LatentModel, hookimpl
-from ncpvae.errors import ConfigError
+from ncpvae import BuildContext, ComponentConfig, ConfigError, LatentModel, hookimpl
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
 

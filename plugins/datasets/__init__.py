@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ncpvae.errors import DataError
-from ncpvae.hookspecs import hookimpl
+from ncpvae import DataError, hookimpl
 
 
 def seeded_permutation(n: int, seed: int) -> Tensor:

@@ -12,8 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ncpvae.component import BuildContext, ComponentConfig
-from ncpvae.data import DataBundle, DatasetPlugin, TensorImageSource
+from ncpvae import BuildContext, ComponentConfig, DataBundle, DatasetPlugin, TensorImageSource
 from ncpvae.plugins.datasets import split_by_fraction
 
 

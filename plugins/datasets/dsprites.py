@@ -23,9 +23,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae.component import BuildContext, ComponentConfig
-from ncpvae.data import DataBundle, DatasetPlugin, ImageSource
-from ncpvae.errors import DataError
+from ncpvae import BuildContext, ComponentConfig, DataBundle, DataError, DatasetPlugin, ImageSource
 from ncpvae.plugins.datasets import split_by_count
 from ncpvae.plugins.datasets.npz import read_npz
 

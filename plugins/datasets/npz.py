@@ -28,9 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae.component import BuildContext, ComponentConfig
-from ncpvae.data import DataBundle, DatasetPlugin, TensorImageSource
-from ncpvae.errors import DataError
+from ncpvae import BuildContext, ComponentConfig, DataBundle, DataError, DatasetPlugin, TensorImageSource
 from ncpvae.plugins.datasets import split_by_fraction
 
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, pickle.PickleError)

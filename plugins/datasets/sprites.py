@@ -52,9 +52,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from ncpvae.component import BuildContext, ComponentConfig
-from ncpvae.data import DataBundle, DatasetPlugin, ImageSource
-from ncpvae.errors import DataError
+from ncpvae import BuildContext, ComponentConfig, DataBundle, DataError, DatasetPlugin, ImageSource
 from ncpvae.plugins.datasets import split_by_count
 
 FACTOR_NAMES: tuple[str, ...] = ("shape", "scale", "orientation", "posX", "posY")

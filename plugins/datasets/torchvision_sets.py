@@ -24,10 +24,15 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae.component import BuildContext, ComponentConfig
-from ncpvae.data import DataBundle, DatasetPlugin, TensorImageSource
-from ncpvae.errors import DataError
-from ncpvae.io import atomic_write
+from ncpvae import (
+    BuildContext,
+    ComponentConfig,
+    DataBundle,
+    DataError,
+    DatasetPlugin,
+    TensorImageSource,
+    atomic_write,
+)
 from ncpvae.plugins.datasets import seeded_permutation
 
 RAW_FILES: tuple[str, ...] = (
