@@ -229,8 +229,19 @@ COMMANDS = {"train": cmd_train, "fit-prior": cmd_fit_prior, "sample": cmd_sample
             "schema": cmd_schema, "validate": cmd_validate}
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Show a warning as one line on stderr, without Python's source-line echo."""
+    text = " ".join(str(message).split())
+    print(f"ncpvae: warning: {text}", file=file if file is not None else sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    previous_showwarning = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
         return COMMANDS[args.command](args)
     except NcpvaeError as exc:
@@ -241,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; files already written are complete", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous_showwarning
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ if TYPE_CHECKING:
 
 
 class StrictModel(BaseModel):
-    """A pydantic model that rejects unknown keys with a close-match suggestion."""
+    """A pydantic model that rejects unknown keys with a close-match suggestion, and NaN or
+    infinite floats (a learning rate, beta or step size of ``inf`` would only fail later as a
+    non-finite loss; no setting of ncpvae needs an infinite value)."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod

@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import Field, ValidationError
 
 from ncpvae.component import ComponentConfig, StrictModel
@@ -30,6 +30,11 @@ from ncpvae.sections import (
     SamplerSection,
     registry_from,
 )
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as the `tomli` package (a declared dependency there)
+    import tomli as tomllib
 
 
 class TrainConfig(StrictModel):

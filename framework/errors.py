@@ -58,7 +58,8 @@ def format_validation_error(error: ValidationError, what: str = "config") -> str
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] in ("greater_than", "greater_than_equal", "less_than",
                             "less_than_equal", "literal_error", "int_parsing", "float_parsing",
-                            "bool_parsing", "string_type", "int_type", "float_type"):
+                            "bool_parsing", "string_type", "int_type", "float_type",
+                            "finite_number"):
             msg += f" (got {item['input']!r})"
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"invalid {what}: " + "; ".join(parts)

@@ -4,12 +4,15 @@ such as the NCP prior's ``base`` use)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from ncpvae.component import BuildContext, Component
 from ncpvae.config import validate_component
+from ncpvae.errors import NcpvaeError, PluginError
 from ncpvae.plugin_manager import get_registry
 from ncpvae.registry import Registry
 
@@ -49,7 +52,31 @@ def build_component(config: Any, kind: str, ctx: BuildContext) -> Component:
     """Build a component from an already validated config section (used by the runner and by
     composite components such as the NCP prior's base)."""
     registry = ctx.registry if ctx.registry is not None else get_registry()
-    component = registry.get(kind, config.name).from_config(config, ctx)
-    if isinstance(component, torch.nn.Module):
-        component = component.to(device=ctx.device, dtype=ctx.dtype)
+    cls = registry.get(kind, config.name)
+    with plugin_errors(registry, kind, config.name, "failed to build"):
+        component = cls.from_config(config, ctx)
+        if isinstance(component, torch.nn.Module):
+            component = component.to(device=ctx.device, dtype=ctx.dtype)
     return component
+
+
+@contextmanager
+def plugin_errors(registry: Registry, kind: str, name: str, doing: str) -> Iterator[None]:
+    """Turn an unexpected exception of a third-party component into one :class:`PluginError`
+    line, e.g. ``prior 'boom' (plugin ncpvae-boom 0.1) failed to build: RuntimeError: ...``.
+
+    ncpvae's own errors (``ConfigError``, ``DataError``, ...) pass through unchanged, and so does
+    anything a built-in component raises (that is a bug and keeps its traceback).
+    """
+    try:
+        yield
+    except NcpvaeError:
+        raise
+    except Exception as exc:
+        plugin = registry.source(kind, name) if (kind, name) in registry else None
+        if plugin is None or registry.is_builtin(plugin):
+            raise
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+        raise PluginError(
+            f"{kind} '{name}' (plugin {registry.plugin_label(plugin)}) {doing}: {detail}"
+        ) from exc

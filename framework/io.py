@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,15 +77,34 @@ def save_torch(path: str | Path, obj: Any) -> Path:
 
 
 def load_torch(path: str | Path, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with clear errors for missing or corrupt files."""
+    """``torch.load(weights_only=True)``: tensors and plain data only, never code.
+
+    Raises a one-line :class:`DataError` for a missing, truncated or foreign file, and for a file
+    whose pickle holds anything else (a class instance, a function): such a file is refused for
+    safety, without running anything it names.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what} '{path}' does not exist")
+        raise DataError(f"{what} '{path}' does not exist" if not path.exists()
+                        else f"{what} '{path}' is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol of the file
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            match = re.search(r"(?:Unsupported global: )?GLOBAL ([\w.]+)", text)
+            holds = f" (it names {match.group(1)})" if match else ""
+            raise DataError(
+                f"{what} '{path}' was refused for safety: its pickle holds objects other than "
+                f"tensors and plain data{holds}; ncpvae never unpickles code, use a checkpoint "
+                "written by ncpvae"
+            ) from None
+        detail = " ".join(text.split()).split(". ")[0][:160] or "unexpected end of file"
         raise DataError(
-            f"{what} '{path}' is corrupt or not a ncpvae checkpoint ({type(exc).__name__}: {exc})"
+            f"{what} '{path}' is truncated, corrupt or not a ncpvae checkpoint "
+            f"({type(exc).__name__}: {detail}); rerun the stage that writes it"
         ) from None
 
 

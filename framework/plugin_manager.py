@@ -2,8 +2,10 @@
 
 Built-in plugins (``ncpvae.plugins.*``) and third-party plugins (entry-point group ``ncpvae``)
 register through the same hooks (see :mod:`ncpvae.hookspecs`). Each third-party plugin is loaded
-on its own: one that fails to import becomes a warning naming it (an error when ``strict``), and
-everything else keeps working.
+on its own: one that fails to import, or whose ``ncpvae_register_*`` hook raises, becomes a
+warning naming it and its error (an error when ``strict``), and everything else keeps working.
+A hook that returns something other than a list of component classes, and two plugins
+registering the same name, stay errors: those are contract violations, not runtime failures.
 
 Environment switches: ``NCPVAE_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points;
 ``NCPVAE_DISABLE_PLUGINS=a,b`` skips the named plugins (entry-point names, or built-in module
@@ -44,7 +46,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
 
 
 class PluginLoadWarning(UserWarning):
-    """A third-party plugin failed to load and was skipped."""
+    """A third-party plugin failed to load (or one of its hooks raised) and was skipped."""
 
 
 @dataclass
@@ -107,10 +109,8 @@ class PluginManager:
             try:
                 module = ep.load()
             except Exception as exc:  # any import-time failure of a third-party plugin
-                message = (
-                    f"plugin '{ep.name}' ({ep.value}) failed to load and was skipped: "
-                    f"{type(exc).__name__}: {exc}"
-                )
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+                message = f"plugin '{ep.name}' ({ep.value}) failed to load and was skipped: {detail}"
                 if self.strict:
                     raise PluginError(message) from exc
                 self.failures.append(message)
@@ -125,10 +125,18 @@ class PluginManager:
 
     def _build_registry(self) -> Registry:
         registry = Registry()
+        registry.plugin_meta.update({info.name: (info.source, info.version)
+                                     for info in self._info.values()})
         for component_kind in COMPONENT_KINDS:
             hook_name, kind, base = component_kind.hook, component_kind.name, component_kind.base
             for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
-                classes = impl.function()
+                try:
+                    classes = impl.function()
+                except Exception as exc:  # a third-party hook must not take down the others
+                    if self._info[impl.plugin_name].source == "builtin":
+                        raise  # a bug in ncpvae itself: keep the traceback
+                    self._hook_failed(impl.plugin_name, hook_name, exc)
+                    continue
                 if not isinstance(classes, (list, tuple)):
                     raise PluginError(
                         f"plugin '{impl.plugin_name}': {hook_name}() must return a list of "
@@ -143,6 +151,16 @@ class PluginManager:
                     registry.register(kind, cls, impl.plugin_name)
                     self._info[impl.plugin_name].components.append((kind, cls.name))
         return registry
+
+    def _hook_failed(self, plugin: str, hook_name: str, exc: Exception) -> None:
+        """A plugin's hook raised: a warning naming it (an error when ``strict``)."""
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+        message = (f"plugin '{plugin}' failed in {hook_name}() and its components there were "
+                   f"skipped: {detail}")
+        if self.strict:
+            raise PluginError(message) from exc
+        self.failures.append(message)
+        warnings.warn(message, PluginLoadWarning, stacklevel=3)
 
     @property
     def plugins(self) -> list[PluginInfo]:

@@ -16,6 +16,8 @@ class Registry:
         default_factory=lambda: {kind: {} for kind in KINDS}
     )
     _sources: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: plugin name -> (source: "builtin", "entrypoint" or "manual", version), set by the manager
+    plugin_meta: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def register(self, kind: str, cls: type, plugin: str) -> None:
         """Add ``cls`` under ``(kind, cls.name)``; a second class for the same key is an error."""
@@ -59,6 +61,15 @@ class Registry:
         """The plugin that registered ``(kind, name)``."""
         self.get(kind, name)
         return self._sources[(kind, name)]
+
+    def plugin_label(self, plugin: str) -> str:
+        """``"<plugin> <version>"`` (just the name when the version is unknown)."""
+        _, version = self.plugin_meta.get(plugin, ("manual", "-"))
+        return plugin if version in ("", "-") else f"{plugin} {version}"
+
+    def is_builtin(self, plugin: str) -> bool:
+        """Whether ``plugin`` ships with ncpvae."""
+        return self.plugin_meta.get(plugin, ("manual", "-"))[0] == "builtin"
 
     def items(self) -> list[tuple[str, str, type, str]]:
         """All ``(kind, name, class, plugin)`` rows, grouped by kind."""

@@ -9,8 +9,8 @@ the full factor grid (each combination exactly once, in any order), so that
 ``images_from_factors`` is an index lookup. The full file needs about 3 GB of memory (the images
 are held once; train and test are index views of them).
 
-The train/test split is a permutation seeded by the run's seed: ``test_size`` test images and
-``train_size`` (default: all the rest) training images, as for ``sprites``.
+The train/test split is a permutation seeded by ``split_seed`` (not the run seed): ``test_size``
+test images and ``train_size`` (default: all the rest) training images, as for ``sprites``.
 """
 
 from __future__ import annotations
@@ -101,6 +101,9 @@ class DSpritesDataset(DatasetPlugin):
             None, ge=1, description="training images; None = all but test"
         )
         test_size: int = Field(10_000, ge=1, description="test images")
+        split_seed: int = Field(
+            0, ge=0, description="seed of the train/test split (independent of the run seed)"
+        )
 
     def build(self, ctx: BuildContext) -> DataBundle:
         cfg = self.config
@@ -144,7 +147,9 @@ class DSpritesDataset(DatasetPlugin):
                 "use the unmodified dSprites file"
             )
         images = torch.from_numpy(imgs).unsqueeze(1)
-        train, test = split_by_count(n, cfg.train_size, cfg.test_size, ctx.seed, what="dsprites")
+        train, test = split_by_count(
+            n, cfg.train_size, cfg.test_size, cfg.split_seed, what="dsprites"
+        )
         labels = factors[:, names.index("shape")] if "shape" in names else None
         return DataBundle(
             train=IndexedImageSource(images, train, labels),

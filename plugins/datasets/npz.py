@@ -12,7 +12,7 @@ Values: uint8 (0..255, kept as uint8), bool (-> 0/255), another integer type wit
 wrong number of dimensions, a missing key (the error lists the keys present) and a file that is
 not an npz archive raise a one-line :class:`DataError`. Optional labels: a 1-D integer array
 under ``labels_key`` with one entry per image. The train/test split is a permutation seeded by
-the run's seed, with ``round(N * test_fraction)`` test images.
+``split_seed`` (not the run seed), with ``round(N * test_fraction)`` test images.
 """
 
 from __future__ import annotations
@@ -138,6 +138,9 @@ class NpzDataset(DatasetPlugin):
             "auto", description="axis order of 4-D arrays; auto detects the channel axis"
         )
         test_fraction: float = Field(0.1, gt=0, lt=1, description="share of images held out")
+        split_seed: int = Field(
+            0, ge=0, description="seed of the train/test split (independent of the run seed)"
+        )
 
     def build(self, ctx: BuildContext) -> DataBundle:
         cfg = self.config
@@ -156,7 +159,7 @@ class NpzDataset(DatasetPlugin):
                     f"per image ({len(images)}), got {raw.dtype} of shape {raw.shape}"
                 )
             labels = torch.from_numpy(raw.astype(np.int64))
-        train, test = split_by_fraction(len(images), cfg.test_fraction, ctx.seed, what=what)
+        train, test = split_by_fraction(len(images), cfg.test_fraction, cfg.split_seed, what=what)
         return DataBundle(
             train=TensorImageSource(
                 images[train], None if labels is None else labels[train], what=f"{what} train"

@@ -255,8 +255,9 @@ class SpritesDataset(DatasetPlugin):
     """dSprites-like procedural sprites (the default dataset); see the module docstring.
 
     The train and test sets are disjoint subsets of the 737,280-point grid drawn with a
-    permutation seeded by the run's seed: the first ``test_size`` permuted indices are the test
-    set, the next ``train_size`` (default: all the rest) the training set.
+    permutation seeded by ``split_seed`` (never by the run's seed): the first ``test_size``
+    permuted indices are the test set, the next ``train_size`` (default: all the rest) the
+    training set.
     """
 
     name = "sprites"
@@ -270,6 +271,9 @@ class SpritesDataset(DatasetPlugin):
             None, ge=1, le=NUM_IMAGES - 1, description="training grid points; None = all but test"
         )
         test_size: int = Field(10_000, ge=1, le=NUM_IMAGES - 1, description="test grid points")
+        split_seed: int = Field(
+            0, ge=0, description="seed of the train/test split (independent of the run seed)"
+        )
 
         @model_validator(mode="after")
         def _fits_grid(self) -> SpritesDataset.Config:
@@ -283,7 +287,7 @@ class SpritesDataset(DatasetPlugin):
     def build(self, ctx: BuildContext) -> DataBundle:
         cfg = self.config
         train, test = split_by_count(
-            NUM_IMAGES, cfg.train_size, cfg.test_size, ctx.seed, what="sprites"
+            NUM_IMAGES, cfg.train_size, cfg.test_size, cfg.split_seed, what="sprites"
         )
         return DataBundle(
             train=SpritesImageSource(train, cfg.image_size),

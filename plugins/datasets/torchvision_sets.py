@@ -10,7 +10,8 @@ when just the ``.gz`` archive of a file is there, it is decompressed next to it 
 torchvision does after a download; written to a temporary name, then renamed).
 ``download = true`` lets torchvision fetch missing files (needs internet). Images are kept
 as uint8 ``(N, 1, 28, 28)`` with ``(N,)`` long labels; the official train/test split is used,
-optionally cut to a seeded random subset of ``train_size`` / ``test_size`` images.
+optionally cut to a random subset of ``train_size`` / ``test_size`` images seeded by
+``split_seed`` (never by the run seed).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class _TorchvisionMNISTLike(DatasetPlugin):
             images, labels = self._load(str(cfg.root), train=train, download=cfg.download)
             if limit is not None and limit < len(images):
                 # a seeded subset; train and test use different streams of the same seed
-                keep = seeded_permutation(len(images), 2 * ctx.seed + seed_offset)[:limit]
+                keep = seeded_permutation(len(images), 2 * cfg.split_seed + seed_offset)[:limit]
                 images, labels = images[keep], labels[keep]
             what = f"{self.name} {'train' if train else 'test'}"
             sources.append(TensorImageSource(images, labels, what=what))
@@ -142,6 +143,9 @@ class MNISTDataset(_TorchvisionMNISTLike):
         download: bool = Field(False, description="let torchvision download missing files")
         train_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
         test_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
+        split_seed: int = Field(
+            0, ge=0, description="seed of the train and test subsets (independent of the run seed)"
+        )
 
 
 class FashionMNISTDataset(_TorchvisionMNISTLike):
@@ -156,3 +160,6 @@ class FashionMNISTDataset(_TorchvisionMNISTLike):
         download: bool = Field(False, description="let torchvision download missing files")
         train_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
         test_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
+        split_seed: int = Field(
+            0, ge=0, description="seed of the train and test subsets (independent of the run seed)"
+        )
