@@ -18,6 +18,10 @@ A :class:`Sampler` holds hyperparameters only, never chain state:
 Chains are the batch dimension: nothing loops over chains in Python. All randomness comes from
 the ``generator`` (which must live on the positions' device), so a seeded run is bit-for-bit
 reproducible. States and infos are detached: no autograd graph survives a step.
+
+The helpers a kernel needs (energy and gradient evaluation, input checks, row selection, the
+Langevin move, the divergence policy, importance resampling, diagnostics) live in
+:mod:`ncpvae.mcmc` and are exported from the ``ncpvae`` top level.
 """
 
 from __future__ import annotations
@@ -25,16 +29,16 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, NamedTuple, final
+from typing import Any, ClassVar, NamedTuple, final
 
 import torch
 from pydantic import Field, ValidationError, model_validator
 from torch import Tensor
 
 from ncpvae.component import BuildContext, Component, ComponentConfig
-from ncpvae.errors import ConfigError, DataError, NonFiniteError, format_validation_error
-
-Energy = Callable[[Tensor], Tensor]
+from ncpvae.errors import ConfigError, NonFiniteError, format_validation_error
+from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
+from ncpvae.mcmc.kernels import Energy, OnNonfinite, check_generator, check_positions
 
 #: ``callback(step, state, info)``, called after every step (``step`` counts from 1).
 Callback = Callable[[int, NamedTuple, NamedTuple], None]
@@ -54,109 +58,13 @@ class SampleResult(NamedTuple):
     diagnostics: dict[str, Any]
 
 
-# ----------------------------------------------------------------------------------------------
-# Helpers shared by the kernels
-
-
-def check_positions(position: Tensor, what: str = "initial positions") -> None:
-    """Raise :class:`DataError` unless ``position`` is a finite floating ``(C, D)`` tensor."""
-    if not isinstance(position, Tensor):
-        raise DataError(f"{what}: expected a torch.Tensor (C, D), got {type(position).__name__}")
-    if position.ndim != 2 or position.shape[0] < 1 or position.shape[1] < 1:
-        raise DataError(f"{what}: expected shape (C, D) with C, D >= 1, got {tuple(position.shape)}")
-    if not position.is_floating_point():
-        raise DataError(f"{what}: expected a floating dtype, got {position.dtype}")
-    if not torch.isfinite(position).all():
-        raise DataError(f"{what}: contain NaN or infinite values")
-
-
-def check_generator(generator: torch.Generator | None, like: Tensor) -> None:
-    """Raise :class:`ConfigError` if ``generator`` lives on another device than ``like``."""
-    if generator is not None and generator.device.type != like.device.type:
-        raise ConfigError(
-            f"the generator is on {generator.device} but the chains are on {like.device}; "
-            f"create it with torch.Generator(device='{like.device.type}')"
-        )
-
-
-def evaluate_energy(energy: Energy, position: Tensor) -> Tensor:
-    """``U(position)`` without a graph, checked to be ``(C,)``."""
-    with torch.no_grad():
-        u = energy(position)
-    _check_energy_shape(u, position)
-    return u.detach()
-
-
-def energy_and_grad(energy: Energy, position: Tensor) -> tuple[Tensor, Tensor]:
-    """``U(z)`` ``(C,)`` and ``∇U(z)`` ``(C, D)`` from one backward pass, both detached.
-
-    The gradient is ``autograd.grad(U(z).sum(), z)``, correct for batch-separable energies.
-    Parameters inside ``energy`` (e.g. a classifier's weights) get no ``.grad``.
-    """
-    with torch.enable_grad():
-        z = position.detach().requires_grad_(True)
-        u = energy(z)
-        _check_energy_shape(u, position)
-        if u.requires_grad:
-            (grad,) = torch.autograd.grad(u.sum(), z, allow_unused=True)
-        else:
-            grad = None
-    if grad is None:  # the energy does not depend on z
-        grad = torch.zeros_like(position)
-    return u.detach(), grad.detach()
-
-
-def _check_energy_shape(u: Any, position: Tensor) -> None:
-    if not isinstance(u, Tensor) or u.shape != position.shape[:1]:
-        shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
-        raise DataError(
-            f"the energy must map chains (C, D) to per-chain values (C,) = "
-            f"({position.shape[0]},), got {shape}; do not reduce over chains (no .sum()/.mean())"
-        )
-
-
-def initial_energy_and_grad(energy: Energy, position: Tensor) -> tuple[Tensor, Tensor]:
-    """``U`` ``(C,)`` and ``∇U`` ``(C, D)`` at chains' starting points; non-finite is an error
-    (a chain cannot recover from a start where the energy or its gradient is undefined)."""
-    check_positions(position)
-    u, g = energy_and_grad(energy, position)
-    bad = ~finite_rows(position, u, g)
-    if bad.any():
-        raise NonFiniteError(
-            f"the energy or its gradient is non-finite at the initial position of "
-            f"{int(bad.sum())} of {position.shape[0]} chains; start them elsewhere"
-        )
-    return u, g
-
-
-def finite_rows(position: Tensor, energy: Tensor, grad: Tensor | None = None) -> Tensor:
-    """``(C,)`` bool: chains whose position, energy (and gradient) are all finite.
-
-    Tested through row sums (several times cheaper than ``isfinite(...).all(-1)``): a sum is
-    non-finite when an entry is, or when finite entries overflow it (|z| near the dtype's max),
-    and such a chain has diverged anyway.
-    """
-    total = position.sum(-1)
-    if grad is not None:
-        total = total + grad.sum(-1)
-    return torch.isfinite(energy) & torch.isfinite(total)
-
-
-def select_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """Row-wise ``where``: rows of ``new`` where ``mask`` ``(C,)`` is True, else rows of ``old``."""
-    return torch.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
 class MarkovChainConfig(ComponentConfig):
     """Config fields every Markov-chain sampler shares (``sample_prior`` uses them)."""
 
     num_steps: int = Field(500, ge=0, description="steps per chain in sample_prior")
     burn_in: int = Field(250, ge=0, description="initial steps not kept (adaptation runs here)")
     thin: int = Field(25, ge=1, description="keep every thin-th state after burn-in")
-    on_nonfinite: Literal["raise", "reset"] = Field(
+    on_nonfinite: OnNonfinite = Field(
         "raise", description="unadjusted-move divergence: raise NonFiniteError, or reset those "
         "chains to their previous position and count them")
 
@@ -172,9 +80,19 @@ class Sampler(Component, ABC):
     """Base class of latent samplers; see the module docstring for the kernel contract.
 
     Subclasses set ``name``, a ``Config`` (with ``num_steps``/``burn_in``/``thin`` fields if they
-    use the default :meth:`sample_prior`), and implement :meth:`init` and :meth:`step`.
-    ``run_options`` names the extra keyword arguments :meth:`run` forwards to ``init`` and
-    ``step`` (e.g. the ``sir`` sampler's ``proposal``).
+    use the default :meth:`sample_prior`; :class:`MarkovChainConfig` has them), and implement
+    :meth:`init` and :meth:`step`. ``run_options`` names the extra keyword arguments :meth:`run`
+    forwards to ``init`` and ``step`` (e.g. the ``sir`` sampler's ``proposal``).
+
+    A sampler describes itself to tables, plots and the report (the framework never reads a
+    plugin's config fields or branches on its name):
+
+    - :attr:`label`: its display name, from its own config (``langevin`` gives ``ULA`` or
+      ``MALA``, ``sir`` ``SIR``, ``sgld`` ``SGLD``); the registry name by default;
+    - :attr:`acceptance_note`: what its ``acceptance_rate`` diagnostic means when that is not
+      the acceptance probability of an exact Metropolis–Hastings step (ULA's is the would-be
+      MALA acceptance of its unadjusted moves), or None (the default) when there is nothing to
+      add or the sampler reports no acceptance.
     """
 
     kind: ClassVar[str] = "sampler"
@@ -204,9 +122,17 @@ class Sampler(Component, ABC):
 
     @property
     def label(self) -> str:
-        """A short human name for figure titles (e.g. ``MALA`` for the Metropolis-adjusted
-        ``langevin`` sampler); the registry name unless a sampler says otherwise."""
+        """A short human name for tables and figure titles (e.g. ``MALA`` for the
+        Metropolis-adjusted ``langevin`` sampler); the registry name unless a sampler says
+        otherwise."""
         return self.name
+
+    @property
+    def acceptance_note(self) -> str | None:
+        """A short note on what ``diagnostics["acceptance_rate"]`` means for this sampler, for
+        readers of the report (e.g. ULA: ``"the would-be MH acceptance"``), or None when it is
+        the plain Metropolis–Hastings acceptance or the sampler reports none."""
+        return None
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump().items() if k != "name")
@@ -271,8 +197,6 @@ class Sampler(Component, ABC):
         ``callback(step, state, info)`` runs after each step; ``progress`` shows a tqdm bar;
         ``options`` are forwarded to ``init`` and ``step`` (names in ``run_options``).
         """
-        from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
-
         for label, value, low in (("num_steps", num_steps, 0), ("burn_in", burn_in, 0),
                                   ("thin", thin, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -40,17 +40,21 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae.component import BuildContext
-from ncpvae.errors import ConfigError, NonFiniteError
-from ncpvae.hookspecs import hookimpl
-from ncpvae.sampler import (
+from ncpvae import (
+    BuildContext,
+    ConfigError,
     Energy,
     MarkovChainConfig,
     Sampler,
+    adapt_log_step,
+    apply_divergence_policy,
     check_generator,
     energy_and_grad,
     finite_rows,
+    hookimpl,
     initial_energy_and_grad,
+    langevin_log_accept,
+    langevin_move,
     select_rows,
 )
 
@@ -82,32 +86,11 @@ class LangevinInfo(NamedTuple):
     nonfinite: Tensor
 
 
-def langevin_log_accept(energy: Tensor, proposal_energy: Tensor, xi: Tensor,
-                        backward_residual: Tensor, step_size: Tensor,
-                        *, correct_proposal: bool = True) -> Tensor:
-    """``(C,)`` log MH ratio ``U(z) - U(z') + log q(z | z') - log q(z' | z)`` of the Langevin move
-    ``z' = z - eps ∇U(z) + sqrt(2 eps) xi``.
-
-    ``log q(z' | z) = -|xi|^2 / 2`` (up to the shared constant), and ``backward_residual`` is
-    ``z - z' + eps ∇U(z')``, so ``log q(z | z') = -|backward_residual|^2 / (4 eps)``. Chains with
-    ``step_size == 0`` get 0 (their proposal is their position). ``correct_proposal = False``
-    drops the ``q`` terms (a wrong sampler, kept for tests that must reject it).
-    """
-    log_ratio = energy - proposal_energy
-    if correct_proposal:
-        safe = torch.where(step_size > 0, step_size, torch.ones_like(step_size))
-        log_q_forward = -0.5 * torch.linalg.vecdot(xi, xi)
-        log_q_backward = -torch.linalg.vecdot(backward_residual, backward_residual) / (4 * safe)
-        log_ratio = log_ratio + log_q_backward - log_q_forward
-    return torch.where(step_size > 0, log_ratio, torch.zeros_like(log_ratio))
-
-
-def adapt_log_step(step_size: Tensor, acceptance: Tensor, target: float, iteration: int,
-                   per_chain: bool) -> Tensor:
-    """One Robbins–Monro step on ``log step_size`` toward mean acceptance ``target``."""
-    accept = acceptance if per_chain else acceptance.mean().expand_as(acceptance)
-    delta = ((accept - target) / iteration**0.6).clamp(-1.0, 1.0)
-    return step_size * torch.exp(delta)
+def _ula_divergence(bad: Tensor, eps: Tensor) -> str:
+    worst = float(eps[bad].max())
+    return (f"ULA diverged: energy or position became non-finite in {int(bad.sum())} of "
+            f"{bad.shape[0]} chains with step_size={worst:g}; use a smaller step_size "
+            f"(e.g. {worst / 10:g}), metropolis=true, or on_nonfinite='reset'")
 
 
 class LangevinSampler(Sampler):
@@ -137,6 +120,14 @@ class LangevinSampler(Sampler):
     def label(self) -> str:
         return "MALA" if self.config.metropolis else "ULA"
 
+    @property
+    def acceptance_note(self) -> str | None:
+        if self.config.metropolis:
+            return None
+        if self.config.adapt_step_size:
+            return "the would-be MH acceptance (ULA moves are never rejected)"
+        return "1 for every finite move (ULA has no Metropolis step)"
+
     def check_run(self, num_steps: int, burn_in: int, thin: int) -> None:
         if self.config.adapt_step_size and num_steps > 0 and burn_in == 0:
             raise ConfigError("adapt_step_size needs burn_in > 0 (adaptation happens during "
@@ -154,14 +145,12 @@ class LangevinSampler(Sampler):
         z, u, g, eps = state
         check_generator(generator, z)
         xi = self._randn(z, generator)
-        scale = eps.unsqueeze(-1)
-        proposal = torch.addcmul(torch.addcmul(z, scale, g, value=-1.0), torch.sqrt(2 * scale), xi)
+        proposal = langevin_move(z, g, eps, xi)
         new_u, new_g = energy_and_grad(energy, proposal)
         ok = finite_rows(proposal, new_u, new_g)
         # The MH ratio: MALA needs it; adaptive ULA tunes eps by it. Plain ULA skips its cost.
         if self.config.metropolis or self.config.adapt_step_size:
-            residual = torch.addcmul(z - proposal, scale, new_g)  # z - z' + eps ∇U(z')
-            log_alpha = langevin_log_accept(u, new_u, xi, residual, eps,
+            log_alpha = langevin_log_accept(z, u, proposal, new_u, new_g, xi, eps,
                                             correct_proposal=self._correct_proposal)
             # A non-finite proposal is a rejection (NaN ratios would compare False anyway).
             log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
@@ -175,23 +164,11 @@ class LangevinSampler(Sampler):
                 select_rows(accept, proposal, z), select_rows(accept, new_u, u),
                 select_rows(accept, new_g, g), eps,
             )
-        elif bool(ok.all()):  # ULA, the common case: every chain moves
+        else:  # ULA: the shared divergence policy (raise, or reset non-finite chains)
             accept = ok
-            new_state = LangevinState(proposal, new_u, new_g, eps)
-        else:
-            if self.config.on_nonfinite == "raise":
-                bad = ~ok
-                worst = float(eps[bad].max())
-                raise NonFiniteError(
-                    f"ULA diverged: energy or position became non-finite in {int(bad.sum())} of "
-                    f"{z.shape[0]} chains with step_size={worst:g}; use a smaller step_size "
-                    f"(e.g. {worst / 10:g}), metropolis=true, or on_nonfinite='reset'"
-                )
-            accept = ok  # reset: non-finite chains stay at their previous state
-            new_state = LangevinState(
-                select_rows(ok, proposal, z), select_rows(ok, new_u, u),
-                select_rows(ok, new_g, g), eps,
-            )
+            new_state = LangevinState(*apply_divergence_policy(
+                ok, (proposal, new_u, new_g), (z, u, g), on_nonfinite=self.config.on_nonfinite,
+                message=lambda bad: _ula_divergence(bad, eps)), eps)
         info = LangevinInfo(alpha, accept, new_state.energy, eps, ~ok)
         return new_state, info
 

@@ -30,18 +30,20 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from ncpvae.component import BuildContext
-from ncpvae.errors import ConfigError, DataError, NonFiniteError
-from ncpvae.hookspecs import hookimpl
-from ncpvae.sampler import (
+from ncpvae import (
+    BuildContext,
+    ConfigError,
+    DataError,
     Energy,
     MarkovChainConfig,
     Sampler,
+    apply_divergence_policy,
     check_generator,
     energy_and_grad,
     finite_rows,
+    hookimpl,
     initial_energy_and_grad,
-    select_rows,
+    langevin_move,
 )
 
 
@@ -140,6 +142,10 @@ class SGLDSampler(Sampler):
     def from_config(cls, config: Config, ctx: BuildContext) -> SGLDSampler:
         return cls(config)
 
+    @property
+    def label(self) -> str:
+        return "SGLD"
+
     def step_size_at(self, t: int) -> float:
         """``eps_t = a (b + t)^-gamma`` (``a`` when ``gamma = 0``)."""
         cfg = self.config
@@ -156,19 +162,17 @@ class SGLDSampler(Sampler):
         check_generator(generator, z)
         eps = self.step_size_at(t)
         xi = self._randn(z, generator)
-        proposal = z - eps * g + (2 * eps * self.config.temperature) ** 0.5 * xi
+        proposal = langevin_move(z, g, eps, xi, (2 * eps * self.config.temperature) ** 0.5)
         new_u, new_g = energy_and_grad(energy, proposal)
         ok = finite_rows(proposal, new_u, new_g)
-        if not bool(ok.all()) and self.config.on_nonfinite == "raise":
-            raise NonFiniteError(
-                f"SGLD diverged: energy or position became non-finite in {int((~ok).sum())} of "
+        position, new_u, new_g = apply_divergence_policy(
+            ok, (proposal, new_u, new_g), (z, u, g), on_nonfinite=self.config.on_nonfinite,
+            message=lambda bad: (
+                f"SGLD diverged: energy or position became non-finite in {int(bad.sum())} of "
                 f"{z.shape[0]} chains with step_size={eps:g}; use a smaller step size (a, or a "
-                f"larger b; e.g. a={self.config.a / 10:g}) or on_nonfinite='reset'"
-            )
-        new_state = SGLDState(select_rows(ok, proposal, z), select_rows(ok, new_u, u),
-                              select_rows(ok, new_g, g), t + 1)
-        eps_t = torch.full_like(u, eps)
-        return new_state, SGLDInfo(new_state.energy, eps_t, ~ok)
+                f"larger b; e.g. a={self.config.a / 10:g}) or on_nonfinite='reset'"))
+        new_state = SGLDState(position, new_u, new_g, t + 1)
+        return new_state, SGLDInfo(new_u, torch.full_like(u, eps), ~ok)
 
 
 @hookimpl

@@ -4,7 +4,7 @@
 ``M = num_candidates * num_samples`` candidates from the proposal (the target prior's
 ``base_prior`` unless ``proposal=`` is given), weight them by
 ``w ∝ exp(-U(z) - log q(z))`` with ``U = prior.energy`` and ``q`` the proposal, and resample
-``num_samples`` of them with replacement (:func:`ncpvae.mcmc.importance.importance_resample`). For an
+``num_samples`` of them with replacement (:func:`ncpvae.sampling_importance_resampling`). For an
 NCP prior on its base, ``log w = f(z)`` up to a constant. The draws are exact as ``M -> ∞``;
 ``diagnostics["ess_fraction"]`` (Kish ESS over M) says how well the proposal covers the target.
 
@@ -31,17 +31,21 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae.component import BuildContext, ComponentConfig
-from ncpvae.errors import ConfigError, DataError, NonFiniteError
-from ncpvae.hookspecs import hookimpl
-from ncpvae.mcmc.importance import importance_resample
-from ncpvae.sampler import (
+from ncpvae import (
+    BuildContext,
+    ComponentConfig,
+    ConfigError,
+    DataError,
     Energy,
+    NonFiniteError,
     Sampler,
     SampleResult,
     check_generator,
     check_positions,
+    ess_fraction,
     evaluate_energy,
+    hookimpl,
+    sampling_importance_resampling,
 )
 
 
@@ -107,19 +111,15 @@ class SIRSampler(Sampler):
         proposal = prior.base_prior if proposal is None else proposal
         start = time.perf_counter()
         total = self.config.num_candidates * num_samples
-        candidates = proposal.sample(total, generator=generator).detach()
-        chunks = range(0, total, self.config.chunk_size)
-        if progress:
-            from tqdm.auto import tqdm
 
-            chunks = tqdm(chunks, desc="sir weighting", unit="chunk")
-        pieces = []
-        with torch.no_grad():
-            for lo in chunks:
-                part = candidates[lo: lo + self.config.chunk_size]
-                pieces.append(_log_weights(prior.energy(part), proposal.log_prob(part)))
-        log_w = torch.cat(pieces)
-        draws, ess_frac = importance_resample(candidates, log_w, num_samples, generator=generator)
+        def log_weight(part: Tensor) -> Tensor:
+            return _log_weights(prior.energy(part), proposal.log_prob(part))
+
+        draws, log_w = sampling_importance_resampling(
+            lambda m: proposal.sample(m, generator=generator), log_weight, num_samples,
+            self.config.num_candidates, chunk_size=self.config.chunk_size, generator=generator,
+            progress=progress)
+        ess_frac = ess_fraction(log_w)
         with torch.no_grad():
             draw_energy = prior.energy(draws)
         wall = time.perf_counter() - start

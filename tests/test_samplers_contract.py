@@ -16,13 +16,19 @@ from torch import Tensor
 import ncpvae.plugins.langevin as langevin_mod
 import ncpvae.plugins.sgld as sgld_mod
 import ncpvae.plugins.sir as sir_mod
-from ncpvae.component import BuildContext
+from ncpvae import (
+    Sampler,
+    SampleResult,
+    apply_divergence_policy,
+    energy_and_grad,
+    langevin_move,
+)
+from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
 from ncpvae.plugins.langevin import LangevinSampler
 from ncpvae.plugins.sgld import MinibatchEnergy, SGLDSampler
 from ncpvae.plugins.sir import SIRSampler
 from ncpvae.prior import Prior
-from ncpvae.sampler import Sampler, SampleResult, energy_and_grad
 
 
 @pytest.fixture(autouse=True)
@@ -504,3 +510,57 @@ def test_posterior_energy_needs_one_chain_per_image():
         energy(torch.zeros(4, 2))
     result = build("mala").run(energy, torch.zeros(3, 2, dtype=torch.float64), 3)
     assert result.samples.shape == (3, 3, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# self-description and the shared kernels
+
+
+def test_samplers_describe_themselves():
+    assert build("ula").label == "ULA" and build("mala").label == "MALA"
+    assert build("sgld").label == "SGLD" and build("sir").label == "SIR"
+    assert build("mala").acceptance_note is None
+    assert "would-be MH acceptance" in build("ula", adapt_step_size=True).acceptance_note
+    assert build("ula").acceptance_note  # plain ULA reports 1 per finite move: say so
+    assert build("sgld").acceptance_note is None and build("sir").acceptance_note is None
+
+    class Custom(Sampler):
+        name = "custom"
+
+        class Config(ComponentConfig):
+            name: str = "custom"
+
+        def init(self, position, energy, **options):
+            raise NotImplementedError
+
+        def step(self, state, energy, *, generator=None, **options):
+            raise NotImplementedError
+
+    assert Custom().label == "custom" and Custom().acceptance_note is None
+
+
+def test_langevin_move_scalar_and_per_chain_forms_agree():
+    gen = torch.Generator().manual_seed(0)
+    z, g, xi = (torch.randn(50, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    eps = 0.07
+    by_chain = langevin_move(z, g, torch.full((50,), eps, dtype=torch.float64), xi)
+    shared = langevin_move(z, g, eps, xi)
+    expected = z - eps * g + math.sqrt(2 * eps) * xi
+    torch.testing.assert_close(by_chain, expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(shared, expected, rtol=0, atol=1e-14)
+    tempered = langevin_move(z, g, eps, xi, 0.5)
+    torch.testing.assert_close(tempered, z - eps * g + 0.5 * xi, rtol=0, atol=1e-14)
+
+
+def test_divergence_policy_raise_and_reset():
+    ok = torch.tensor([True, False, True])
+    new = (torch.arange(6.0).reshape(3, 2), torch.tensor([1.0, math.nan, 3.0]))
+    old = (torch.zeros(3, 2), torch.zeros(3))
+    assert apply_divergence_policy(torch.ones(3, dtype=torch.bool), new, old,
+                                   on_nonfinite="raise", message=str)[0] is new[0]
+    with pytest.raises(NonFiniteError, match="1 bad"):
+        apply_divergence_policy(ok, new, old, on_nonfinite="raise",
+                                message=lambda bad: f"{int(bad.sum())} bad")
+    pos, u = apply_divergence_policy(ok, new, old, on_nonfinite="reset", message=str)
+    assert pos[1].tolist() == [0.0, 0.0] and u.tolist() == [1.0, 0.0, 3.0]
+    assert pos[2].tolist() == [4.0, 5.0]

@@ -1,6 +1,6 @@
 """Energies for sampling tasks beyond the prior: the latent posterior of a trained VAE.
 
-An :data:`~ncpvae.sampler.Energy` maps chains ``(C, D)`` to ``(C,)``; see :mod:`ncpvae.sampler`.
+An :data:`~ncpvae.mcmc.kernels.Energy` maps chains ``(C, D)`` to ``(C,)``; see :mod:`ncpvae.sampler`.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 from torch import Tensor
 
 from ncpvae.errors import DataError
+from ncpvae.mcmc.kernels import Energy
 from ncpvae.model import LatentModel
 from ncpvae.prior import Prior
-from ncpvae.sampler import Energy
 
 
 def posterior_energy(model: LatentModel, prior: Prior, x: Tensor) -> Energy:

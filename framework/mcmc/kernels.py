@@ -1,0 +1,213 @@
+"""Kernel building blocks shared by every Markov-chain sampler (built-in or third-party).
+
+Convention (MATH.md §3): the target is ``pi(z) ∝ exp(-U(z))``; an :data:`Energy` maps chains
+``(C, D)`` to ``(C,)`` and must be batch-separable (row i depends on ``z[i]`` only), because
+every gradient is ``autograd.grad(U(z).sum(), z)``.
+
+- input checks: :func:`check_positions`, :func:`check_generator`;
+- energies: :func:`evaluate_energy`, :func:`energy_and_grad`, :func:`initial_energy_and_grad`;
+- row bookkeeping: :func:`finite_rows`, :func:`select_rows`;
+- the one Langevin move (:func:`langevin_move`), its Metropolis–Hastings ratio
+  (:func:`langevin_log_accept`) and the Robbins–Monro step-size update (:func:`adapt_log_step`),
+  used by the ``langevin`` (ULA/MALA) and ``sgld`` samplers;
+- the one divergence policy of unadjusted moves (:func:`apply_divergence_policy`).
+
+Everything here is exported from the ``ncpvae`` top level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ncpvae.errors import ConfigError, DataError, NonFiniteError
+
+#: An energy: chains ``(C, D)`` -> per-chain values ``(C,)`` (batch-separable).
+Energy = Callable[[Tensor], Tensor]
+
+#: What an unadjusted move does when a chain's energy, gradient or position becomes non-finite.
+OnNonfinite = Literal["raise", "reset"]
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+
+
+def check_positions(position: Tensor, what: str = "initial positions") -> None:
+    """Raise :class:`DataError` unless ``position`` is a finite floating ``(C, D)`` tensor."""
+    if not isinstance(position, Tensor):
+        raise DataError(f"{what}: expected a torch.Tensor (C, D), got {type(position).__name__}")
+    if position.ndim != 2 or position.shape[0] < 1 or position.shape[1] < 1:
+        raise DataError(f"{what}: expected shape (C, D) with C, D >= 1, got {tuple(position.shape)}")
+    if not position.is_floating_point():
+        raise DataError(f"{what}: expected a floating dtype, got {position.dtype}")
+    if not torch.isfinite(position).all():
+        raise DataError(f"{what}: contain NaN or infinite values")
+
+
+def check_generator(generator: torch.Generator | None, like: Tensor) -> None:
+    """Raise :class:`ConfigError` if ``generator`` lives on another device than ``like``."""
+    if generator is not None and generator.device.type != like.device.type:
+        raise ConfigError(
+            f"the generator is on {generator.device} but the chains are on {like.device}; "
+            f"create it with torch.Generator(device='{like.device.type}')"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# energies and gradients
+
+
+def evaluate_energy(energy: Energy, position: Tensor) -> Tensor:
+    """``U(position)`` ``(C,)`` without a graph, checked to be ``(C,)``."""
+    with torch.no_grad():
+        u = energy(position)
+    _check_energy_shape(u, position)
+    return u.detach()
+
+
+def energy_and_grad(energy: Energy, position: Tensor) -> tuple[Tensor, Tensor]:
+    """``U(z)`` ``(C,)`` and ``∇U(z)`` ``(C, D)`` from one backward pass, both detached.
+
+    The gradient is ``autograd.grad(U(z).sum(), z)``, correct for batch-separable energies.
+    Parameters inside ``energy`` (e.g. a classifier's weights) get no ``.grad``.
+    """
+    with torch.enable_grad():
+        z = position.detach().requires_grad_(True)
+        u = energy(z)
+        _check_energy_shape(u, position)
+        if u.requires_grad:
+            (grad,) = torch.autograd.grad(u.sum(), z, allow_unused=True)
+        else:
+            grad = None
+    if grad is None:  # the energy does not depend on z
+        grad = torch.zeros_like(position)
+    return u.detach(), grad.detach()
+
+
+def _check_energy_shape(u: Any, position: Tensor) -> None:
+    if not isinstance(u, Tensor) or u.shape != position.shape[:1]:
+        shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise DataError(
+            f"the energy must map chains (C, D) to per-chain values (C,) = "
+            f"({position.shape[0]},), got {shape}; do not reduce over chains (no .sum()/.mean())"
+        )
+
+
+def initial_energy_and_grad(energy: Energy, position: Tensor) -> tuple[Tensor, Tensor]:
+    """``U`` ``(C,)`` and ``∇U`` ``(C, D)`` at chains' starting points; non-finite is an error
+    (a chain cannot recover from a start where the energy or its gradient is undefined)."""
+    check_positions(position)
+    u, g = energy_and_grad(energy, position)
+    bad = ~finite_rows(position, u, g)
+    if bad.any():
+        raise NonFiniteError(
+            f"the energy or its gradient is non-finite at the initial position of "
+            f"{int(bad.sum())} of {position.shape[0]} chains; start them elsewhere"
+        )
+    return u, g
+
+
+# ----------------------------------------------------------------------------------------------
+# rows
+
+
+def finite_rows(position: Tensor, energy: Tensor, grad: Tensor | None = None) -> Tensor:
+    """``(C,)`` bool: chains whose position, energy (and gradient) are all finite.
+
+    Tested through row sums (several times cheaper than ``isfinite(...).all(-1)``): a sum is
+    non-finite when an entry is, or when finite entries overflow it (|z| near the dtype's max),
+    and such a chain has diverged anyway.
+    """
+    total = position.sum(-1)
+    if grad is not None:
+        total = total + grad.sum(-1)
+    return torch.isfinite(energy) & torch.isfinite(total)
+
+
+def select_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """Row-wise ``where``: rows of ``new`` where ``mask`` ``(C,)`` is True, else rows of ``old``."""
+    return torch.where(mask.reshape(mask.shape + (1,) * (new.ndim - 1)), new, old)
+
+
+# ----------------------------------------------------------------------------------------------
+# the Langevin move
+
+
+def langevin_move(position: Tensor, grad: Tensor, step_size: Tensor | float, noise: Tensor,
+                  noise_scale: Tensor | float | None = None) -> Tensor:
+    """The Langevin proposal ``z' = z - eps ∇U(z) + s xi`` of every chain, ``(C, D)``.
+
+    ``position``, ``grad`` (``∇U`` at ``position``) and ``noise`` ``xi ~ N(0, I)`` are
+    ``(C, D)``. ``noise_scale`` s defaults to ``sqrt(2 eps)`` (the target ``exp(-U)``); SGLD
+    passes ``sqrt(2 eps T)`` for temperature T. ``step_size`` eps (and s) is either a ``(C,)``
+    tensor (one per chain; the update then runs as two fused multiply-adds) or a Python float
+    shared by all chains (plain scalar arithmetic). The two forms agree up to rounding.
+    """
+    if isinstance(step_size, Tensor):
+        scale = step_size.unsqueeze(-1)
+        spread = (torch.sqrt(2 * scale) if noise_scale is None
+                  else torch.as_tensor(noise_scale, dtype=scale.dtype, device=scale.device)
+                  .reshape(-1, 1))
+        return torch.addcmul(torch.addcmul(position, scale, grad, value=-1.0), spread, noise)
+    spread = math.sqrt(2 * step_size) if noise_scale is None else noise_scale
+    return position - step_size * grad + spread * noise
+
+
+def langevin_log_accept(position: Tensor, energy: Tensor, proposal: Tensor,
+                        proposal_energy: Tensor, proposal_grad: Tensor, noise: Tensor,
+                        step_size: Tensor, *, correct_proposal: bool = True) -> Tensor:
+    """``(C,)`` log MH ratio ``U(z) - U(z') + log q(z | z') - log q(z' | z)`` of the move
+    ``z' = z - eps ∇U(z) + sqrt(2 eps) xi`` (:func:`langevin_move` with the default noise).
+
+    ``log q(z' | z) = -|xi|^2 / 2`` (up to the shared constant) and, with the backward residual
+    ``r = z - z' + eps ∇U(z')``, ``log q(z | z') = -|r|^2 / (4 eps)``. Chains with
+    ``step_size == 0`` get 0 (their proposal is their position). ``correct_proposal = False``
+    drops the ``q`` terms (a wrong sampler, kept for tests that must reject it). Shapes:
+    positions, gradient and noise ``(C, D)``; energies and step size ``(C,)``.
+    """
+    log_ratio = energy - proposal_energy
+    if correct_proposal:
+        residual = torch.addcmul(position - proposal, step_size.unsqueeze(-1), proposal_grad)
+        safe = torch.where(step_size > 0, step_size, torch.ones_like(step_size))
+        log_q_forward = -0.5 * torch.linalg.vecdot(noise, noise)
+        log_q_backward = -torch.linalg.vecdot(residual, residual) / (4 * safe)
+        log_ratio = log_ratio + log_q_backward - log_q_forward
+    return torch.where(step_size > 0, log_ratio, torch.zeros_like(log_ratio))
+
+
+def adapt_log_step(step_size: Tensor, acceptance: Tensor, target: float, iteration: int,
+                   per_chain: bool) -> Tensor:
+    """One Robbins–Monro step on ``log step_size`` ``(C,)`` toward mean acceptance ``target``:
+    ``log eps += clip((alpha - target) / t^0.6, -1, 1)``, with ``alpha`` each chain's acceptance
+    ``(C,)`` (``per_chain``) or their mean (one step size for all chains)."""
+    accept = acceptance if per_chain else acceptance.mean().expand_as(acceptance)
+    delta = ((accept - target) / iteration**0.6).clamp(-1.0, 1.0)
+    return step_size * torch.exp(delta)
+
+
+# ----------------------------------------------------------------------------------------------
+# the divergence policy of unadjusted moves
+
+
+def apply_divergence_policy(ok: Tensor, new: Sequence[Tensor], old: Sequence[Tensor], *,
+                            on_nonfinite: OnNonfinite, message: Callable[[Tensor], str]
+                            ) -> tuple[Tensor, ...]:
+    """The state fields after an unadjusted move whose finite chains are ``ok`` ``(C,)``.
+
+    ``new`` and ``old`` are matching state fields (each with chains first, e.g. position
+    ``(C, D)``, energy ``(C,)``, gradient ``(C, D)``). If every chain is finite, ``new`` is
+    returned as is. Otherwise ``on_nonfinite = "raise"`` raises :class:`NonFiniteError` with
+    ``message(bad)`` (``bad`` = ``~ok``; the message should name the step size and a remedy;
+    :meth:`ncpvae.Sampler.run` adds the step number), and ``"reset"`` keeps the non-finite
+    chains at their ``old`` rows (the caller counts them through ``~ok``).
+    """
+    if bool(ok.all()):
+        return tuple(new)
+    if on_nonfinite == "raise":
+        raise NonFiniteError(message(~ok))
+    return tuple(select_rows(ok, n, o) for n, o in zip(new, old))
