@@ -168,3 +168,23 @@ def test_failed_save_leaves_nothing_behind(tmp_path):
     with pytest.raises(ValueError):
         plot_energy_traces(torch.randn(5, 3), tmp_path / "energy.notaformat")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# device: the diagnostics stay on the samples' device (no CPU tensor is mixed in)
+
+
+DEVICES = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("steps, chains", [(3, 1), (50, 1), (600, 1), (50, 4)])
+def test_diagnostics_stay_on_the_samples_device(device, steps, chains):
+    # "meta" tensors carry shapes and devices but no data: any CPU tensor mixed into the
+    # computation (e.g. a zero between-chain variance for a single chain) raises there.
+    x = torch.randn(steps, chains, 3, device=device)
+    for fn in (ess, split_rhat, mcse_mean):
+        out = fn(x)
+        assert out.device.type == device and out.shape == (3,)
+    if device != "meta":
+        assert summarize(x)["num_chains"] == chains

@@ -564,3 +564,64 @@ def test_divergence_policy_raise_and_reset():
     pos, u = apply_divergence_policy(ok, new, old, on_nonfinite="reset", message=str)
     assert pos[1].tolist() == [0.0, 0.0] and u.tolist() == [1.0, 0.0, 3.0]
     assert pos[2].tolist() == [4.0, 5.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# importance resampling above torch.multinomial's 2^24 categories
+
+
+def test_resampling_splits_above_the_multinomial_limit(monkeypatch):
+    import ncpvae.mcmc.importance as importance
+
+    limit, m, n = 7, 20, 200_000
+    original = torch.multinomial
+    calls = []
+
+    def limited(probs, num_samples, *args, **kwargs):  # torch's limit, scaled down
+        calls.append(probs.numel())
+        if probs.numel() > limit:
+            raise RuntimeError("number of categories cannot exceed the limit")
+        return original(probs, num_samples, *args, **kwargs)
+
+    monkeypatch.setattr(importance, "MULTINOMIAL_MAX_CATEGORIES", limit)
+    monkeypatch.setattr(torch, "multinomial", limited)
+    log_w = torch.log(torch.arange(1.0, m + 1, dtype=torch.float64))  # p_i ∝ i
+    candidates = torch.arange(float(m), dtype=torch.float64).unsqueeze(-1)
+    draws, _ = importance.importance_resample(candidates, log_w, n, generator=gen_(0))
+    assert max(calls) <= limit and len(calls) == 1 + 3  # blocks of 7, 7, 6
+    counts = torch.bincount(draws.squeeze(-1).long(), minlength=m).double()
+    p = torch.arange(1.0, m + 1, dtype=torch.float64) / (m * (m + 1) / 2)
+    se = torch.sqrt(n * p * (1 - p))
+    assert ((counts - n * p).abs() < 5 * se).all()  # each of 20 cells within 5 binomial SEs
+    chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
+    assert chi2 < 43.8  # chi-square with 19 dof, 0.999 quantile
+
+
+def gen_(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_resampling_below_the_limit_is_one_multinomial_call():
+    from ncpvae.mcmc.importance import importance_resample
+
+    log_w = torch.randn(50, dtype=torch.float64, generator=gen_(1))
+    candidates = torch.arange(50.0).unsqueeze(-1)
+    draws, _ = importance_resample(candidates, log_w, 30, generator=gen_(2))
+    index = torch.multinomial(torch.softmax(log_w, 0), 30, replacement=True, generator=gen_(2))
+    assert torch.equal(draws.squeeze(-1), index.float())
+
+
+@pytest.mark.slow
+def test_resampling_more_than_2_pow_24_candidates():
+    from ncpvae.mcmc.importance import importance_resample
+
+    m = (1 << 24) + 1000
+    log_w = torch.full((m,), -math.inf, dtype=torch.float64)
+    log_w[:1000] = 0.0  # half the mass in the first block, half past 2^24
+    log_w[-1000:] = 0.0
+    candidates = torch.zeros(m, 1)
+    candidates[-1000:] = 1.0
+    draws, ess = importance_resample(candidates, log_w, 4000, generator=gen_(3))
+    assert ess == pytest.approx(2000 / m)
+    share = float(draws.mean())  # fraction drawn past 2^24: Binomial(4000, 1/2) / 4000
+    assert abs(share - 0.5) < 5 * math.sqrt(0.25 / 4000)

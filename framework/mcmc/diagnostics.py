@@ -91,10 +91,10 @@ def ess(samples: Tensor) -> Tensor:
     x = _as_draws(samples)
     n, m, d = x.shape
     if n < 4:
-        return torch.full((d,), math.nan, dtype=torch.float64)
+        return torch.full((d,), math.nan, dtype=torch.float64, device=x.device)
     acov_mean = mean_autocovariance(x)  # averaged over chains, (n, d)
     within = acov_mean[0] * n / (n - 1)  # mean unbiased within-chain variance, (d,)
-    between_over_n = _var0(x.mean(0)) if m > 1 else torch.zeros(d, dtype=x.dtype)
+    between_over_n = _var0(x.mean(0)) if m > 1 else x.new_zeros(d)
     var_plus = within * (n - 1) / n + between_over_n
     rho = 1.0 - (within - acov_mean) / var_plus  # (n, d); rho[0] = 1 up to rounding
     rho[0] = 1.0
@@ -124,7 +124,7 @@ def split_rhat(samples: Tensor) -> Tensor:
     s, _, d = x.shape
     half = s // 2
     if half < 2:
-        return torch.full((d,), math.nan, dtype=torch.float64)
+        return torch.full((d,), math.nan, dtype=torch.float64, device=x.device)
     first, second = x[:half], x[s - half:]
     within = 0.5 * (_var0(first).mean(0) + _var0(second).mean(0))
     between_over_n = _var0(torch.cat([first.mean(0), second.mean(0)]))  # over the 2C halves
@@ -137,7 +137,7 @@ def mcse_mean(samples: Tensor, ess_values: Tensor | None = None) -> Tensor:
     (pass ``ess_values`` if already computed)."""
     x = _as_draws(samples)
     if x.shape[0] < 4:
-        return torch.full(x.shape[-1:], math.nan, dtype=torch.float64)
+        return torch.full(x.shape[-1:], math.nan, dtype=torch.float64, device=x.device)
     sd = torch.sqrt(_var0(x.reshape(-1, x.shape[-1])))
     return sd / torch.sqrt(ess(x) if ess_values is None else ess_values)
 
