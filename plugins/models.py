@@ -20,10 +20,22 @@ ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "tanh": nn.Tanh}
 
 
 class LikelihoodFields(ComponentConfig):
-    likelihood: Literal["bernoulli", "gaussian"] = Field(
-        "bernoulli", description="pixel likelihood: bernoulli logits or gaussian means")
-    gaussian_scale: float = Field(0.1, gt=0, description="std of the gaussian likelihood")
-    learn_scale: bool = Field(False, description="learn the gaussian likelihood's scale")
+    likelihood: Literal["bernoulli", "gaussian", "discretized_logistic"] = Field(
+        "bernoulli", description="pixel likelihood: bernoulli logits (binary or grey images), "
+        "gaussian means, or discretized_logistic means (8-bit images, colour included)")
+    gaussian_scale: float = Field(
+        0.1, gt=0, description="scale of the gaussian / discretized_logistic likelihood "
+        "(its initial value when learned)")
+    learn_scale: bool = Field(
+        False, description="learn the likelihood's scale (set it for discretized_logistic)")
+    scale_per_pixel: bool = Field(
+        False, description="one (learned) scale per pixel and channel instead of one scalar")
+
+    def likelihood_kwargs(self, image_shape: tuple[int, int, int]) -> dict:
+        """Keyword arguments of :class:`ncpvae.LatentModel` for these fields."""
+        return {"likelihood": self.likelihood, "gaussian_scale": self.gaussian_scale,
+                "learn_scale": self.learn_scale,
+                "scale_shape": tuple(image_shape) if self.scale_per_pixel else ()}
 
 
 def _require_image_shape(ctx: BuildContext, who: str) -> tuple[int, int, int]:
@@ -66,10 +78,9 @@ class MLPVAE(LatentModel):
 
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> MLPVAE:
-        return cls(_require_image_shape(ctx, "the mlp model"), ctx.require_latent_dim("mlp"),
-                   hidden=config.hidden, activation=config.activation,
-                   likelihood=config.likelihood, gaussian_scale=config.gaussian_scale,
-                   learn_scale=config.learn_scale)
+        shape = _require_image_shape(ctx, "the mlp model")
+        return cls(shape, ctx.require_latent_dim("mlp"), hidden=config.hidden,
+                   activation=config.activation, **config.likelihood_kwargs(shape))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
@@ -89,30 +100,39 @@ def num_halvings(size: int, max_halvings: int = 4, min_size: int = 4) -> int:
 
 
 class ConvVAE(LatentModel):
-    """The Burgess et al. (2018) convolutional encoder/decoder."""
+    """The Burgess et al. (2018) convolutional encoder/decoder; for colour data (CIFAR-10, SVHN
+    at 3x32x32, CelebA at 3x64x64) give ``channels`` per stage, e.g. ``[64, 128, 256]``."""
 
     name = "conv"
 
     class Config(LikelihoodFields):
         name: Literal["conv"] = "conv"
-        channels: int = Field(32, ge=1, description="channels of every conv layer")
+        channels: int | list[int] = Field(
+            32, description="channels of every conv stage, or one number per stage (encoder "
+            "order, as many as the image has stride-2 stages: 32x32 -> 3, 64x64 -> 4; the "
+            "decoder mirrors them)")
         hidden: int = Field(256, ge=1, description="width of the two dense layers")
 
-    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, channels: int = 32,
-                 hidden: int = 256, **likelihood):
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int,
+                 channels: int | list[int] = 32, hidden: int = 256, **likelihood):
         super().__init__(latent_dim, **likelihood)
         c, h, w = image_shape
         self.image_shape = tuple(image_shape)
         stages = min(num_halvings(h), num_halvings(w))
         if stages == 0:
             raise ConfigError(f"the conv model needs an even image size >= 8, got {h}x{w}")
-        self.feature_shape = (channels, h >> stages, w >> stages)
-        flat = channels * (h >> stages) * (w >> stages)
+        widths = [int(channels)] * stages if isinstance(channels, int) else list(channels)
+        if len(widths) != stages or any(ch < 1 for ch in widths):
+            raise ConfigError(
+                f"model.channels must be one number >= 1 or {stages} of them (one per stride-2 "
+                f"stage of a {h}x{w} image), got {channels}")
+        self.feature_shape = (widths[-1], h >> stages, w >> stages)
+        flat = widths[-1] * (h >> stages) * (w >> stages)
         enc: list[nn.Module] = []
         in_ch = c
-        for _ in range(stages):
-            enc += [nn.Conv2d(in_ch, channels, 4, stride=2, padding=1), nn.ReLU()]
-            in_ch = channels
+        for width in widths:
+            enc += [nn.Conv2d(in_ch, width, 4, stride=2, padding=1), nn.ReLU()]
+            in_ch = width
         enc += [nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
                 nn.ReLU(), nn.Linear(hidden, 2 * latent_dim)]
         self.encoder = nn.Sequential(*enc)
@@ -120,18 +140,18 @@ class ConvVAE(LatentModel):
             nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
             nn.Linear(hidden, flat), nn.ReLU())
         dec: list[nn.Module] = []
+        mirrored = [*reversed(widths), c]
         for i in range(stages):
-            out_ch = c if i == stages - 1 else channels
-            dec.append(nn.ConvTranspose2d(channels, out_ch, 4, stride=2, padding=1))
+            dec.append(nn.ConvTranspose2d(mirrored[i], mirrored[i + 1], 4, stride=2, padding=1))
             if i < stages - 1:
                 dec.append(nn.ReLU())
         self.decoder_conv = nn.Sequential(*dec)
 
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> ConvVAE:
-        return cls(_require_image_shape(ctx, "the conv model"), ctx.require_latent_dim("conv"),
-                   channels=config.channels, hidden=config.hidden, likelihood=config.likelihood,
-                   gaussian_scale=config.gaussian_scale, learn_scale=config.learn_scale)
+        shape = _require_image_shape(ctx, "the conv model")
+        return cls(shape, ctx.require_latent_dim("conv"), channels=config.channels,
+                   hidden=config.hidden, **config.likelihood_kwargs(shape))
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
