@@ -93,7 +93,7 @@ def _manager(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ncpvae.config import load_config
-    from ncpvae.run.stages import train
+    from ncpvae.experiment import train
 
     manager = _manager(args)
     config = load_config(args.config, args.overrides, manager.registry)
@@ -103,10 +103,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_prior(args: argparse.Namespace) -> int:
-    from ncpvae.run.stages import fit_prior, open_run, sample_stage
+    from ncpvae.io import to_plain_json
+    from ncpvae.prior import LearnedPrior
+    from ncpvae.run.build import open_run
+    from ncpvae.run.fit import fit_prior
+    from ncpvae.run.sample import sample_stage
 
     run = open_run(args.run, args.overrides, registry=_manager(args).registry, quiet=args.quiet)
-    if not run.prior.requires_fit:
+    if not isinstance(run.prior, LearnedPrior):
         raise NcpvaeError(f"the run's prior '{run.prior.name}' has nothing to fit; "
                           "use --set prior=ncp")
     if args.overrides:  # the run now is what was refitted: keep its config true
@@ -115,7 +119,7 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
         run.directory.write_config(config_to_toml(run.config))
     summary = fit_prior(run)
     sample_stage(run)
-    print(json.dumps(summary, indent=2, default=float))
+    print(json.dumps(to_plain_json(summary), indent=2))
     return 0
 
 

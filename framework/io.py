@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ncpvae.errors import DataError
@@ -55,13 +56,23 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def to_plain_json(value: Any) -> Any:
-    """Replace NaN and infinities by None (strict JSON has neither), recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
+    """A JSON-ready copy of ``value`` (the one sanitizer of the package): tensors and numpy arrays
+    become (nested) lists, numpy scalars Python numbers, tuples lists, mapping keys strings, and
+    NaN or infinite floats None (strict JSON has neither); anything else is returned as is."""
     if isinstance(value, dict):
-        return {k: to_plain_json(v) for k, v in value.items()}
+        return {str(k): to_plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_plain_json(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return to_plain_json(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return to_plain_json(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
     return value
 
 

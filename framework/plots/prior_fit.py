@@ -1,4 +1,5 @@
-"""Figures of a learned prior's fit (the NCP classifier's loss curves).
+"""Figures of a learned prior's fit: its per-epoch fit records (a classifier's loss curves
+when the records hold them).
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch) and
 written atomically: to a temporary file in the target folder, then ``os.replace``, so a crash
@@ -15,13 +16,45 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ncpvae.errors import DataError
-from ncpvae.plots import save_figure
+from ncpvae.plots.training import save_figure
 
 _REQUIRED = ("epoch", "train_loss_mean", "train_loss_min", "heldout_loss")
 
 
+def plot_fit_history(history: Sequence[Mapping[str, object]], path: str | os.PathLike[str], *,
+                     title: str = "learned prior fit") -> Path:
+    """Plot a learned prior's per-epoch fit records (what ``LearnedPrior.fit`` passed to ``log``).
+
+    Records with a classifier's losses (``epoch``, ``train_loss_mean``, ``train_loss_min``,
+    ``heldout_loss``, as the NCP prior logs) get :func:`plot_classifier_loss`; any others get
+    one curve per numeric key against ``epoch`` (or the record index). Returns the path.
+    """
+    if not history:
+        raise DataError(f"cannot plot the {title}: the fit history is empty")
+    if all(all(key in record for key in _REQUIRED) for record in history):
+        return plot_classifier_loss(history, path, title=f"{title}: classifier loss")
+    x = [float(r["epoch"]) if isinstance(r.get("epoch"), (int, float)) else float(i + 1)
+         for i, r in enumerate(history)]
+    keys = [k for k in dict.fromkeys(k for r in history for k in r)
+            if k != "epoch" and all(isinstance(r.get(k), (int, float))
+                                    and not isinstance(r.get(k), bool) for r in history)]
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for key in keys:
+        ax.plot(x, [float(r[key]) for r in history], marker="o" if len(x) <= 50 else None,
+                ms=3, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    if keys:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_classifier_loss(history: Sequence[Mapping[str, float]],
-                         path: str | os.PathLike[str]) -> Path:
+                         path: str | os.PathLike[str], *,
+                         title: str = "NCP classifier loss") -> Path:
     """Plot the NCP classifier's BCE per epoch and save it to ``path``.
 
     ``history`` is the list of per-epoch records of ``NCPPrior.fit`` (keys ``epoch``,
@@ -53,11 +86,11 @@ def plot_classifier_loss(history: Sequence[Mapping[str, float]],
     ax.axhline(math.log(2), color="black", lw=0.8, ls=":", label="chance (log 2)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("BCE")
-    ax.set_title("NCP classifier loss")
+    ax.set_title(title)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-__all__ = ["plot_classifier_loss"]
+__all__ = ["plot_classifier_loss", "plot_fit_history"]

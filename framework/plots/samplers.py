@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ncpvae.errors import DataError
-from ncpvae.plots import save_figure
+from ncpvae.plots.training import save_figure
 from ncpvae.sampler import Energy
 
 

@@ -1,23 +1,60 @@
-"""The run directory: where a run's config, checkpoint, metrics, summary and plots live."""
+"""The run directory: every file a run writes, named in this one place (ARCHITECTURE.md §5).
+
+::
+
+    <run>/
+      config.toml            the resolved config           plugins.json    plugins that built it
+      checkpoint.pt          state dicts (run/checkpoint)  metrics.jsonl   one record per epoch
+      summary.json           final numbers per stage       samples.pt      latents of the panels
+      evaluation.json        the evaluation                report.html | report.md
+      cache/                 the evaluation's feature net (unless evaluate.cache_dir is set)
+      plots/                 training_curves, reconstructions, kl_per_dim, traversals, samples,
+                             prior_fit (a learned prior's fit records), eval_samples_<row> (.png)
+      sampling/              `ncpvae sample`: samples.png, latents.pt, diagnostics.json,
+                             energy_trace.png, trajectories.png
+"""
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ncpvae.errors import NcpvaeError
-from ncpvae.io import append_jsonl, read_json, read_jsonl, write_json, write_text
+from ncpvae.io import append_jsonl, read_json, read_jsonl, to_plain_json, write_json, write_text
 
 #: Files that mark a directory as a ncpvae run (refused as a new output without --overwrite).
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "metrics.jsonl", "summary.json")
+#: Further files of a run, removed with the markers when a run is overwritten.
+RUN_OUTPUTS = ("plugins.json", "samples.pt", "evaluation.json", "report.html", "report.md")
+
+#: The figures of ``plots/``.
+PLOT_TRAINING_CURVES = "training_curves.png"
+PLOT_RECONSTRUCTIONS = "reconstructions.png"
+PLOT_KL_PER_DIM = "kl_per_dim.png"
+PLOT_TRAVERSALS = "traversals.png"
+PLOT_SAMPLES = "samples.png"
+PLOT_PRIOR_FIT = "prior_fit.png"
+
+#: The files ``ncpvae sample`` writes (into ``<run>/sampling`` unless ``--out`` says otherwise).
+SAMPLING_DIR = "sampling"
+SAMPLING_GRID = "samples.png"
+SAMPLING_LATENTS = "latents.pt"
+SAMPLING_DIAGNOSTICS = "diagnostics.json"
+SAMPLING_ENERGY = "energy_trace.png"
+SAMPLING_TRAJECTORIES = "trajectories.png"
+
+
+def slug(label: str) -> str:
+    """A file-name-safe form of a table label (``NCP by MALA`` -> ``ncp_by_mala``)."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "row"
 
 
 @dataclass(frozen=True)
 class RunDirectory:
-    """Paths of one run directory (see ARCHITECTURE.md §5)."""
+    """Paths of one run directory (see the module docstring for the layout)."""
 
     path: Path
 
@@ -42,8 +79,43 @@ class RunDirectory:
         return self.path / "summary.json"
 
     @property
+    def samples(self) -> Path:
+        """Latents ``(n, D)`` of every panel of the sample stage, keyed by panel title."""
+        return self.path / "samples.pt"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.path / "evaluation.json"
+
+    def report(self, fmt: str = "html") -> Path:
+        """``report.html`` (self-contained) or ``report.md`` (``fmt = "markdown"``)."""
+        return self.path / ("report.md" if fmt == "markdown" else "report.html")
+
+    @property
+    def cache(self) -> Path:
+        """The default feature-net cache of the evaluation."""
+        return self.path / "cache"
+
+    @property
     def plots(self) -> Path:
         return self.path / "plots"
+
+    def plot(self, name: str) -> Path:
+        """``plots/<name>``, e.g. ``plot(PLOT_SAMPLES)``."""
+        return self.plots / name
+
+    def eval_samples_plot(self, label: str) -> Path:
+        """The decoded-sample grid of one evaluation table row."""
+        return self.plots / f"eval_samples_{slug(label)}.png"
+
+    @property
+    def sampling(self) -> Path:
+        """Default output folder of ``ncpvae sample``."""
+        return self.path / SAMPLING_DIR
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the run directory, as stored in evaluation.json."""
+        return str(path.relative_to(self.path))
 
     def is_run(self) -> bool:
         return any((self.path / marker).exists() for marker in RUN_MARKERS)
@@ -58,9 +130,8 @@ class RunDirectory:
                     f"'{run.path}' already holds a run; pass --overwrite to replace it or "
                     "--out to choose another directory"
                 )
-            for marker in (*RUN_MARKERS, "plugins.json", "samples.pt", "evaluation.json",
-                           "report.html", "report.md"):
-                (run.path / marker).unlink(missing_ok=True)
+            for name in (*RUN_MARKERS, *RUN_OUTPUTS):
+                (run.path / name).unlink(missing_ok=True)
             shutil.rmtree(run.plots, ignore_errors=True)
         run.path.mkdir(parents=True, exist_ok=True)
         run.plots.mkdir(exist_ok=True)
@@ -88,9 +159,13 @@ class RunDirectory:
         rows = read_jsonl(self.metrics)
         return [r for r in rows if stage is None or r.get("stage") == stage]
 
+    def read_summary(self) -> dict[str, Any]:
+        """summary.json, or {} before any stage wrote it."""
+        return read_json(self.summary, "summary") if self.summary.is_file() else {}
+
     def update_summary(self, section: str, values: dict[str, Any]) -> dict[str, Any]:
         """Merge ``values`` under ``section`` of summary.json (rewritten atomically)."""
-        summary = read_json(self.summary, "summary") if self.summary.is_file() else {}
-        summary[section] = json.loads(json.dumps(values, default=float))
+        summary = self.read_summary()
+        summary[section] = to_plain_json(values)
         write_json(self.summary, summary)
         return summary

@@ -1,0 +1,147 @@
+"""Building a run: its components from a validated config, a fresh run directory, or an existing
+one reopened with its weights; and the encoder passes every stage shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ncpvae.component import BuildContext
+from ncpvae.config import RunConfig, config_to_toml, load_config
+from ncpvae.data import DataBundle, ImageSource
+from ncpvae.errors import ConfigError
+from ncpvae.factory import build_component
+from ncpvae.io import write_json
+from ncpvae.metrics._common import eval_mode
+from ncpvae.model import LatentModel, reparameterize
+from ncpvae.objective import Objective
+from ncpvae.plugin_manager import PluginManager, get_plugin_manager
+from ncpvae.prior import Prior
+from ncpvae.registry import Registry
+from ncpvae.run import seeds
+from ncpvae.run.checkpoint import load_checkpoint
+from ncpvae.run.directory import RunDirectory
+from ncpvae.sampler import Sampler
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+@dataclass
+class Run:
+    """The components of one run, built from its config."""
+
+    config: RunConfig
+    registry: Registry
+    device: torch.device
+    data: DataBundle
+    model: LatentModel
+    prior: Prior
+    objective: Objective
+    sampler: Sampler | None
+    directory: RunDirectory | None = None
+    quiet: bool = False
+
+    def generator(self, offset: int) -> torch.Generator:
+        """A fresh generator for one stage, seeded from the run seed and a named offset of
+        :mod:`ncpvae.run.seeds` (stages are independent)."""
+        return torch.Generator(device=self.device).manual_seed(
+            seeds.torch_seed(self.config.seed, offset))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.directory is not None:
+            self.directory.log(record)
+
+    def build_context(self) -> BuildContext:
+        """The context components of this run are built with (e.g. an evaluation's samplers)."""
+        return BuildContext(latent_dim=self.config.latent_dim, device=self.device,
+                            seed=self.config.seed, registry=self.registry)
+
+    def build_sampler(self, config: Any) -> Sampler:
+        """A sampler from a validated ``[sampler]``-style section."""
+        return build_component(config, "sampler", self.build_context())  # type: ignore[return-value]
+
+
+def build_run(config: RunConfig, *, registry: Registry | None = None,
+              directory: RunDirectory | None = None, quiet: bool = False) -> Run:
+    """Build every component of ``config`` (data first: models need its image shape)."""
+    registry = registry if registry is not None else get_plugin_manager().registry
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    ctx = BuildContext(latent_dim=config.latent_dim, device=device, seed=config.seed,
+                       registry=registry)
+    data = build_component(config.data, "dataset", ctx).build(ctx)
+    ctx.image_shape = data.image_shape
+    model = build_component(config.model, "model", ctx)
+    prior = build_component(config.prior, "prior", ctx)
+    objective = build_component(config.objective, "objective", ctx)
+    sampler = build_component(config.sampler, "sampler", ctx) if config.sampler else None
+    objective.check_compatible(model, prior.base_prior)
+    prior.bind_model(model)
+    return Run(config, registry, device, data, model, prior, objective, sampler, directory, quiet)
+
+
+def plugin_records(manager: PluginManager) -> list[dict[str, Any]]:
+    """What plugins.json holds: each loaded plugin's name, source, version and components."""
+    return [{"name": p.name, "source": p.source, "version": p.version,
+             "components": [f"{kind}:{name}" for kind, name in p.components]}
+            for p in manager.plugins]
+
+
+def create_run(config: RunConfig, out: str | Path | None = None, *, overwrite: bool = False,
+               quiet: bool = False, manager: PluginManager | None = None) -> Run:
+    """A fresh run directory ``out`` (default ``runs/<config.name>``) holding the resolved config
+    and the plugin list, and the run built from ``config``."""
+    manager = manager if manager is not None else get_plugin_manager()
+    directory = RunDirectory.create(out if out is not None else Path("runs") / config.name,
+                                    overwrite=overwrite)
+    directory.write_config(config_to_toml(config))
+    write_json(directory.plugins, plugin_records(manager))
+    return build_run(config, registry=manager.registry, directory=directory, quiet=quiet)
+
+
+def open_run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+             registry: Registry | None = None, quiet: bool = False) -> Run:
+    """Rebuild a run from its directory (its saved config plus ``overrides``) and load weights."""
+    directory = RunDirectory.open(path)
+    config = load_config(directory.config, overrides, registry)
+    run = build_run(config, registry=registry, directory=directory, quiet=quiet)
+    load_checkpoint(directory.checkpoint, run.model, run.prior)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# the encoder passes
+
+
+@torch.no_grad()
+def encode_source(model: LatentModel, source: ImageSource, device: torch.device, *,
+                  limit: int | None = None, batch_size: int = 512) -> tuple[Tensor, Tensor]:
+    """Encoder outputs ``(mu, logvar)``, each ``(N, D)``, for the first ``limit`` images (eval
+    mode, no grad; the model's training flag is restored)."""
+    n = len(source) if limit is None else min(limit, len(source))
+    mus, logvars = [], []
+    with eval_mode(model):
+        for index in torch.arange(n).split(batch_size):
+            mu, logvar = model.encode(source.get_batch(index).to(device))
+            mus.append(mu)
+            logvars.append(logvar)
+    return torch.cat(mus), torch.cat(logvars)
+
+
+def heldout_latents(run: Run, n: int, generator: torch.Generator, *,
+                    batch_size: int = 512) -> Tensor:
+    """Fresh draws ``z ~ q(z|x)`` ``(n, D)`` for the first ``n`` held-out (test) images."""
+    mu, logvar = encode_source(run.model, run.data.test, run.device, limit=n,
+                               batch_size=batch_size)
+    return reparameterize(mu, logvar, generator=generator)

@@ -1,0 +1,73 @@
+"""The checkpoint format: one writer and one reader of ``checkpoint.pt``.
+
+A checkpoint is a dict of state dicts and plain data only, so it loads with
+``torch.load(weights_only=True)``::
+
+    {"format": 1, "stage": "vae" | "prior_fitted", "model": state dict, "prior": state dict,
+     ... what the writing stage adds (``epoch``, ``step``, ``optimizer`` after VAE training)}
+
+Written atomically (:func:`ncpvae.io.save_torch`): a crash keeps the previous good checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ncpvae.errors import DataError
+from ncpvae.io import load_torch, save_torch
+from ncpvae.prior import Prior
+
+#: version of the checkpoint layout
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: Path, model: nn.Module, prior: Prior, stage: str, *,
+                    keep_previous: bool = False, **extra: Any) -> Path:
+    """Write the weights of ``model`` and ``prior`` to ``path`` as stage ``stage``, with the plain
+    data ``extra``. ``keep_previous`` keeps what an earlier stage stored beside its weights (the
+    fit stage keeps the VAE's epoch, step and optimizer state)."""
+    state: dict[str, Any] = {}
+    if keep_previous and path.is_file():
+        state = load_torch(path)
+    state.update({"format": CHECKPOINT_FORMAT, "stage": stage, "model": model.state_dict(),
+                  "prior": prior.state_dict(), **extra})
+    return save_torch(path, state)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` (checked to be one of ours)."""
+    state = load_torch(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"'{path}' is not a ncpvae checkpoint")
+    return state
+
+
+def load_checkpoint(path: Path, model: nn.Module, prior: Prior) -> dict[str, Any]:
+    """Load the weights at ``path`` into ``model`` and ``prior``; return the checkpoint."""
+    state = read_checkpoint(path)
+    model.load_state_dict(state["model"])
+    load_prior_state(prior, state["prior"])
+    return state
+
+
+def load_prior_state(prior: Prior, state: dict[str, Tensor]) -> None:
+    """Load a saved prior's weights, also across a prior swap: a learned prior gets the saved
+    weights of its base (a run trained with ``gaussian`` refitted as ``ncp``), and a base prior
+    gets the base part of a saved learned prior (sampling an NCP run's ``gaussian`` base)."""
+    base_state = {k.removeprefix("base."): v for k, v in state.items() if k.startswith("base.")}
+    attempts = [(prior, state), (prior, base_state), (prior.base_prior, state)]
+    for module, candidate in attempts:
+        if not candidate:
+            continue
+        try:
+            module.load_state_dict(candidate)
+        except RuntimeError:
+            continue
+        return  # a learned prior given only its base's weights stays unfitted until fit-prior
+    raise DataError(
+        f"the checkpoint's prior weights do not fit a '{prior.name}' prior with this config; "
+        "use the prior the run was trained with, or refit with `ncpvae fit-prior RUN --set "
+        f"prior={prior.name}`")

@@ -1,0 +1,141 @@
+"""Stage 1: train the VAE with the objective against the prior's tractable base."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ncpvae import plots
+from ncpvae.errors import ConfigError, NonFiniteError
+from ncpvae.metrics._common import eval_mode
+from ncpvae.run import directory as files
+from ncpvae.run.build import Run, encode_source
+from ncpvae.run.checkpoint import save_checkpoint
+
+#: latents whose posterior-mean variance over the data exceeds this are "active" (Burda 2016)
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator,
+             max_steps: int | None) -> list[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < batch_size // 2:
+        batches.pop()  # a tiny last batch adds gradient noise and nothing else
+    return batches[:max_steps] if max_steps else batches
+
+
+@torch.no_grad()
+def evaluate_vae(run: Run, limit: int) -> dict[str, Any]:
+    """Test-set loss terms (per image), KL per dim and active units on ``limit`` test images
+    (eval mode; the model's training flag is restored)."""
+    totals: dict[str, float] = {}
+    kl_dims = None
+    count = 0
+    with eval_mode(run.model):
+        for index in torch.arange(min(limit, len(run.data.test))).split(512):
+            x = run.data.test.get_batch(index).to(run.device)
+            out = run.objective.loss(x, run.model, run.prior.base_prior)
+            for key, value in out.items():
+                if key == "kl_per_dim":
+                    kl_dims = value * len(x) if kl_dims is None else kl_dims + value * len(x)
+                else:
+                    totals[key] = totals.get(key, 0.0) + float(value) * len(x)
+            count += len(x)
+        mu, _ = encode_source(run.model, run.data.test, run.device, limit=limit)
+    result: dict[str, Any] = {f"test_{k}": v / count for k, v in totals.items()}
+    activity = mu.var(0) if len(mu) > 1 else torch.zeros(mu.shape[1])
+    result["active_units"] = int((activity > ACTIVE_UNIT_THRESHOLD).sum())
+    result["latent_activity"] = activity.cpu().tolist()
+    if kl_dims is not None:
+        result["kl_per_dim"] = (kl_dims / count).cpu().tolist()
+    return result
+
+
+def train_vae(run: Run) -> dict[str, Any]:
+    """Stage 1: optimize the objective; checkpoint (atomically) after every epoch."""
+    cfg = run.config.train
+    model, prior = run.model, run.prior.base_prior
+    params = list(model.parameters()) + [p for p in prior.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    order_generator = torch.Generator().manual_seed(run.config.seed)
+    n_train = len(run.data.train)
+    if n_train < 1:
+        raise ConfigError("the training set is empty")
+    step = 0
+    start = time.perf_counter()
+    images_seen = 0
+    epoch_bar = tqdm(range(1, cfg.epochs + 1), desc="train VAE", unit="epoch", disable=run.quiet)
+    record: dict[str, Any] = {}
+    model.train()
+    for epoch in epoch_bar:
+        sums: dict[str, Tensor] = {}
+        batches = _batches(n_train, cfg.batch_size, order_generator, cfg.steps_per_epoch)
+        step_bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="step",
+                        disable=run.quiet)
+        epoch_start = time.perf_counter()
+        for batch_number, index in enumerate(step_bar, start=1):
+            x = run.data.train.get_batch(index).to(run.device, non_blocking=True)
+            out = run.objective.loss(x, model, prior, step=step)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                kept = (f"the checkpoint of epoch {epoch - 1} is kept"
+                        if epoch > 1 else "no checkpoint had been written yet")
+                raise NonFiniteError(
+                    f"non-finite training loss at epoch {epoch}, step {batch_number} (global step "
+                    f"{step + 1}); {kept}; lower train.lr or enable train.grad_clip")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            images_seen += len(index)
+            for key, value in out.items():
+                if value.ndim == 0:
+                    sums[key] = sums.get(key, 0.0) + value.detach()
+            if batch_number % 25 == 0:
+                step_bar.set_postfix(loss=f"{float(loss.detach()):.1f}")
+        epoch_time = time.perf_counter() - epoch_start
+        record = {"stage": "train", "epoch": epoch, "step": step,
+                  **{f"train_{k}": float(v) / len(batches) for k, v in sums.items()},
+                  **evaluate_vae(run, cfg.eval_size),
+                  "images_per_second": len(batches) * cfg.batch_size / epoch_time,
+                  "elapsed_seconds": time.perf_counter() - start}
+        run.log(record)
+        epoch_bar.set_postfix(elbo=f"{record.get('test_elbo', float('nan')):.1f}",
+                              active=record["active_units"])
+        if run.directory is not None:
+            save_checkpoint(run.directory.checkpoint, run.model, run.prior, "vae", epoch=epoch,
+                            step=step, optimizer=optimizer.state_dict())
+    summary = {key: value for key, value in record.items() if key not in ("stage",)}
+    summary["train_seconds"] = time.perf_counter() - start
+    summary["images_seen"] = images_seen
+    if run.directory is not None:
+        run.directory.update_summary("vae", summary)
+        vae_plots(run, record.get("kl_per_dim"))
+    return summary
+
+
+def vae_plots(run: Run, kl_per_dim: list[float] | None) -> None:
+    """Training curves, reconstructions, KL per dim and traversals."""
+    assert run.directory is not None
+    directory = run.directory
+    plots.plot_training_curves(directory.records("train"),
+                               directory.plot(files.PLOT_TRAINING_CURVES))
+    model = run.model
+    with eval_mode(model), torch.no_grad():
+        x = run.data.test.get_batch(torch.arange(min(16, len(run.data.test)))).to(run.device)
+        mu, _ = model.encode(x)
+        plots.plot_reconstructions(x, model.mean_image(model.decode(mu)),
+                                   directory.plot(files.PLOT_RECONSTRUCTIONS))
+        if kl_per_dim is not None:
+            kl = torch.tensor(kl_per_dim)
+        else:  # no closed-form KL: rank dims by posterior-mean variance instead
+            kl = encode_source(model, run.data.test, run.device, limit=1000)[0].var(0).cpu()
+        plots.plot_kl_per_dim(kl, directory.plot(files.PLOT_KL_PER_DIM))
+        plots.plot_traversals(model, mu[0], kl, directory.plot(files.PLOT_TRAVERSALS))
