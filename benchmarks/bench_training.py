@@ -1,7 +1,7 @@
 """Training throughput: the framework's VAE training loop against a bare hand-written loop.
 
 Both loops train the same model class on the same data source and batch size in the same
-process; the framework loop is ``ncpvae.run.stages.train_vae`` (progress bars off, no run
+process; the framework loop is ``ncpvae.run.train.train_vae`` (progress bars off, no run
 directory), the bare loop is the minimal Adam + beta-ELBO loop anyone would write. Runs
 alternate and the median images/s of each is reported, with the overhead ratio.
 
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ncpvae.config import load_config
-from ncpvae.run.stages import build_run, train_vae
+from ncpvae.run.build import build_run
+from ncpvae.run.train import train_vae
 
 
 def bare_loop(model, source, batch_size: int, steps: int, beta: float, seed: int) -> float:

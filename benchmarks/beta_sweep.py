@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 from ncpvae.config import load_config
-from ncpvae.run.stages import evaluate_stage, train, train_vae
+from ncpvae.evaluation.pipeline import evaluate_stage
+from ncpvae.experiment import train
+from ncpvae.run.train import train_vae
 
 #: (label, path into evaluation.json)
 COLUMNS = (

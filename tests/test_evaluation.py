@@ -12,30 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from ncpvae import metrics as M
 from ncpvae.config import config_to_toml, load_config
 from ncpvae.errors import ConfigError, DataError, NotFittedError
-from ncpvae.evaluation.config import (
-    BetaVAESizes,
-    DCISizes,
-    EvaluateConfig,
-    FactorVAESizes,
-    FeatureNetSizes,
-    MIGSizes,
-    PriorFitSizes,
-    SampleQualitySizes,
-    SAPSizes,
-)
+from ncpvae.evaluation.config import EvaluateConfig
 from ncpvae.evaluation.pipeline import (
     check_kid_sizes,
     evaluate_command,
     evaluate_run,
+    evaluate_stage,
     feature_scale,
-    plain,
     table_rows,
 )
 from ncpvae.evaluation.report import write_report
-from ncpvae.run.stages import evaluate_stage, fit_prior, open_run, train, train_vae
+from ncpvae.experiment import train
+from ncpvae.io import to_plain_json as plain
+from ncpvae.run.build import build_run, open_run
+from ncpvae.run.fit import fit_prior
+from ncpvae.run.train import train_vae
 
 #: the smoke config's MALA row, also the run's own sampler (so it is not listed twice)
 MALA = ["sampler=langevin", "sampler.metropolis=true", "sampler.step_size=0.05",
@@ -77,15 +70,6 @@ def digits_run(tmp_path_factory) -> Path:
 # the config
 
 
-@pytest.mark.parametrize("ours, theirs", [
-    (BetaVAESizes, M.BetaVAEConfig), (FactorVAESizes, M.FactorVAEConfig), (MIGSizes, M.MIGConfig),
-    (DCISizes, M.DCIConfig), (SAPSizes, M.SAPConfig), (PriorFitSizes, M.PriorFitConfig),
-    (SampleQualitySizes, M.SampleQualityConfig), (FeatureNetSizes, M.FeatureNetConfig)])
-def test_evaluate_sections_mirror_the_metric_configs(ours, theirs):
-    mirrored = ours().model_dump(exclude={"enabled"})
-    assert mirrored == theirs().model_dump()
-
-
 def test_default_disentanglement_sizes_are_disentanglement_libs():
     cfg = EvaluateConfig()
     assert (cfg.beta_vae.num_train, cfg.beta_vae.num_eval, cfg.beta_vae.group_size) == (
@@ -99,8 +83,6 @@ def test_default_disentanglement_sizes_are_disentanglement_libs():
 
 def test_default_table_rows_are_the_four_of_the_issue():
     config = load_config("default", ["data.train_size=64", "data.test_size=64"])
-    from ncpvae.run.stages import build_run
-
     labels = [row.label for row in table_rows(build_run(config, quiet=True))]
     assert labels == NCP_ROWS  # the run's own MALA sampler is the listed MALA row
 

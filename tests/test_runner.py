@@ -13,8 +13,9 @@ import torch
 from ncpvae import ComponentConfig, Objective, hookimpl
 from ncpvae.config import config_to_toml, load_config, validate_config
 from ncpvae.errors import NcpvaeError, NonFiniteError
+from ncpvae.experiment import train
 from ncpvae.plugin_manager import PluginManager
-from ncpvae.run.stages import open_run, train
+from ncpvae.run.build import open_run
 
 TIMING_KEYS = {"images_per_second", "elapsed_seconds", "train_seconds", "fit_seconds",
                "wall_time", "seconds"}

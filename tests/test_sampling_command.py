@@ -13,8 +13,12 @@ import torch
 
 from ncpvae.config import load_config
 from ncpvae.errors import ConfigError
+from ncpvae.experiment import train
+from ncpvae.run.build import open_run
+from ncpvae.run.fit import fit_prior
+from ncpvae.run.sample import sample_stage
 from ncpvae.run.sample_command import sample_command
-from ncpvae.run.stages import fit_prior, open_run, sample_stage, train, train_vae
+from ncpvae.run.train import train_vae
 
 NCPVAE = shutil.which("ncpvae", path=str(Path(sys.executable).parent)) or shutil.which("ncpvae")
 NCP_SMOKE = ["prior=ncp", "prior.epochs=3", "prior.hidden=[32,32]", "prior.log_z_samples=2000",
@@ -38,7 +42,7 @@ def test_ncp_run_has_the_fit_outputs_and_three_panels(ncp_run):
         assert isinstance(fit[key], float), key
     assert 0.0 <= fit["heldout_accuracy"] <= 1.0 and fit["log_z_se"] > 0
     assert summary["samples"]["panels"] == ["gaussian (base prior)", "ncp by SIR", "ncp by MALA"]
-    assert (ncp_run / "plots" / "ncp_classifier_loss.png").stat().st_size > 1000
+    assert (ncp_run / "plots" / "prior_fit.png").stat().st_size > 1000
     fit_records = [json.loads(x) for x in (ncp_run / "metrics.jsonl").read_text().splitlines()
                    if json.loads(x)["stage"] == "fit_prior"]
     assert len(fit_records) >= 1

@@ -26,10 +26,8 @@ Generators seeded by ``(seed, offset)``), so evaluating the same run twice gives
 from __future__ import annotations
 
 import contextlib
-import math
-import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,54 +37,37 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ncpvae.component import BuildContext, ComponentConfig
+from ncpvae import metrics as M
+from ncpvae import plots
+from ncpvae.component import ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NcpvaeError, NotFittedError
-from ncpvae.evaluation.config import DISENTANGLEMENT_METRICS, EvaluateConfig
-from ncpvae.io import write_json
+from ncpvae.evaluation.config import EvaluateConfig, without_switch
+from ncpvae.evaluation.metrics_table import DISENTANGLEMENT
+from ncpvae.evaluation.report import write_report
+from ncpvae.io import to_plain_json, write_json
 from ncpvae.metrics._common import eval_mode
+from ncpvae.prior import LearnedPrior
 from ncpvae.registry import Registry
-from ncpvae.run.stages import Run, encode_source, evaluate_vae, open_run
+from ncpvae.run import seeds
+from ncpvae.run.build import Run, heldout_latents, open_run
+from ncpvae.run.directory import RunDirectory
+from ncpvae.run.fit import learned_prior_summary
+from ncpvae.run.sample import sample_images
+from ncpvae.run.train import evaluate_vae
 from ncpvae.sampler import Sampler
 
 #: version of the evaluation.json layout
 FORMAT = 1
-#: offsets of ``run.generator`` / the numpy seeds (the runner's stages use 0..9)
-_OFFSET_METRICS = 100  # + index of the disentanglement metric
-_OFFSET_HELDOUT = 110
-_OFFSET_LOG_Z = 111
-_OFFSET_LIKELIHOOD = 112
-_OFFSET_VAE = 113
-_OFFSET_ROWS = 120  # + 10 * row index (+0 draws, +1 prior fit, +2 sample quality)
 #: sampler diagnostics that measure time, moved to the runtime section
 _TIMING_KEYS = ("wall_time_s", "chain_steps_per_s", "samples_per_s")
 
 
 # ---------------------------------------------------------------------------------------------
-# plain data
-
-
-def plain(value: Any) -> Any:
-    """JSON-ready copy: tensors and numpy values to Python numbers/lists, tuples to lists,
-    non-finite floats to None (strict JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, Tensor):
-        return plain(value.detach().cpu().tolist())
-    if isinstance(value, np.ndarray):
-        return plain(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
+# seeding and timing
 
 
 def _rng(run: Run, offset: int) -> np.random.Generator:
-    return np.random.default_rng([run.config.seed, offset])
+    return seeds.numpy_rng(run.config.seed, offset)
 
 
 @contextlib.contextmanager
@@ -95,7 +76,7 @@ def _seeded_global_rng(run: Run, offset: int) -> Iterator[None]:
     ``evaluate_vae``), and restore the caller's RNG state afterwards."""
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(run.config.seed * 1000 + offset)
+        torch.manual_seed(seeds.torch_seed(run.config.seed, offset))
         yield
 
 
@@ -118,17 +99,13 @@ class _Clock:
 # representation and disentanglement
 
 
-def representation(run: Run):
+def representation(run: Run) -> Callable[[Tensor], Tensor]:
     """``images (n, C, H, W) -> encoder means (n, D)`` on ``run.device`` (eval mode, no grad)."""
     model, device = run.model, run.device
 
     def represent(images: Tensor) -> Tensor:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            mu = model.encode(images.to(device))[0]
-        model.train(was_training)
-        return mu
+        with eval_mode(model), torch.no_grad():
+            return model.encode(images.to(device))[0]
 
     return represent
 
@@ -137,7 +114,7 @@ def requested_metrics(run: Run, notes: list[str]) -> tuple[str, ...]:
     """The disentanglement metrics to compute (``[evaluate.<metric>] enabled``); raises if one
     is required (``enabled = true``) on data without ground-truth factors."""
     cfg = run.config.evaluate
-    switches = {m: getattr(cfg, m).enabled for m in DISENTANGLEMENT_METRICS}
+    switches = {spec.name: getattr(cfg, spec.name).enabled for spec in DISENTANGLEMENT}
     if run.data.ground_truth is None:
         required = [m for m, on in switches.items() if on]
         data_name = run.config.data.name
@@ -155,28 +132,20 @@ def requested_metrics(run: Run, notes: list[str]) -> tuple[str, ...]:
 def disentanglement(run: Run, metrics: tuple[str, ...], clock: _Clock,
                     bar: tqdm) -> dict[str, Any]:
     """Every requested metric's full result (plain data), keyed by metric name."""
-    from ncpvae import metrics as M
-
     cfg = run.config.evaluate
     data = run.data.ground_truth
     represent = representation(run)
-    compute = {
-        "beta_vae": (M.compute_beta_vae, M.BetaVAEConfig, cfg.beta_vae),
-        "factor_vae": (M.compute_factor_vae, M.FactorVAEConfig, cfg.factor_vae),
-        "mig": (M.compute_mig, M.MIGConfig, cfg.mig),
-        "dci": (M.compute_dci, M.DCIConfig, cfg.dci),
-        "sap": (M.compute_sap, M.SAPConfig, cfg.sap),
-    }
     out: dict[str, Any] = {}
-    for metric in metrics:
-        bar.set_postfix_str(metric)
-        fn, config_cls, sizes = compute[metric]
-        index = DISENTANGLEMENT_METRICS.index(metric)
-        with clock(metric):
-            sizes = sizes.model_dump(exclude={"enabled"})
-            result = fn(data, represent, config=config_cls(**sizes),
-                        seed=_rng(run, _OFFSET_METRICS + index), batch_size=cfg.batch_size)
-        out[metric] = plain(result.to_dict())
+    for index, spec in enumerate(DISENTANGLEMENT):
+        if spec.name not in metrics:
+            continue
+        bar.set_postfix_str(spec.name)
+        with clock(spec.name):
+            config = without_switch(getattr(cfg, spec.name), spec.config)
+            result = spec.compute(data, represent, config=config,
+                                  seed=_rng(run, seeds.EVAL_METRICS + index),
+                                  batch_size=cfg.batch_size)
+        out[spec.name] = to_plain_json(result.to_dict())
         bar.update()
     return out
 
@@ -191,7 +160,7 @@ def cache_directory(run: Run) -> Path:
     if cfg.cache_dir is not None:
         return Path(cfg.cache_dir).expanduser()
     assert run.directory is not None
-    return run.directory.path / "cache"
+    return run.directory.cache
 
 
 def feature_net(run: Run, notes: list[str]) -> tuple[Any, dict[str, Any], bool]:
@@ -200,10 +169,7 @@ def feature_net(run: Run, notes: list[str]) -> tuple[Any, dict[str, Any], bool]:
     Ground-truth data: a factor classifier on ``num_train`` rendered images; labelled data: a
     label classifier on the first ``num_train`` training images; otherwise None (with a note).
     """
-    from ncpvae import metrics as M
-
-    cfg = run.config.evaluate
-    net_cfg = M.FeatureNetConfig(**cfg.feature_net.model_dump())
+    net_cfg = run.config.evaluate.feature_net
     data = run.data
     if data.ground_truth is not None:
         kind = "factors"
@@ -234,7 +200,7 @@ def feature_net(run: Run, notes: list[str]) -> tuple[Any, dict[str, Any], bool]:
     info = {"target": kind, "cache_key": key, "heads": list(net.spec.head_names),
             "val_accuracy": dict(zip(net.spec.head_names, net.info.get("val_accuracy", []))),
             "num_examples": net.info.get("num_examples")}
-    return net, plain(info), hit
+    return net, to_plain_json(info), hit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,36 +213,16 @@ class Row:
 
     label: str
     sampler_config: ComponentConfig | None = None
-
-
-def _sampler_label(run: Run, config: ComponentConfig) -> str:
-    """The sampler's own short label (e.g. "MALA") where it sets one, else one derived here
-    (the base class's label is the registry name: "sir" is shown as "SIR")."""
-    label = getattr(_build_sampler(run, config), "label", None)
-    if isinstance(label, str) and label and label != config.name:
-        return label
-    if config.name == "langevin":
-        return "MALA" if getattr(config, "metropolis", False) else "ULA"
-    return {"sir": "SIR", "sgld": "SGLD"}.get(config.name, config.name)
-
-
-def _prior_label(config: ComponentConfig) -> str:
-    if config.name == "gaussian":
-        fields = config.model_dump()
-        if (fields.get("mean") == 0.0 and fields.get("scale") == 1.0
-                and not fields.get("learn_mean") and not fields.get("learn_scale")):
-            return "N(0, I)"
-    return config.name.upper() if config.name == "ncp" else config.name
+    sampler: Sampler | None = None
 
 
 def table_rows(run: Run) -> list[Row]:
-    """The base prior, then (for a learned prior) one row per sampler; labels are unique."""
+    """The base prior, then (for a learned prior) one row per sampler; labels (the components'
+    own :attr:`label` s) are unique."""
     cfg = run.config.evaluate
-    prior_cfg = run.config.prior
-    learned = run.prior is not run.prior.base_prior
-    base_cfg = getattr(prior_cfg, "base", prior_cfg) if learned else prior_cfg
-    rows = [Row(_prior_label(base_cfg))]
-    if not learned:
+    prior = run.prior
+    rows = [Row(prior.base_prior.label)]
+    if prior is prior.base_prior:
         return rows
     samplers = list(cfg.samplers)
     own = run.config.sampler
@@ -285,48 +231,19 @@ def table_rows(run: Run) -> list[Row]:
         samplers.append(own)
     seen: dict[str, int] = {}
     for sampler_cfg in samplers:
-        label = f"{_prior_label(prior_cfg)} by {_sampler_label(run, sampler_cfg)}"
+        sampler = run.build_sampler(sampler_cfg)
+        label = f"{prior.label} by {sampler.label}"
         seen[label] = seen.get(label, 0) + 1
         if seen[label] > 1:
             label = f"{label} ({seen[label]})"
-        rows.append(Row(label, sampler_cfg))
+        rows.append(Row(label, sampler_cfg, sampler))
     return rows
-
-
-def _build_sampler(run: Run, config: ComponentConfig) -> Sampler:
-    from ncpvae.factory import build_component
-
-    ctx = BuildContext(latent_dim=run.config.latent_dim, device=run.device, seed=run.config.seed,
-                       registry=run.registry)
-    return build_component(config, "sampler", ctx)  # type: ignore[return-value]
-
-
-def draw_row(run: Run, row: Row, n: int, generator: torch.Generator) -> tuple[Tensor, dict]:
-    """``n`` latents ``(n, D)`` of one row and the sampler's diagnostics (plain data)."""
-    prior = run.prior
-    if row.sampler_config is None:
-        with torch.no_grad():
-            return prior.base_prior.sample(n, generator=generator), {}
-    sampler = _build_sampler(run, row.sampler_config)
-    result = sampler.sample_prior(prior, n, generator=generator, progress=not run.quiet)
-    return result.samples[-1].detach(), plain(result.diagnostics)
-
-
-@torch.no_grad()
-def decode(run: Run, z: Tensor) -> Tensor:
-    """Decoder means of latents ``(n, D)``: images ``(n, C, H, W)`` in [0, 1], on the CPU."""
-    size = run.config.evaluate.batch_size
-    return torch.cat([run.model.mean_image(run.model.decode(part.to(run.device))).cpu()
-                      for part in z.split(size)])
 
 
 def heldout_encodings(run: Run, n: int) -> Tensor:
     """Draws ``z ~ q(z|x)`` ``(n, D)`` for the first ``n`` test images."""
-    mu, logvar = encode_source(run.model, run.data.test, run.device, limit=n,
-                               batch_size=run.config.evaluate.batch_size)
-    generator = run.generator(_OFFSET_HELDOUT)
-    noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return mu + torch.exp(0.5 * logvar) * noise
+    return heldout_latents(run, n, run.generator(seeds.EVAL_HELDOUT),
+                           batch_size=run.config.evaluate.batch_size)
 
 
 def check_kid_sizes(cfg: EvaluateConfig, n_real: int) -> None:
@@ -337,10 +254,6 @@ def check_kid_sizes(cfg: EvaluateConfig, n_real: int) -> None:
             f"{cfg.sample_quality.kid_num_subsets} needs at least {need} samples per side, got "
             f"evaluate.num_samples = {cfg.num_samples} and {n_real} held-out images; lower "
             "kid_num_subsets or raise the sizes")
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "row"
 
 
 def feature_scale(real: np.ndarray) -> float:
@@ -361,11 +274,9 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
     """Draw, decode, score and plot every row of the prior x sampler table. Puts the feature
     scale and the factor coverage of as many held-out images (the ceiling of a row's coverage)
     into ``table``."""
-    from ncpvae import metrics as M
-    from ncpvae.plots import plot_image_grid
-
     cfg = run.config.evaluate
-    assert run.directory is not None
+    directory = run.directory
+    assert directory is not None
     n_real = min(cfg.num_heldout, len(run.data.test))
     real_features = real_images = None
     gt = run.data.ground_truth
@@ -379,17 +290,24 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
             scale = feature_scale(real_features)
             real_features = real_features / scale
             table["feature_scale"] = scale
-    sq_cfg = M.SampleQualityConfig(**cfg.sample_quality.model_dump(exclude={"enabled"}))
-    pf_cfg = M.PriorFitConfig(**cfg.prior_fit.model_dump(exclude={"enabled"}))
+    sq_cfg = without_switch(cfg.sample_quality, M.SampleQualityConfig)
+    pf_cfg = without_switch(cfg.prior_fit, M.PriorFitConfig)
     rows = []
     for i, row in enumerate(table_rows(run)):
         bar.set_postfix_str(row.label)
-        offset = _OFFSET_ROWS + 10 * i
         entry: dict[str, Any] = {"label": row.label,
                                  "sampler": None if row.sampler_config is None
                                  else row.sampler_config.model_dump(mode="json")}
+        note = getattr(row.sampler, "acceptance_note", None)
+        if note is not None:
+            entry["acceptance_note"] = note
+        source = row.sampler if row.sampler is not None else run.prior.base_prior
         with clock(f"draw: {row.label}"):
-            z, diagnostics = draw_row(run, row, cfg.num_samples, run.generator(offset))
+            drawn = sample_images(run, source, cfg.num_samples,
+                                  run.generator(seeds.row_offset(i, seeds.ROW_DRAW)),
+                                  title=row.label, batch_size=cfg.batch_size)
+        z, images, diagnostics = drawn.latents, drawn.images, drawn.diagnostics
+        assert images is not None
         timings = {k: diagnostics.pop(k) for k in _TIMING_KEYS if k in diagnostics}
         if timings:
             runtime.setdefault("sampler_timings", {})[row.label] = timings
@@ -397,22 +315,23 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
         if not torch.isfinite(z).all():
             raise NcpvaeError(f"row '{row.label}': the sampler returned non-finite latents; "
                               "lower its step_size")
-        images = decode(run, z)
-        plot = run.directory.plots / f"eval_samples_{_slug(row.label)}.png"
-        plot_image_grid(images[:cfg.grid_size], plot, title=row.label)
-        entry["plot"] = str(plot.relative_to(run.directory.path))
+        plot = directory.eval_samples_plot(row.label)
+        plots.plot_image_grid(images[:cfg.grid_size], plot, title=row.label)
+        entry["plot"] = directory.relative(plot)
         if cfg.prior_fit.enabled:
             with clock(f"prior fit: {row.label}"):
-                entry["prior_fit"] = plain(M.prior_fit(z, heldout_z, config=pf_cfg,
-                                                       seed=_rng(run, offset + 1)).to_dict())
+                seed = _rng(run, seeds.row_offset(i, seeds.ROW_PRIOR_FIT))
+                entry["prior_fit"] = to_plain_json(M.prior_fit(z, heldout_z, config=pf_cfg,
+                                                               seed=seed).to_dict())
         if real_features is not None:
             with clock(f"sample quality: {row.label}"):
                 fake = M.extract_features(net, images, batch_size=cfg.batch_size) / scale
-                entry["sample_quality"] = plain(M.sample_quality(
-                    real_features, fake, config=sq_cfg, seed=_rng(run, offset + 2)).to_dict())
+                seed = _rng(run, seeds.row_offset(i, seeds.ROW_SAMPLE_QUALITY))
+                entry["sample_quality"] = to_plain_json(M.sample_quality(
+                    real_features, fake, config=sq_cfg, seed=seed).to_dict())
                 if coverage_on:
                     predicted = M.predict_factors(net, images, batch_size=cfg.batch_size)
-                    entry["coverage"] = plain(M.factor_coverage(
+                    entry["coverage"] = to_plain_json(M.factor_coverage(
                         predicted, gt.factor_sizes, factor_names=gt.factor_names).to_dict())
         rows.append(entry)
         bar.update()
@@ -420,8 +339,8 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
         # the same classifier on as many real images: what a perfect sampler would reach
         predicted = M.predict_factors(net, real_images[:cfg.num_samples],
                                       batch_size=cfg.batch_size)
-        reference = plain(M.factor_coverage(predicted, gt.factor_sizes,
-                                            factor_names=gt.factor_names).to_dict())
+        reference = to_plain_json(M.factor_coverage(predicted, gt.factor_sizes,
+                                                    factor_names=gt.factor_names).to_dict())
         table["coverage_reference"] = {**reference, "num_images": int(predicted.shape[0])}
     return rows
 
@@ -431,29 +350,17 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
 
 
 def learned_prior(run: Run, heldout_z: Tensor) -> dict[str, Any]:
-    """NCP's ``log Z`` and ``Delta`` (with SEs) from one ``log Z`` estimate; {} otherwise."""
-    prior = run.prior
-    if not hasattr(prior, "log_normalizer"):
-        return {}
-    cfg = run.config.evaluate
-    log_z, log_z_se = prior.log_normalizer(cfg.log_z_samples,
-                                           generator=run.generator(_OFFSET_LOG_Z))
-    out = {"log_z": log_z, "log_z_se": log_z_se,
-           "log_z_samples": cfg.log_z_samples or getattr(prior, "log_z_samples", None)}
-    if hasattr(prior, "kl_gain"):
-        # the same generator seed: kl_gain's log Z is the estimate above
-        delta, delta_se = prior.kl_gain(heldout_z, num_samples=cfg.log_z_samples,
-                                        generator=run.generator(_OFFSET_LOG_Z))
-        out.update(delta=delta, delta_se=delta_se, num_encodings=int(heldout_z.shape[0]))
-    return plain(out)
+    """A learned prior's ``log Z`` and ``Delta`` (with SEs) from one ``log Z`` estimate (see
+    :func:`ncpvae.run.fit.learned_prior_summary`); {} for any other prior."""
+    return to_plain_json(learned_prior_summary(
+        run.prior, heldout_z, lambda: run.generator(seeds.EVAL_LOG_Z),
+        num_samples=run.config.evaluate.log_z_samples))
 
 
 def likelihood(run: Run, log_z: tuple[float, float] | None,
                notes: list[str]) -> dict[str, Any]:
     """IW bound and ELBO per held-out image under the base prior and the run's prior (the same
     importance draws for both), and the paired gain of the run's prior over its base."""
-    from ncpvae import metrics as M
-
     cfg = run.config.evaluate.likelihood
     n = min(cfg.num_examples, len(run.data.test))
     if n < 2:
@@ -470,7 +377,7 @@ def likelihood(run: Run, log_z: tuple[float, float] | None,
     per_example: dict[str, tuple[list[Tensor], list[Tensor]]] = {k: ([], []) for k in priors}
     for key, (prior, normalizer) in priors.items():
         # one generator per prior, seeded alike: both priors see the same z ~ q(z|x)
-        generator = run.generator(_OFFSET_LIKELIHOOD)
+        generator = run.generator(seeds.EVAL_LIKELIHOOD)
         for index in torch.arange(n).split(cfg.batch_size):
             x = run.data.test.get_batch(index).to(run.device)
             iw, el = M.bounds(run.model, prior, x, cfg.num_samples, log_normalizer=normalizer,
@@ -481,12 +388,14 @@ def likelihood(run: Run, log_z: tuple[float, float] | None,
     for key, (prior, normalizer) in priors.items():
         iw, el = (torch.cat(v) for v in per_example[key])
         out[key] = {"prior": prior.name,
-                    "iw": plain(M.summarize_bound(iw, cfg.num_samples, normalizer).to_dict()),
-                    "elbo": plain(M.summarize_bound(el, cfg.num_samples, normalizer).to_dict())}
+                    "iw": to_plain_json(M.summarize_bound(iw, cfg.num_samples,
+                                                          normalizer).to_dict()),
+                    "elbo": to_plain_json(M.summarize_bound(el, cfg.num_samples,
+                                                            normalizer).to_dict())}
     if "prior" in priors:
         gain = torch.cat(per_example["prior"][0]) - torch.cat(per_example["base"][0])
-        out["iw_gain"] = plain(M.summarize_bound(gain, cfg.num_samples,
-                                                 priors["prior"][1]).to_dict())
+        out["iw_gain"] = to_plain_json(M.summarize_bound(gain, cfg.num_samples,
+                                                         priors["prior"][1]).to_dict())
     return out
 
 
@@ -496,7 +405,7 @@ def likelihood(run: Run, log_z: tuple[float, float] | None,
 
 def _check_fitted(run: Run) -> None:
     prior = run.prior
-    if prior.requires_fit and not getattr(prior, "is_fitted", True):
+    if isinstance(prior, LearnedPrior) and not prior.is_fitted:
         raise NotFittedError(
             f"the run's '{prior.name}' prior is not fitted; run `ncpvae fit-prior RUN` first, or "
             f"evaluate its base prior with `--set prior={prior.base_prior.name}`")
@@ -505,12 +414,8 @@ def _check_fitted(run: Run) -> None:
 def summary_section(evaluation: dict[str, Any]) -> dict[str, Any]:
     """The short ``evaluation`` section of summary.json: headline numbers only."""
     d = evaluation.get("disentanglement", {})
-    out: dict[str, Any] = {}
-    for key, path in (("beta_vae", ("beta_vae", "eval_accuracy")),
-                      ("factor_vae", ("factor_vae", "eval_accuracy")), ("mig", ("mig", "mig")),
-                      ("dci_disentanglement", ("dci", "disentanglement")), ("sap", ("sap", "sap"))):
-        if path[0] in d:
-            out[key] = d[path[0]][path[1]]
+    out: dict[str, Any] = {spec.summary_key: spec.headline_value(d[spec.name])
+                           for spec in DISENTANGLEMENT if spec.name in d}
     vae = evaluation.get("vae", {})
     for key in ("test_recon", "test_elbo"):
         if key in vae:
@@ -539,8 +444,6 @@ def evaluate_run(run: Run) -> dict[str, Any]:
     ``evaluate.report = "markdown"``), and an ``evaluation`` section of summary.json. Returns
     the evaluation as plain data.
     """
-    from ncpvae.evaluation.report import write_report
-
     if run.directory is None:
         raise NcpvaeError("evaluate_run needs a run with a run directory (use open_run or train)")
     _check_fitted(run)
@@ -560,10 +463,10 @@ def evaluate_run(run: Run) -> dict[str, Any]:
     try:
         with eval_mode(run.model, run.prior):
             bar.set_postfix_str("reconstruction")
-            with clock("reconstruction"), _seeded_global_rng(run, _OFFSET_VAE):
+            with clock("reconstruction"), _seeded_global_rng(run, seeds.EVAL_VAE):
                 vae = evaluate_vae(run, cfg.num_heldout)
-            run.model.eval()  # evaluate_vae leaves the model in training mode
-            evaluation["vae"] = plain({k: v for k, v in vae.items() if k != "latent_activity"})
+            evaluation["vae"] = to_plain_json({k: v for k, v in vae.items()
+                                               if k != "latent_activity"})
             bar.update()
             evaluation["disentanglement"] = disentanglement(run, metrics, clock, bar)
             with clock("feature net"):
@@ -589,23 +492,28 @@ def evaluate_run(run: Run) -> dict[str, Any]:
     finally:
         bar.close()
     evaluation["notes"] = notes
-    evaluation["report"] = "report.md" if cfg.report == "markdown" else "report.html"
+    evaluation["report"] = run.directory.report(cfg.report).name
     runtime["seconds"] = clock.seconds
     runtime["total_seconds"] = time.perf_counter() - start
     evaluation["runtime"] = runtime
-    evaluation = plain(evaluation)
-    write_json(run.directory.path / "evaluation.json", evaluation)
+    evaluation = to_plain_json(evaluation)
+    write_json(run.directory.evaluation, evaluation)
     write_report(run.directory.path, evaluation, run.config, fmt=cfg.report)
     run.directory.update_summary("evaluation", summary_section(evaluation))
     return evaluation
+
+
+def evaluate_stage(run: Run) -> dict[str, Any]:
+    """Stage 4 of ``ncpvae train``: the evaluation report, if ``evaluate.enabled``."""
+    if not run.config.evaluate.enabled:
+        return {}
+    return evaluate_run(run)
 
 
 def evaluate_command(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                      quiet: bool = False, registry: Registry | None = None) -> Path:
     """``ncpvae evaluate RUN [--set evaluate.mig.num_train=2000 ...]``: open the run (its saved
     config plus ``overrides``), evaluate it, and return the report's path."""
-    from ncpvae.run.directory import RunDirectory
-
     directory = RunDirectory.open(path)
     if not directory.checkpoint.is_file():
         raise DataError(f"'{directory.path}' has no checkpoint.pt: train it first with "

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ncpvae.io import read_json, write_text
+from pydantic import BaseModel
+
+from ncpvae.evaluation.format import num, pm
+from ncpvae.evaluation.metrics_table import DISENTANGLEMENT
+from ncpvae.io import to_plain_json, write_text
+from ncpvae.run import directory as files
+from ncpvae.run.directory import RunDirectory
 
 # ---------------------------------------------------------------------------------------------
 # the document model
@@ -68,29 +73,7 @@ def bullet_list(items: list[str]) -> Block:
 
 
 # ---------------------------------------------------------------------------------------------
-# number formatting
-
-
-def num(value: Any, digits: int = 3) -> str:
-    """A number with ``digits`` significant digits; None/missing as an em dash."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}" if abs(value) < 1 else f"{value:.{max(digits - 1, 1)}f}"
-    return str(value)
-
-
-def pm(mean: Any, se: Any, digits: int = 3) -> str:
-    """``mean ± se``."""
-    if mean is None:
-        return "—"
-    return f"{num(mean, digits)} ± {num(se, 2)}" if se is not None else num(mean, digits)
+# helpers
 
 
 def _get(data: Mapping[str, Any] | None, *path: str) -> Any:
@@ -141,17 +124,8 @@ def headline(evaluation: Mapping[str, Any]) -> Block:
     items = []
     d = evaluation.get("disentanglement", {})
     if d:
-        parts = []
-        if "mig" in d:
-            parts.append(f"MIG {num(d['mig']['mig'])}")
-        if "factor_vae" in d:
-            parts.append(f"FactorVAE {num(d['factor_vae']['eval_accuracy'])}")
-        if "dci" in d:
-            parts.append(f"DCI disentanglement {num(d['dci']['disentanglement'])}")
-        if "beta_vae" in d:
-            parts.append(f"beta-VAE {num(d['beta_vae']['eval_accuracy'])}")
-        if "sap" in d:
-            parts.append(f"SAP {num(d['sap']['sap'])}")
+        parts = [f"{spec.label} {num(spec.headline_value(d[spec.name]))}"
+                 for spec in DISENTANGLEMENT if spec.name in d]
         items.append("Disentangled? " + ", ".join(parts) + " (Locatello et al. 2019 report "
                      "MIG 0.05–0.35, FactorVAE 0.6–0.75 for beta-VAEs on dSprites).")
     scored = [r for r in evaluation.get("rows", []) if "sample_quality" in r]
@@ -169,7 +143,7 @@ def headline(evaluation: Mapping[str, Any]) -> Block:
         text = "Did the learned prior help? "
         if "delta" in lp:
             text += (f"Delta = E_q[f] − log Z = {pm(lp['delta'], lp['delta_se'])} nats "
-                     "(> 0: closer to the aggregate posterior than its base)")
+                     "(> 0: the learned prior is closer to the aggregate posterior than its base)")
         if gain:
             text += (f"; IW bound gain over the base prior {pm(gain['mean'], gain['se'])} "
                      "nats per image")
@@ -177,7 +151,7 @@ def headline(evaluation: Mapping[str, Any]) -> Block:
     return bullet_list(items)
 
 
-def training_blocks(summary: Mapping[str, Any], plots: Path) -> list[Block]:
+def training_blocks(summary: Mapping[str, Any], run: RunDirectory) -> list[Block]:
     blocks: list[Block] = [heading("Training")]
     vae = summary.get("vae", {})
     if vae:
@@ -186,46 +160,35 @@ def training_blocks(summary: Mapping[str, Any], plots: Path) -> list[Block]:
                             [[num(vae.get("test_elbo")), num(vae.get("test_recon")),
                               num(vae.get("test_kl")), num(vae.get("active_units")),
                               num(vae.get("epoch")), num(vae.get("train_seconds"))]]))
-    for name, caption in (("training_curves.png", "Training curves (nats per image)"),
-                          ("kl_per_dim.png", "KL per latent dimension")):
-        if (plots / name).is_file():
-            blocks.append(figure(f"plots/{name}", caption))
+    for name, caption in ((files.PLOT_TRAINING_CURVES, "Training curves (nats per image)"),
+                          (files.PLOT_KL_PER_DIM, "KL per latent dimension")):
+        if run.plot(name).is_file():
+            blocks.append(figure(run.relative(run.plot(name)), caption))
     fit = summary.get("prior_fit", {})
-    if fit or (plots / "ncp_classifier_loss.png").is_file():
+    fit_plot = run.plot(files.PLOT_PRIOR_FIT)
+    if fit or fit_plot.is_file():
         blocks.append(heading("Learned prior fit", 3))
         if fit:
-            keys = [k for k in ("best_epoch", "epochs_run", "heldout_loss", "heldout_accuracy",
-                                "heldout_auc", "log_z", "log_z_se", "delta", "delta_se")
-                    if k in fit]
+            # the prior's own fit summary (plain numbers), then log Z and Delta
+            keys = [k for k, v in fit.items() if isinstance(v, (int, float))
+                    and k not in _SUMMARY_KEYS and not k.endswith("_seconds")]
+            keys += [k for k in _SUMMARY_KEYS if fit.get(k) is not None]
             blocks.append(table(keys, [[num(fit[k]) for k in keys]]))
-        if (plots / "ncp_classifier_loss.png").is_file():
-            blocks.append(figure("plots/ncp_classifier_loss.png",
-                                 "NCP classifier loss: average and lowest minibatch BCE per "
-                                 "epoch, held-out BCE"))
+        if fit_plot.is_file():
+            blocks.append(figure(run.relative(fit_plot),
+                                 "The learned prior's fit, per epoch (its own fit records)"))
     return blocks
 
 
+#: the learned-prior summary's numbers (ncpvae.run.fit.learned_prior_summary)
+_SUMMARY_KEYS = ("log_z", "log_z_se", "delta", "delta_se")
+
+
 def metric_table(evaluation: Mapping[str, Any]) -> list[Block]:
-    rows: list[list[Cell]] = []
     d = evaluation.get("disentanglement", {})
-    if "beta_vae" in d:
-        rows.append(["beta-VAE metric", num(d["beta_vae"]["eval_accuracy"]),
-                     f"eval accuracy (train {num(d['beta_vae']['train_accuracy'])})"])
-    if "factor_vae" in d:
-        f = d["factor_vae"]
-        rows.append(["FactorVAE metric", num(f["eval_accuracy"]),
-                     f"eval accuracy; {f['num_active_dims']} active dims"
-                     + (" (collapsed)" if f["collapsed"] else "")])
-    if "mig" in d:
-        rows.append(["MIG", num(d["mig"]["mig"]), "per factor: " + ", ".join(
-            num(g, 2) for g in d["mig"]["gap_per_factor"])])
-    if "dci" in d:
-        c = d["dci"]
-        rows.append(["DCI disentanglement", num(c["disentanglement"]),
-                     f"completeness {num(c['completeness'])}, informativeness (test accuracy) "
-                     f"{num(c['informativeness_test'])}"])
-    if "sap" in d:
-        rows.append(["SAP", num(d["sap"]["sap"]), ""])
+    rows: list[list[Cell]] = [
+        [spec.label, num(spec.headline_value(d[spec.name])), spec.details(d[spec.name])]
+        for spec in DISENTANGLEMENT if spec.name in d]
     vae = evaluation.get("vae", {})
     if vae:
         rows.append(["test reconstruction", num(vae.get("test_recon")),
@@ -249,8 +212,10 @@ def metric_table(evaluation: Mapping[str, Any]) -> list[Block]:
                      "paired difference on the same draws (log Z SE included)"])
     lp = evaluation.get("learned_prior", {})
     if "log_z" in lp:
+        draws = lp.get("log_z_samples")
         rows.append(["log Z", pm(lp["log_z"], lp["log_z_se"]),
-                     f"{lp.get('log_z_samples')} base draws"])
+                     f"{draws} base draws" if draws is not None
+                     else "the prior's default number of base draws"])
     if "delta" in lp:
         rows.append(["Delta = E_q[f] − log Z", pm(lp["delta"], lp["delta_se"]),
                      f"on {lp.get('num_encodings')} held-out encodings; > 0: the learned prior "
@@ -272,10 +237,10 @@ def _sampler_cell(row: Mapping[str, Any]) -> str:
         parts.append(f"ESS fraction {num(diag['ess_fraction'])}")
     sampler = row.get("sampler")
     if diag.get("acceptance_rate") is not None:
-        # ULA moves are never rejected: its rate is what MALA would accept (discretization error)
-        unadjusted = bool(sampler) and sampler.get("metropolis") is False
-        parts.append(f"{'MH acceptance if adjusted' if unadjusted else 'acceptance'} "
-                     f"{num(diag['acceptance_rate'])}")
+        # what the rate means, in the sampler's own words (e.g. ULA: the would-be MH acceptance)
+        note = row.get("acceptance_note")
+        parts.append(f"acceptance {num(diag['acceptance_rate'])}"
+                     + (f" ({note})" if note else ""))
     if diag.get("final_step_size") is not None:
         parts.append(f"step {num(diag['final_step_size'])}")
     if diag.get("rhat_max") is not None:
@@ -310,15 +275,18 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
         ])
     ref = evaluation.get("coverage_reference")
     scale = num(evaluation.get("feature_scale"))
+    bins = (ref or {}).get("joint_bins") or {}
+    coverage = (f"; coverage: fraction of the {' × '.join(bins)} grid of the data's factors "
+                f"({' × '.join(str(b) for b in bins.values())} = {ref.get('joint_cells')} cells) "
+                "hit by the classified samples" if bins else "")
     blocks = [heading("Prior × sampler"),
               paragraph("Each row draws latents from a prior with a sampler and decodes them "
                         "(decoder means). Sample quality compares the decoded samples with "
                         "held-out test images on the features of a locally trained network, "
                         f"divided by their RMS on held-out images ({scale}) "
                         "(KID: unbiased, lower is better, can be negative; Fréchet distance; "
-                        "precision / recall of k-NN manifolds; coverage: fraction of the "
-                        "shape × scale × posX × posY grid hit by the classified samples). Prior "
-                        "fit compares the latents with held-out encodings z ~ q(z|x): MMD² "
+                        f"precision / recall of k-NN manifolds{coverage}). Prior fit compares "
+                        "the latents with held-out encodings z ~ q(z|x): MMD² "
                         "with its permutation p-value, and the held-out accuracy of a fresh "
                         "classifier (0.5: indistinguishable)."),
               table(["prior / sampler", "decoded samples", "KID ×10³", "FD", "precision / recall",
@@ -331,19 +299,19 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
 
 def build_blocks(evaluation: Mapping[str, Any], summary: Mapping[str, Any],
                  config: Mapping[str, Any], run_dir: Path) -> list[Block]:
-    plots = run_dir / "plots"
+    run = RunDirectory(run_dir)
     blocks = [heading(f"ncpvae evaluation: run '{config.get('name')}'", 1),
               paragraph(f"Dataset {evaluation.get('dataset')}, prior {evaluation.get('prior')}."),
               headline(evaluation), heading("Configuration"), config_summary(config)]
-    blocks += training_blocks(summary, plots)
-    pictures = [(n, c) for n, c in (("reconstructions.png", "Test images (odd rows) and their "
-                                     "reconstructions (even rows)"),
-                                    ("traversals.png", "Latent traversals of the first test "
+    blocks += training_blocks(summary, run)
+    pictures = [(n, c) for n, c in ((files.PLOT_RECONSTRUCTIONS, "Test images (odd rows) and "
+                                     "their reconstructions (even rows)"),
+                                    (files.PLOT_TRAVERSALS, "Latent traversals of the first test "
                                      "image's code, dims sorted by KL"))
-                if (plots / n).is_file()]
+                if run.plot(n).is_file()]
     if pictures:
         blocks.append(heading("Reconstructions and traversals"))
-        blocks += [figure(f"plots/{n}", c, 700) for n, c in pictures]
+        blocks += [figure(run.relative(run.plot(n)), c, 700) for n, c in pictures]
     blocks += metric_table(evaluation)
     blocks += sample_table(evaluation)
     if evaluation.get("notes"):
@@ -452,14 +420,12 @@ def write_report(run_dir: str | Path, evaluation: Mapping[str, Any], config: Any
 
     ``config`` is the run's :class:`~ncpvae.config.RunConfig` or its plain-data dump.
     """
-    run_dir = Path(run_dir)
-    if hasattr(config, "model_dump"):
+    run = RunDirectory(Path(run_dir))
+    if isinstance(config, BaseModel):
         config = config.model_dump(mode="json")
-    config = json.loads(json.dumps(config))
-    summary_path = run_dir / "summary.json"
-    summary = read_json(summary_path, "summary") if summary_path.is_file() else {}
-    blocks = build_blocks(evaluation, summary, config, run_dir)
+    config = to_plain_json(config)
+    blocks = build_blocks(evaluation, run.read_summary(), config, run.path)
     if fmt == "markdown":
-        return write_text(run_dir / "report.md", render_markdown(blocks))
+        return write_text(run.report(fmt), render_markdown(blocks))
     title = f"ncpvae evaluation: {config.get('name')}"
-    return write_text(run_dir / "report.html", render_html(blocks, run_dir, title))
+    return write_text(run.report(fmt), render_html(blocks, run.path, title))

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from pydantic import Field
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
@@ -96,6 +94,9 @@ def compute_beta_vae(
     if np.unique(y_train).size < 2:
         raise DataError("beta-VAE metric: every training point has the same label; "
                         "increase num_train")
+    from sklearn.exceptions import ConvergenceWarning  # imported on use (slow to import)
+    from sklearn.linear_model import LogisticRegression
+
     model = LogisticRegression(random_state=int(rng.integers(0, 2**31 - 1)))
     with warnings.catch_warnings():
         # lbfgs on unscaled features may stop at max_iter; the reference metric accepts that.

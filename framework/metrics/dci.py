@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydantic import Field
-from sklearn.ensemble import GradientBoostingClassifier
 
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
@@ -98,6 +97,8 @@ def importance_matrix(
     """Gradient-boosting importances ``(D, K)`` and mean train / test accuracy over factors."""
     codes_train, factors_train = check_codes_factors(codes_train, factors_train)
     codes_test, factors_test = check_codes_factors(codes_test, factors_test)
+    from sklearn.ensemble import GradientBoostingClassifier  # imported on use (slow to import)
+
     num_factors = factors_train.shape[1]
     r = np.zeros((codes_train.shape[1], num_factors))
     train_acc, test_acc = [], []

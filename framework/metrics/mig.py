@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydantic import Field
-from sklearn.metrics import mutual_info_score
 
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
@@ -57,6 +56,8 @@ def discretize_codes(codes: np.ndarray, num_bins: int = NUM_BINS) -> np.ndarray:
 
 def mutual_info_matrix(discrete_codes: np.ndarray, factors: np.ndarray) -> np.ndarray:
     """Plug-in mutual information (nats) ``(D, K)`` between discrete codes and factors."""
+    from sklearn.metrics import mutual_info_score  # imported on use (slow to import)
+
     num_dims, num_factors = discrete_codes.shape[1], factors.shape[1]
     m = np.empty((num_dims, num_factors))
     for j in range(num_dims):
@@ -67,6 +68,8 @@ def mutual_info_matrix(discrete_codes: np.ndarray, factors: np.ndarray) -> np.nd
 
 def factor_entropies(factors: np.ndarray) -> np.ndarray:
     """Plug-in entropy (nats) of each factor column, ``(K,)``."""
+    from sklearn.metrics import mutual_info_score
+
     return np.array([mutual_info_score(f, f) for f in factors.T])
 
 

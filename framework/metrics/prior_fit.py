@@ -17,20 +17,18 @@ draws of q(z|x) on test images); both as Tensors or arrays ``(n, D)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import Field
-from scipy.stats import binom
-from sklearn.linear_model import LogisticRegression
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import PolynomialFeatures, StandardScaler
 
 from ncpvae.component import StrictModel
 from ncpvae.errors import DataError
 from ncpvae.metrics._common import MetricResult, make_rng
 from ncpvae.metrics.mmd import as_samples, median_heuristic, squared_distances
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 Classifier = Literal["linear", "quadratic", "mlp"]
 
@@ -133,6 +131,12 @@ def mmd_permutation_test(
 
 def make_classifier(kind: Classifier, random_state: int) -> Pipeline:
     """The C2ST classifiers: standardized inputs, then a (quadratic) logistic model or an MLP."""
+    # scikit-learn is imported on use (slow to import; loading a config must not pay for it)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import PolynomialFeatures, StandardScaler
+
     if kind == "linear":
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     if kind == "quadratic":
@@ -180,6 +184,8 @@ def classifier_two_sample_test(
     correct = int(np.sum(model.predict(test) == test_labels))
     total = 2 * n_test
     acc = correct / total
+    from scipy.stats import binom  # imported on use (slow to import)
+
     return C2STResult(
         accuracy=acc,
         se=float(np.sqrt(acc * (1 - acc) / total)),

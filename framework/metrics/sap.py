@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydantic import Field
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.svm import LinearSVC
 
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
@@ -50,6 +48,9 @@ def sap_score_matrix(
     """Test accuracy ``(D, K)`` of a 1-D balanced linear SVM per (code dim, factor)."""
     codes_train, factors_train = check_codes_factors(codes_train, factors_train)
     codes_test, factors_test = check_codes_factors(codes_test, factors_test)
+    from sklearn.exceptions import ConvergenceWarning  # imported on use (slow to import)
+    from sklearn.svm import LinearSVC
+
     num_dims, num_factors = codes_train.shape[1], factors_train.shape[1]
     s = np.zeros((num_dims, num_factors))
     for k in range(num_factors):
