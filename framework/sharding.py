@@ -1,0 +1,89 @@
+"""Row shards: one process holds rows ``[offset, offset + rows)`` of a global batch of ``total``.
+
+Under ``torchrun`` every rank computes the objective on its own contiguous part of each global
+batch (see :mod:`ncpvae.run.distributed`). For a distributed run to give the *same numbers* as a
+single process, every random draw that has one row per batch example must be the single-process
+draw, restricted to this rank's rows. :func:`randn_rows` does that: inside :func:`row_shard`, it
+draws the full ``(..., total, ...)`` noise from the (identically seeded) generator and keeps this
+rank's rows, so the generator advances exactly as in one process and the kept rows are the
+single-process rows. Outside a shard (one process, the default) it is a plain ``torch.randn``.
+
+Contract for objective and sampler authors: draw per-example noise through
+:func:`ncpvae.reparameterize` (or :func:`randn_rows`), never with a bare ``torch.randn`` sized by
+the local batch — a bare draw is still valid but differs from the single-process run, and ranks
+seeded alike would draw the same noise for different examples. Batch-level terms (a capacity or
+free-bits term on the batch-mean KL) are computed on each rank's shard under DDP; only
+per-example losses averaged over the batch give the single-process gradient exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """This process holds rows ``[offset, offset + rows)`` of a global batch of ``total`` rows."""
+
+    offset: int
+    rows: int
+    total: int
+
+    def __post_init__(self) -> None:
+        if not (self.offset >= 0 and self.rows >= 0 and self.offset + self.rows <= self.total):
+            raise ValueError(f"invalid row shard: rows [{self.offset}, {self.offset + self.rows})"
+                             f" of a batch of {self.total}")
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.rows
+
+
+_CURRENT: ContextVar[RowShard | None] = ContextVar("ncpvae_row_shard", default=None)
+
+
+@contextmanager
+def row_shard(offset: int, rows: int, total: int) -> Iterator[RowShard]:
+    """Within this block, per-row draws (:func:`randn_rows`) are single-process draws' rows."""
+    shard = RowShard(int(offset), int(rows), int(total))
+    token = _CURRENT.set(shard)
+    try:
+        yield shard
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_row_shard() -> RowShard | None:
+    """The active :class:`RowShard`, or None (one process, or outside a sharded batch)."""
+    return _CURRENT.get()
+
+
+def randn_rows(shape: torch.Size | tuple[int, ...], *, dim: int = -2,
+               generator: torch.Generator | None = None, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> Tensor:
+    """Standard normal noise of (local) ``shape`` whose dimension ``dim`` is the batch.
+
+    Outside a row shard: ``torch.randn(shape)``. Inside one, ``shape[dim]`` must equal the
+    shard's ``rows``: the full noise with ``total`` rows along ``dim`` is drawn (the generator
+    advances as in one process) and rows ``[offset, offset + rows)`` are returned.
+    """
+    shape = tuple(int(s) for s in shape)
+    shard = _CURRENT.get()
+    if shard is None or shard.rows == shard.total:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    axis = dim % len(shape) if shape else 0
+    if not shape or shape[axis] != shard.rows:
+        raise RuntimeError(
+            f"randn_rows: a row shard of {shard.rows} of {shard.total} rows is active, but the "
+            f"draw of shape {shape} has {shape[axis] if shape else 0} rows in dimension {dim}; "
+            "per-example noise must have the batch in that dimension")
+    full = list(shape)
+    full[axis] = shard.total
+    noise = torch.randn(full, generator=generator, device=device, dtype=dtype)
+    return noise.narrow(axis, shard.offset, shard.rows).contiguous()

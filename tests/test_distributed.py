@@ -1,0 +1,228 @@
+"""Distributed helpers (``ncpvae.run.distributed``, ``ncpvae.sharding``) on CPU with gloo.
+
+Multi-process tests start 2 processes with ``torch.multiprocessing`` and the environment torchrun
+would set (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); each
+process writes what it saw to a JSON file that the test reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ncpvae import reparameterize
+from ncpvae.errors import ConfigError, DataError
+from ncpvae.run import distributed
+from ncpvae.run.distributed import DistContext, DistributedConfig, DistributedError
+from ncpvae.sharding import current_row_shard, randn_rows, row_shard
+
+# --------------------------------------------------------------------------------------------
+# one process: sharding arithmetic and the row-shard noise
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("total", [1, 7, 8, 64, 65])
+def test_shards_are_disjoint_contiguous_and_cover_the_batch(world: int, total: int):
+    index = torch.randperm(total, generator=torch.Generator().manual_seed(total))
+    parts = [DistContext(rank=r, world_size=world).shard(index) for r in range(world)]
+    assert torch.equal(torch.cat(parts), index)  # rank order = batch order, nothing lost
+    sizes = [len(p) for p in parts]
+    assert sum(sizes) == total and max(sizes) - min(sizes) <= 1
+    bounds = [DistContext(rank=r, world_size=world).shard_bounds(total) for r in range(world)]
+    for (offset, rows), (next_offset, _) in zip(bounds, bounds[1:]):
+        assert offset + rows == next_offset
+
+
+@pytest.mark.parametrize("shape", [(10, 3), (4, 10, 3)])
+def test_row_shard_noise_is_the_single_process_noise(shape: tuple[int, ...]):
+    world, total = 3, shape[-2]
+    full = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    parts = []
+    for rank in range(world):
+        offset, rows = DistContext(rank=rank, world_size=world).shard_bounds(total)
+        local = list(shape)
+        local[-2] = rows
+        generator = torch.Generator().manual_seed(5)
+        with row_shard(offset, rows, total):
+            parts.append(randn_rows(local, generator=generator))
+        # the generator advanced exactly as for the full draw
+        assert torch.equal(torch.randn(2, generator=generator), _after(shape, 5))
+    assert torch.equal(torch.cat(parts, dim=-2), full)
+
+
+def _after(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    torch.randn(shape, generator=generator)
+    return torch.randn(2, generator=generator)
+
+
+def test_reparameterize_under_a_row_shard_keeps_its_rows():
+    mu, logvar = torch.randn(6, 2), torch.randn(6, 2)
+    torch.manual_seed(3)
+    whole = reparameterize(mu, logvar)
+    pieces = []
+    for offset, rows in ((0, 4), (4, 2)):
+        torch.manual_seed(3)  # every rank's global RNG is seeded alike
+        with row_shard(offset, rows, 6):
+            pieces.append(reparameterize(mu[offset:offset + rows], logvar[offset:offset + rows]))
+    assert torch.equal(torch.cat(pieces), whole)
+    assert current_row_shard() is None  # the context is restored
+
+
+def test_row_shard_rejects_a_draw_without_the_batch_rows():
+    with row_shard(0, 3, 6), pytest.raises(RuntimeError, match="3 of 6 rows"):
+        randn_rows((5, 2))
+    with pytest.raises(ValueError, match="invalid row shard"), row_shard(4, 3, 6):
+        pass
+
+
+def test_backend_and_device_choice():
+    cpu = torch.device("cpu")
+    assert distributed.resolve_backend("auto", cpu) == "gloo"
+    assert distributed.resolve_backend("gloo", cpu) == "gloo"
+    with pytest.raises(ConfigError, match="nccl.*needs CUDA"):
+        distributed.resolve_backend("nccl", cpu)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            distributed.resolve_rank_device("cuda", 0, distributed=True)
+        assert distributed.resolve_rank_device("auto", 1, distributed=True) == cpu
+    with pytest.raises(Exception, match="greater than 0"):
+        DistributedConfig(timeout_seconds=0)
+
+
+def test_one_process_has_no_process_group(monkeypatch: pytest.MonkeyPatch):
+    for name in distributed.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    ctx = distributed.setup("cpu")
+    assert not ctx.enabled and ctx.is_main and ctx.world_size == 1
+    assert not torch.distributed.is_initialized()
+    block = torch.arange(5)
+    assert ctx.gather_rows(block) is block
+    assert ctx.all_reduce_sums({"a": 2.0}) == {"a": 2.0}
+    with pytest.raises(DataError, match="boom"):
+        ctx.agree(lambda: (_ for _ in ()).throw(DataError("boom")))
+    assert ctx.main_only(lambda: 7) == 7
+
+
+def test_a_partial_torchrun_environment_is_refused(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(DistributedError, match="WORLD_SIZE, LOCAL_RANK missing"):
+        distributed.setup("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# two processes (gloo)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
+    record: dict = {"backend": ctx.backend}
+    start = time.perf_counter()
+    try:
+        if scenario == "collectives":
+            index = torch.randperm(11, generator=torch.Generator().manual_seed(0))  # alike
+            mine = ctx.shard(index)
+            gathered = ctx.gather_rows(mine.unsqueeze(1).float() * 10)
+            record["shard"] = mine.tolist()
+            record["gathered"] = None if gathered is None else gathered.squeeze(1).tolist()
+            record["index"] = index.tolist()
+            record["sums"] = ctx.all_reduce_sums({"n": float(len(mine)), "r": float(rank)})
+            record["objects"] = ctx.gather_objects({"rank": rank})
+            record["broadcast"] = ctx.broadcast_object("from 0" if ctx.is_main else None)
+        elif scenario == "fail_on_rank_1":
+            def setup_stage() -> str:
+                if rank == 1:
+                    raise DataError("data file '/only/rank1/x.npz' does not exist")
+                return "ok"
+            ctx.agree(setup_stage)
+        elif scenario == "fail_on_main_only":
+            def evaluate() -> None:
+                raise ConfigError("evaluate.samplers[0]: bad")
+            ctx.main_only(evaluate)
+        elif scenario == "rank_1_vanishes":
+            if rank == 1:
+                time.sleep(8)  # never joins the collective below
+            else:
+                ctx.barrier()
+        record["passed"] = True
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        record["error"] = type(exc).__name__
+        record["message"] = str(exc).splitlines()[0] if str(exc) else ""
+        record["report"] = distributed.should_report(exc)
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def _worker(rank: int, world: int, port: int, scenarios: list[str], out: str) -> None:
+    """One rank: set torchrun's variables, join the group, run ``scenarios`` in order."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = distributed.setup("cpu", DistributedConfig(timeout_seconds=3.0, wait_seconds=20.0))
+    records = {name: _scenario(ctx, rank, name) for name in scenarios}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(records))
+    if "rank_1_vanishes" not in scenarios:
+        distributed.teardown()
+
+
+def _spawn(scenarios: list[str], tmp_path: Path, world: int = 2) -> list[dict]:
+    mp.spawn(_worker, args=(world, _free_port(), scenarios, str(tmp_path)), nprocs=world,
+             join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    """One 2-process group runs every scenario that leaves it usable (starting processes is
+    the slow part on a shared CPU)."""
+    names = ["collectives", "fail_on_rank_1", "fail_on_main_only"]
+    ranks = _spawn(names, tmp_path_factory.mktemp("two_ranks"))
+    return {name: [r[name] for r in ranks] for name in names}
+
+
+def test_two_ranks_shard_gather_and_reduce(two_ranks: dict[str, list[dict]]):
+    r0, r1 = two_ranks["collectives"]
+    assert r0["backend"] == r1["backend"] == "gloo"
+    assert r0["index"] == r1["index"]  # one order generator seeded alike on both ranks
+    assert set(r0["shard"]).isdisjoint(r1["shard"])
+    assert r0["shard"] + r1["shard"] == r0["index"]  # contiguous parts, in rank order
+    assert r0["gathered"] == [10.0 * i for i in r0["index"]] and r1["gathered"] is None
+    assert r0["sums"] == r1["sums"] == {"n": 11.0, "r": 1.0}
+    assert r0["objects"] == [{"rank": 0}, {"rank": 1}] and r1["objects"] is None
+    assert r0["broadcast"] == r1["broadcast"] == "from 0"
+
+
+def test_an_error_on_rank_1_stops_both_ranks_with_one_message(two_ranks: dict[str, list[dict]]):
+    r0, r1 = two_ranks["fail_on_rank_1"]
+    expected = "rank 1: data file '/only/rank1/x.npz' does not exist"
+    assert r0["error"] == r1["error"] == "DataError"
+    assert r0["message"] == r1["message"] == expected
+    assert [r0["report"], r1["report"]] == [True, False]  # printed once, by rank 0
+    assert max(r0["seconds"], r1["seconds"]) < 2  # one exchange, not a timeout (3 s)
+
+
+def test_an_error_in_a_rank_0_only_step_reaches_every_rank(two_ranks: dict[str, list[dict]]):
+    r0, r1 = two_ranks["fail_on_main_only"]
+    assert r0["error"] == r1["error"] == "ConfigError"
+    assert r0["message"] == r1["message"] == "rank 0: evaluate.samplers[0]: bad"
+
+
+def test_a_rank_that_never_arrives_times_out_instead_of_hanging(tmp_path: Path):
+    r0, r1 = _spawn(["rank_1_vanishes"], tmp_path)
+    r0, r1 = r0["rank_1_vanishes"], r1["rank_1_vanishes"]
+    assert "error" in r0 and 2.5 < r0["seconds"] < 8  # the 3 s collective timeout
+    assert r1["passed"]
