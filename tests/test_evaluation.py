@@ -1,20 +1,28 @@
 """The evaluation stage: evaluation.json, the report, determinism, the feature-net cache, data
-without ground truth, clear errors, and ``ncpvae evaluate`` through the installed script."""
+without ground truth, clear errors, ``ncpvae evaluate`` through the installed script, and a
+third-party sampler and learned prior that appear with their own labels and numbers."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import pytest
+import torch
 
+import ncpvae
+from ncpvae import ComponentConfig, LearnedPrior, Sampler, hookimpl
 from ncpvae.config import config_to_toml, load_config
 from ncpvae.errors import ConfigError, DataError, NotFittedError
 from ncpvae.evaluation.config import EvaluateConfig
+from ncpvae.evaluation.format import num, pm
 from ncpvae.evaluation.pipeline import (
     check_kid_sizes,
     evaluate_command,
@@ -26,6 +34,7 @@ from ncpvae.evaluation.pipeline import (
 from ncpvae.evaluation.report import write_report
 from ncpvae.experiment import train
 from ncpvae.io import to_plain_json as plain
+from ncpvae.plugin_manager import PluginManager
 from ncpvae.run.build import build_run, open_run
 from ncpvae.run.fit import fit_prior
 from ncpvae.run.train import train_vae
@@ -257,3 +266,151 @@ def test_too_few_samples_for_kid_is_a_config_error():
     config = load_config("smoke", ["evaluate.sample_quality.kid_num_subsets=40"])
     with pytest.raises(ConfigError, match="kid_num_subsets = 40 needs at least 80 samples"):
         check_kid_sizes(config.evaluate, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# a third-party sampler and learned prior: their own labels and numbers, no framework change
+
+
+class TiltPrior(LearnedPrior):
+    """``p(z) ∝ N(z; 0, I) exp(shift * z_0)`` = ``N(shift * e_0, I)``: log Z = shift² / 2, which
+    this prior reports with a made-up SE (so the report shows the prior's own numbers)."""
+
+    name = "tilt"
+    normalized = False
+    sampling_method = "exact shift"
+    LOG_Z_SE = 0.0123
+
+    class Config(ComponentConfig):
+        name: Literal["tilt"] = "tilt"
+        shift: float = 0.5
+
+    def __init__(self, latent_dim: int, shift: float):
+        super().__init__(latent_dim)
+        self.base = ncpvae.create("prior", "gaussian", latent_dim=latent_dim)
+        self.target = shift
+        self.register_buffer("shift", torch.tensor(0.0))
+        self.register_buffer("fitted", torch.tensor(False))
+        self.last_draws = 0
+
+    @classmethod
+    def from_config(cls, config, ctx):
+        return cls(ctx.require_latent_dim("the tilt prior"), config.shift)
+
+    @property
+    def base_prior(self):
+        return self.base
+
+    @property
+    def label(self) -> str:
+        return "Tilt★"
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted)
+
+    def fit(self, mu, logvar, *, generator=None, progress=False, log=None):
+        self.shift.fill_(self.target)
+        self.fitted.fill_(True)
+        if log is not None:
+            log({"epoch": 1, "shift": self.target})
+        return {"shift": self.target}
+
+    def log_prob(self, z):
+        return self.base.log_prob(z) + self.shift * z[..., 0]
+
+    def sample(self, n, *, generator=None):
+        z = self.base.sample(n, generator=generator)
+        self.last_draws = n
+        return z + self.shift * torch.nn.functional.one_hot(
+            torch.tensor(0), self.latent_dim).to(z)
+
+    def log_normalizer(self, num_samples=None, *, generator=None):
+        return float(self.shift) ** 2 / 2, self.LOG_Z_SE
+
+    def sampling_info(self):
+        return {"tilt_draws": self.last_draws}
+
+
+class WalkState(NamedTuple):
+    position: torch.Tensor
+    energy: torch.Tensor
+
+
+class WalkInfo(NamedTuple):
+    acceptance_rate: torch.Tensor
+
+
+class WalkSampler(Sampler):
+    """Random-walk Metropolis with a made-up label and acceptance note."""
+
+    name = "walk"
+    NOTE = "a third-party random-walk note"
+
+    class Config(ComponentConfig):
+        name: Literal["walk"] = "walk"
+        num_steps: int = 10
+        burn_in: int = 5
+        thin: int = 1
+        scale: float = 0.5
+
+    @property
+    def label(self) -> str:
+        return "Walk-7"
+
+    @property
+    def acceptance_note(self) -> str | None:
+        return self.NOTE
+
+    def init(self, position, energy, **options):
+        with torch.no_grad():
+            return WalkState(position.detach(), energy(position).detach())
+
+    def step(self, state, energy, *, generator=None, **options):
+        with torch.no_grad():
+            proposal = state.position + self.config.scale * self._randn(state.position, generator)
+            u = energy(proposal)
+            accept = torch.log(self._rand(u, generator)) < state.energy - u
+            position = torch.where(accept[:, None], proposal, state.position)
+            return (WalkState(position, torch.where(accept, u, state.energy)),
+                    WalkInfo(accept.to(position.dtype)))
+
+
+@pytest.mark.slow
+def test_a_third_party_sampler_and_learned_prior_report_their_own_labels_and_numbers(tmp_path):
+    plugin = types.SimpleNamespace(
+        ncpvae_register_priors=hookimpl(lambda: [TiltPrior]),
+        ncpvae_register_samplers=hookimpl(lambda: [WalkSampler]), __name__="third-party")
+    manager = PluginManager(entrypoints=False, plugins=[plugin])
+    off = [f"evaluate.{m}.enabled=false" for m in (
+        "beta_vae", "factor_vae", "mig", "dci", "sap", "sample_quality")]
+    config = load_config("smoke", ["prior=tilt", "sampler=walk", "train.epochs=1",
+                                   "evaluate.samplers=[]", *off], manager.registry)
+    run = train(config, tmp_path / "run", quiet=True, manager=manager)
+
+    ev = _read(run)
+    assert [row["label"] for row in ev["rows"]] == ["N(0, I)", "Tilt★ by Walk-7"]
+    walk = ev["rows"][1]
+    assert walk["acceptance_note"] == WalkSampler.NOTE
+    assert 0 <= walk["diagnostics"]["acceptance_rate"] <= 1
+    assert 0 <= walk["prior_fit"]["c2st"]["accuracy"] <= 1
+    lp = ev["learned_prior"]
+    assert lp["log_z"] == 0.125 and lp["log_z_se"] == TiltPrior.LOG_Z_SE  # shift² / 2
+    assert lp["delta_se"] >= TiltPrior.LOG_Z_SE and lp["num_encodings"] == 128
+    # the likelihood under the unnormalized prior uses its own log Z and SE
+    assert ev["likelihood"]["prior"]["prior"] == "tilt"
+    assert ev["likelihood"]["prior"]["iw"]["se_log_normalizer"] == TiltPrior.LOG_Z_SE
+
+    summary = _read(run, "summary.json")
+    assert summary["prior_fit"]["shift"] == 0.5 and summary["prior_fit"]["log_z"] == 0.125
+    assert summary["samples"]["panels"] == ["gaussian (base prior)", "tilt by exact shift",
+                                            "tilt by Walk-7"]
+    assert summary["samples"]["tilt_draws"] == 16  # the prior's own sampling_info
+    assert summary["evaluation"]["delta"] == lp["delta"]
+
+    page = (run / "report.html").read_text()
+    for text in ("Tilt★ by Walk-7", f"acceptance {num(walk['diagnostics']['acceptance_rate'])} "
+                 f"({WalkSampler.NOTE})", pm(0.125, TiltPrior.LOG_Z_SE),
+                 pm(lp["delta"], lp["delta_se"])):
+        assert html.escape(text) in page, text
+    assert (run / "plots" / "prior_fit.png").stat().st_size > 1000
