@@ -253,6 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ncpvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused: an unwritable --out, a full disk, ...
+        if args.debug:
+            raise
+        where = f" '{exc.filename}'" if exc.filename else ""
+        reason = exc.strerror or " ".join(str(exc).split())
+        print(f"ncpvae {args.command}: error: cannot write or read{where}: {reason}; choose "
+              "another path or fix its permissions", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; files already written are complete", file=sys.stderr)
         return 130

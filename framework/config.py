@@ -124,9 +124,15 @@ def read_toml(source: str | Path | None) -> dict[str, Any]:
         text = resources.files("ncpvae.configs").joinpath(f"{source}.toml").read_text()
         origin = f"built-in config '{source}'"
     else:
+        if path.is_dir():
+            raise ConfigError(f"config path '{path}' is a directory; give a .toml file")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file '{path}' ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())})") from None
         origin = f"config file '{path}'"
     try:
         return tomllib.loads(text)
