@@ -73,17 +73,28 @@ def randn_rows(shape: torch.Size | tuple[int, ...], *, dim: int = -2,
     shard's ``rows``: the full noise with ``total`` rows along ``dim`` is drawn (the generator
     advances as in one process) and rows ``[offset, offset + rows)`` are returned.
     """
+    return _rows(torch.randn, shape, dim, generator=generator, device=device, dtype=dtype)
+
+
+def rand_rows(shape: torch.Size | tuple[int, ...], *, dim: int = -2,
+              generator: torch.Generator | None = None, device: torch.device | str | None = None,
+              dtype: torch.dtype | None = None) -> Tensor:
+    """Uniform ``[0, 1)`` noise, rows as in :func:`randn_rows`."""
+    return _rows(torch.rand, shape, dim, generator=generator, device=device, dtype=dtype)
+
+
+def _rows(draw, shape, dim: int, **kwargs) -> Tensor:
     shape = tuple(int(s) for s in shape)
     shard = _CURRENT.get()
     if shard is None or shard.rows == shard.total:
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return draw(shape, **kwargs)
     axis = dim % len(shape) if shape else 0
     if not shape or shape[axis] != shard.rows:
         raise RuntimeError(
-            f"randn_rows: a row shard of {shard.rows} of {shard.total} rows is active, but the "
+            f"a row shard of {shard.rows} of {shard.total} rows is active, but the "
             f"draw of shape {shape} has {shape[axis] if shape else 0} rows in dimension {dim}; "
             "per-example noise must have the batch in that dimension")
     full = list(shape)
     full[axis] = shard.total
-    noise = torch.randn(full, generator=generator, device=device, dtype=dtype)
+    noise = draw(full, **kwargs)
     return noise.narrow(axis, shard.offset, shard.rows).contiguous()

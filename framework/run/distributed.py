@@ -39,12 +39,12 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.distributed as dist
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 
 import ncpvae.errors as errors
 from ncpvae.component import StrictModel
 from ncpvae.errors import ConfigError, NcpvaeError
-from ncpvae.sharding import row_shard
+from ncpvae.sharding import rand_rows, randn_rows, row_shard
 
 T = TypeVar("T")
 
@@ -64,6 +64,28 @@ class DistributedConfig(StrictModel):
     wait_seconds: float = Field(
         7200.0, gt=0, allow_inf_nan=False,
         description="how long the other ranks wait while rank 0 alone evaluates or plots")
+
+
+#: environment variables that set :class:`DistributedConfig`'s fields (torchrun-level settings,
+#: like torch's own ``TORCH_*``/``NCCL_*``: they change how ranks talk, never the results)
+CONFIG_ENV = {"backend": "NCPVAE_DIST_BACKEND", "timeout_seconds": "NCPVAE_DIST_TIMEOUT",
+              "wait_seconds": "NCPVAE_DIST_WAIT"}
+#: a directory; when set, every rank appends the training indices it took to ``rank<R>.jsonl``
+DEBUG_SHARDS_ENV = "NCPVAE_DEBUG_SHARDS"
+
+
+def config_from_env() -> DistributedConfig:
+    """:class:`DistributedConfig` from ``NCPVAE_DIST_BACKEND`` (auto/gloo/nccl),
+    ``NCPVAE_DIST_TIMEOUT`` and ``NCPVAE_DIST_WAIT`` (seconds); unset ones keep their default."""
+    from pydantic import ValidationError
+
+    raw = {field: os.environ[env] for field, env in CONFIG_ENV.items() if os.environ.get(env)}
+    try:
+        return DistributedConfig.model_validate(raw)
+    except ValidationError as exc:
+        names = {CONFIG_ENV[str(e["loc"][0])]: e["msg"] for e in exc.errors() if e["loc"]}
+        text = "; ".join(f"{env}={os.environ.get(env)!r}: {msg}" for env, msg in names.items())
+        raise ConfigError(f"invalid distributed setting: {text}") from None
 
 
 class DistributedError(NcpvaeError, RuntimeError):
@@ -183,6 +205,7 @@ class DistContext:
     backend: str | None = None  # None: no process group (one process)
     config: DistributedConfig = field(default_factory=DistributedConfig)
     _wait_group: Any = None
+    _solo: bool = False  # inside main_only: rank 0 works alone, the helpers act as one process
 
     # -- who am I -------------------------------------------------------------------------------
 
@@ -190,6 +213,12 @@ class DistContext:
     def enabled(self) -> bool:
         """True when a process group is up (launched by torchrun, even with world size 1)."""
         return self.backend is not None
+
+    @property
+    def active(self) -> bool:
+        """True when work is split across more than one rank right now (a process group of
+        world size > 1, outside :meth:`main_only`)."""
+        return self.backend is not None and self.world_size > 1 and not self._solo
 
     @property
     def is_main(self) -> bool:
@@ -202,6 +231,8 @@ class DistContext:
         """``(offset, rows)`` of rank ``rank``'s (default: this rank's) part of ``total`` rows:
         the first ``total % world_size`` ranks get one row more than the others."""
         rank = self.rank if rank is None else rank
+        if self._solo:
+            return 0, int(total)
         base, extra = divmod(int(total), self.world_size)
         offset = rank * base + min(rank, extra)
         return offset, base + (1 if rank < extra else 0)
@@ -216,8 +247,8 @@ class DistContext:
         """Within the block this rank holds its rows of a global batch of ``total`` rows:
         per-example noise (:func:`ncpvae.reparameterize`) is the single-process noise's rows.
         Yields ``(offset, rows)``."""
-        offset, rows = self.shard_bounds(total)
-        if not self.enabled or self.world_size == 1:
+        offset, rows = self.shard_bounds(total) if self.active else (0, int(total))
+        if not self.active:
             yield offset, rows
             return
         with row_shard(offset, rows, total):
@@ -226,14 +257,14 @@ class DistContext:
     # -- collectives ----------------------------------------------------------------------------
 
     def barrier(self) -> None:
-        if self.enabled and self.world_size > 1:
+        if self.active:
             dist.barrier()
 
     def all_reduce_sums(self, values: Mapping[str, float | Tensor]) -> dict[str, float]:
         """``{key: sum over ranks}`` (float64 on the wire); every rank must pass the same keys."""
         keys = sorted(values)
         local = {k: float(values[k]) for k in keys}
-        if not self.enabled or self.world_size == 1 or not keys:
+        if not self.active or not keys:
             return local
         gathered = self._all_gather_object(keys)
         if any(g != keys for g in gathered):
@@ -245,7 +276,7 @@ class DistContext:
 
     def all_reduce_tensor_sum(self, tensor: Tensor) -> Tensor:
         """Sum of ``tensor`` (same shape on every rank) over ranks; returns a new tensor."""
-        if not self.enabled or self.world_size == 1:
+        if not self.active:
             return tensor.clone()
         device = self.device if self.backend == "nccl" else torch.device("cpu")
         out = tensor.detach().to(device=device, dtype=torch.float64).clone()
@@ -256,7 +287,7 @@ class DistContext:
         """This rank's rows (its shard along ``dim``) gathered on rank 0 and concatenated in rank
         order — the global order of the sharded batch. Rank 0 gets the whole tensor (on its own
         device), other ranks None. Without a process group: ``block`` itself."""
-        if not self.enabled or self.world_size == 1:
+        if not self.active:
             return block
         payload = block.detach().cpu()
         parts: list[Any] | None = [None] * self.world_size if self.is_main else None
@@ -266,9 +297,16 @@ class DistContext:
         assert parts is not None
         return torch.cat([p.to(block.device) for p in parts], dim=dim)
 
+    def all_gather_rows(self, block: Tensor, dim: int = 0) -> Tensor:
+        """Like :meth:`gather_rows`, but every rank gets the whole tensor."""
+        if not self.active:
+            return block
+        parts = self._all_gather_object(block.detach().cpu())
+        return torch.cat([p.to(block.device) for p in parts], dim=dim)
+
     def gather_objects(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` on rank 0, in rank order (None on other ranks)."""
-        if not self.enabled or self.world_size == 1:
+        if not self.active:
             return [obj]
         parts: list[Any] | None = [None] * self.world_size if self.is_main else None
         dist.gather_object(obj, parts, dst=0)
@@ -276,7 +314,7 @@ class DistContext:
 
     def broadcast_object(self, obj: T | None) -> T:
         """Rank 0's ``obj`` on every rank."""
-        if not self.enabled or self.world_size == 1:
+        if not self.active:
             return obj  # type: ignore[return-value]
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -296,7 +334,7 @@ class DistContext:
         message ``rank R: ...`` (R the lowest failing rank), marked as agreed so that only rank
         0 prints it; a rank whose own error is not an ncpvae error (a bug) re-raises it with its
         traceback instead."""
-        if not self.enabled or self.world_size == 1:
+        if not self.active:
             if error is not None:
                 raise error
             return
@@ -319,7 +357,7 @@ class DistContext:
         try:
             result = step()
         except Exception as exc:  # noqa: BLE001 - reported to the others
-            if not self.enabled or self.world_size == 1:
+            if not self.active:
                 raise
             self.check(exc)
             raise  # pragma: no cover - check always raises here
@@ -329,15 +367,18 @@ class DistContext:
     def main_only(self, step: Callable[[], T]) -> T | None:
         """Run ``step`` on rank 0 only; the other ranks wait (up to ``wait_seconds``) and then
         every rank raises rank 0's error if it failed. Returns ``step``'s result on rank 0."""
-        if not self.enabled or self.world_size == 1:
+        if not self.active:
             return step()
         result: T | None = None
         error: BaseException | None = None
         if self.is_main:
+            self._solo = True
             try:
                 result = step()
             except Exception as exc:  # noqa: BLE001 - reported to the others
                 error = exc
+            finally:
+                self._solo = False
         self.check(error, group=self._wait_group)
         return result
 
@@ -366,7 +407,7 @@ def setup(device: str = "auto", config: DistributedConfig | None = None) -> Dist
     Calling it again in the same process returns the existing context if it matches.
     """
     global _current
-    config = config if config is not None else DistributedConfig()
+    config = config if config is not None else config_from_env()
     if not launched_distributed():
         return DistContext(device=resolve_rank_device(device), config=config)
     rank, world, local_rank = (_env_int(name) for name in ENV_VARS)
@@ -399,6 +440,146 @@ def teardown() -> None:
     if _current is not None:
         _current.close()
     _current = None
+
+
+# ---------------------------------------------------------------------------------------------
+# training: the objective under DistributedDataParallel
+
+
+class _LossModule(nn.Module):
+    """The objective's loss as a forward pass, so that DistributedDataParallel sees it (an
+    objective calls ``model.encode``/``decode``, which DDP would not intercept)."""
+
+    def __init__(self, model: nn.Module, prior: nn.Module, objective: Any):
+        super().__init__()
+        self.model = model
+        self.prior = prior
+        self.objective = objective
+
+    def forward(self, x: Tensor, step: int) -> dict[str, Tensor]:
+        return self.objective.loss(x, self.model, self.prior, step=step)
+
+
+def loss_function(ctx: DistContext, model: nn.Module, prior: nn.Module, objective: Any
+                  ) -> Callable[[Tensor, int], dict[str, Tensor]]:
+    """``loss(x, step) -> objective.loss(x, model, prior, step=step)``; on several ranks the
+    model and the prior's trainable parameters are wrapped in DistributedDataParallel, whose
+    backward averages the gradients over ranks (scale each rank's loss by
+    ``rows * world_size / batch`` to get the global batch-mean gradient, see
+    :meth:`DistContext.loss_weight`)."""
+    if not ctx.active:
+        return lambda x, step: objective.loss(x, model, prior, step=step)
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+    ddp = DistributedDataParallel(_LossModule(model, prior, objective), device_ids=device_ids)
+    return lambda x, step: ddp(x, step)
+
+
+def loss_weight(ctx: DistContext, rows: int, total: int) -> float:
+    """Factor on a rank's batch-mean loss of ``rows`` of ``total`` examples such that DDP's
+    average over ranks is the gradient of the global batch mean (1 for equal shards)."""
+    if not ctx.active or rows * ctx.world_size == total:
+        return 1.0
+    return rows * ctx.world_size / total
+
+
+def log_shard(ctx: DistContext, epoch: int, index: Tensor) -> None:
+    """With ``NCPVAE_DEBUG_SHARDS=DIR``, append ``{"epoch", "indices"}`` of this rank's training
+    images of one epoch to ``DIR/rank<R>.jsonl`` (a test hook: it writes on every rank)."""
+    folder = os.environ.get(DEBUG_SHARDS_ENV)
+    if not folder:
+        return
+    import json
+    from pathlib import Path
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / f"rank{ctx.rank}.jsonl", "a") as handle:
+        handle.write(json.dumps({"epoch": epoch, "world_size": ctx.world_size,
+                                 "indices": index.tolist()}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling: chains split across ranks
+
+
+def chains_split_supported(sampler: Any) -> bool:
+    """Whether ``sampler.sample_prior`` may be split by chains: a Markov-chain sampler with the
+    base ``sample_prior`` (chains from the base prior, then ``run``) whose chains do not pool
+    information (step-size adaptation on the mean acceptance of all chains does). Others (SIR's
+    global resampling) run whole on every rank."""
+    from ncpvae.sampler import Sampler
+
+    if not isinstance(sampler, Sampler) or type(sampler).sample_prior is not Sampler.sample_prior:
+        return False
+    cfg = sampler.config
+    if not hasattr(cfg, "num_steps"):
+        return False
+    return not (getattr(cfg, "adapt_step_size", False) and
+                not getattr(cfg, "adapt_per_chain", True))
+
+
+def sample_chains(ctx: DistContext, sampler: Any, prior: Any, n: int,
+                  generator: torch.Generator | None, *, progress: bool = False) -> Any:
+    """``sampler.sample_prior(prior, n, generator=...)``, with the ``n`` chains split across
+    ranks when :func:`chains_split_supported`: every rank draws the ``n`` starting points, runs
+    its contiguous block of chains with the single-process noise rows (the sampler's
+    ``_randn``/``_rand`` draw the full ``(n, ...)`` noise and keep the block), and the chains are
+    all-gathered in chain order; the diagnostics are computed on the gathered draws. So the
+    result equals one process's, for any world size. Returns a :class:`~ncpvae.SampleResult`
+    (the same on every rank)."""
+    if not ctx.active or not chains_split_supported(sampler) or n < ctx.world_size:
+        return sampler.sample_prior(prior, n, generator=generator, progress=progress)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"num_samples must be a positive integer, got {n!r}")
+    cfg = sampler.config
+    burn_in, thin = getattr(cfg, "burn_in", 0), getattr(cfg, "thin", 1)
+    start = prior.base_prior.sample(n, generator=generator).detach()
+    offset, rows = ctx.shard_bounds(n)
+
+    def randn(like: Tensor, gen: torch.Generator | None) -> Tensor:
+        return randn_rows(like.shape, dim=0, generator=gen, device=like.device, dtype=like.dtype)
+
+    def rand(like: Tensor, gen: torch.Generator | None) -> Tensor:
+        return rand_rows(like.shape, dim=0, generator=gen, device=like.device, dtype=like.dtype)
+
+    sampler._randn, sampler._rand = randn, rand  # the sampler's designated noise seam
+    try:
+        with row_shard(offset, rows, n):
+            local = sampler.run(prior.energy, start[offset:offset + rows], cfg.num_steps,
+                                burn_in=burn_in, thin=thin, generator=generator,
+                                progress=progress)
+    finally:
+        del sampler._randn, sampler._rand
+    samples = ctx.all_gather_rows(local.samples, dim=1)
+    info = {key: ctx.all_gather_rows(value, dim=1)
+            if value.ndim >= 2 and value.shape[1] == rows else value
+            for key, value in local.info.items()}
+    wall = max(self_wall for self_wall in ctx._all_gather_object(
+        float(local.diagnostics.get("wall_time_s", 0.0))))
+    diagnostics = _chain_diagnostics(samples, info, local.diagnostics, burn_in, wall)
+    return type(local)(samples, info, diagnostics)
+
+
+def _chain_diagnostics(samples: Tensor, info: dict[str, Tensor], local: dict[str, Any],
+                       burn_in: int, wall: float) -> dict[str, Any]:
+    """The diagnostics :meth:`Sampler.run` reports, recomputed on the gathered chains."""
+    from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
+
+    diagnostics = summarize(samples)
+    num_steps = int(local.get("num_steps", 0))
+    diagnostics.update(
+        sampler=local.get("sampler"), num_steps=num_steps, burn_in=local.get("burn_in"),
+        thin=local.get("thin"),
+        num_nonfinite=int(info["nonfinite"].sum()) if "nonfinite" in info else 0,
+        wall_time_s=wall,
+        chain_steps_per_s=(samples.shape[1] * num_steps / wall) if wall > 0 else float("nan"))
+    if "acceptance_rate" in info:
+        diagnostics["acceptance"] = acceptance_summary(info["acceptance_rate"][burn_in:])
+        diagnostics["acceptance_rate"] = diagnostics["acceptance"]["mean"]
+    if "step_size" in info:
+        diagnostics["final_step_size"] = float(info["step_size"][-1].double().mean())
+    return diagnostics
 
 
 def picklable(obj: Any) -> bool:
