@@ -59,6 +59,7 @@ def split_by_count(
 @hookimpl
 def ncpvae_register_datasets() -> list[type]:
     """The built-in dataset plugin classes."""
+    from ncpvae.plugins.datasets.colour import CelebADataset, CIFAR10Dataset, SVHNDataset
     from ncpvae.plugins.datasets.digits import DigitsDataset
     from ncpvae.plugins.datasets.dsprites import DSpritesDataset
     from ncpvae.plugins.datasets.npz import NpzDataset
@@ -72,4 +73,7 @@ def ncpvae_register_datasets() -> list[type]:
         DigitsDataset,
         NpzDataset,
         DSpritesDataset,
+        CIFAR10Dataset,
+        SVHNDataset,
+        CelebADataset,
     ]
