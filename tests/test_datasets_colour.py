@@ -216,6 +216,9 @@ def test_split_does_not_depend_on_the_run_seed(tmp_path, cls) -> None:
     {CIFAR10Dataset: write_cifar, SVHNDataset: write_svhn, CelebADataset: write_celeba}[cls](tmp_path)
     kwargs = {"root": str(tmp_path), "train_size": 3, "test_size": 2}
     first = build(cls, seed=0, **kwargs)
+    train_rows = {image.numpy().tobytes() for image in all_images(first.train)}
+    test_rows = {image.numpy().tobytes() for image in all_images(first.test)}
+    assert len(train_rows) == 3 and len(test_rows) == 2 and not train_rows & test_rows
     for seed in (1, 99):
         other = build(cls, seed=seed, **kwargs)
         assert torch.equal(all_images(first.train), all_images(other.train))
