@@ -26,10 +26,11 @@ Langevin move, the divergence policy, importance resampling, diagnostics) live i
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple, final
+from typing import Any, ClassVar, Literal, NamedTuple, final
 
 import torch
 from pydantic import Field, ValidationError, model_validator
@@ -38,7 +39,13 @@ from torch import Tensor
 from ncpvae.component import BuildContext, Component, ComponentConfig
 from ncpvae.errors import ConfigError, NonFiniteError, format_validation_error
 from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
-from ncpvae.mcmc.kernels import Energy, OnNonfinite, check_generator, check_positions
+from ncpvae.mcmc.kernels import (
+    Energy,
+    OnNonfinite,
+    check_generator,
+    check_positions,
+    deferred_divergence,
+)
 
 #: ``callback(step, state, info)``, called after every step (``step`` counts from 1).
 Callback = Callable[[int, NamedTuple, NamedTuple], None]
@@ -179,6 +186,9 @@ class Sampler(Component, ABC):
         generator: torch.Generator | None = None,
         callback: Callback | None = None,
         progress: bool = False,
+        keep_info: Literal["full", "summary"] = "full",
+        diagnose: bool = True,
+        check_every: int | None = None,
         **options: Any,
     ) -> SampleResult:
         """Run ``num_steps`` transitions of every chain from ``init_position`` ``(C, D)``.
@@ -188,11 +198,25 @@ class Sampler(Component, ABC):
         ``samples[-1]`` is the final state and ``S = ceil((num_steps - burn_in) / thin)``. With
         ``num_steps = 0`` nothing moves and ``samples`` is the initial position ``(1, C, D)``.
 
-        ``info`` stacks every step's info: ``(num_steps, C)`` tensors. ``diagnostics``: per-
-        dimension ``ess``/``rhat``/``mcse_mean`` of the kept draws (see
-        :func:`ncpvae.mcmc.diagnostics.summarize`), ``acceptance_rate`` (post-burn-in mean, when the
-        kernel reports one), ``num_nonfinite`` (non-finite proposals rejected or chains reset),
-        ``wall_time_s`` (the stepping loop) and ``chain_steps_per_s``.
+        ``keep_info = "full"`` (default): ``info`` stacks every step's info, ``(num_steps, C)``
+        tensors. ``"summary"`` streams it instead (memory independent of ``num_steps`` beyond
+        one scalar per step and field): ``info[field]`` is the per-step mean over chains
+        ``(num_steps,)`` (float64) and ``info[field + "_chain_mean"]`` each chain's mean over
+        the post-burn-in steps ``(C,)``; the diagnostics are the same numbers as in ``"full"``
+        mode. Memory is then the kept draws ``(S, C, D)`` (choose ``thin``) plus a block of at
+        most 64 steps of info.
+
+        ``diagnostics``: per-dimension ``ess``/``rhat``/``mcse_mean`` of the kept draws (see
+        :func:`ncpvae.mcmc.diagnostics.summarize`; skipped with ``diagnose = False``),
+        ``acceptance_rate`` (post-burn-in mean, when the kernel reports one, with
+        ``acceptance`` its spread over chains), ``num_nonfinite`` (non-finite proposals
+        rejected or chains reset), ``wall_time_s`` (the stepping loop) and
+        ``chain_steps_per_s``.
+
+        Divergence of unadjusted moves (``on_nonfinite = "raise"``) is checked every
+        ``check_every`` steps (default: every step on the CPU, where the check is free, and
+        every 100 steps on accelerators, so the loop never waits for the device in between);
+        the error still names the first bad step. Results do not depend on ``check_every``.
 
         ``callback(step, state, info)`` runs after each step; ``progress`` shows a tqdm bar;
         ``options`` are forwarded to ``init`` and ``step`` (names in ``run_options``).
@@ -208,6 +232,12 @@ class Sampler(Component, ABC):
             )
         if num_steps == 0 and burn_in:
             raise ConfigError(f"burn_in ({burn_in}) needs num_steps > 0")
+        if keep_info not in ("full", "summary"):
+            raise ConfigError(f"keep_info must be 'full' or 'summary', got {keep_info!r}")
+        if check_every is not None and (isinstance(check_every, bool)
+                                        or not isinstance(check_every, int) or check_every < 1):
+            raise ConfigError(f"check_every must be a positive integer or None, got "
+                              f"{check_every!r}")
         unknown = set(options) - set(self.run_options)
         if unknown:
             allowed = ", ".join(sorted(self.run_options)) or "none"
@@ -218,54 +248,75 @@ class Sampler(Component, ABC):
         self.check_run(num_steps, burn_in, thin)
         check_positions(init_position)
         check_generator(generator, init_position)
+        if check_every is None:
+            check_every = 1 if init_position.device.type == "cpu" else 100
 
         start = time.perf_counter()
         state = self.init(init_position, energy, **options)
         kept: list[Tensor] = []
+        stream = _InfoStream(burn_in) if keep_info == "summary" else None
         infos: list[NamedTuple] = []
         steps = range(1, num_steps + 1)
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{self.name} sampling", unit="step")
-        for t in steps:
-            try:
-                state, info = self.step(state, energy, generator=generator, **options)
-            except NonFiniteError as exc:
-                raise NonFiniteError(f"{self.name} sampler, step {t} of {num_steps}: {exc}") from None
-            if t <= burn_in:
-                state = self.adapt(state, info, iteration=t, num_adapt=burn_in)
-            infos.append(info)
-            if t > burn_in and (num_steps - t) % thin == 0:
-                kept.append(state.position)
-            if callback is not None:
-                callback(t, state, info)
+        with contextlib.ExitStack() as stack:
+            log = stack.enter_context(deferred_divergence()) if check_every > 1 else None
+            for t in steps:
+                if log is not None:
+                    log.step = t
+                try:
+                    state, info = self.step(state, energy, generator=generator, **options)
+                except NonFiniteError as exc:
+                    raise NonFiniteError(
+                        f"{self.name} sampler, step {t} of {num_steps}: {exc}") from None
+                if t <= burn_in:
+                    state = self.adapt(state, info, iteration=t, num_adapt=burn_in)
+                if stream is None:
+                    infos.append(info)
+                else:
+                    stream.add(t, info)
+                if t > burn_in and (num_steps - t) % thin == 0:
+                    kept.append(state.position)
+                if callback is not None:
+                    callback(t, state, info)
+                if log is not None and (t % check_every == 0 or t == num_steps):
+                    bad = log.first_divergence()
+                    if bad is not None:
+                        raise NonFiniteError(
+                            f"{self.name} sampler, step {bad[0]} of {num_steps}: {bad[1]}")
         wall = time.perf_counter() - start
 
         if not kept:
             kept = [state.position]
         samples = torch.stack(kept)
-        info_dict: dict[str, Tensor] = {}
-        if infos:
-            for field in infos[0]._fields:
-                info_dict[field] = torch.stack([getattr(i, field) for i in infos])
+        if stream is None:
+            info_dict: dict[str, Tensor] = {}
+            if infos:
+                for field in infos[0]._fields:
+                    info_dict[field] = torch.stack([getattr(i, field) for i in infos])
+            summary = _summarize_full_info(info_dict, burn_in)
+        else:
+            info_dict, summary = stream.finish()
 
-        diagnostics = summarize(samples)
+        diagnostics = summarize(samples) if diagnose else {
+            "num_draws": int(samples.shape[0]), "num_chains": int(samples.shape[1])}
         chains = int(init_position.shape[0])
         diagnostics.update(
             sampler=self.name,
             num_steps=num_steps,
             burn_in=burn_in,
             thin=thin,
-            num_nonfinite=int(info_dict["nonfinite"].sum()) if "nonfinite" in info_dict else 0,
+            num_nonfinite=summary.get("num_nonfinite", 0),
             wall_time_s=wall,
             chain_steps_per_s=(chains * num_steps / wall) if wall > 0 else float("nan"),
         )
-        if "acceptance_rate" in info_dict:
-            diagnostics["acceptance"] = acceptance_summary(info_dict["acceptance_rate"][burn_in:])
+        if "acceptance" in summary:
+            diagnostics["acceptance"] = summary["acceptance"]
             diagnostics["acceptance_rate"] = diagnostics["acceptance"]["mean"]
-        if "step_size" in info_dict:
-            diagnostics["final_step_size"] = float(info_dict["step_size"][-1].double().mean())
+        if "final_step_size" in summary:
+            diagnostics["final_step_size"] = summary["final_step_size"]
         return SampleResult(samples, info_dict, diagnostics)
 
     def sample_prior(self, prior, num_samples: int, *, generator: torch.Generator | None = None,
@@ -284,3 +335,85 @@ class Sampler(Component, ABC):
         start = prior.base_prior.sample(num_samples, generator=generator).detach()
         return self.run(prior.energy, start, cfg.num_steps, burn_in=getattr(cfg, "burn_in", 0),
                         thin=getattr(cfg, "thin", 1), generator=generator, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-step info: stacked ("full") or streamed ("summary")
+
+
+def _summarize_full_info(info: dict[str, Tensor], burn_in: int) -> dict[str, Any]:
+    """The run-level numbers of stacked per-step infos ``(num_steps, C)``."""
+    out: dict[str, Any] = {}
+    if "nonfinite" in info:
+        out["num_nonfinite"] = int(info["nonfinite"].sum())
+    if "acceptance_rate" in info:
+        out["acceptance"] = acceptance_summary(info["acceptance_rate"][burn_in:])
+    if "step_size" in info:
+        out["final_step_size"] = float(info["step_size"][-1].double().mean())
+    return out
+
+
+class _InfoStream:
+    """Streams per-step infos: per-step chain means ``(num_steps,)`` and per-chain sums over
+    the post-burn-in steps ``(C,)``, reduced in blocks of up to 64 steps (few ops per step,
+    no host synchronisation)."""
+
+    BLOCK = 64
+
+    def __init__(self, burn_in: int):
+        self.burn_in = burn_in
+        self.block: list[NamedTuple] = []
+        self.block_start = 1
+        self.fields: tuple[str, ...] = ()
+        self.step_means: dict[str, list[Tensor]] = {}
+        self.post_sums: dict[str, Tensor] = {}
+        self.post_steps = 0
+        self.nonfinite = None
+        self.last: NamedTuple | None = None
+
+    def add(self, t: int, info: NamedTuple) -> None:
+        if not self.block:
+            self.block_start = t
+            self.fields = info._fields
+        self.block.append(info)
+        self.last = info
+        if len(self.block) == self.BLOCK or t == self.burn_in:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.block:
+            return
+        post = self.block_start > self.burn_in  # blocks never straddle the end of burn-in
+        for field in self.fields:
+            values = torch.stack([getattr(i, field) for i in self.block]).to(torch.float64)
+            self.step_means.setdefault(field, []).append(values.mean(1))
+            if post:
+                total = values.sum(0)
+                prev = self.post_sums.get(field)
+                self.post_sums[field] = total if prev is None else prev + total
+            if field == "nonfinite":
+                count = values.sum()
+                self.nonfinite = count if self.nonfinite is None else self.nonfinite + count
+        if post:
+            self.post_steps += len(self.block)
+        self.block = []
+
+    def finish(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        self._flush()
+        info = {f: torch.cat(parts) for f, parts in self.step_means.items()}
+        for field, total in self.post_sums.items():
+            info[f"{field}_chain_mean"] = total / max(self.post_steps, 1)
+        out: dict[str, Any] = {}
+        if self.nonfinite is not None:
+            out["num_nonfinite"] = int(self.nonfinite)
+        if "acceptance_rate" in self.post_sums and self.last is not None:
+            per_chain = info["acceptance_rate_chain_mean"]
+            out["acceptance"] = {
+                "mean": float(per_chain.mean()),
+                "chain_min": float(per_chain.min()),
+                "chain_max": float(per_chain.max()),
+                "last": float(self.last.acceptance_rate.double().mean()),
+            }
+        if self.last is not None and "step_size" in self.fields:
+            out["final_step_size"] = float(self.last.step_size.double().mean())
+        return info, out

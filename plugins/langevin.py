@@ -44,6 +44,7 @@ from ncpvae import (
     BuildContext,
     ConfigError,
     Energy,
+    LangevinConstants,
     MarkovChainConfig,
     Sampler,
     adapt_log_step,
@@ -53,6 +54,7 @@ from ncpvae import (
     finite_rows,
     hookimpl,
     initial_energy_and_grad,
+    langevin_constants,
     langevin_log_accept,
     langevin_move,
     select_rows,
@@ -145,13 +147,15 @@ class LangevinSampler(Sampler):
         z, u, g, eps = state
         check_generator(generator, z)
         xi = self._randn(z, generator)
-        proposal = langevin_move(z, g, eps, xi)
+        consts = self._constants(eps)
+        proposal = langevin_move(z, g, eps, xi, consts.noise_scale)
         new_u, new_g = energy_and_grad(energy, proposal)
         ok = finite_rows(proposal, new_u, new_g)
         # The MH ratio: MALA needs it; adaptive ULA tunes eps by it. Plain ULA skips its cost.
         if self.config.metropolis or self.config.adapt_step_size:
             log_alpha = langevin_log_accept(z, u, proposal, new_u, new_g, xi, eps,
-                                            correct_proposal=self._correct_proposal)
+                                            correct_proposal=self._correct_proposal,
+                                            constants=consts)
             # A non-finite proposal is a rejection (NaN ratios would compare False anyway).
             log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
             alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
@@ -171,6 +175,18 @@ class LangevinSampler(Sampler):
                 message=lambda bad: _ula_divergence(bad, eps)), eps)
         info = LangevinInfo(alpha, accept, new_state.energy, eps, ~ok)
         return new_state, info
+
+    def _constants(self, eps: Tensor) -> LangevinConstants:
+        """The step size's derived constants, recomputed only when the step-size tensor changes
+        (after an adaptation step), so a frozen step size costs nothing per step."""
+        cached = self.__dict__.get("_cached_constants")
+        if cached is None or cached.step_size is not eps:
+            # eps starts at config.step_size everywhere and adaptation multiplies it by positive
+            # factors, so its sign is known without looking (no device synchronisation)
+            known = True if self.config.step_size > 0 else None
+            cached = langevin_constants(eps, all_positive=known)
+            self.__dict__["_cached_constants"] = cached
+        return cached
 
     def adapt(self, state: LangevinState, info: LangevinInfo, *, iteration: int,
               num_adapt: int) -> LangevinState:

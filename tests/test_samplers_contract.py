@@ -625,3 +625,66 @@ def test_resampling_more_than_2_pow_24_candidates():
     assert ess == pytest.approx(2000 / m)
     share = float(draws.mean())  # fraction drawn past 2^24: Binomial(4000, 1/2) / 4000
     assert abs(share - 0.5) < 5 * math.sqrt(0.25 / 4000)
+
+
+# ---------------------------------------------------------------------------------------------
+# run(): streamed info, optional diagnostics, deferred divergence checks
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streamed_info_gives_the_same_numbers_as_full_info(kind):
+    fields = {"adapt_step_size": True} if kind in ("ula", "mala") else {}
+    if kind in ("ula", "sgld"):
+        fields["on_nonfinite"] = "reset"  # adapted ULA may overshoot on the quartic: count it
+    sampler = build(kind, **fields)
+    gauss = TinyGaussian(3)
+    opts = {"proposal": gauss} if kind == "sir" else {}
+    z0 = gauss.sample(5, generator=gen_(4))
+    full = sampler.run(quartic, z0, 150, burn_in=70, thin=10, generator=gen_(5), **opts)
+    summ = sampler.run(quartic, z0, 150, burn_in=70, thin=10, generator=gen_(5),
+                       keep_info="summary", **opts)
+    assert torch.equal(full.samples, summ.samples)  # the chains themselves do not change
+    for field, values in full.info.items():
+        assert summ.info[field].shape == (150,)
+        torch.testing.assert_close(summ.info[field], values.double().mean(1))
+        torch.testing.assert_close(summ.info[field + "_chain_mean"],
+                                   values[70:].double().mean(0))
+    skip = {"wall_time_s", "chain_steps_per_s", "acceptance", "acceptance_rate"}
+    assert {k: v for k, v in full.diagnostics.items() if k not in skip} == {
+        k: v for k, v in summ.diagnostics.items() if k not in skip}
+    if "acceptance" in full.diagnostics:
+        for key, value in full.diagnostics["acceptance"].items():
+            assert summ.diagnostics["acceptance"][key] == pytest.approx(value, rel=1e-12)
+
+
+def test_diagnose_false_skips_ess_and_rhat():
+    result = build("mala").run(quartic, torch.zeros(4, 2, dtype=torch.float64), 30,
+                               generator=gen_(0), diagnose=False)
+    assert "ess" not in result.diagnostics and "rhat" not in result.diagnostics
+    assert result.diagnostics["num_draws"] == 30 and "acceptance_rate" in result.diagnostics
+
+
+@pytest.mark.parametrize("kind, fields", [("ula", {"step_size": 0.9}),
+                                          ("sgld", {"a": 0.9, "gamma": 0.0})])
+@pytest.mark.parametrize("check_every", [7, 1000])
+def test_deferred_divergence_check_names_the_first_bad_step(kind, fields, check_every):
+    # a steep quartic from a spread start: some chain blows up after a few steps
+    z0 = torch.linspace(0.5, 3.0, 8, dtype=torch.float64).unsqueeze(-1).repeat(1, 2)
+    with pytest.raises(NonFiniteError) as now:
+        build(kind, **fields).run(quartic, z0, 200, generator=gen_(1))
+    with pytest.raises(NonFiniteError) as later:
+        build(kind, **fields).run(quartic, z0, 200, generator=gen_(1), check_every=check_every)
+    assert str(later.value) == str(now.value) and "step " in str(now.value)
+    reset = [build(kind, on_nonfinite="reset", **fields).run(
+        quartic, z0, 60, generator=gen_(1), check_every=every) for every in (1, check_every)]
+    assert torch.equal(reset[0].samples, reset[1].samples)
+    assert reset[0].diagnostics["num_nonfinite"] == reset[1].diagnostics["num_nonfinite"] > 0
+
+
+def test_run_rejects_bad_new_options():
+    sampler = build("mala")
+    z0 = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="keep_info"):
+        sampler.run(quartic, z0, 5, keep_info="some")
+    with pytest.raises(ConfigError, match="check_every"):
+        sampler.run(quartic, z0, 5, check_every=0)

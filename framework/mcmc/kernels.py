@@ -10,7 +10,8 @@ every gradient is ``autograd.grad(U(z).sum(), z)``.
 - the one Langevin move (:func:`langevin_move`), its Metropolis–Hastings ratio
   (:func:`langevin_log_accept`) and the Robbins–Monro step-size update (:func:`adapt_log_step`),
   used by the ``langevin`` (ULA/MALA) and ``sgld`` samplers;
-- the one divergence policy of unadjusted moves (:func:`apply_divergence_policy`).
+- the one divergence policy of unadjusted moves (:func:`apply_divergence_policy`), checked
+  at once or, inside :func:`deferred_divergence`, at an interval without host synchronisation.
 
 Everything here is exported from the ``ncpvae`` top level.
 """
@@ -18,8 +19,10 @@ Everything here is exported from the ``ncpvae`` top level.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -138,6 +141,32 @@ def select_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
 # the Langevin move
 
 
+class LangevinConstants(NamedTuple):
+    """Per-chain quantities of a Langevin step size that stay fixed while it does (compute them
+    once with :func:`langevin_constants`, reuse them every step): ``step_size`` eps ``(C,)``,
+    ``noise_scale`` ``sqrt(2 eps)`` ``(C,)``, ``four_step`` ``4 eps`` (4 where eps = 0) ``(C,)``,
+    and ``positive``: the ``(C,)`` mask ``eps > 0``, or None when every chain's eps is positive."""
+
+    step_size: Tensor
+    noise_scale: Tensor
+    four_step: Tensor
+    positive: Tensor | None
+
+
+def langevin_constants(step_size: Tensor, *, all_positive: bool | None = None
+                       ) -> LangevinConstants:
+    """:class:`LangevinConstants` of a ``(C,)`` step size; call it when the step size changes,
+    not every step. ``all_positive`` tells whether every entry is known to be > 0 (a sampler
+    knows it from its config: adaptation multiplies eps by positive factors); None tests it,
+    which synchronises with the device once."""
+    positive = step_size > 0
+    safe = torch.where(positive, step_size, torch.ones_like(step_size))
+    if all_positive is None:
+        all_positive = bool(positive.all())
+    return LangevinConstants(step_size, torch.sqrt(2 * step_size.unsqueeze(-1)).squeeze(-1),
+                             4 * safe, None if all_positive else positive)
+
+
 def langevin_move(position: Tensor, grad: Tensor, step_size: Tensor | float, noise: Tensor,
                   noise_scale: Tensor | float | None = None) -> Tensor:
     """The Langevin proposal ``z' = z - eps ∇U(z) + s xi`` of every chain, ``(C, D)``.
@@ -160,7 +189,8 @@ def langevin_move(position: Tensor, grad: Tensor, step_size: Tensor | float, noi
 
 def langevin_log_accept(position: Tensor, energy: Tensor, proposal: Tensor,
                         proposal_energy: Tensor, proposal_grad: Tensor, noise: Tensor,
-                        step_size: Tensor, *, correct_proposal: bool = True) -> Tensor:
+                        step_size: Tensor, *, correct_proposal: bool = True,
+                        constants: LangevinConstants | None = None) -> Tensor:
     """``(C,)`` log MH ratio ``U(z) - U(z') + log q(z | z') - log q(z' | z)`` of the move
     ``z' = z - eps ∇U(z) + sqrt(2 eps) xi`` (:func:`langevin_move` with the default noise).
 
@@ -168,16 +198,20 @@ def langevin_log_accept(position: Tensor, energy: Tensor, proposal: Tensor,
     ``r = z - z' + eps ∇U(z')``, ``log q(z | z') = -|r|^2 / (4 eps)``. Chains with
     ``step_size == 0`` get 0 (their proposal is their position). ``correct_proposal = False``
     drops the ``q`` terms (a wrong sampler, kept for tests that must reject it). Shapes:
-    positions, gradient and noise ``(C, D)``; energies and step size ``(C,)``.
+    positions, gradient and noise ``(C, D)``; energies and step size ``(C,)``. ``constants``
+    (:func:`langevin_constants` of ``step_size``) saves recomputing them; same result.
     """
+    if constants is None:
+        constants = langevin_constants(step_size)
     log_ratio = energy - proposal_energy
     if correct_proposal:
         residual = torch.addcmul(position - proposal, step_size.unsqueeze(-1), proposal_grad)
-        safe = torch.where(step_size > 0, step_size, torch.ones_like(step_size))
         log_q_forward = -0.5 * torch.linalg.vecdot(noise, noise)
-        log_q_backward = -torch.linalg.vecdot(residual, residual) / (4 * safe)
+        log_q_backward = -torch.linalg.vecdot(residual, residual) / constants.four_step
         log_ratio = log_ratio + log_q_backward - log_q_forward
-    return torch.where(step_size > 0, log_ratio, torch.zeros_like(log_ratio))
+    if constants.positive is None:
+        return log_ratio
+    return torch.where(constants.positive, log_ratio, torch.zeros_like(log_ratio))
 
 
 def adapt_log_step(step_size: Tensor, acceptance: Tensor, target: float, iteration: int,
@@ -194,6 +228,52 @@ def adapt_log_step(step_size: Tensor, acceptance: Tensor, target: float, iterati
 # the divergence policy of unadjusted moves
 
 
+class DivergenceLog:
+    """Deferred divergence checks: what :func:`apply_divergence_policy` records, inside
+    :func:`deferred_divergence`, instead of synchronising with the device every step.
+
+    ``step`` is the current step number (the caller, e.g. :meth:`ncpvae.Sampler.run`, sets it
+    before each step); :meth:`first_divergence` looks at everything recorded since the last
+    call in one synchronisation and returns the first bad step with its message.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self._records: list[tuple[int, Tensor, Callable[[Tensor], str]]] = []
+
+    def record(self, ok: Tensor, message: Callable[[Tensor], str]) -> None:
+        self._records.append((self.step, ok, message))
+
+    def first_divergence(self) -> tuple[int, str] | None:
+        """``(step, message)`` of the earliest recorded step with a non-finite chain, or None;
+        forgets the records either way."""
+        records, self._records = self._records, []
+        if not records:
+            return None
+        any_bad = (~torch.stack([ok for _, ok, _ in records])).any(-1).tolist()
+        for (step, ok, message), bad in zip(records, any_bad):
+            if bad:
+                return step, message(~ok)
+        return None
+
+
+_DIVERGENCE_LOG: ContextVar[DivergenceLog | None] = ContextVar("ncpvae_divergence_log",
+                                                               default=None)
+
+
+@contextmanager
+def deferred_divergence() -> Iterator[DivergenceLog]:
+    """Within this context, :func:`apply_divergence_policy` never synchronises with the device:
+    it keeps non-finite chains at their previous rows and records the ``raise`` cases in the
+    yielded :class:`DivergenceLog`, for the caller to check at an interval of its choosing."""
+    log = DivergenceLog()
+    token = _DIVERGENCE_LOG.set(log)
+    try:
+        yield log
+    finally:
+        _DIVERGENCE_LOG.reset(token)
+
+
 def apply_divergence_policy(ok: Tensor, new: Sequence[Tensor], old: Sequence[Tensor], *,
                             on_nonfinite: OnNonfinite, message: Callable[[Tensor], str]
                             ) -> tuple[Tensor, ...]:
@@ -204,8 +284,15 @@ def apply_divergence_policy(ok: Tensor, new: Sequence[Tensor], old: Sequence[Ten
     returned as is. Otherwise ``on_nonfinite = "raise"`` raises :class:`NonFiniteError` with
     ``message(bad)`` (``bad`` = ``~ok``; the message should name the step size and a remedy;
     :meth:`ncpvae.Sampler.run` adds the step number), and ``"reset"`` keeps the non-finite
-    chains at their ``old`` rows (the caller counts them through ``~ok``).
+    chains at their ``old`` rows (the caller counts them through ``~ok``). Inside
+    :func:`deferred_divergence` the rows are always selected and a ``"raise"`` is recorded for
+    a later check instead (no host synchronisation); the returned values are the same.
     """
+    log = _DIVERGENCE_LOG.get()
+    if log is not None:  # deferred (see deferred_divergence): no host synchronisation
+        if on_nonfinite == "raise":
+            log.record(ok, message)
+        return tuple(select_rows(ok, n, o) for n, o in zip(new, old))
     if bool(ok.all()):
         return tuple(new)
     if on_nonfinite == "raise":
