@@ -20,6 +20,11 @@ Conventions:
   (approximate, ``exact_sampling = False``); Langevin samplers can use ``energy`` instead.
 - Randomness comes from explicit ``torch.Generator`` arguments; the classifier built by
   :meth:`NCPPrior.from_config` is initialized from the run seed without touching the global RNG.
+- The base can be any exactly-sampling prior (``[prior.base] name = "gmm"``, ``flow``, ``vamp``,
+  a third-party prior). A learned base is fitted first, on the same encodings; the classifier
+  then tells ``q(z)`` from the fitted base's draws, and ``log Z``, SIR and the energy use it.
+  The density, ``log Z``, the gains and SIR are shared with the latent EBM prior
+  (:class:`ncpvae.plugins.tilted.TiltedPrior`); only :meth:`NCPPrior.fit` is NCP's own.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import torch
@@ -38,64 +43,27 @@ from torch import Tensor, nn
 from ncpvae import (
     BuildContext,
     ComponentConfig,
-    LearnedPrior,
+    ConfigError,
+    NonFiniteError,
     Prior,
     PriorSection,
     build_component,
+    ess_fraction,
     hookimpl,
+    sampling_importance_resampling,
 )
-from ncpvae.errors import ConfigError, DataError, NonFiniteError, NotFittedError
-from ncpvae.mcmc.importance import ess_fraction, importance_resample
+from ncpvae.plugins.tilted import (
+    SIR_POOL,
+    MLPClassifier,
+    TiltedPrior,
+    check_encodings,
+    split_heldout,
+)
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-    "gelu": nn.GELU,
-    "elu": nn.ELU,
-    "tanh": nn.Tanh,
-    "softplus": nn.Softplus,
-}
+__all__ = ["MLPClassifier", "NCPPrior", "roc_auc"]
 
-#: Rows per classifier call when evaluating many latents without gradients (bounds memory).
-_EVAL_CHUNK = 65_536
-#: Candidates per SIR pool: larger requests are split into pools of about this size.
-_SIR_POOL = 1 << 20
-
-
-class MLPClassifier(nn.Module):
-    """The NCP classifier: an MLP mapping latents ``(n, D)`` to logits ``(n,)``.
-
-    Linear layers of sizes ``hidden``, each followed by an optional LayerNorm and the activation,
-    then a linear head. Only row-wise layers are used (no batch norm), so the logit of row i
-    depends on ``z[i]`` alone and the NCP energy stays batch-separable. The head starts at zero,
-    so an untrained classifier gives ``f = 0``: the NCP prior starts as its base.
-    """
-
-    def __init__(self, latent_dim: int, hidden: Sequence[int] = (256, 256),
-                 activation: str = "silu", normalization: str = "none"):
-        super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ConfigError(f"unknown activation '{activation}'; choose one of "
-                              f"{', '.join(_ACTIVATIONS)}")
-        if normalization not in ("none", "layer"):
-            raise ConfigError(f"normalization must be 'none' or 'layer', got '{normalization}'")
-        layers: list[nn.Module] = []
-        width = latent_dim
-        for size in hidden:
-            layers.append(nn.Linear(width, size))
-            if normalization == "layer":
-                layers.append(nn.LayerNorm(size))
-            layers.append(_ACTIVATIONS[activation]())
-            width = size
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, z: Tensor) -> Tensor:
-        """``(n, D) -> (n,)`` logits."""
-        return self.head(self.body(z)).squeeze(-1)
-
+#: Kept for the SIR of :meth:`NCPPrior.sample_with_info` (shared with the EBM prior).
+_SIR_POOL = SIR_POOL
 
 def roc_auc(scores: Tensor, labels: Tensor) -> float:
     """Area under the ROC curve of ``scores`` ``(n,)`` for binary ``labels`` ``(n,)``.
@@ -116,31 +84,7 @@ def roc_auc(scores: Tensor, labels: Tensor) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
-def _log_mean_exp(values: Tensor) -> tuple[float, float]:
-    """``log mean exp(values)`` and its delta-method standard error, in float64.
-
-    With ``w_i = exp(values_i)`` and ``Z-hat = mean(w)``: ``SE(log Z-hat) = SE(Z-hat) / Z-hat``
-    ``= std(w / Z-hat) / sqrt(M)``. Written so that all-equal values give an exact result and
-    a zero standard error.
-    """
-    v = values.detach().to(torch.float64).reshape(-1)
-    m = v.numel()
-    if torch.isnan(v).any() or torch.isposinf(v).any():
-        raise NonFiniteError("the classifier returned NaN or +inf logits on base-prior draws")
-    top = v.max()
-    if torch.isneginf(top):
-        raise NonFiniteError("every classifier logit is -inf on base-prior draws")
-    scaled = torch.exp(v - top)
-    mean = scaled.sum() / m
-    log_z = float(top + torch.log(mean))
-    if m < 2:
-        return log_z, float("inf")
-    relative = scaled / mean
-    se = float(torch.sqrt(((relative - 1.0) ** 2).sum() / (m - 1) / m))
-    return log_z, se
-
-
-class NCPPrior(LearnedPrior):
+class NCPPrior(TiltedPrior):
     """``p_NCP(z) = p(z) exp f(z) / Z``: a base prior reweighted by a classifier's logit.
 
     ``base`` is any prior with exact sampling (usually the VAE's N(0, I)); ``classifier`` maps
@@ -159,6 +103,8 @@ class NCPPrior(LearnedPrior):
     requires_fit = True
     exact_sampling = False
     sampling_method = "SIR"
+    net_role = "classifier"
+    net_output = "logits"
 
     class Config(ComponentConfig):
         name: Literal["ncp"] = "ncp"
@@ -192,6 +138,10 @@ class NCPPrior(LearnedPrior):
         log_z_samples: int = Field(
             100_000, ge=2, description="base-prior draws for the Monte Carlo estimate of log Z"
         )
+        fit_base: bool = Field(
+            True, description="fit a learned base (gmm, flow, ...) on the same encodings before "
+            "the classifier (False: keep its current, e.g. loaded, fit)"
+        )
 
     def __init__(
         self,
@@ -208,36 +158,17 @@ class NCPPrior(LearnedPrior):
         log_z_samples: int = 100_000,
         seed: int = 0,
         fitted: bool = False,
+        fit_base: bool = True,
     ):
-        if not isinstance(base, Prior):
-            raise ConfigError(f"the NCP base must be a Prior, got {type(base).__name__}")
-        if not base.exact_sampling:
-            raise ConfigError(
-                f"the NCP base prior must sample exactly (it provides the classifier's negatives "
-                f"and the SIR proposals); '{base.name}' does not: use e.g. base = gaussian"
-            )
-        if not isinstance(classifier, nn.Module):
-            raise ConfigError(
-                f"the NCP classifier must be a torch.nn.Module, got {type(classifier).__name__}"
-            )
-        super().__init__(base.latent_dim)
-        self.base = base
-        self.classifier = classifier
+        super().__init__(base, classifier, sir_candidates=sir_candidates,
+                         log_z_samples=log_z_samples, seed=seed, fitted=fitted,
+                         fit_base=fit_base)
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.patience = int(patience)
         self.heldout_fraction = float(heldout_fraction)
-        self.sir_candidates = int(sir_candidates)
-        self.log_z_samples = int(log_z_samples)
-        self.seed = int(seed)
-        # A buffer, so a fitted checkpoint's state dict carries the flag.
-        self.register_buffer("fitted", torch.tensor(bool(fitted)))
-        self.last_ess_fraction: float | None = None
-        self.history: list[dict[str, float]] = []
-        self.fit_summary: dict[str, Any] = {}
-        self.heldout_index: Tensor | None = None
 
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> NCPPrior:
@@ -252,108 +183,15 @@ class NCPPrior(LearnedPrior):
                    lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
                    heldout_fraction=config.heldout_fraction,
                    sir_candidates=config.sir_candidates, log_z_samples=config.log_z_samples,
-                   seed=ctx.seed)
-
-    # ------------------------------------------------------------------------------------------
-    # the density
-
-    @property
-    def base_prior(self) -> Prior:
-        return self.base
-
-    @property
-    def is_fitted(self) -> bool:
-        """True after :meth:`fit`, after loading a fitted state dict, or if built ``fitted=True``."""
-        return bool(self.fitted)
-
-    def _require_fitted(self, what: str) -> None:
-        if not self.is_fitted:
-            raise NotFittedError(
-                f"the ncp prior's {what} needs a trained classifier: call prior.fit(mu, logvar) "
-                f"with the frozen VAE's training-set encodings, or load a fitted state dict"
-            )
-
-    def logit(self, z: Tensor) -> Tensor:
-        """The classifier's logit ``f(z)``: ``(..., D) -> (...)`` (no fitted check).
-
-        Raises :class:`DataError` if the classifier does not return one logit per row.
-        """
-        if z.ndim < 1 or z.shape[-1] != self.latent_dim:
-            raise DataError(
-                f"latents: expected shape (..., {self.latent_dim}) for a {self.latent_dim}-dim "
-                f"ncp prior, got {tuple(z.shape)}"
-            )
-        flat = z.reshape(-1, self.latent_dim)
-        out = self.classifier(flat)
-        if not isinstance(out, Tensor) or out.shape != (flat.shape[0],):
-            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise DataError(
-                f"the ncp classifier must map latents (n, {self.latent_dim}) to logits (n,), but "
-                f"for n={flat.shape[0]} it returned {got}; end it with e.g. .squeeze(-1) after "
-                f"a Linear(..., 1) layer"
-            )
-        return out.reshape(z.shape[:-1])
-
-    @torch.no_grad()
-    def _logit_nograd(self, z: Tensor) -> Tensor:
-        """``f(z)`` for many rows ``(n, D) -> (n,)``, in chunks and without a graph."""
-        return torch.cat([self.logit(part) for part in z.split(_EVAL_CHUNK)]) if len(z) else (
-            z.new_zeros(0))
-
-    def log_prob(self, z: Tensor) -> Tensor:
-        """Unnormalized ``log p(z) + f(z)``, ``(..., D) -> (...)``; subtract ``log Z`` (see
-        :meth:`log_normalizer`) for the normalized log density."""
-        self._require_fitted("log_prob")
-        return self.base.log_prob(z) + self.logit(z)
-
-    def energy(self, z: Tensor) -> Tensor:
-        """``U(z) = -log p(z) - f(z)``, ``(..., D) -> (...)``; ``log p`` is the base's log
-        density summed over the latent dimensions. Batch-separable."""
-        self._require_fitted("energy")
-        return -self.base.log_prob(z) - self.logit(z)
-
-    def log_normalizer(
-        self, num_samples: int | None = None, *, generator: torch.Generator | None = None
-    ) -> tuple[float, float]:
-        """Monte Carlo ``log Z = log E_p[exp f(z)]`` and its standard error.
-
-        ``log Z-hat = logsumexp_i f(z_i) - log M`` over ``M = num_samples`` base draws
-        (default ``log_z_samples``), made in chunks to bound memory. The SE is the delta
-        method's ``SE(Z-hat) / Z-hat``. ``log Z-hat`` is biased low by about
-        ``Var(Z-hat) / (2 Z^2)`` (about half the squared SE), negligible when the SE is small.
-        Returns plain floats ``(log_z, se)``.
-        """
-        self._require_fitted("log_normalizer")
-        m = self.log_z_samples if num_samples is None else int(num_samples)
-        if m < 2:
-            raise ConfigError(f"log_normalizer needs at least 2 samples, got {m}")
-        values = []
-        with torch.no_grad():
-            for start in range(0, m, _EVAL_CHUNK):
-                z = self.base.sample(min(_EVAL_CHUNK, m - start), generator=generator)
-                values.append(self.logit(z).to(torch.float64))
-        return _log_mean_exp(torch.cat(values))
-
-    def log_ratio(self, z: Tensor) -> Tensor:
-        """``f(z)``, the classifier's logit (``log p_NCP - log p_base`` up to ``log Z``).
-        :meth:`kl_gain` (inherited) averages it over held-out encodings: ``Delta = E_q[f] - log Z``."""
-        self._require_fitted("kl_gain")
-        return self.logit(z)
+                   seed=ctx.seed, fit_base=config.fit_base)
 
     @property
     def label(self) -> str:
-        return "NCP"
-
-    def sampling_info(self) -> dict[str, float]:
-        """The Kish ESS fraction of the last SIR call (absent before any)."""
-        return {} if self.last_ess_fraction is None else {"ess_fraction": self.last_ess_fraction}
+        """``NCP``, or ``NCP over <base>`` when the base is not the tractable prior itself."""
+        return "NCP" if self.base is self.base_prior else f"NCP over {self.base.label}"
 
     # ------------------------------------------------------------------------------------------
     # sampling
-
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` approximate draws ``(n, D)`` by SIR (see :meth:`sample_with_info`)."""
-        return self.sample_with_info(n, generator=generator)[0]
 
     def sample_with_info(
         self, n: int, *, generator: torch.Generator | None = None
@@ -374,41 +212,15 @@ class NCPPrior(LearnedPrior):
             ref = self._param_like()
             return torch.empty(0, self.latent_dim, device=ref.device, dtype=ref.dtype), {
                 "ess_fraction": float("nan")}
-        per_pool = max(1, _SIR_POOL // self.sir_candidates)
-        draws, log_weights = [], []
-        with torch.no_grad():
-            for start in range(0, n, per_pool):
-                k = min(per_pool, n - start)
-                candidates = self.base.sample(k * self.sir_candidates, generator=generator)
-                lw = self._logit_nograd(candidates)
-                chosen, _ = importance_resample(candidates, lw, k, generator=generator)
-                draws.append(chosen)
-                log_weights.append(lw)
-        ess = ess_fraction(torch.cat(log_weights))
+        draws, log_weights = sampling_importance_resampling(
+            lambda m: self.base.sample(m, generator=generator), self._logit_nograd, n,
+            self.sir_candidates, pool_size=_SIR_POOL, generator=generator)
+        ess = ess_fraction(log_weights)
         self.last_ess_fraction = ess
-        return torch.cat(draws), {"ess_fraction": ess}
+        return draws, {"ess_fraction": ess}
 
     # ------------------------------------------------------------------------------------------
     # fitting
-
-    def _check_encodings(self, mu: Tensor, logvar: Tensor) -> None:
-        for what, t in (("mu", mu), ("logvar", logvar)):
-            if not isinstance(t, Tensor):
-                raise DataError(f"ncp fit: {what} must be a torch.Tensor, got {type(t).__name__}")
-            if t.ndim != 2 or t.shape[1] != self.latent_dim:
-                raise DataError(
-                    f"ncp fit: {what} must have shape (N, {self.latent_dim}) for this "
-                    f"{self.latent_dim}-dim prior, got {tuple(t.shape)}; pass the encoder outputs "
-                    f"of the whole training set"
-                )
-            if not torch.isfinite(t).all():
-                raise DataError(
-                    f"ncp fit: {what} contains NaN or infinite values; the encoder diverged or "
-                    f"the data has NaNs"
-                )
-        if mu.shape != logvar.shape:
-            raise DataError(f"ncp fit: mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} "
-                            f"must have the same shape")
 
     def fit(
         self,
@@ -439,22 +251,17 @@ class NCPPrior(LearnedPrior):
         """
         from tqdm import tqdm
 
-        self._check_encodings(mu, logvar)
+        check_encodings("ncp", mu, logvar, self.latent_dim)
         started = time.perf_counter()
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+        base_summary = self.fit_base(mu, logvar, generator=gen, progress=progress)
         ref = self._param_like()
         device, dtype = ref.device, ref.dtype
         mu = mu.detach().to(device=device, dtype=dtype)
         std = torch.exp(0.5 * logvar.detach().to(device=device, dtype=dtype))
-        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
 
-        n_total = mu.shape[0]
-        n_held = max(1, round(self.heldout_fraction * n_total))
-        n_train = n_total - n_held
-        if n_train < 1:
-            raise DataError(f"ncp fit: need at least 2 encodings (training and held-out rows), "
-                            f"got {n_total}")
-        order = torch.randperm(n_total, generator=gen, device=gen.device).to(device)
-        held, train = order[:n_held], order[n_held:]
+        held, train = split_heldout(mu.shape[0], self.heldout_fraction, gen, device, "ncp")
+        n_held, n_train = len(held), len(train)
         self.heldout_index = held
         mu_tr, std_tr, mu_ho, std_ho = mu[train], std[train], mu[held], std[held]
         with torch.no_grad():
@@ -537,6 +344,8 @@ class NCPPrior(LearnedPrior):
             "num_train": n_train,
             "num_heldout": n_held,
         }
+        if base_summary:
+            self.fit_summary["base_fit"] = base_summary
         return dict(self.fit_summary)
 
     @torch.no_grad()
