@@ -42,6 +42,10 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "ncpvae.plugins.langevin",
     "ncpvae.plugins.sgld",
     "ncpvae.plugins.sir",
+    "ncpvae.plugins.gmm",
+    "ncpvae.plugins.flow",
+    "ncpvae.plugins.ebm",
+    "ncpvae.plugins.vamp",
 )
 
 

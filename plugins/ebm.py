@@ -1,0 +1,303 @@
+"""The ``ebm`` prior: a latent energy-based prior fitted by maximum likelihood (MATH.md §7).
+
+The same tilted form as NCP, ``p(z) = b(z) exp f(z) / Z`` over a base ``b`` (N(0, I) by default;
+Pang et al., NeurIPS 2020, "Learning Latent Space Energy-Based Prior Model"), but ``f`` is fitted
+by maximum likelihood on the frozen VAE's aggregate posterior instead of by classification. The
+log-likelihood gradient is
+
+    grad E_q[log p(z)] = E_q[grad f(z)] - E_p[grad f(z)],
+
+with the second expectation over negatives made by short-run Langevin dynamics on
+``U(z) = -log b(z) - f(z)``, started from base draws (or from persistent chains, a fraction of
+which restarts from the base each step). The chains run with the project's own ``langevin``
+sampler (ULA, or MALA with ``metropolis = true``) through the Sampler API.
+
+Everything after fitting is shared with NCP (:class:`ncpvae.plugins.tilted.TiltedPrior`):
+``log_prob`` (unnormalized), ``energy``, the Monte Carlo ``log Z`` with its SE, the gain
+``kl_gain`` and SIR sampling. Early stopping keeps the weights with the best held-out
+log-likelihood gain ``E_q[f] - log Z`` (``log Z`` from ``heldout_log_z_samples`` base draws).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from ncpvae import (
+    BuildContext,
+    ComponentConfig,
+    ConfigError,
+    NonFiniteError,
+    Prior,
+    PriorSection,
+    Sampler,
+    build_component,
+    create,
+    hookimpl,
+)
+from ncpvae.plugins.tilted import (
+    MLPClassifier,
+    TiltedPrior,
+    check_encodings,
+    log_mean_exp,
+    split_heldout,
+)
+
+
+class EBMPrior(TiltedPrior):
+    """``p(z) = b(z) exp f(z) / Z`` with ``f`` fitted by MLE with Langevin negatives.
+
+    ``base`` samples exactly; ``energy_net`` maps ``(n, D) -> (n,)`` (``f``, the negative
+    energy of the tilt). Fitting settings: see :class:`EBMPrior.Config`.
+    """
+
+    name = "ebm"
+    net_role = "energy network"
+
+    class Config(ComponentConfig):
+        name: Literal["ebm"] = "ebm"
+        base: PriorSection = Field(
+            default_factory=lambda: {"name": "gaussian"},
+            description="the base prior p0 that exp f tilts (a prior table)",
+        )
+        hidden: list[Annotated[int, Field(ge=1)]] = Field(
+            default_factory=lambda: [256, 256], description="hidden layer sizes of the MLP f"
+        )
+        activation: Literal["relu", "silu", "gelu", "elu", "tanh", "softplus"] = Field(
+            "silu", description="MLP activation (smooth, for Langevin)")
+        normalization: Literal["none", "layer"] = Field("none", description="normalization "
+                                                        "after each hidden layer")
+        epochs: int = Field(30, ge=1, le=100_000, description="maximum epochs")
+        batch_size: int = Field(512, ge=2, le=1_048_576, description="positives per step "
+                                "(and as many negatives)")
+        lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate")
+        weight_decay: float = Field(0.0, ge=0, le=1.0, description="Adam weight decay")
+        langevin_steps: int = Field(20, ge=1, le=10_000, description="Langevin steps per "
+                                    "negative batch")
+        step_size: float = Field(0.05, gt=0, description="Langevin step size eps (z' = z - eps "
+                                 "grad U + sqrt(2 eps) xi)")
+        metropolis: bool = Field(False, description="MALA instead of ULA for the negatives")
+        persistent: bool = Field(False, description="persistent chains (PCD) instead of "
+                                 "restarting every negative batch from the base")
+        reinit_fraction: float = Field(0.05, ge=0, le=1, description="persistent chains: "
+                                       "fraction restarted from the base before each batch")
+        energy_l2: float = Field(0.0, ge=0, description="penalty alpha * mean(f^2) on positives "
+                                 "and negatives (keeps f bounded; 0: off)")
+        patience: int = Field(5, ge=1, description="stop after this many epochs without a "
+                              "better held-out gain")
+        heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of the "
+                                        "encodings held out for early stopping")
+        heldout_log_z_samples: int = Field(20_000, ge=2, description="base draws for log Z in "
+                                           "the per-epoch held-out gain")
+        sir_candidates: int = Field(100, ge=1, le=100_000, description="base candidates per "
+                                    "SIR sample")
+        log_z_samples: int = Field(100_000, ge=2, description="base draws for log Z")
+
+    def __init__(self, base: Prior, energy_net: nn.Module, *, epochs: int = 30,
+                 batch_size: int = 512, lr: float = 1e-4, weight_decay: float = 0.0,
+                 langevin_steps: int = 20, step_size: float = 0.05, metropolis: bool = False,
+                 persistent: bool = False, reinit_fraction: float = 0.05, energy_l2: float = 0.0,
+                 patience: int = 5, heldout_fraction: float = 0.1,
+                 heldout_log_z_samples: int = 20_000, sir_candidates: int = 100,
+                 log_z_samples: int = 100_000, seed: int = 0, fitted: bool = False,
+                 sampler: Sampler | None = None):
+        super().__init__(base, energy_net, sir_candidates=sir_candidates,
+                         log_z_samples=log_z_samples, seed=seed, fitted=fitted)
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.langevin_steps = int(langevin_steps)
+        self.persistent = bool(persistent)
+        self.reinit_fraction = float(reinit_fraction)
+        self.energy_l2 = float(energy_l2)
+        self.patience = int(patience)
+        self.heldout_fraction = float(heldout_fraction)
+        self.heldout_log_z_samples = int(heldout_log_z_samples)
+        if sampler is None:
+            sampler = create("sampler", "langevin", step_size=float(step_size),
+                             metropolis=bool(metropolis), num_steps=self.langevin_steps,
+                             burn_in=0)
+        if not isinstance(sampler, Sampler):
+            raise ConfigError(f"ebm: sampler must be an ncpvae Sampler, got "
+                              f"{type(sampler).__name__}")
+        self.sampler = sampler
+
+    @classmethod
+    def from_config(cls, config: Config, ctx: BuildContext) -> EBMPrior:
+        latent_dim = ctx.require_latent_dim("the ebm prior")
+        base = build_component(config.base, "prior", ctx)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(ctx.seed)
+            net = MLPClassifier(latent_dim, config.hidden, config.activation,
+                                config.normalization)
+        fields = config.model_dump(exclude={"name", "base", "hidden", "activation",
+                                            "normalization"})
+        sampler = create("sampler", "langevin", step_size=config.step_size,
+                         metropolis=config.metropolis, num_steps=config.langevin_steps, burn_in=0,
+                         registry=ctx.registry)
+        return cls(base, net, seed=ctx.seed, sampler=sampler, **fields)
+
+    @property
+    def label(self) -> str:
+        return "EBM" if self.base is self.base_prior else f"EBM over {self.base.label}"
+
+    # ------------------------------------------------------------------------------------------
+    # fitting
+
+    def _tilted_energy(self, z: Tensor) -> Tensor:
+        """``U(z) = -log b(z) - f(z)`` without the fitted check (used while fitting)."""
+        return -self.base.log_prob(z) - self.logit(z)
+
+    def negatives(self, start: Tensor, generator: torch.Generator | None) -> Tensor:
+        """``langevin_steps`` sampler steps on the current energy from ``start`` ``(C, D)``;
+        the network's parameters get no gradient from this."""
+        flags = [p.requires_grad for p in self.classifier.parameters()]
+        for p in self.classifier.parameters():
+            p.requires_grad_(False)
+        try:
+            state = self.sampler.init(start.detach(), self._tilted_energy)
+            for _ in range(self.langevin_steps):
+                state, _ = self.sampler.step(state, self._tilted_energy, generator=generator)
+        finally:
+            for p, flag in zip(self.classifier.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+        return state.position.detach()
+
+    def fit(
+        self,
+        mu: Tensor,
+        logvar: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+        log: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Maximum likelihood for ``f`` on draws of ``q(z|x)`` for ``mu``, ``logvar`` ``(N, D)``.
+
+        A learned base is fitted first. A seeded ``heldout_fraction`` of rows is held out. Each
+        epoch draws fresh positives for the training rows; for each minibatch of positives, as
+        many negatives are made by ``langevin_steps`` Langevin steps (from base draws, or from
+        the persistent chains) and Adam descends ``-mean f(pos) + mean f(neg)`` (plus
+        ``energy_l2 * mean(f^2)``). After each epoch the held-out gain ``E_q[f] - log Z`` is
+        measured; after ``patience`` epochs without a better one training stops and the best
+        weights are restored. ``log`` gets per epoch ``epoch``, ``train_loss_mean``,
+        ``train_loss_min``, ``heldout_loss`` (minus the held-out gain), ``heldout_gain``.
+        Returns ``best_epoch``, ``heldout_gain``, ``epochs_run``, ``stopped_early``,
+        ``fit_seconds``, ``num_train``, ``num_heldout`` (and ``base_fit``).
+        """
+        from tqdm import tqdm
+
+        check_encodings("ebm", mu, logvar, self.latent_dim)
+        started = time.perf_counter()
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+        base_summary = self.fit_base(mu, logvar, generator=gen, progress=progress)
+        ref = self._param_like()
+        device, dtype = ref.device, ref.dtype
+        # the Langevin noise must come from a generator on the chains' device
+        chain_gen = gen if gen.device == device else torch.Generator(device=device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)))
+        mu = mu.detach().to(device=device, dtype=dtype)
+        std = torch.exp(0.5 * logvar.detach().to(device=device, dtype=dtype))
+        held, train = split_heldout(len(mu), self.heldout_fraction, gen, device, "ebm")
+        n_train = len(train)
+
+        def draws(rows: Tensor) -> Tensor:
+            eps = torch.randn(len(rows), self.latent_dim, generator=gen, device=gen.device,
+                              dtype=dtype).to(device)
+            return mu[rows] + std[rows] * eps
+
+        z_ho = draws(held)
+        trainable = [p for p in self.classifier.parameters() if p.requires_grad]
+        if not trainable:
+            raise ConfigError("ebm fit: the energy network has no trainable parameters")
+        optimizer = torch.optim.Adam(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        num_batches = max(1, math.ceil(n_train / self.batch_size))
+        chains = self.base.sample(min(self.batch_size, n_train), generator=gen).detach() if (
+            self.persistent) else None
+
+        history: list[dict[str, float]] = []
+        best_gain, best_epoch, best_state, stale = -math.inf, 0, None, 0
+        bar = tqdm(range(1, self.epochs + 1), desc="fit ebm", unit="epoch",
+                   disable=not progress, leave=False)
+        for epoch in bar:
+            self.classifier.train()
+            perm = train[torch.randperm(n_train, generator=gen, device=gen.device).to(device)]
+            losses, sizes = [], []
+            for rows in perm.tensor_split(num_batches):
+                positives = draws(rows)
+                if chains is not None:
+                    restart = torch.rand(len(chains), generator=gen, device=gen.device).to(
+                        device) < self.reinit_fraction
+                    fresh = self.base.sample(len(chains), generator=gen)
+                    start = torch.where(restart.unsqueeze(-1), fresh, chains)
+                else:
+                    start = self.base.sample(len(rows), generator=gen)
+                negatives = self.negatives(start, chain_gen)
+                if chains is not None:
+                    chains = negatives
+                f_pos, f_neg = self.logit(positives), self.logit(negatives)
+                loss = f_neg.mean() - f_pos.mean()
+                if self.energy_l2:
+                    loss = loss + self.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.detach())
+                sizes.append(len(rows))
+            batch_losses = torch.stack(losses).to(torch.float64)
+            if not torch.isfinite(batch_losses).all():
+                raise NonFiniteError(f"ebm fit: the loss became NaN or inf in epoch {epoch}; "
+                                     f"lower lr (now {self.lr}) or step_size, or set energy_l2")
+            weights = torch.tensor(sizes, dtype=torch.float64, device=batch_losses.device)
+            self.classifier.eval()
+            with torch.no_grad():
+                log_z, _ = log_mean_exp(self._logit_nograd(
+                    self.base.sample(self.heldout_log_z_samples, generator=gen)))
+                gain = float(self._logit_nograd(z_ho).double().mean()) - log_z
+            record = {"epoch": float(epoch),
+                      "train_loss_mean": float((batch_losses * weights).sum() / weights.sum()),
+                      "train_loss_min": float(batch_losses.min()),
+                      "heldout_loss": -gain, "heldout_gain": gain}
+            history.append(record)
+            if log is not None:
+                log(dict(record))
+            bar.set_postfix(heldout_gain=f"{gain:.4f}")
+            if gain > best_gain:
+                best_gain, best_epoch, stale = gain, epoch, 0
+                best_state = copy.deepcopy(self.classifier.state_dict())
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        bar.close()
+        if best_state is not None:
+            self.classifier.load_state_dict(best_state)
+        self.classifier.eval()
+        self.fitted.fill_(True)
+        self.heldout_index = held
+        self.history = history
+        self.fit_summary = {
+            "best_epoch": best_epoch,
+            "heldout_gain": best_gain,
+            "epochs_run": len(history),
+            "stopped_early": len(history) < self.epochs,
+            "fit_seconds": time.perf_counter() - started,
+            "num_train": n_train,
+            "num_heldout": len(held),
+        }
+        if base_summary:
+            self.fit_summary["base_fit"] = base_summary
+        return dict(self.fit_summary)
+
+
+@hookimpl
+def ncpvae_register_priors() -> list[type]:
+    return [EBMPrior]
