@@ -45,18 +45,25 @@ def _require_image_shape(ctx: BuildContext, who: str) -> tuple[int, int, int]:
 
 
 class MLPVAE(LatentModel):
-    """Dense encoder ``prod(C,H,W) -> hidden... -> 2D`` and mirrored decoder."""
+    """Dense encoder ``prod(C,H,W) -> hidden... -> 2D`` and mirrored decoder.
+
+    The default ``hidden = [512, 256]`` was chosen by measurement: the original notebook's deep,
+    narrow ``[512, 256, 128, 64]`` trains to a worse test ELBO with fewer active units (posterior
+    collapse) on real digits (sklearn's 8x8 digits: -25.6 vs -24.2 nats, 1 vs 4 of 10 units;
+    the same digits upsampled to 28x28: -330 vs -294 nats; 4,000 MNIST digits: -157 vs -117
+    nats, 3 vs 10 units). See ``beta_elbo``'s ``warmup_steps`` / ``free_bits`` for the remedies.
+    """
 
     name = "mlp"
 
     class Config(LikelihoodFields):
         name: Literal["mlp"] = "mlp"
-        hidden: list[int] = Field([512, 256, 128, 64], min_length=1,
+        hidden: list[int] = Field([512, 256], min_length=1,
                                   description="encoder hidden sizes (decoder mirrors them)")
         activation: Literal["relu", "silu", "elu", "tanh"] = "relu"
 
     def __init__(self, image_shape: tuple[int, int, int], latent_dim: int,
-                 hidden: list[int] = (512, 256, 128, 64), activation: str = "relu", **likelihood):
+                 hidden: list[int] = (512, 256), activation: str = "relu", **likelihood):
         super().__init__(latent_dim, **likelihood)
         if any(h < 1 for h in hidden):
             raise ConfigError(f"model.hidden sizes must be >= 1, got {list(hidden)}")
