@@ -1,2 +1,4 @@
 """The evaluation stage: metrics of a trained run, ``evaluation.json`` and the report
-(``pipeline``: the stage; ``config``: its ``[evaluate]`` section; ``report``: the document)."""
+(``pipeline``: the stage; ``metrics_table``: the disentanglement metrics, listed once;
+``config``: its ``[evaluate]`` section, composed from the metrics' own config classes;
+``report``: the document and its HTML / Markdown renderers; ``format``: number formatting)."""

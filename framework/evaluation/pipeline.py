@@ -3,24 +3,30 @@
 ``evaluate_run(run)`` answers three questions about a run (sizes from its ``[evaluate]``
 section, see :mod:`ncpvae.evaluation.config`):
 
-- *Is the representation disentangled?* beta-VAE, FactorVAE, MIG, DCI and SAP on the encoder
+- *Is the representation disentangled?* The metrics of the table
+  (:mod:`ncpvae.evaluation.metrics_table`: beta-VAE, FactorVAE, MIG, DCI, SAP) on the encoder
   means ``model.encode(x)[0]`` (eval mode, no grad), for data with ground-truth factors.
 - *Are the samples good?* For each row of the prior x sampler table (the base prior, e.g.
   N(0, I); and for a learned prior each configured sampler: NCP by SIR, ULA, MALA, ...), ``n``
-  latents are drawn and decoded (decoder means) and compared with held-out test images on the
-  features of a locally trained network (scaled to unit RMS on the held-out images, see
-  :func:`feature_scale`): KID (unbiased, with SE), Fréchet distance, precision/recall, and for
-  ground-truth data the coverage of the factor grid. The net is trained once per dataset and
-  cached (``evaluate.cache_dir``, default ``<run>/cache``).
+  latents are drawn and decoded (decoder means; :mod:`ncpvae.run.sample`, the path the sample
+  stage uses too) and compared with held-out test images on the features of a locally trained
+  network (scaled to unit RMS on the held-out images, see :func:`feature_scale`): KID
+  (unbiased, with SE), Fréchet distance, precision/recall, and for ground-truth data the
+  coverage of the factor grid. The net is trained once per dataset and cached
+  (``evaluate.cache_dir``, default ``<run>/cache``). Rows are labelled by the components
+  themselves (``prior.label``, ``sampler.label``); a sampler's ``acceptance_note`` is kept
+  with its row.
 - *Did the learned prior help?* Per row, MMD (permutation p-value) and a fresh classifier
-  two-sample test between the row's latents and held-out encodings ``z ~ q(z|x)``; for NCP
-  ``log Z`` and ``Delta = E_q[f] - log Z`` with SEs; and the importance-weighted bound (K
+  two-sample test between the row's latents and held-out encodings ``z ~ q(z|x)``; for a
+  :class:`~ncpvae.LearnedPrior` its ``log Z`` and ``Delta`` over the base prior with SEs
+  (:func:`ncpvae.run.fit.learned_prior_summary`); and the importance-weighted bound (K
   samples) and ELBO on held-out images under the run's prior and under its base prior, with
-  their paired difference (``log Z``'s SE included for NCP).
+  their paired difference (``log Z``'s SE included for an unnormalized prior).
 
-Every random draw is seeded from the run seed (``run.generator(offset)`` for torch, numpy
-Generators seeded by ``(seed, offset)``), so evaluating the same run twice gives the same
-``evaluation.json`` except its ``runtime`` section (timings, cache hits).
+Every random draw is seeded from the run seed and a named offset of :mod:`ncpvae.run.seeds`
+(``run.generator(offset)`` for torch, numpy Generators seeded by ``(seed, offset)``), so
+evaluating the same run twice gives the same ``evaluation.json`` except its ``runtime`` section
+(timings, cache hits).
 """
 
 from __future__ import annotations
@@ -298,9 +304,8 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
         entry: dict[str, Any] = {"label": row.label,
                                  "sampler": None if row.sampler_config is None
                                  else row.sampler_config.model_dump(mode="json")}
-        note = getattr(row.sampler, "acceptance_note", None)
-        if note is not None:
-            entry["acceptance_note"] = note
+        if row.sampler is not None and row.sampler.acceptance_note is not None:
+            entry["acceptance_note"] = row.sampler.acceptance_note
         source = row.sampler if row.sampler is not None else run.prior.base_prior
         with clock(f"draw: {row.label}"):
             drawn = sample_images(run, source, cfg.num_samples,

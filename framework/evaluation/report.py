@@ -248,7 +248,7 @@ def _sampler_cell(row: Mapping[str, Any]) -> str:
     if diag.get("num_nonfinite"):
         parts.append(f"{diag['num_nonfinite']} non-finite")
     if sampler:
-        steps = sampler.get("num_steps")
+        steps = diag.get("num_steps")  # what the sampler ran (its diagnostics), not its config
         parts.insert(0, f"{sampler['name']}" + (f", {steps} steps" if steps else ""))
     else:
         parts.insert(0, "exact")
