@@ -3,7 +3,7 @@ one reopened with its weights; and the encoder passes every stage shares."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ncpvae.objective import Objective
 from ncpvae.plugin_manager import PluginManager, get_plugin_manager
 from ncpvae.prior import Prior
 from ncpvae.registry import Registry
-from ncpvae.run import seeds
+from ncpvae.run import distributed, seeds
 from ncpvae.run.checkpoint import load_checkpoint
 from ncpvae.run.directory import RunDirectory
 from ncpvae.sampler import Sampler
@@ -49,8 +49,10 @@ class Run:
     prior: Prior
     objective: Objective
     sampler: Sampler | None
-    directory: RunDirectory | None = None
+    directory: RunDirectory | None = None  # None on ranks > 0 of a distributed run: no writes
     quiet: bool = False
+    #: this process's place in a ``torchrun`` launch (world size 1 without one)
+    dist: distributed.DistContext = field(default_factory=distributed.DistContext)
 
     def generator(self, offset: int) -> torch.Generator:
         """A fresh generator for one stage, seeded from the run seed and a named offset of
@@ -74,21 +76,31 @@ class Run:
 
 def build_run(config: RunConfig, *, registry: Registry | None = None,
               directory: RunDirectory | None = None, quiet: bool = False) -> Run:
-    """Build every component of ``config`` (data first: models need its image shape)."""
+    """Build every component of ``config`` (data first: models need its image shape).
+
+    Under ``torchrun`` this joins the process group (:func:`ncpvae.run.distributed.setup`),
+    builds on every rank, and stops every rank with the same error if any rank failed; ranks
+    > 0 get no run directory (they write nothing) and no progress bars."""
     registry = registry if registry is not None else get_plugin_manager().registry
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    ctx = BuildContext(latent_dim=config.latent_dim, device=device, seed=config.seed,
-                       registry=registry)
-    data = build_component(config.data, "dataset", ctx).build(ctx)
-    ctx.image_shape = data.image_shape
-    model = build_component(config.model, "model", ctx)
-    prior = build_component(config.prior, "prior", ctx)
-    objective = build_component(config.objective, "objective", ctx)
-    sampler = build_component(config.sampler, "sampler", ctx) if config.sampler else None
-    objective.check_compatible(model, prior.base_prior)
-    prior.bind_model(model)
-    return Run(config, registry, device, data, model, prior, objective, sampler, directory, quiet)
+    dist = distributed.setup(config.device)
+
+    def build() -> Run:
+        device = dist.device
+        torch.manual_seed(config.seed)
+        ctx = BuildContext(latent_dim=config.latent_dim, device=device, seed=config.seed,
+                           registry=registry)
+        data = build_component(config.data, "dataset", ctx).build(ctx)
+        ctx.image_shape = data.image_shape
+        model = build_component(config.model, "model", ctx)
+        prior = build_component(config.prior, "prior", ctx)
+        objective = build_component(config.objective, "objective", ctx)
+        sampler = build_component(config.sampler, "sampler", ctx) if config.sampler else None
+        objective.check_compatible(model, prior.base_prior)
+        prior.bind_model(model)
+        return Run(config, registry, device, data, model, prior, objective, sampler,
+                   directory if dist.is_main else None, quiet or not dist.is_main, dist)
+
+    return dist.agree(build)
 
 
 def plugin_records(manager: PluginManager) -> list[dict[str, Any]]:
@@ -103,10 +115,18 @@ def create_run(config: RunConfig, out: str | Path | None = None, *, overwrite: b
     """A fresh run directory ``out`` (default ``runs/<config.name>``) holding the resolved config
     and the plugin list, and the run built from ``config``."""
     manager = manager if manager is not None else get_plugin_manager()
-    directory = RunDirectory.create(out if out is not None else Path("runs") / config.name,
-                                    overwrite=overwrite)
-    directory.write_config(config_to_toml(config))
-    write_json(directory.plugins, plugin_records(manager))
+    dist = distributed.setup(config.device)
+
+    def make_directory() -> RunDirectory | None:
+        if not dist.is_main:  # only rank 0 writes
+            return None
+        directory = RunDirectory.create(out if out is not None else Path("runs") / config.name,
+                                        overwrite=overwrite)
+        directory.write_config(config_to_toml(config))
+        write_json(directory.plugins, plugin_records(manager))
+        return directory
+
+    directory = dist.agree(make_directory)
     return build_run(config, registry=manager.registry, directory=directory, quiet=quiet)
 
 
@@ -116,7 +136,7 @@ def open_run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     directory = RunDirectory.open(path)
     config = load_config(directory.config, overrides, registry)
     run = build_run(config, registry=registry, directory=directory, quiet=quiet)
-    load_checkpoint(directory.checkpoint, run.model, run.prior)
+    run.dist.agree(lambda: load_checkpoint(directory.checkpoint, run.model, run.prior))
     return run
 
 
