@@ -23,12 +23,14 @@ from ncpvae.config import config_to_toml, load_config
 from ncpvae.errors import ConfigError, DataError, NotFittedError
 from ncpvae.evaluation.config import EvaluateConfig
 from ncpvae.evaluation.format import num, pm
+from ncpvae.evaluation.metrics_table import DISENTANGLEMENT
 from ncpvae.evaluation.pipeline import (
     check_kid_sizes,
     evaluate_command,
     evaluate_run,
     evaluate_stage,
     feature_scale,
+    summary_section,
     table_rows,
 )
 from ncpvae.evaluation.report import write_report
@@ -103,6 +105,34 @@ def test_feature_scale_gives_real_features_unit_rms():
     scaled = real / feature_scale(real)
     assert np.mean(np.sum(scaled**2, axis=1)) / 8 == pytest.approx(1.0)
     assert feature_scale(np.zeros((5, 3))) == 1.0
+
+
+def test_the_metric_table_drives_config_summary_and_report(tmp_path):
+    """Every metric of the table has an [evaluate.<name>] section that is its own config class
+    (plus ``enabled``), and its headline number reaches summary.json and the report."""
+    cfg = EvaluateConfig()
+    results = {"beta_vae": {"train_accuracy": 0.91, "eval_accuracy": 0.875},
+               "factor_vae": {"train_accuracy": 0.7, "eval_accuracy": 0.625,
+                              "num_active_dims": 3, "collapsed": False},
+               "mig": {"mig": 0.3125, "gap_per_factor": [0.5, None]},
+               "dci": {"disentanglement": 0.4375, "completeness": 0.5,
+                       "informativeness_train": 0.9, "informativeness_test": 0.8},
+               "sap": {"sap": 0.0625, "score_matrix": [[0.5]]}}
+    assert [spec.name for spec in DISENTANGLEMENT] == list(results)
+    for spec in DISENTANGLEMENT:
+        section = getattr(cfg, spec.name)
+        assert isinstance(section, spec.config) and section.enabled is None
+        assert section.model_dump(exclude={"enabled"}) == spec.config().model_dump()
+    summary = summary_section({"disentanglement": results})
+    for spec in DISENTANGLEMENT:
+        assert summary[spec.summary_key] == results[spec.name][spec.headline]
+    (tmp_path / "plots").mkdir()
+    text = write_report(tmp_path, {"disentanglement": results}, {"name": "t"},
+                        fmt="markdown").read_text()
+    for spec in DISENTANGLEMENT:
+        headline = num(results[spec.name][spec.headline])
+        assert f"{spec.label} {headline}" in text  # the headline bullet
+        assert f"| {spec.label} | {headline} |" in text  # the metric table
 
 
 def test_plain_makes_strict_json():
