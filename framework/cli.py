@@ -95,10 +95,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ncpvae.config import load_config
     from ncpvae.experiment import train
 
+    from ncpvae.run.summary_text import format_run_summary, repeat_directory
+
     manager = _manager(args)
     config = load_config(args.config, args.overrides, manager.registry)
-    path = train(config, args.out, overwrite=args.overwrite, quiet=args.quiet, manager=manager)
-    print(f"run written to {path}")
+    # `ncpvae train runs/X/config.toml` repeats run X: into runs/<name>-2 when X is the output
+    out, note = repeat_directory(args.config, config.name, args.out, args.overwrite)
+    if note is not None:
+        print(f"ncpvae train: {note}", file=sys.stderr)
+    path = train(config, out if out is not None else args.out, overwrite=args.overwrite,
+                 quiet=args.quiet, manager=manager)
+    print(format_run_summary(path))
     return 0
 
 

@@ -151,19 +151,20 @@ class LangevinSampler(Sampler):
         proposal = langevin_move(z, g, eps, xi, consts.noise_scale)
         new_u, new_g = energy_and_grad(energy, proposal)
         ok = finite_rows(proposal, new_u, new_g)
+        nonfinite = ~ok
         # The MH ratio: MALA needs it; adaptive ULA tunes eps by it. Plain ULA skips its cost.
         if self.config.metropolis or self.config.adapt_step_size:
             log_alpha = langevin_log_accept(z, u, proposal, new_u, new_g, xi, eps,
                                             correct_proposal=self._correct_proposal,
                                             constants=consts)
             # A non-finite proposal is a rejection (NaN ratios would compare False anyway).
-            log_alpha = torch.where(ok, log_alpha, torch.full_like(log_alpha, -math.inf))
+            log_alpha = log_alpha.masked_fill_(nonfinite, -math.inf)
             alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
         else:
             alpha = ok.to(u.dtype)  # every finite ULA move is taken
         if self.config.metropolis:
             log_uniform = torch.log(self._rand(u, generator))
-            accept = ok & (log_uniform < log_alpha)
+            accept = log_uniform < log_alpha  # never for a non-finite proposal (-inf)
             new_state = LangevinState(
                 select_rows(accept, proposal, z), select_rows(accept, new_u, u),
                 select_rows(accept, new_g, g), eps,
@@ -173,7 +174,7 @@ class LangevinSampler(Sampler):
             new_state = LangevinState(*apply_divergence_policy(
                 ok, (proposal, new_u, new_g), (z, u, g), on_nonfinite=self.config.on_nonfinite,
                 message=lambda bad: _ula_divergence(bad, eps)), eps)
-        info = LangevinInfo(alpha, accept, new_state.energy, eps, ~ok)
+        info = LangevinInfo(alpha, accept, new_state.energy, eps, nonfinite)
         return new_state, info
 
     def _constants(self, eps: Tensor) -> LangevinConstants:

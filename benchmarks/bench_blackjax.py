@@ -1,0 +1,326 @@
+"""MALA speed: ncpvae ``run()`` against a bare torch loop and BlackJAX, on the identical energy.
+
+Energy (an NCP-like prior, issue 11): ``U(z) = |z|^2 / 2 - f(z)``, ``f`` an MLP
+``D -> H -> H -> 1`` with SiLU (default D = 10, H = 256), random frozen weights drawn once by
+torch from ``--seed``. The weights go to an ``.npz`` that the JAX side loads, so both sides
+evaluate the same function (checked at start: energies and gradients at a few points).
+
+Columns, in chain-steps per second (median over interleaved rounds: one call of each column per
+round, in rotating order, so load changes hit every column alike):
+
+- ``ncpvae``: ``LangevinSampler(step_size, metropolis=True).run(energy, z0, steps)`` with its
+  default settings (every draw kept, per-step info, ESS/R-hat at the end);
+- ``ncpvae lean``: the same with ``keep_info="summary"``, ``thin=steps``, ``diagnose=False``;
+- ``bare torch``: a hand-written autograd MALA loop (no checks, no info, final state only);
+- ``blackjax``: ``blackjax.mala`` vmapped over chains inside ``lax.scan`` under ``jit``
+  (positions and acceptance of every step returned, like ``run()``), compile time excluded.
+
+JAX and BlackJAX are not project dependencies: they live in a separate environment, e.g.::
+
+    python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install jax blackjax numpy
+
+and run there in a worker process (``--jax-python``, default ``/work/bench-venv/bin/python``
+when it exists). Without them the JAX column is skipped with a message.
+
+    .venv/bin/python benchmarks/bench_blackjax.py                 # 1 and 1024, 4096 chains
+    .venv/bin/python benchmarks/bench_blackjax.py --quick         # smoke run
+    .venv/bin/python benchmarks/bench_blackjax.py --threads 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ncpvae.plugins.langevin import LangevinSampler
+
+DEFAULT_JAX_PYTHON = "/work/bench-venv/bin/python"
+
+# ----------------------------------------------------------------------------------------------
+# the JAX worker (runs in the benchmark environment; reads commands on stdin, one JSON a line)
+
+JAX_WORKER = r'''
+import json, os, sys, time
+import numpy as np
+try:
+    import jax, jax.numpy as jnp, blackjax
+except Exception as exc:  # reported to the parent, which skips the column
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
+    sys.exit(0)
+w = np.load(sys.argv[1])
+params = [jnp.asarray(w[k]) for k in ("w1", "b1", "w2", "b2", "w3", "b3")]
+
+def energy(z):  # one chain (D,) -> scalar; torch Linear: y = x W^T + b
+    w1, b1, w2, b2, w3, b3 = params
+    h = jax.nn.silu(z @ w1.T + b1)
+    h = jax.nn.silu(h @ w2.T + b2)
+    return 0.5 * jnp.sum(z * z) - (h @ w3.T + b3)[0]
+
+logdensity = lambda z: -energy(z)
+check = jax.jit(jax.vmap(jax.value_and_grad(energy)))
+cache = {}
+
+def runner(chains, steps, step_size):
+    key = (chains, steps, step_size)
+    if key not in cache:
+        mala = blackjax.mala(logdensity, step_size)
+
+        @jax.jit
+        def run(rng, z0):
+            states = jax.vmap(mala.init)(z0)
+            def body(states, k):
+                states, info = jax.vmap(mala.step)(jax.random.split(k, chains), states)
+                return states, (states.position, info.acceptance_rate)
+            return jax.lax.scan(body, states, jax.random.split(rng, steps))
+        cache[key] = run
+    return cache[key]
+
+print(json.dumps({"ready": jax.__version__, "blackjax": blackjax.__version__,
+                  "devices": str(jax.devices())}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "check":
+        u, g = check(jnp.asarray(np.asarray(cmd["z"], dtype=np.float32)))
+        print(json.dumps({"u": np.asarray(u).tolist(), "g": np.asarray(g).tolist()}), flush=True)
+    elif cmd["op"] == "run":
+        run = runner(cmd["chains"], cmd["steps"], cmd["step_size"])
+        z0 = jnp.asarray(np.asarray(cmd["z0"], dtype=np.float32))
+        rng = jax.random.PRNGKey(cmd["seed"])
+        start = time.perf_counter()
+        out = run(rng, z0)
+        jax.block_until_ready(out)
+        elapsed = time.perf_counter() - start
+        accept = float(np.asarray(out[1][1]).mean())
+        print(json.dumps({"seconds": elapsed, "acceptance": accept}), flush=True)
+'''
+
+
+class JaxWorker:
+    """A BlackJAX process in the benchmark environment, driven over pipes."""
+
+    def __init__(self, python: str, weights: Path, threads: int):
+        env = dict(os.environ)
+        if threads == 1:  # one XLA thread, like torch.set_num_threads(1)
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                "intra_op_parallelism_threads=1").strip()
+        env["JAX_PLATFORMS"] = "cpu"
+        self.proc = subprocess.Popen([python, "-c", JAX_WORKER, str(weights)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.hello = json.loads(self.proc.stdout.readline() or '{"error": "no answer"}')
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------------------------
+# the torch side
+
+
+def build_energy(dim: int, hidden: int, seed: int) -> tuple[nn.Module, callable]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                        nn.Linear(hidden, 1))
+    net.requires_grad_(False)
+    net.eval()
+
+    def energy(z: Tensor) -> Tensor:
+        return 0.5 * (z * z).sum(-1) - net(z).squeeze(-1)
+
+    return net, energy
+
+
+def save_weights(net: nn.Module, path: Path) -> None:
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    arrays = {}
+    for i, layer in enumerate(linears, 1):
+        arrays[f"w{i}"] = layer.weight.detach().numpy()
+        arrays[f"b{i}"] = layer.bias.detach().numpy()
+    np.savez(path, **arrays)
+
+
+def bare_mala(energy, z: Tensor, steps: int, step_size: float, gen: torch.Generator) -> Tensor:
+    """The floor: a hand-written autograd MALA loop (final state only, no checks)."""
+
+    def energy_grad(x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.detach().requires_grad_(True)
+        u = energy(x)
+        (g,) = torch.autograd.grad(u.sum(), x)
+        return u.detach(), g
+
+    u, g = energy_grad(z)
+    scale = math.sqrt(2 * step_size)
+    for _ in range(steps):
+        xi = torch.randn(z.shape, generator=gen)
+        prop = z - step_size * g + scale * xi
+        up, gp = energy_grad(prop)
+        r = z - prop + step_size * gp
+        log_alpha = u - up - (r * r).sum(-1) / (4 * step_size) + 0.5 * (xi * xi).sum(-1)
+        accept = torch.log(torch.rand(u.shape, generator=gen)) < log_alpha
+        z = torch.where(accept[:, None], prop, z)
+        u = torch.where(accept, up, u)
+        g = torch.where(accept[:, None], gp, g)
+    return z
+
+
+def measure(chains: int, args, energy, jax: JaxWorker | None) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    z0 = torch.randn(chains, args.dim, generator=gen)
+    steps = args.steps if chains > 1 else args.steps_one
+    mala = LangevinSampler(step_size=args.step_size, metropolis=True)
+    fns = {
+        "ncpvae": lambda: mala.run(energy, z0, steps, generator=gen),
+        "ncpvae_lean": lambda: mala.run(energy, z0, steps, generator=gen, thin=steps,
+                                        keep_info="summary", diagnose=False),
+        "bare_torch": lambda: bare_mala(energy, z0, steps, args.step_size, gen),
+    }
+    if jax is not None:
+        z0_list = z0.tolist()
+        jax.ask(op="run", chains=chains, steps=steps, step_size=args.step_size, z0=z0_list,
+                seed=0)  # compile once, untimed
+
+        def run_jax() -> float:
+            return jax.ask(op="run", chains=chains, steps=steps, step_size=args.step_size,
+                           z0=z0_list, seed=len(times["blackjax"]))["seconds"]
+
+        fns["blackjax"] = run_jax
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for round_ in range(args.warmup + args.repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            out = fns[name]()
+            elapsed = out if isinstance(out, float) else time.perf_counter() - start
+            if round_ >= args.warmup:
+                times[name].append(elapsed)
+    row = {"chains": chains, "steps": steps, "times_s": times}
+    for name, values in times.items():
+        row[f"{name}_chain_steps_per_s"] = chains * steps / statistics.median(values)
+        row[f"{name}_us_per_step"] = 1e6 * statistics.median(values) / steps
+
+    def speed(a: str, b: str) -> float:  # median over rounds of (time b / time a)
+        return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
+
+    row["ncpvae_vs_bare"] = speed("ncpvae", "bare_torch")
+    row["lean_vs_bare"] = speed("ncpvae_lean", "bare_torch")
+    if jax is not None:
+        row["ncpvae_vs_blackjax"] = speed("ncpvae", "blackjax")
+        row["lean_vs_blackjax"] = speed("ncpvae_lean", "blackjax")
+    return row
+
+
+def check_same_energy(energy, jax: JaxWorker, dim: int) -> float:
+    z = torch.randn(16, dim, generator=torch.Generator().manual_seed(3))
+    x = z.detach().requires_grad_(True)
+    u = energy(x)
+    (g,) = torch.autograd.grad(u.sum(), x)
+    answer = jax.ask(op="check", z=z.tolist())
+    du = (torch.tensor(answer["u"]) - u.detach()).abs().max().item()
+    dg = (torch.tensor(answer["g"]) - g).abs().max().item()
+    return max(du, dg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chains", default="1,1024,4096")
+    parser.add_argument("--dim", type=int, default=10)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=100, help="steps per call (chains > 1)")
+    parser.add_argument("--steps-one", type=int, default=500, help="steps per call at 1 chain")
+    parser.add_argument("--step-size", type=float, default=0.01)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch and XLA threads (0: default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jax-python", default=None,
+                        help=f"python of the JAX/BlackJAX environment (default "
+                             f"{DEFAULT_JAX_PYTHON} if present, else this interpreter)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.chains, args.steps, args.steps_one, args.repeats = "1,256", 10, 20, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    net, energy = build_energy(args.dim, args.hidden, args.seed)
+    python = args.jax_python or (DEFAULT_JAX_PYTHON if Path(DEFAULT_JAX_PYTHON).exists()
+                                 else sys.executable)
+    jax = None
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.npz"
+        save_weights(net, weights)
+        worker = JaxWorker(python, weights, args.threads)
+        if "error" in worker.hello:
+            notes.append(f"BlackJAX column skipped: JAX/BlackJAX not importable with {python} "
+                         f"({worker.hello['error']}); install them in a separate environment "
+                         f"(see the module docstring)")
+            worker.close()
+        else:
+            jax = worker
+            gap = check_same_energy(energy, jax, args.dim)
+            notes.append(f"JAX {worker.hello['ready']}, BlackJAX {worker.hello['blackjax']}; "
+                         f"same energy: max |difference| of U and grad U at 16 points = {gap:.1e}")
+        try:
+            start = time.perf_counter()
+            rows = [measure(int(c), args, energy, jax) for c in args.chains.split(",")]
+            wall = time.perf_counter() - start
+        finally:
+            if jax is not None:
+                jax.close()
+
+    header = (f"MALA on U(z) = |z|^2/2 - MLP(z) (D={args.dim}, {args.dim}-{args.hidden}-"
+              f"{args.hidden}-1 SiLU, float32), step size {args.step_size}; median of "
+              f"{args.repeats} interleaved rounds; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads, {platform.machine()}, load average "
+              f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
+    lines = [header, *notes, "",
+             "| chains | steps | ncpvae run() | run() lean | bare torch | BlackJAX | run()/bare "
+             "| lean/bare | run()/BlackJAX | lean/BlackJAX |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        jx = r.get("blackjax_chain_steps_per_s")
+        lines.append(
+            f"| {r['chains']} | {r['steps']} | {r['ncpvae_chain_steps_per_s']:,.0f} "
+            f"| {r['ncpvae_lean_chain_steps_per_s']:,.0f} | {r['bare_torch_chain_steps_per_s']:,.0f} "
+            f"| {'-' if jx is None else f'{jx:,.0f}'} | {r['ncpvae_vs_bare']:.2f}x "
+            f"| {r['lean_vs_bare']:.2f}x "
+            f"| {'-' if jx is None else format(r['ncpvae_vs_blackjax'], '.2f') + 'x'} "
+            f"| {'-' if jx is None else format(r['lean_vs_blackjax'], '.2f') + 'x'} |")
+    lines += ["", "Rates in chain-steps/s; ratios are speeds (higher: ncpvae faster), medians of "
+              "per-round ratios. At 1 chain, us/step: " + ", ".join(
+                  f"{k}: {r[k + '_us_per_step']:.0f}" for r in rows if r["chains"] == 1
+                  for k in ("ncpvae", "ncpvae_lean", "bare_torch", "blackjax")
+                  if k + "_us_per_step" in r),
+              f"Total benchmark time: {wall:.0f} s."]
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "rows": rows, "notes": notes, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
+                       "wall_s": wall}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
