@@ -688,3 +688,24 @@ def test_run_rejects_bad_new_options():
         sampler.run(quartic, z0, 5, keep_info="some")
     with pytest.raises(ConfigError, match="check_every"):
         sampler.run(quartic, z0, 5, check_every=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_steps_do_not_synchronise_with_the_device():
+    from ncpvae import deferred_divergence
+
+    z0 = torch.randn(64, 3, device="cuda", dtype=torch.float64)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for kind, fields in (("mala", {}), ("ula", {}), ("sgld", {}),
+                         ("ula", {"adapt_step_size": True})):
+        sampler = build(kind, **fields)
+        state = sampler.init(z0, quartic)
+        sampler.step(state, quartic, generator=g)  # warm-up (caches, lazy CUDA init)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with deferred_divergence():  # what run() uses when check_every > 1
+                for t in range(1, 6):
+                    state, info = sampler.step(state, quartic, generator=g)
+                    state = sampler.adapt(state, info, iteration=t, num_adapt=10)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
