@@ -21,7 +21,7 @@ from ncpvae.io import save_torch, to_plain_json
 from ncpvae.metrics._common import eval_mode
 from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.run import directory as files
-from ncpvae.run import seeds
+from ncpvae.run import distributed, seeds
 from ncpvae.run.build import Run
 from ncpvae.sampler import Sampler, SampleResult
 
@@ -47,7 +47,9 @@ def draw(run: Run, source: Prior | Sampler, n: int, generator: torch.Generator, 
             latents = source.sample(n, generator=generator)
         info = source.sampling_info() if isinstance(source, LearnedPrior) else {}
         return Draw(title, latents, to_plain_json(info))
-    result = source.sample_prior(run.prior, n, generator=generator, progress=not run.quiet)
+    # under torchrun the chains are split across ranks and gathered in chain order
+    result = distributed.sample_chains(run.dist, source, run.prior, n, generator,
+                                       progress=not run.quiet)
     return Draw(title, result.samples[-1].detach(), to_plain_json(result.diagnostics), result)
 
 
