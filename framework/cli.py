@@ -7,7 +7,10 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -247,6 +250,19 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
     print(f"ncpvae: warning: {text}", file=file if file is not None else sys.stderr)
 
 
+def _quiet_rank() -> contextlib.AbstractContextManager:
+    """Under torchrun, ranks > 0 print nothing on stdout (rank 0 speaks for the run)."""
+    if os.environ.get("WORLD_SIZE") and os.environ.get("RANK", "0") not in ("", "0"):
+        return contextlib.redirect_stdout(io.StringIO())
+    return contextlib.nullcontext()
+
+
+def _report(exc: BaseException) -> bool:
+    """False on a rank > 0 for an error every rank raised (rank 0 prints it once)."""
+    module = sys.modules.get("ncpvae.run.distributed")
+    return module is None or module.should_report(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import warnings
@@ -254,11 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_showwarning = warnings.showwarning
     warnings.showwarning = _one_line_warning
     try:
-        return COMMANDS[args.command](args)
+        with _quiet_rank():
+            return COMMANDS[args.command](args)
     except NcpvaeError as exc:
         if args.debug:
             raise
-        print(f"ncpvae {args.command}: error: {exc}", file=sys.stderr)
+        if _report(exc):
+            print(f"ncpvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system refused: an unwritable --out, a full disk, ...
         if args.debug:
@@ -273,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         warnings.showwarning = previous_showwarning
+        if "ncpvae.run.distributed" in sys.modules:  # leave a torchrun process group
+            sys.modules["ncpvae.run.distributed"].teardown()
 
 
 if __name__ == "__main__":
