@@ -29,13 +29,14 @@ def sample_command(run_path: str | Path, overrides: list[str], *, chains: int | 
                           f"(e.g. --sampler {DEFAULT_SAMPLER})")
     if chains is not None and chains < 1:
         raise ConfigError(f"--chains must be >= 1, got {chains}")
-    assert run.directory is not None
     num_chains = chains if chains is not None else run.config.sample.num_samples
-    out_dir = Path(out) if out is not None else run.directory.sampling
-    out_dir.mkdir(parents=True, exist_ok=True)
     title = f"{run.prior.name} prior by {run.sampler.name} ({num_chains} chains)"
     drawn = sample_images(run, run.sampler, num_chains, run.generator(seeds.SAMPLE_COMMAND),
-                          title=title)
+                          title=title)  # under torchrun: chains split over ranks, gathered
+    if run.directory is None:  # a rank > 0 of a distributed run writes nothing
+        return Path(out) if out is not None else Path(run_path) / "sampling"
+    out_dir = Path(out) if out is not None else run.directory.sampling
+    out_dir.mkdir(parents=True, exist_ok=True)
     result = drawn.result
     assert result is not None and drawn.images is not None
     plots.plot_image_grid(drawn.images[:64], out_dir / files.SAMPLING_GRID, title=title)

@@ -37,9 +37,15 @@ def run_stages(config: RunConfig, stages: Sequence[Stage], out: str | Path | Non
                overwrite: bool = False, quiet: bool = False,
                manager: PluginManager | None = None) -> Path:
     """Create the run directory ``out`` (default ``runs/<config.name>``), build the run and run
-    ``stages`` on it in order; return the directory's path."""
+    ``stages`` on it in order; return the directory's path.
+
+    Under ``torchrun`` the stages of this package run on every rank (each shards its work);
+    any other stage (the evaluation) runs on rank 0 alone while the others wait."""
     run = create_run(config, out, overwrite=overwrite, quiet=quiet, manager=manager)
     for stage in stages:
-        stage(run)
-    assert run.directory is not None
-    return run.directory.path
+        if stage in TRAINING_STAGES or not run.dist.active:
+            stage(run)
+        else:
+            run.dist.main_only(lambda stage=stage: stage(run))
+    path = run.directory.path if run.directory is not None else None
+    return Path(run.dist.broadcast_object(path))

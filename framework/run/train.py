@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from ncpvae import plots
 from ncpvae.errors import ConfigError, NonFiniteError
 from ncpvae.metrics._common import eval_mode
 from ncpvae.run import directory as files
+from ncpvae.run import distributed
 from ncpvae.run.build import Run, encode_source
 from ncpvae.run.checkpoint import save_checkpoint
 
@@ -32,14 +34,22 @@ def _batches(n: int, batch_size: int, generator: torch.Generator,
 @torch.no_grad()
 def evaluate_vae(run: Run, limit: int) -> dict[str, Any]:
     """Test-set loss terms (per image), KL per dim and active units on ``limit`` test images
-    (eval mode; the model's training flag is restored)."""
+    (eval mode; the model's training flag is restored). Under torchrun each rank takes its
+    shard of every test batch and the sums are all-reduced (global numbers on every rank)."""
+    dist = run.dist
     totals: dict[str, float] = {}
     kl_dims = None
     count = 0
     with eval_mode(run.model):
-        for index in torch.arange(min(limit, len(run.data.test))).split(512):
+        for batch in torch.arange(min(limit, len(run.data.test))).split(512):
+            # a batch smaller than the world is done whole by every rank, counted by rank 0
+            whole = not dist.active or len(batch) < dist.world_size
+            index = batch if whole else dist.shard(batch)
             x = run.data.test.get_batch(index).to(run.device)
-            out = run.objective.loss(x, run.model, run.prior.base_prior)
+            with nullcontext() if whole else dist.sharded(len(batch)):
+                out = run.objective.loss(x, run.model, run.prior.base_prior)
+            if whole and not dist.is_main:
+                continue
             for key, value in out.items():
                 if key == "kl_per_dim":
                     kl_dims = value * len(x) if kl_dims is None else kl_dims + value * len(x)
@@ -47,6 +57,10 @@ def evaluate_vae(run: Run, limit: int) -> dict[str, Any]:
                     totals[key] = totals.get(key, 0.0) + float(value) * len(x)
             count += len(x)
         mu, _ = encode_source(run.model, run.data.test, run.device, limit=limit)
+    if dist.active:
+        totals = dist.all_reduce_sums({**totals, " count": count})
+        count = int(totals.pop(" count"))
+        kl_dims = None if kl_dims is None else dist.all_reduce_tensor_sum(kl_dims)
     result: dict[str, Any] = {f"test_{k}": v / count for k, v in totals.items()}
     activity = mu.var(0) if len(mu) > 1 else torch.zeros(mu.shape[1])
     result["active_units"] = int((activity > ACTIVE_UNIT_THRESHOLD).sum())
@@ -66,6 +80,11 @@ def train_vae(run: Run) -> dict[str, Any]:
     n_train = len(run.data.train)
     if n_train < 1:
         raise ConfigError("the training set is empty")
+    dist = run.dist  # under torchrun: DDP, each rank a contiguous shard of every global batch
+    if dist.active and cfg.batch_size < 2 * dist.world_size:
+        raise ConfigError(f"train.batch_size ({cfg.batch_size}) is the global batch, split over "
+                          f"{dist.world_size} processes; use at least {2 * dist.world_size}")
+    loss_fn = distributed.loss_function(dist, model, prior, run.objective)
     step = 0
     start = time.perf_counter()
     images_seen = 0
@@ -78,28 +97,42 @@ def train_vae(run: Run) -> dict[str, Any]:
         step_bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="step",
                         disable=run.quiet)
         epoch_start = time.perf_counter()
-        for batch_number, index in enumerate(step_bar, start=1):
+        shards: list[Tensor] = []
+        for batch_number, batch in enumerate(step_bar, start=1):
+            index = dist.shard(batch)
+            shards.append(index)
             x = run.data.train.get_batch(index).to(run.device, non_blocking=True)
-            out = run.objective.loss(x, model, prior, step=step)
+            with dist.sharded(len(batch)):
+                out = loss_fn(x, step)
             loss = out["loss"]
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if dist.active:  # every rank stops together
+                finite = bool(dist.all_reduce_tensor_sum(
+                    torch.tensor([float(not finite)])) == 0)
+            if not finite:
                 kept = (f"the checkpoint of epoch {epoch - 1} is kept"
                         if epoch > 1 else "no checkpoint had been written yet")
                 raise NonFiniteError(
                     f"non-finite training loss at epoch {epoch}, step {batch_number} (global step "
                     f"{step + 1}); {kept}; lower train.lr or enable train.grad_clip")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            weight = distributed.loss_weight(dist, len(index), len(batch))
+            (loss if weight == 1.0 else loss * weight).backward()
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
-            images_seen += len(index)
+            images_seen += len(batch)
+            share = len(index) / len(batch) if dist.active else None
             for key, value in out.items():
                 if value.ndim == 0:
-                    sums[key] = sums.get(key, 0.0) + value.detach()
+                    value = value.detach() if share is None else value.detach() * share
+                    sums[key] = sums.get(key, 0.0) + value
             if batch_number % 25 == 0:
                 step_bar.set_postfix(loss=f"{float(loss.detach()):.1f}")
+        distributed.log_shard(dist, epoch, torch.cat(shards) if shards else torch.zeros(0))
+        if dist.active:  # the global batch means, summed over the epoch's steps
+            sums = dist.all_reduce_sums(sums)
         epoch_time = time.perf_counter() - epoch_start
         record = {"stage": "train", "epoch": epoch, "step": step,
                   **{f"train_{k}": float(v) / len(batches) for k, v in sums.items()},
@@ -111,7 +144,8 @@ def train_vae(run: Run) -> dict[str, Any]:
                               active=record["active_units"])
         if run.directory is not None:
             save_checkpoint(run.directory.checkpoint, run.model, run.prior, "vae", epoch=epoch,
-                            step=step, optimizer=optimizer.state_dict())
+                            step=step, optimizer=optimizer.state_dict(),
+                            world_size=dist.world_size)
     summary = {key: value for key, value in record.items() if key not in ("stage",)}
     summary["train_seconds"] = time.perf_counter() - start
     summary["images_seen"] = images_seen
