@@ -442,6 +442,19 @@ def teardown() -> None:
     _current = None
 
 
+def check_world_size(ctx: DistContext, state: Mapping[str, Any], what: Any) -> None:
+    """Refuse to resume a checkpoint written by a run on another number of processes (a
+    checkpoint without ``world_size`` was written by one process): the continuation is exact
+    only on the same world size (the float reduction order of the gradients depends on it)."""
+    saved = int(state.get("world_size", 1))
+    if saved == ctx.world_size:
+        return
+    how = ("without torchrun (or torchrun --nproc_per_node=1)" if saved == 1
+           else f"with torchrun --nproc_per_node={saved}")
+    raise ConfigError(f"{what} was written by a run on {saved} process(es) but this one has "
+                      f"{ctx.world_size}; resume it {how}, the world size it was started with")
+
+
 # ---------------------------------------------------------------------------------------------
 # training: the objective under DistributedDataParallel
 
