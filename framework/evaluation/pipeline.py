@@ -362,6 +362,24 @@ def learned_prior(run: Run, heldout_z: Tensor) -> dict[str, Any]:
         num_samples=run.config.evaluate.log_z_samples))
 
 
+def bits_per_dim_of(run: Run, nats: float) -> float | None:
+    """``nats`` per test image (``-ELBO`` or ``-log p``) in bits/dim, with the formula the
+    model's likelihood calls for (:meth:`ncpvae.LatentModel.bits_per_dim`); None when its
+    likelihood is not one of 8-bit data (Bernoulli)."""
+    num_dims = int(np.prod(run.data.test.image_shape))
+    return run.model.bits_per_dim(float(nats), num_dims)
+
+
+def _bound_in_bits(run: Run, bound: dict[str, Any]) -> dict[str, float] | None:
+    """A bound ``{mean, se}`` in nats (log-likelihood, negative) as ``{mean, se}`` in bits/dim."""
+    mean = bits_per_dim_of(run, -bound["mean"])
+    if mean is None:
+        return None
+    zero = bits_per_dim_of(run, 0.0)
+    assert zero is not None
+    return {"mean": mean, "se": abs(bits_per_dim_of(run, bound["se"]) - zero)}
+
+
 def likelihood(run: Run, log_z: tuple[float, float] | None,
                notes: list[str]) -> dict[str, Any]:
     """IW bound and ELBO per held-out image under the base prior and the run's prior (the same
@@ -397,6 +415,10 @@ def likelihood(run: Run, log_z: tuple[float, float] | None,
                                                           normalizer).to_dict()),
                     "elbo": to_plain_json(M.summarize_bound(el, cfg.num_samples,
                                                             normalizer).to_dict())}
+        for bound in ("iw", "elbo"):  # bits/dim for likelihoods of 8-bit data
+            bits = _bound_in_bits(run, out[key][bound])
+            if bits is not None:
+                out[key][f"{bound}_bits_per_dim"] = to_plain_json(bits)
     if "prior" in priors:
         gain = torch.cat(per_example["prior"][0]) - torch.cat(per_example["base"][0])
         out["iw_gain"] = to_plain_json(M.summarize_bound(gain, cfg.num_samples,
@@ -426,9 +448,13 @@ def summary_section(evaluation: dict[str, Any]) -> dict[str, Any]:
         if key in vae:
             out[key] = vae[key]
     lik = evaluation.get("likelihood", {})
+    if "test_elbo_bits_per_dim" in vae:
+        out["test_elbo_bits_per_dim"] = vae["test_elbo_bits_per_dim"]
     for key in ("base", "prior"):
         if key in lik:
             out[f"iw_bound_{key}"] = lik[key]["iw"]["mean"]
+            if "iw_bits_per_dim" in lik[key]:
+                out[f"iw_bound_{key}_bits_per_dim"] = lik[key]["iw_bits_per_dim"]["mean"]
     lp = evaluation.get("learned_prior", {})
     if "delta" in lp:
         out["delta"], out["delta_se"] = lp["delta"], lp["delta_se"]
@@ -472,6 +498,9 @@ def evaluate_run(run: Run) -> dict[str, Any]:
                 vae = evaluate_vae(run, cfg.num_heldout)
             evaluation["vae"] = to_plain_json({k: v for k, v in vae.items()
                                                if k != "latent_activity"})
+            if "test_elbo" in vae and bits_per_dim_of(run, -vae["test_elbo"]) is not None:
+                evaluation["vae"]["test_elbo_bits_per_dim"] = bits_per_dim_of(
+                    run, -vae["test_elbo"])
             bar.update()
             evaluation["disentanglement"] = disentanglement(run, metrics, clock, bar)
             with clock("feature net"):

@@ -193,8 +193,10 @@ def metric_table(evaluation: Mapping[str, Any]) -> list[Block]:
     if vae:
         rows.append(["test reconstruction", num(vae.get("test_recon")),
                      "−E_q log p(x|z), nats per image"])
+        bpd = (f"; {num(vae['test_elbo_bits_per_dim'])} bits/dim"
+               if "test_elbo_bits_per_dim" in vae else "")
         rows.append(["test ELBO (1 sample)", num(vae.get("test_elbo")),
-                     f"KL {num(vae.get('test_kl'))}; {vae.get('active_units')} active units"])
+                     f"KL {num(vae.get('test_kl'))}; {vae.get('active_units')} active units{bpd}"])
     lik = evaluation.get("likelihood", {})
     for key in ("base", "prior"):
         if key in lik:
@@ -202,10 +204,14 @@ def metric_table(evaluation: Mapping[str, Any]) -> list[Block]:
             k = e["iw"]["num_samples"]
             extra = (f"; includes log Z SE {num(e['iw']['se_log_normalizer'], 2)}"
                      if e["iw"]["se_log_normalizer"] else "")
+            bits = ""
+            if "iw_bits_per_dim" in e and "elbo_bits_per_dim" in e:
+                bits = (f"; bits/dim: IW {pm(e['iw_bits_per_dim']['mean'], e['iw_bits_per_dim']['se'])}, "
+                        f"ELBO {pm(e['elbo_bits_per_dim']['mean'], e['elbo_bits_per_dim']['se'])}")
             rows.append([f"IW bound, {e['prior']} prior (K = {k})",
                          pm(e["iw"]["mean"], e["iw"]["se"]),
                          f"ELBO {pm(e['elbo']['mean'], e['elbo']['se'])}; "
-                         f"{e['iw']['num_examples']} test images{extra}"])
+                         f"{e['iw']['num_examples']} test images{extra}{bits}"])
     if "iw_gain" in lik:
         g = lik["iw_gain"]
         rows.append(["IW bound gain of the learned prior", pm(g["mean"], g["se"]),
