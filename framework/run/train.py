@@ -163,7 +163,10 @@ def vae_plots(run: Run, kl_per_dim: list[float] | None) -> None:
                                directory.plot(files.PLOT_TRAINING_CURVES))
     model = run.model
     with eval_mode(model), torch.no_grad():
-        x = run.data.test.get_batch(torch.arange(min(16, len(run.data.test)))).to(run.device)
+        # 16 test images spread evenly over the test set (a sorted set shows every class)
+        n_test = len(run.data.test)
+        spread = torch.linspace(0, n_test - 1, min(16, n_test)).round().long()
+        x = run.data.test.get_batch(spread).to(run.device)
         mu, _ = model.encode(x)
         plots.plot_reconstructions(x, model.mean_image(model.decode(mu)),
                                    directory.plot(files.PLOT_RECONSTRUCTIONS))
