@@ -70,6 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
 
+    p = sub.add_parser("compare-priors", help="fit several priors on a run's frozen VAE and "
+                       "compare their held-out aggregate-posterior fit")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--priors", default=None,
+                   help="comma-separated prior specs: names, 'tilted:base' (e.g. ncp:gmm) or "
+                        "'run' (default: gaussian,gmm,flow,ncp,ebm,ncp:gmm)")
+    p.add_argument("--heldout", type=int, default=None,
+                   help="held-out test images to score on (default: all)")
+    p.add_argument("--train", type=int, default=None,
+                   help="training encodings to fit on (a seeded subset; default: all)")
+    p.add_argument("--option", dest="prior_options", action="append", default=[],
+                   metavar="PRIOR.FIELD=VALUE",
+                   help="override a prior's config field, e.g. flow.epochs=30 (repeatable)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN/compare_priors)")
+    _overrides(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+
     p = sub.add_parser("plugins", help="list loaded plugins with their versions and components")
     _common(p)
     p = sub.add_parser("list", help="list registered components")
@@ -158,6 +176,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_priors(args: argparse.Namespace) -> int:
+    from ncpvae.evaluation.compare import (
+        DEFAULT_PRIORS,
+        compare_priors,
+        format_table,
+        parse_options,
+    )
+
+    priors = DEFAULT_PRIORS if args.priors is None else tuple(
+        p.strip() for p in args.priors.split(",") if p.strip())
+    result = compare_priors(args.run, priors, overrides=args.overrides,
+                            num_heldout=args.heldout, num_train=args.train,
+                            options=parse_options(args.prior_options), out=args.out,
+                            registry=_manager(args).registry, quiet=args.quiet)
+    print(format_table(result), end="")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     manager = _manager(args)
     rows = [(p.name, p.source, p.version, ", ".join(f"{k}:{n}" for k, n in p.components) or "-")
@@ -238,7 +274,7 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 COMMANDS = {"train": cmd_train, "fit-prior": cmd_fit_prior, "sample": cmd_sample,
-            "evaluate": cmd_evaluate,
+            "evaluate": cmd_evaluate, "compare-priors": cmd_compare_priors,
             "plugins": cmd_plugins, "list": cmd_list, "describe": cmd_describe,
             "schema": cmd_schema, "validate": cmd_validate}
 

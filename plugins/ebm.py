@@ -74,10 +74,10 @@ class EBMPrior(TiltedPrior):
             "silu", description="MLP activation (smooth, for Langevin)")
         normalization: Literal["none", "layer"] = Field("none", description="normalization "
                                                         "after each hidden layer")
-        epochs: int = Field(30, ge=1, le=100_000, description="maximum epochs")
-        batch_size: int = Field(512, ge=2, le=1_048_576, description="positives per step "
+        epochs: int = Field(50, ge=1, le=100_000, description="maximum epochs")
+        batch_size: int = Field(256, ge=2, le=1_048_576, description="positives per step "
                                 "(and as many negatives)")
-        lr: float = Field(1e-4, gt=0, le=1.0, description="Adam learning rate")
+        lr: float = Field(3e-4, gt=0, le=1.0, description="Adam learning rate")
         weight_decay: float = Field(0.0, ge=0, le=1.0, description="Adam weight decay")
         langevin_steps: int = Field(20, ge=1, le=10_000, description="Langevin steps per "
                                     "negative batch")
@@ -90,7 +90,7 @@ class EBMPrior(TiltedPrior):
                                        "fraction restarted from the base before each batch")
         energy_l2: float = Field(0.0, ge=0, description="penalty alpha * mean(f^2) on positives "
                                  "and negatives (keeps f bounded; 0: off)")
-        patience: int = Field(5, ge=1, description="stop after this many epochs without a "
+        patience: int = Field(10, ge=1, description="stop after this many epochs without a "
                               "better held-out gain")
         heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of the "
                                         "encodings held out for early stopping")
@@ -100,11 +100,11 @@ class EBMPrior(TiltedPrior):
                                     "SIR sample")
         log_z_samples: int = Field(100_000, ge=2, description="base draws for log Z")
 
-    def __init__(self, base: Prior, energy_net: nn.Module, *, epochs: int = 30,
-                 batch_size: int = 512, lr: float = 1e-4, weight_decay: float = 0.0,
+    def __init__(self, base: Prior, energy_net: nn.Module, *, epochs: int = 50,
+                 batch_size: int = 256, lr: float = 3e-4, weight_decay: float = 0.0,
                  langevin_steps: int = 20, step_size: float = 0.05, metropolis: bool = False,
                  persistent: bool = False, reinit_fraction: float = 0.05, energy_l2: float = 0.0,
-                 patience: int = 5, heldout_fraction: float = 0.1,
+                 patience: int = 10, heldout_fraction: float = 0.1,
                  heldout_log_z_samples: int = 20_000, sir_candidates: int = 100,
                  log_z_samples: int = 100_000, seed: int = 0, fitted: bool = False,
                  sampler: Sampler | None = None):
