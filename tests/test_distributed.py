@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -253,3 +256,116 @@ def test_a_rank_that_never_arrives_times_out_instead_of_hanging(tmp_path: Path):
     r0, r1 = r0["rank_1_vanishes"], r1["rank_1_vanishes"]
     assert "error" in r0 and 2.5 < r0["seconds"] < 8  # the 3 s collective timeout
     assert r1["passed"]
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: `torchrun -m ncpvae train` against one process
+
+
+SMOKE = ["--quiet", "--set", "evaluate.enabled=false", "--set", "train.epochs=1"]
+ELBO_TOLERANCE = 1e-4
+
+
+def _ncpvae(args: list[str], *, nproc: int = 0, env: dict[str, str] | None = None,
+            cwd: Path | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``python -m ncpvae ARGS`` (nproc 0) or ``torchrun --nproc_per_node=NPROC -m ncpvae``."""
+    command = [sys.executable, "-m", "ncpvae", *args]
+    if nproc:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={nproc}", *command[1:]]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=cwd,
+                          timeout=timeout)
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _last_train_record(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("stage") == "train"][-1]
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke config (1 epoch, no evaluation) on one process and on two (torchrun)."""
+    root = tmp_path_factory.mktemp("smoke")
+    one = _ncpvae(["train", "smoke", "--out", str(root / "one"), *SMOKE])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _ncpvae(["train", "smoke", "--out", str(root / "two"), *SMOKE], nproc=2,
+                  env={distributed.DEBUG_SHARDS_ENV: str(root / "shards")})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("run written to") == 1  # rank 1 prints nothing
+    return root
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_the_files_of_a_one_process_run(smoke_runs: Path):
+    assert _files(smoke_runs / "two") == _files(smoke_runs / "one")
+
+
+@pytest.mark.slow
+def test_two_process_elbo_equals_one_process_within_reduction_order(smoke_runs: Path):
+    """Same global batches, same noise rows: only the float summation order differs (per-rank
+    batch means recombined, DDP's gradient average). Float32 rounding is ~6e-8 relative per
+    operation; after one epoch (8 Adam steps) the ELBOs differ by ~1e-7, so 1e-4 relative is
+    a loose bound that a wrong shard, a wrong noise row or a missing all-reduce (errors of
+    order 1e-2 and more) cannot meet."""
+    one, two = _last_train_record(smoke_runs / "one"), _last_train_record(smoke_runs / "two")
+    for key in ("train_elbo", "test_elbo", "train_kl", "test_kl"):
+        assert abs(two[key] - one[key]) <= ELBO_TOLERANCE * abs(one[key]), key
+    assert two["active_units"] == one["active_units"]
+
+
+@pytest.mark.slow
+def test_each_rank_saw_a_disjoint_part_of_every_epoch(smoke_runs: Path):
+    ranks = [[json.loads(line) for line in (smoke_runs / "shards" / f"rank{r}.jsonl")
+              .read_text().splitlines()] for r in range(2)]
+    assert [len(r) for r in ranks] == [1, 1]  # one epoch
+    seen0, seen1 = set(ranks[0][0]["indices"]), set(ranks[1][0]["indices"])
+    assert len(seen0) == len(ranks[0][0]["indices"]) and seen0.isdisjoint(seen1)
+    assert len(seen0) == len(seen1) == 256 and seen0 | seen1 == set(range(512))
+
+
+@pytest.mark.slow
+def test_the_two_process_checkpoint_loads_in_one_process(smoke_runs: Path):
+    from ncpvae.run.build import open_run
+
+    state = torch.load(smoke_runs / "two" / "checkpoint.pt", weights_only=True)
+    assert state["world_size"] == 2
+    run = open_run(smoke_runs / "two", quiet=True)
+    assert not run.dist.enabled
+    reference = torch.load(smoke_runs / "one" / "checkpoint.pt", weights_only=True)
+    for key, value in reference["model"].items():
+        assert torch.allclose(run.model.state_dict()[key], value, rtol=1e-3, atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_a_data_file_missing_on_rank_1_stops_both_ranks_with_one_line(tmp_path: Path):
+    """Each rank runs in its own folder; only rank 0's holds the (relative) data file."""
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}").mkdir()
+    images = torch.randint(0, 255, (48, 1, 16, 16), dtype=torch.uint8).numpy()
+    np.savez(tmp_path / "rank0" / "images.npz", images=images)
+    (tmp_path / "bad.toml").write_text(
+        'name = "bad"\ndevice = "cpu"\nlatent_dim = 2\n[data]\nname = "npz"\n'
+        'path = "images.npz"\n[model]\nname = "mlp"\nhidden = [16]\n[train]\nepochs = 1\n'
+        'batch_size = 16\neval_size = 16\n[evaluate]\nenabled = false\n')
+    script = (f'cd "{tmp_path}/rank$RANK" && exec "{sys.executable}" -m ncpvae train '
+              f'"{tmp_path}/bad.toml" --out "{tmp_path}/out" --quiet')
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--no-python", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "NCPVAE_DIST_TIMEOUT": "600"})
+    seconds = time.perf_counter() - start
+    assert done.returncode != 0
+    # what the ranks print comes before torchrun's own failure report ("... elastic ...")
+    ours = done.stderr.split("torch/distributed/elastic")[0].splitlines()
+    ours = [line for line in ours if line.strip() and not line.startswith(("E1", "W1", "I1"))]
+    assert len(ours) == 1, done.stderr[-3000:]
+    assert ours[0].startswith("ncpvae train: error: rank 1: npz")
+    assert "images.npz" in ours[0] and "not found" in ours[0]
+    assert done.stderr.count("exitcode  : 2") == 2  # both ranks ended with the error status
+    assert seconds < 240  # the agreed error ended both ranks, not the 600 s collective timeout
