@@ -390,3 +390,26 @@ def test_vamp_trains_end_to_end_on_the_smoke_config(tmp_path):
     assert fit_prior(run) == {}
     info = sample_stage(run)
     assert isinstance(info, dict)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["prior=ncp", "prior.base.name=gmm", "prior.base.components=2", "prior.epochs=2"],
+    ["prior=flow", "prior.epochs=3", "prior.transforms=1", "prior.hidden=[16]"],
+])
+def test_a_fitted_prior_reloads_from_the_run_checkpoint(tmp_path, overrides):
+    from ncpvae.config import load_config
+    from ncpvae.run.build import create_run, open_run
+    from ncpvae.run.fit import fit_prior
+    from ncpvae.run.train import train_vae
+
+    config = load_config("smoke", ["train.epochs=1", "evaluate.enabled=false", *overrides])
+    run = create_run(config, tmp_path / "run", quiet=True)
+    train_vae(run)
+    summary = fit_prior(run)
+    assert math.isfinite(summary["delta"]) and math.isfinite(summary["delta_se"])
+    z = torch.randn(16, 4, generator=gen(30))
+    with torch.no_grad():
+        expected = run.prior.log_prob(z)
+        reopened = open_run(tmp_path / "run", quiet=True)
+        assert reopened.prior.is_fitted
+        assert torch.equal(reopened.prior.log_prob(z), expected)
