@@ -57,7 +57,6 @@ from ncpvae import (
     langevin_constants,
     langevin_log_accept,
     langevin_move,
-    select_rows,
 )
 
 
@@ -148,27 +147,33 @@ class LangevinSampler(Sampler):
         check_generator(generator, z)
         xi = self._randn(z, generator)
         consts = self._constants(eps)
-        proposal = langevin_move(z, g, eps, xi, consts.noise_scale)
+        proposal = langevin_move(z, g, eps, xi, constants=consts)
         new_u, new_g = energy_and_grad(energy, proposal)
-        ok = finite_rows(proposal, new_u, new_g)
-        nonfinite = ~ok
         # The MH ratio: MALA needs it; adaptive ULA tunes eps by it. Plain ULA skips its cost.
         if self.config.metropolis or self.config.adapt_step_size:
             log_alpha = langevin_log_accept(z, u, proposal, new_u, new_g, xi, eps,
                                             correct_proposal=self._correct_proposal,
                                             constants=consts)
+            # log_alpha involves U(z'), z' and ∇U(z') (through the backward residual), so it is
+            # finite iff they are (barring overflow, a divergence anyway): a cheaper test than
+            # finite_rows, and `s - s == 0` is cheaper than isfinite
+            ok = ((log_alpha - log_alpha) == 0 if self._correct_proposal
+                  else finite_rows(proposal, new_u, new_g))
+            nonfinite = ~ok
             # A non-finite proposal is a rejection (NaN ratios would compare False anyway).
             log_alpha = log_alpha.masked_fill_(nonfinite, -math.inf)
             alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
         else:
+            ok = finite_rows(proposal, new_u, new_g)
+            nonfinite = ~ok
             alpha = ok.to(u.dtype)  # every finite ULA move is taken
         if self.config.metropolis:
             log_uniform = torch.log(self._rand(u, generator))
             accept = log_uniform < log_alpha  # never for a non-finite proposal (-inf)
-            new_state = LangevinState(
-                select_rows(accept, proposal, z), select_rows(accept, new_u, u),
-                select_rows(accept, new_g, g), eps,
-            )
+            column = accept.unsqueeze(-1)
+            new_state = LangevinState(torch.where(column, proposal, z),
+                                      torch.where(accept, new_u, u),
+                                      torch.where(column, new_g, g), eps)
         else:  # ULA: the shared divergence policy (raise, or reset non-finite chains)
             accept = ok
             new_state = LangevinState(*apply_divergence_policy(

@@ -89,7 +89,7 @@ def energy_and_grad(energy: Energy, position: Tensor) -> tuple[Tensor, Tensor]:
             grad = None
     if grad is None:  # the energy does not depend on z
         grad = torch.zeros_like(position)
-    return u.detach(), grad.detach()
+    return u.detach(), grad  # autograd.grad without create_graph returns graph-free tensors
 
 
 def _check_energy_shape(u: Any, position: Tensor) -> None:
@@ -145,11 +145,13 @@ def select_rows(mask: Tensor, new: Tensor, old: Tensor) -> Tensor:
 class LangevinConstants(NamedTuple):
     """Per-chain quantities of a Langevin step size that stay fixed while it does (compute them
     once with :func:`langevin_constants`, reuse them every step): ``step_size`` eps ``(C,)``,
-    ``noise_scale`` ``sqrt(2 eps)`` ``(C,)``, ``four_step`` ``4 eps`` (4 where eps = 0) ``(C,)``,
-    and ``positive``: the ``(C,)`` mask ``eps > 0``, or None when every chain's eps is positive."""
+    ``step_column`` eps ``(C, 1)``, ``noise_column`` ``sqrt(2 eps)`` ``(C, 1)``, ``four_step``
+    ``4 eps`` (4 where eps = 0) ``(C,)``, and ``positive``: the ``(C,)`` mask ``eps > 0``, or
+    None when every chain's eps is positive."""
 
     step_size: Tensor
-    noise_scale: Tensor
+    step_column: Tensor
+    noise_column: Tensor
     four_step: Tensor
     positive: Tensor | None
 
@@ -164,12 +166,14 @@ def langevin_constants(step_size: Tensor, *, all_positive: bool | None = None
     safe = torch.where(positive, step_size, torch.ones_like(step_size))
     if all_positive is None:
         all_positive = bool(positive.all())
-    return LangevinConstants(step_size, torch.sqrt(2 * step_size.unsqueeze(-1)).squeeze(-1),
-                             4 * safe, None if all_positive else positive)
+    column = step_size.unsqueeze(-1)
+    return LangevinConstants(step_size, column, torch.sqrt(2 * column), 4 * safe,
+                             None if all_positive else positive)
 
 
 def langevin_move(position: Tensor, grad: Tensor, step_size: Tensor | float, noise: Tensor,
-                  noise_scale: Tensor | float | None = None) -> Tensor:
+                  noise_scale: Tensor | float | None = None, *,
+                  constants: LangevinConstants | None = None) -> Tensor:
     """The Langevin proposal ``z' = z - eps ∇U(z) + s xi`` of every chain, ``(C, D)``.
 
     ``position``, ``grad`` (``∇U`` at ``position``) and ``noise`` ``xi ~ N(0, I)`` are
@@ -177,7 +181,12 @@ def langevin_move(position: Tensor, grad: Tensor, step_size: Tensor | float, noi
     passes ``sqrt(2 eps T)`` for temperature T. ``step_size`` eps (and s) is either a ``(C,)``
     tensor (one per chain; the update then runs as two fused multiply-adds) or a Python float
     shared by all chains (plain scalar arithmetic). The two forms agree up to rounding.
+    ``constants`` (:func:`langevin_constants` of the tensor ``step_size``, default noise)
+    saves recomputing eps's column and ``sqrt(2 eps)``; same result.
     """
+    if constants is not None:
+        return torch.addcmul(torch.addcmul(position, constants.step_column, grad, value=-1.0),
+                             constants.noise_column, noise)
     if isinstance(step_size, Tensor):
         scale = step_size.unsqueeze(-1)
         if noise_scale is None:
@@ -209,7 +218,7 @@ def langevin_log_accept(position: Tensor, energy: Tensor, proposal: Tensor,
         constants = langevin_constants(step_size)
     log_ratio = energy - proposal_energy
     if correct_proposal:
-        residual = torch.addcmul(position - proposal, step_size.unsqueeze(-1), proposal_grad)
+        residual = torch.addcmul(position - proposal, constants.step_column, proposal_grad)
         log_q_forward = -0.5 * (noise * noise).sum(-1)
         log_q_backward = -(residual * residual).sum(-1) / constants.four_step
         log_ratio = log_ratio + log_q_backward - log_q_forward
