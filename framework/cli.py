@@ -31,12 +31,35 @@ def _overrides(parser: argparse.ArgumentParser) -> None:
                              "--set prior=gaussian (repeatable)")
 
 
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes are one line too (``--help`` shows the usage)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ncpvae",
         description="Train beta-VAEs, fit Noise-Contrastive Priors on their latents and sample "
                     "them with Langevin-type samplers.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
     p = sub.add_parser("train", help="run the whole pipeline (default: the built-in config)")
     p.add_argument("config", nargs="?", default=None,
@@ -44,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+
+    p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("run", help="run directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
 
@@ -58,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
     p.add_argument("--prior", default=None, help="swap the prior section by name")
     p.add_argument("--sampler", default=None, help="sampler name (e.g. langevin, sgld, sir)")
-    p.add_argument("--chains", type=int, default=None, help="number of chains / samples")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps")
+    p.add_argument("--chains", type=_count(1), default=None, help="number of chains / samples")
+    p.add_argument("--steps", type=_count(0), default=None, help="sampler steps")
     p.add_argument("--out", default=None, help="output directory (default: RUN/sampling)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the samples of an earlier `ncpvae sample` in the output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
 
@@ -115,7 +145,6 @@ def _manager(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from ncpvae.config import load_config
     from ncpvae.experiment import train
-
     from ncpvae.run.summary_text import format_run_summary, repeat_directory
 
     manager = _manager(args)
@@ -130,25 +159,67 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ncpvae.experiment import resume
+
+    path = resume(args.run, quiet=args.quiet, manager=_manager(args))
+    print(f"run finished in {path}")
+    return 0
+
+
 def cmd_fit_prior(args: argparse.Namespace) -> int:
     from ncpvae.io import to_plain_json
     from ncpvae.prior import LearnedPrior
+    from ncpvae.run import progress
     from ncpvae.run.build import open_run
+    from ncpvae.run.directory import RunDirectory
     from ncpvae.run.fit import fit_prior
     from ncpvae.run.sample import sample_stage
 
+    progress.require_finished(RunDirectory.open(args.run), "fit-prior")
     run = open_run(args.run, args.overrides, registry=_manager(args).registry, quiet=args.quiet)
     if not isinstance(run.prior, LearnedPrior):
         raise NcpvaeError(f"the run's prior '{run.prior.name}' has nothing to fit; "
                           "use --set prior=ncp")
+    assert run.directory is not None
     if args.overrides:  # the run now is what was refitted: keep its config true
         from ncpvae.config import config_to_toml
 
         run.directory.write_config(config_to_toml(run.config))
     summary = fit_prior(run)
+    removed = invalidate_after_refit(run.directory)
     sample_stage(run)
     print(json.dumps(to_plain_json(summary), indent=2))
+    note = (f"removed what depended on the old prior: {', '.join(removed)}; " if removed else "")
+    print(f"ncpvae fit-prior: {note}samples.pt and plots/samples.png regenerated; run "
+          f"`ncpvae evaluate {args.run}` for a new evaluation", file=sys.stderr)
     return 0
+
+
+def invalidate_after_refit(directory: Any) -> list[str]:
+    """Remove the outputs computed from the previous prior (evaluation, report, ``ncpvae sample``
+    output, the summary's evaluation section); return their names."""
+    import shutil
+
+    from ncpvae.io import write_json
+
+    removed = []
+    for path in (directory.evaluation, directory.report("html"), directory.report("markdown")):
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    if directory.sampling.is_dir():
+        shutil.rmtree(directory.sampling)
+        removed.append(directory.sampling.name + "/")
+    for stale in directory.plots.glob("eval_samples_*.png"):
+        stale.unlink()
+        removed.append(f"plots/{stale.name}")
+    summary = directory.read_summary()
+    if "evaluation" in summary:
+        del summary["evaluation"]
+        write_json(directory.summary, summary)
+        removed.append("summary.json's evaluation section")
+    return removed
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -162,14 +233,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"sampler.num_steps={args.steps}")
     out = sample_command(args.run, overrides, chains=args.chains, out=args.out,
-                         quiet=args.quiet, registry=_manager(args).registry)
+                         quiet=args.quiet, registry=_manager(args).registry,
+                         overwrite=args.overwrite)
     print(f"samples written to {out}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ncpvae.evaluation.pipeline import evaluate_command
+    from ncpvae.run import progress
+    from ncpvae.run.directory import RunDirectory
 
+    progress.require_finished(RunDirectory.open(args.run), "evaluate")
     out = evaluate_command(args.run, args.overrides, quiet=args.quiet,
                            registry=_manager(args).registry)
     print(f"evaluation written to {out}")
@@ -199,9 +274,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     rows = [(p.name, p.source, p.version, ", ".join(f"{k}:{n}" for k, n in p.components) or "-")
             for p in manager.plugins]
     _print_table(("plugin", "source", "version", "components"), rows)
-    for failure in manager.failures:
-        print(f"warning: {failure}", file=sys.stderr)
-    return 0
+    return 0  # failures were shown as warnings when the plugins were loaded
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -273,8 +346,8 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
 
 
-COMMANDS = {"train": cmd_train, "fit-prior": cmd_fit_prior, "sample": cmd_sample,
-            "evaluate": cmd_evaluate, "compare-priors": cmd_compare_priors,
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "fit-prior": cmd_fit_prior,
+            "sample": cmd_sample, "evaluate": cmd_evaluate, "compare-priors": cmd_compare_priors,
             "plugins": cmd_plugins, "list": cmd_list, "describe": cmd_describe,
             "schema": cmd_schema, "validate": cmd_validate}
 
@@ -322,8 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ncpvae {args.command}: error: cannot write or read{where}: {reason}; choose "
               "another path or fix its permissions", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; files already written are complete", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        message = str(exc) or "interrupted; files already written are complete"
+        print(f"ncpvae {args.command}: {message}", file=sys.stderr)
         return 130
     finally:
         warnings.showwarning = previous_showwarning

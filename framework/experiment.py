@@ -10,7 +10,7 @@ from pathlib import Path
 from ncpvae.config import RunConfig
 from ncpvae.evaluation.pipeline import evaluate_stage
 from ncpvae.plugin_manager import PluginManager
-from ncpvae.run.stages import TRAINING_STAGES, Stage, run_stages
+from ncpvae.run.stages import TRAINING_STAGES, Stage, resume_stages, run_stages
 
 #: what ``ncpvae train`` runs: train the VAE, fit the learned prior, sample, evaluate
 DEFAULT_STAGES: tuple[Stage, ...] = (*TRAINING_STAGES, evaluate_stage)
@@ -23,3 +23,10 @@ def train(config: RunConfig, out: str | Path | None = None, *, overwrite: bool =
     ``runs/<config.name>``); return its path."""
     return run_stages(config, stages if stages is not None else DEFAULT_STAGES, out,
                       overwrite=overwrite, quiet=quiet, manager=manager)
+
+
+def resume(path: str | Path, *, quiet: bool = False, manager: PluginManager | None = None,
+           stages: Sequence[Stage] | None = None) -> Path:
+    """Continue the interrupted run in ``path`` (``ncpvae resume``) and finish it."""
+    return resume_stages(path, stages if stages is not None else DEFAULT_STAGES, quiet=quiet,
+                         manager=manager)

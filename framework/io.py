@@ -131,8 +131,9 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line (appends are not atomic, but never touch earlier lines)."""
+    line = json.dumps(to_plain_json(record), allow_nan=False)  # strict JSON: NaN/inf -> null
     with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(line + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from torch import Tensor
 from ncpvae.component import BuildContext
 from ncpvae.config import RunConfig, config_to_toml, load_config
 from ncpvae.data import DataBundle, ImageSource
-from ncpvae.errors import ConfigError
+from ncpvae.errors import ConfigError, DataError
 from ncpvae.factory import build_component
 from ncpvae.io import write_json
 from ncpvae.metrics._common import eval_mode
@@ -53,6 +53,8 @@ class Run:
     quiet: bool = False
     #: this process's place in a ``torchrun`` launch (world size 1 without one)
     dist: distributed.DistContext = field(default_factory=distributed.DistContext)
+    #: the checkpoint an interrupted run continues from (``ncpvae resume``), else None
+    resume_from: dict[str, Any] | None = None
 
     def generator(self, offset: int) -> torch.Generator:
         """A fresh generator for one stage, seeded from the run seed and a named offset of
@@ -113,21 +115,26 @@ def plugin_records(manager: PluginManager) -> list[dict[str, Any]]:
 def create_run(config: RunConfig, out: str | Path | None = None, *, overwrite: bool = False,
                quiet: bool = False, manager: PluginManager | None = None) -> Run:
     """A fresh run directory ``out`` (default ``runs/<config.name>``) holding the resolved config
-    and the plugin list, and the run built from ``config``."""
+    and the plugin list, and the run built from ``config``.
+
+    Everything is built and checked first (config, data, every component); only then is an old
+    run in ``out`` replaced (with ``overwrite``), so a mistake never costs the previous run."""
     manager = manager if manager is not None else get_plugin_manager()
+    path = Path(out) if out is not None else Path("runs") / config.name
     dist = distributed.setup(config.device)
+    dist.agree(lambda: RunDirectory.check_new(path, overwrite=overwrite) if dist.is_main else None)
+    run = build_run(config, registry=manager.registry, quiet=quiet)
 
     def make_directory() -> RunDirectory | None:
         if not dist.is_main:  # only rank 0 writes
             return None
-        directory = RunDirectory.create(out if out is not None else Path("runs") / config.name,
-                                        overwrite=overwrite)
+        directory = RunDirectory.create(path, overwrite=overwrite)
         directory.write_config(config_to_toml(config))
         write_json(directory.plugins, plugin_records(manager))
         return directory
 
-    directory = dist.agree(make_directory)
-    return build_run(config, registry=manager.registry, directory=directory, quiet=quiet)
+    run.directory = dist.agree(make_directory)
+    return run
 
 
 def open_run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
@@ -136,8 +143,41 @@ def open_run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     directory = RunDirectory.open(path)
     config = load_config(directory.config, overrides, registry)
     run = build_run(config, registry=registry, directory=directory, quiet=quiet)
-    run.dist.agree(lambda: load_checkpoint(directory.checkpoint, run.model, run.prior))
+
+    def load() -> None:
+        try:
+            load_checkpoint(directory.checkpoint, run.model, run.prior)
+        except RuntimeError as exc:  # load_state_dict: the weights do not fit this config
+            raise DataError(mismatch_message(directory, config, registry, exc)) from None
+
+    run.dist.agree(load)
     return run
+
+
+#: config fields that fix the shapes of the saved weights
+_SHAPE_FIELDS = ("latent_dim", "model", "data", "prior")
+
+
+def mismatch_message(directory: RunDirectory, config: RunConfig, registry: Registry | None,
+                     exc: Exception) -> str:
+    """One line naming the config field(s) that make the checkpoint's weights not fit."""
+    saved = load_config(directory.config, (), registry).model_dump(mode="json")
+    current = config.model_dump(mode="json")
+    changed = []
+    for key in _SHAPE_FIELDS:
+        before, after = saved.get(key), current.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed += [f"{key}.{k} is {after.get(k)!r} here but {before.get(k)!r} in the run"
+                        for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        elif before != after:
+            changed.append(f"{key} is {after!r} here but {before!r} in the run")
+    if changed:
+        return (f"checkpoint '{directory.checkpoint}' does not match the config: "
+                f"{'; '.join(changed)}; drop the override (the weights were trained with the "
+                "run's own config)")
+    first = " ".join(str(exc).split())[:200]
+    return (f"checkpoint '{directory.checkpoint}' does not match the run's model ({first}); "
+            "the checkpoint was written by another config")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ def load_prior_state(prior: Prior, state: dict[str, Tensor]) -> None:
     gets the base part of a saved learned prior (sampling an NCP run's ``gaussian`` base)."""
     base_state = {k.removeprefix("base."): v for k, v in state.items() if k.startswith("base.")}
     attempts = [(prior, state), (prior, base_state), (prior.base_prior, state)]
+    if prior.base_prior is not prior:  # a learned prior of another architecture: its base only
+        attempts.append((prior.base_prior, base_state))
     for module, candidate in attempts:
         if not candidate:
             continue

@@ -121,18 +121,38 @@ class RunDirectory:
         return any((self.path / marker).exists() for marker in RUN_MARKERS)
 
     @classmethod
-    def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDirectory:
-        """Make a fresh run directory; refuse one that already holds a run unless ``overwrite``."""
+    def check_new(cls, path: str | Path, *, overwrite: bool = False) -> RunDirectory:
+        """Check that a new run may be written to ``path`` (nothing is changed): refuse a
+        directory holding a run unless ``overwrite`` (an unfinished one points to ``resume``),
+        and a path that is a file."""
         run = cls(Path(path))
-        if run.is_run():
-            if not overwrite:
+        if run.path.exists() and not run.path.is_dir():
+            raise NcpvaeError(f"'{run.path}' is a file, not a directory; choose another --out")
+        if run.is_run() and not overwrite:
+            from ncpvae.run import progress
+
+            if progress.is_unfinished(run):
                 raise NcpvaeError(
-                    f"'{run.path}' already holds a run; pass --overwrite to replace it or "
-                    "--out to choose another directory"
-                )
+                    f"'{run.path}' holds an unfinished run ({progress.describe(run)}); continue "
+                    f"it with `ncpvae resume {run.path}`, or pass --overwrite to start again")
+            raise NcpvaeError(
+                f"'{run.path}' already holds a run; pass --overwrite to replace it or "
+                "--out to choose another directory"
+            )
+        return run
+
+    @classmethod
+    def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDirectory:
+        """Make a fresh run directory; refuse one that already holds a run unless ``overwrite``,
+        which removes every file and folder an earlier run wrote there (and nothing else)."""
+        run = cls.check_new(path, overwrite=overwrite)
+        if run.is_run():
             for name in (*RUN_MARKERS, *RUN_OUTPUTS):
                 (run.path / name).unlink(missing_ok=True)
-            shutil.rmtree(run.plots, ignore_errors=True)
+            for folder in (run.plots, run.cache, run.sampling):
+                shutil.rmtree(folder, ignore_errors=True)
+            for leftover in run.path.glob(".*.tmp"):  # interrupted atomic writes
+                leftover.unlink(missing_ok=True)
         run.path.mkdir(parents=True, exist_ok=True)
         run.plots.mkdir(exist_ok=True)
         return run
@@ -153,7 +173,7 @@ class RunDirectory:
         write_text(self.config, toml_text)
 
     def log(self, record: dict[str, Any]) -> None:
-        append_jsonl(self.metrics, record)
+        append_jsonl(self.metrics, to_plain_json(record))
 
     def records(self, stage: str | None = None) -> list[dict[str, Any]]:
         rows = read_jsonl(self.metrics)

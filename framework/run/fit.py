@@ -13,7 +13,7 @@ from torch import Tensor
 from ncpvae import plots
 from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.run import directory as files
-from ncpvae.run import seeds
+from ncpvae.run import faults, seeds
 from ncpvae.run.build import Run, encode_source, heldout_latents
 from ncpvae.run.checkpoint import save_checkpoint
 
@@ -63,6 +63,7 @@ def fit_prior(run: Run) -> dict[str, Any]:
     if run.directory is not None:
         save_checkpoint(run.directory.checkpoint, run.model, run.prior, "prior_fitted",
                         keep_previous=True)
+        faults.boundary("fit")
         run.directory.update_summary("prior_fit", summary)
         if history:
             plots.plot_fit_history(history, run.directory.plot(files.PLOT_PRIOR_FIT),

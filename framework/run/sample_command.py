@@ -18,11 +18,15 @@ DEFAULT_SAMPLER = "langevin"
 
 def sample_command(run_path: str | Path, overrides: list[str], *, chains: int | None = None,
                    out: str | Path | None = None, quiet: bool = False,
-                   registry: Registry | None = None) -> Path:
+                   registry: Registry | None = None, overwrite: bool = False) -> Path:
     """Sample ``run_path``'s prior with its (or the overridden) sampler and write the results to
     ``out`` (default ``RUN/sampling``): ``samples.png``, ``latents.pt`` (final states ``(C, D)``
     and the chain history ``(S, C, D)``), ``diagnostics.json``, ``energy_trace.png`` and
     ``trajectories.png``."""
+    from ncpvae.run import progress
+    from ncpvae.run.directory import RunDirectory
+
+    progress.require_finished(RunDirectory.open(run_path), "sample")
     run = open_run(run_path, overrides, registry=registry, quiet=quiet)
     if run.sampler is None:
         raise ConfigError(f"the run has no sampler configured; pass --sampler NAME "
@@ -30,6 +34,18 @@ def sample_command(run_path: str | Path, overrides: list[str], *, chains: int | 
     if chains is not None and chains < 1:
         raise ConfigError(f"--chains must be >= 1, got {chains}")
     num_chains = chains if chains is not None else run.config.sample.num_samples
+    if run.directory is not None:  # the process that writes: never over earlier samples
+        out_dir = Path(out) if out is not None else run.directory.sampling
+        outputs = (files.SAMPLING_GRID, files.SAMPLING_LATENTS, files.SAMPLING_DIAGNOSTICS,
+                   files.SAMPLING_ENERGY, files.SAMPLING_TRAJECTORIES)
+        earlier = [name for name in outputs if (out_dir / name).exists()]
+        if earlier and not overwrite:
+            raise ConfigError(f"'{out_dir}' already holds samples of an earlier `ncpvae sample` "
+                              f"({', '.join(earlier)}); pass --overwrite to replace them or "
+                              "--out to write elsewhere")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in earlier:  # no file of the earlier sampling survives next to the new ones
+            (out_dir / name).unlink()
     title = f"{run.prior.name} prior by {run.sampler.name} ({num_chains} chains)"
     drawn = sample_images(run, run.sampler, num_chains, run.generator(seeds.SAMPLE_COMMAND),
                           title=title)  # under torchrun: chains split over ranks, gathered

@@ -23,6 +23,9 @@ SAMPLE_PRIOR = 6
 SAMPLE_SAMPLER = 7
 #: ``ncpvae sample``
 SAMPLE_COMMAND = 8
+#: the global RNG while the per-epoch test-set terms are computed during training (forked, so
+#: that ``train.eval_size`` cannot change what training draws)
+TRAIN_EVAL = 9
 
 # --- evaluation (evaluation/) ----------------------------------------------------------------
 #: numpy seeds of the disentanglement metrics: ``EVAL_METRICS + index`` in the metric table

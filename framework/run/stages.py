@@ -20,9 +20,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ncpvae.config import RunConfig
-from ncpvae.plugin_manager import PluginManager
-from ncpvae.run.build import Run, create_run
+from ncpvae.config import RunConfig, load_config
+from ncpvae.errors import NcpvaeError
+from ncpvae.plugin_manager import PluginManager, get_plugin_manager
+from ncpvae.run import distributed, faults, progress, rng
+from ncpvae.run.build import Run, build_run, create_run
+from ncpvae.run.checkpoint import load_prior_state, read_checkpoint, save_checkpoint
+from ncpvae.run.directory import RunDirectory
 from ncpvae.run.fit import fit_prior
 from ncpvae.run.sample import sample_stage
 from ncpvae.run.train import train_vae
@@ -42,10 +46,94 @@ def run_stages(config: RunConfig, stages: Sequence[Stage], out: str | Path | Non
     Under ``torchrun`` the stages of this package run on every rank (each shards its work);
     any other stage (the evaluation) runs on rank 0 alone while the others wait."""
     run = create_run(config, out, overwrite=overwrite, quiet=quiet, manager=manager)
-    for stage in stages:
-        if stage in TRAINING_STAGES or not run.dist.active:
-            stage(run)
+    if run.directory is not None:  # rank 0 of a torchrun launch, or the only process
+        progress.write(run.directory, [progress.stage_name(s) for s in stages], [])
+    return _run_remaining(run, stages, [])
+
+
+def resume_stages(path: str | Path, stages: Sequence[Stage], *, quiet: bool = False,
+                  manager: PluginManager | None = None) -> Path:
+    """Continue the run in ``path`` from its last checkpoint: finish the stage it was in and run
+    the ones after it. The numbers it ends with are those of a run never interrupted."""
+    manager = manager if manager is not None else get_plugin_manager()
+    directory = RunDirectory.open(path)
+    if distributed.env_rank() == 0:  # under torchrun only rank 0 touches the run's files
+        progress.clean_temp_files(directory.path)
+    planned = [progress.stage_name(s) for s in stages]
+    recorded = progress.read(directory)
+    if recorded is not None and recorded.get("planned") not in (None, planned):
+        raise NcpvaeError(f"'{directory.path}' was started with the stages "
+                          f"{recorded.get('planned')}, not {planned}; it cannot be resumed here")
+    if recorded is not None and recorded.get("finished"):
+        raise NcpvaeError(f"'{directory.path}' is already finished (every stage completed); "
+                          "nothing to resume")
+    config = load_config(directory.config, (), manager.registry)
+    run = build_run(config, registry=manager.registry, directory=directory, quiet=quiet)
+    completed: list[str] = []
+    if directory.checkpoint.is_file():
+        state = read_checkpoint(directory.checkpoint)
+        run.dist.agree(lambda: distributed.check_world_size(run.dist, state,
+                                                            f"'{directory.checkpoint}'"))
+        completed = [s for s in state.get("completed", []) if s in planned]
+        run.model.load_state_dict(state["model"])
+        # at a stage boundary, the prior as it was there (a fit killed after writing its own
+        # checkpoint must start again from the unfitted prior: fits continue from the weights)
+        load_prior_state(run.prior, state["boundary_prior"] if completed else state["prior"])
+        if run.directory is not None:
+            progress.truncate_metrics(directory, int(state.get("metrics_lines", 0)))
+        if completed:  # resume at a stage boundary: the RNG as the next stage would find it
+            rng.restore(state["rng"], what=f"checkpoint '{directory.checkpoint}'")
         else:
-            run.dist.main_only(lambda stage=stage: stage(run))
-    path = run.directory.path if run.directory is not None else None
+            run.resume_from = state
+    elif run.directory is not None:  # killed before the first checkpoint: train again
+        progress.truncate_metrics(directory, 0)
+    if run.directory is not None:
+        progress.write(directory, planned, completed)
+    return _run_remaining(run, stages, completed)
+
+
+def _run_remaining(run: Run, stages: Sequence[Stage], completed: list[str]) -> Path:
+    """Run the stages not in ``completed``; after each, a boundary checkpoint (weights, every
+    RNG state, metrics length, completed stages) and the progress in summary.json."""
+    directory = run.directory  # None on ranks > 0 of a torchrun launch: they write nothing
+    planned = [progress.stage_name(s) for s in stages]
+    try:
+        for stage, name in zip(stages, planned):
+            if name in completed:
+                continue
+            if stage in TRAINING_STAGES or not run.dist.active:
+                stage(run)
+            else:  # under torchrun, any other stage (the evaluation) runs on rank 0 alone
+                run.dist.main_only(lambda stage=stage: stage(run))
+            run.resume_from = None
+            completed = [*completed, name]
+            if directory is not None:
+                save_checkpoint(directory.checkpoint, run.model, run.prior, f"after_{name}",
+                                keep_previous=True, completed=completed, rng=rng.capture(),
+                                metrics_lines=progress.metrics_lines(directory),
+                                boundary_prior=run.prior.state_dict())
+                progress.write(directory, planned, completed)
+            faults.boundary("stage")
+    except KeyboardInterrupt:
+        if directory is None:
+            raise
+        raise RunInterrupted(directory) from None
+    path = directory.path if directory is not None else None
     return Path(run.dist.broadcast_object(path))
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; its message names the last checkpoint and how to continue."""
+
+    def __init__(self, directory: RunDirectory):
+        where = "no checkpoint was written yet"
+        if directory.checkpoint.is_file():
+            try:
+                state = read_checkpoint(directory.checkpoint)
+                done = state.get("completed") or []
+                at = (f"after stage {done[-1]}" if done
+                      else f"after epoch {state.get('epoch')} of VAE training")
+                where = f"the last checkpoint is '{directory.checkpoint}' ({at})"
+            except NcpvaeError:
+                where = f"the last checkpoint is '{directory.checkpoint}'"
+        super().__init__(f"interrupted; {where}; continue with `ncpvae resume {directory.path}`")

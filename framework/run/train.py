@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 
 from ncpvae import plots
 from ncpvae.errors import ConfigError, NonFiniteError
+from ncpvae.io import to_plain_json
 from ncpvae.metrics._common import eval_mode
 from ncpvae.run import directory as files
-from ncpvae.run import distributed
+from ncpvae.run import distributed, faults, progress, rng, seeds
 from ncpvae.run.build import Run, encode_source
 from ncpvae.run.checkpoint import save_checkpoint
 
@@ -32,22 +33,29 @@ def _batches(n: int, batch_size: int, generator: torch.Generator,
 
 
 @torch.no_grad()
-def evaluate_vae(run: Run, limit: int) -> dict[str, Any]:
+def evaluate_vae(run: Run, limit: int, *, step: int = 0) -> dict[str, Any]:
     """Test-set loss terms (per image), KL per dim and active units on ``limit`` test images
-    (eval mode; the model's training flag is restored). Under torchrun each rank takes its
-    shard of every test batch and the sums are all-reduced (global numbers on every rank)."""
+    (eval mode; the model's training flag is restored). ``step`` is the global training step
+    (objectives with a schedule, e.g. the capacity ``C(step)``, use it). Under torchrun each
+    rank takes its shard of every test batch and the sums are all-reduced (global numbers on
+    every rank).
+
+    The objective's draws come from the global RNG seeded for this pass alone and restored
+    afterwards, so evaluating (and how much) never changes what training draws."""
     dist = run.dist
     totals: dict[str, float] = {}
     kl_dims = None
     count = 0
-    with eval_mode(run.model):
+    devices = [run.device] if run.device.type == "cuda" else []
+    with eval_mode(run.model), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seeds.torch_seed(run.config.seed, seeds.TRAIN_EVAL))
         for batch in torch.arange(min(limit, len(run.data.test))).split(512):
             # a batch smaller than the world is done whole by every rank, counted by rank 0
             whole = not dist.active or len(batch) < dist.world_size
             index = batch if whole else dist.shard(batch)
             x = run.data.test.get_batch(index).to(run.device)
             with nullcontext() if whole else dist.sharded(len(batch)):
-                out = run.objective.loss(x, run.model, run.prior.base_prior)
+                out = run.objective.loss(x, run.model, run.prior.base_prior, step=step)
             if whole and not dist.is_main:
                 continue
             for key, value in out.items():
@@ -71,7 +79,11 @@ def evaluate_vae(run: Run, limit: int) -> dict[str, Any]:
 
 
 def train_vae(run: Run) -> dict[str, Any]:
-    """Stage 1: optimize the objective; checkpoint (atomically) after every epoch."""
+    """Stage 1: optimize the objective; checkpoint (atomically) after every epoch.
+
+    Each epoch's checkpoint holds the model, prior, optimizer, epoch, step, the data-order
+    generator and the global RNG states (:mod:`ncpvae.run.rng`), so a run resumed from it
+    (``run.resume_from``) continues bit for bit as if it had never stopped."""
     cfg = run.config.train
     model, prior = run.model, run.prior.base_prior
     params = list(model.parameters()) + [p for p in prior.parameters() if p.requires_grad]
@@ -86,10 +98,22 @@ def train_vae(run: Run) -> dict[str, Any]:
                           f"{dist.world_size} processes; use at least {2 * dist.world_size}")
     loss_fn = distributed.loss_function(dist, model, prior, run.objective)
     step = 0
-    start = time.perf_counter()
+    first_epoch = 1
+    elapsed_before = 0.0
     images_seen = 0
-    epoch_bar = tqdm(range(1, cfg.epochs + 1), desc="train VAE", unit="epoch", disable=run.quiet)
     record: dict[str, Any] = {}
+    state = run.resume_from
+    if state is not None and state.get("stage") == "vae":  # continue an interrupted training
+        optimizer.load_state_dict(state["optimizer"])
+        rng.restore(state["rng"], {"order": order_generator},
+                    what=f"checkpoint '{run.directory.checkpoint if run.directory else ''}'")
+        step, first_epoch = int(state["step"]), int(state["epoch"]) + 1
+        images_seen = int(state.get("images_seen", 0))
+        elapsed_before = float(state.get("elapsed_seconds", 0.0))
+        record = dict(state.get("record", {}))
+    start = time.perf_counter() - elapsed_before
+    epoch_bar = tqdm(range(first_epoch, cfg.epochs + 1), desc="train VAE", unit="epoch",
+                     disable=run.quiet, initial=first_epoch - 1, total=cfg.epochs)
     model.train()
     for epoch in epoch_bar:
         sums: dict[str, Tensor] = {}
@@ -136,7 +160,7 @@ def train_vae(run: Run) -> dict[str, Any]:
         epoch_time = time.perf_counter() - epoch_start
         record = {"stage": "train", "epoch": epoch, "step": step,
                   **{f"train_{k}": float(v) / len(batches) for k, v in sums.items()},
-                  **evaluate_vae(run, cfg.eval_size),
+                  **evaluate_vae(run, cfg.eval_size, step=step),
                   "images_per_second": len(batches) * cfg.batch_size / epoch_time,
                   "elapsed_seconds": time.perf_counter() - start}
         run.log(record)
@@ -145,7 +169,13 @@ def train_vae(run: Run) -> dict[str, Any]:
         if run.directory is not None:
             save_checkpoint(run.directory.checkpoint, run.model, run.prior, "vae", epoch=epoch,
                             step=step, optimizer=optimizer.state_dict(),
-                            world_size=dist.world_size)
+                            world_size=dist.world_size,
+                            rng=rng.capture({"order": order_generator}),
+                            images_seen=images_seen, record=to_plain_json(record),
+                            elapsed_seconds=time.perf_counter() - start,
+                            metrics_lines=progress.metrics_lines(run.directory),
+                            completed=[])
+            faults.boundary("epoch")
     summary = {key: value for key, value in record.items() if key not in ("stage",)}
     summary["train_seconds"] = time.perf_counter() - start
     summary["images_seen"] = images_seen

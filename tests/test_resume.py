@@ -1,0 +1,97 @@
+"""Fault injection: a run killed with SIGKILL at points spread over every stage (VAE training,
+prior fit, sampling, evaluation), resumed each time with ``ncpvae resume``, ends with exactly the
+numbers of a run never interrupted (timings aside)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ncpvae.run import faults
+
+pytestmark = pytest.mark.slow
+
+CONFIG = ["smoke", "--set", "prior=ncp", "--set", "train.epochs=3"]
+#: (what the process does, NCPVAE_KILL_AFTER): a chain of kills of ONE run, every stage covered
+KILLS = [
+    ("train", "1@epoch"),  # after the checkpoint of epoch 1
+    ("resume", "2@epoch"),  # after epoch 3 (the last), before the train stage is marked done
+    ("resume", "1@stage"),  # after the train stage
+    ("resume", "1@fit"),  # inside the fit stage, after it wrote its own checkpoint
+    ("resume", "1@stage"),  # after the fit stage
+    ("resume", "1@stage"),  # after the sample stage
+]
+TIMING = ("seconds", "per_second", "per_s", "wall_time", "runtime", "elapsed")
+
+
+def cli(*args: str, kill: str | None = None, kill_log: Path | None = None,
+        timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    env.pop(faults.ENV_KILL_AFTER, None)
+    if kill:
+        env[faults.ENV_KILL_AFTER] = kill
+    if kill_log:
+        env[faults.ENV_KILL_LOG] = str(kill_log)
+    return subprocess.run([sys.executable, "-m", "ncpvae.cli", *args, "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def without_timings(value):
+    """``value`` with every timing entry (keys naming seconds, rates or runtime) removed."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items()
+                if not any(t in k for t in TIMING)}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def results(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"summary": without_timings(summary), "evaluation": without_timings(evaluation),
+            "metrics": without_timings(metrics)}
+
+
+def test_killed_everywhere_then_resumed_matches_an_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    log = tmp_path / "boundaries.txt"
+    done = cli("train", *CONFIG, "--out", str(reference), kill_log=log)
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().split() == ["epoch"] * 3 + ["stage", "fit", "stage", "stage", "stage"]
+
+    run = tmp_path / "killed"
+    for command, kill in KILLS:
+        args = ["train", *CONFIG, "--out", str(run)] if command == "train" else ["resume", str(run)]
+        proc = cli(*args, kill=kill)
+        assert proc.returncode == -signal.SIGKILL, (command, kill, proc.stderr)
+        # an unfinished run is refused by the other commands, pointing to resume
+        if command == "train":
+            again = cli("train", *CONFIG, "--out", str(run))
+            assert again.returncode == 2 and "ncpvae resume" in again.stderr
+    # a timed kill, somewhere in the evaluation (the last stage left)
+    proc = subprocess.Popen([sys.executable, "-m", "ncpvae.cli", "resume", str(run), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(12)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    evaluate = cli("evaluate", str(run))
+    if proc.returncode == -signal.SIGKILL:
+        assert evaluate.returncode == 2 and "ncpvae resume" in evaluate.stderr
+    final = cli("resume", str(run))
+    if proc.returncode == -signal.SIGKILL:
+        assert final.returncode == 0, final.stderr
+    assert not list(run.rglob(".*.tmp"))
+    assert results(run) == results(reference)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["progress"] == {"planned": ["train", "fit_prior", "sample", "evaluate"],
+                                   "completed": ["train", "fit_prior", "sample", "evaluate"],
+                                   "finished": True}
