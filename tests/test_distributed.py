@@ -369,3 +369,31 @@ def test_a_data_file_missing_on_rank_1_stops_both_ranks_with_one_line(tmp_path: 
     assert "images.npz" in ours[0] and "not found" in ours[0]
     assert done.stderr.count("exitcode  : 2") == 2  # both ranks ended with the error status
     assert seconds < 240  # the agreed error ended both ranks, not the 600 s collective timeout
+
+
+@pytest.mark.slow
+def test_two_process_sampling_equals_one_process(smoke_runs: Path):
+    """`ncpvae sample` with 9 Langevin chains: split 5 + 4 over two ranks and gathered on rank
+    0, the chains are the one-process chains (the same generator, the same noise rows)."""
+    args = ["sample", str(smoke_runs / "one"), "--sampler", "langevin", "--chains", "9",
+            "--steps", "260", "--quiet"]  # the default burn-in is 250 steps
+    one = _ncpvae([*args, "--out", str(smoke_runs / "sample_one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _ncpvae([*args, "--out", str(smoke_runs / "sample_two")], nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(smoke_runs / "sample_one" / "latents.pt", weights_only=True)
+    b = torch.load(smoke_runs / "sample_two" / "latents.pt", weights_only=True)
+    assert a["samples"].shape == b["samples"].shape and a["samples"].shape[1:] == (9, 4)
+    assert torch.equal(a["samples"], b["samples"]) and torch.equal(a["final"], b["final"])
+    da = json.loads((smoke_runs / "sample_one" / "diagnostics.json").read_text())
+    db = json.loads((smoke_runs / "sample_two" / "diagnostics.json").read_text())
+    assert db["ess"] == da["ess"] and db["rhat"] == da["rhat"]
+
+
+def test_resuming_with_another_world_size_is_refused():
+    ctx = DistContext(rank=0, world_size=2)
+    distributed.check_world_size(ctx, {"world_size": 2}, "'ckpt'")
+    with pytest.raises(ConfigError, match="1 process.*has 2; resume it without torchrun"):
+        distributed.check_world_size(ctx, {}, "'ckpt'")  # written by one process
+    with pytest.raises(ConfigError, match="--nproc_per_node=2"):
+        distributed.check_world_size(DistContext(), {"world_size": 2}, "'ckpt'")
