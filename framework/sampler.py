@@ -204,7 +204,8 @@ class Sampler(Component, ABC):
         ``(num_steps,)`` (float64) and ``info[field + "_chain_mean"]`` each chain's mean over
         the post-burn-in steps ``(C,)``; the diagnostics are the same numbers as in ``"full"``
         mode. Memory is then the kept draws ``(S, C, D)`` (choose ``thin``) plus a block of at
-        most 64 steps of info.
+        most 64 steps (and 2^22 chain-steps) of info: at 10^5 chains of the NCP-like benchmark
+        energy, about 0.5 GB however many steps (``benchmarks/bench_sampler_memory.py``).
 
         ``diagnostics``: per-dimension ``ess``/``rhat``/``mcse_mean`` of the kept draws (see
         :func:`ncpvae.mcmc.diagnostics.summarize`; skipped with ``diagnose = False``),
@@ -355,15 +356,17 @@ def _summarize_full_info(info: dict[str, Tensor], burn_in: int) -> dict[str, Any
 
 class _InfoStream:
     """Streams per-step infos: per-step chain means ``(num_steps,)`` and per-chain sums over
-    the post-burn-in steps ``(C,)``, reduced in blocks of up to 64 steps (few ops per step,
-    no host synchronisation)."""
+    the post-burn-in steps ``(C,)``, reduced in blocks of up to 64 steps and ``2^22`` chain-steps
+    (a few ops per step, no host synchronisation, bounded memory)."""
 
     BLOCK = 64
+    BLOCK_CHAIN_STEPS = 1 << 22
 
     def __init__(self, burn_in: int):
         self.burn_in = burn_in
         self.block: list[NamedTuple] = []
         self.block_start = 1
+        self.block_size = self.BLOCK
         self.fields: tuple[str, ...] = ()
         self.step_means: dict[str, list[Tensor]] = {}
         self.post_sums: dict[str, Tensor] = {}
@@ -375,9 +378,11 @@ class _InfoStream:
         if not self.block:
             self.block_start = t
             self.fields = info._fields
+            chains = max(1, int(info[0].shape[0]) if info[0].ndim else 1)
+            self.block_size = max(1, min(self.BLOCK, self.BLOCK_CHAIN_STEPS // chains))
         self.block.append(info)
         self.last = info
-        if len(self.block) == self.BLOCK or t == self.burn_in:
+        if len(self.block) >= self.block_size or t == self.burn_in:
             self._flush()
 
     def _flush(self) -> None:

@@ -709,3 +709,16 @@ def test_steps_do_not_synchronise_with_the_device():
                     state = sampler.adapt(state, info, iteration=t, num_adapt=10)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def test_streamed_info_with_small_blocks(monkeypatch):
+    from ncpvae.sampler import _InfoStream
+
+    sampler = build("mala", adapt_step_size=True)
+    z0 = torch.zeros(5, 2, dtype=torch.float64)
+    full = sampler.run(quartic, z0, 40, burn_in=13, generator=gen_(2))
+    monkeypatch.setattr(_InfoStream, "BLOCK_CHAIN_STEPS", 12)  # blocks of 2 steps at 5 chains
+    summ = sampler.run(quartic, z0, 40, burn_in=13, generator=gen_(2), keep_info="summary")
+    for field, values in full.info.items():
+        torch.testing.assert_close(summ.info[field], values.double().mean(1))
+        torch.testing.assert_close(summ.info[field + "_chain_mean"], values[13:].double().mean(0))
