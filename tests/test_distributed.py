@@ -397,3 +397,26 @@ def test_resuming_with_another_world_size_is_refused():
         distributed.check_world_size(ctx, {}, "'ckpt'")  # written by one process
     with pytest.raises(ConfigError, match="--nproc_per_node=2"):
         distributed.check_world_size(DistContext(), {"world_size": 2}, "'ckpt'")
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_on_two_processes_only(tmp_path: Path):
+    """Rank 0 is killed (SIGKILL) after the first epoch's checkpoint; torchrun ends rank 1.
+    `ncpvae resume` on one process is refused (another world size); on two it finishes with
+    the numbers of an uninterrupted two-process run."""
+    two_epochs = ["--quiet", "--set", "evaluate.enabled=false", "--set", "train.epochs=2"]
+    killed = _ncpvae(["train", "smoke", "--out", str(tmp_path / "run"), *two_epochs], nproc=2,
+                     env={"NCPVAE_KILL_AFTER": "1@epoch"})
+    assert killed.returncode != 0
+    refused = _ncpvae(["resume", str(tmp_path / "run")])
+    assert refused.returncode == 2
+    assert "2 process(es) but this one has 1" in refused.stderr
+    assert "--nproc_per_node=2" in refused.stderr
+    resumed = _ncpvae(["resume", str(tmp_path / "run"), "--quiet"], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = _ncpvae(["train", "smoke", "--out", str(tmp_path / "whole"), *two_epochs], nproc=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = _last_train_record(tmp_path / "run"), _last_train_record(tmp_path / "whole")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("train_elbo", "test_elbo", "train_kl", "test_kl"):
+        assert a[key] == b[key], key  # same world size: the same reductions, bit for bit
