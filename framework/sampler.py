@@ -39,6 +39,7 @@ from torch import Tensor
 from ncpvae.component import BuildContext, Component, ComponentConfig
 from ncpvae.errors import ConfigError, NonFiniteError, format_validation_error
 from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
+from ncpvae.mcmc.fastpath import onednn_linear
 from ncpvae.mcmc.kernels import (
     Energy,
     OnNonfinite,
@@ -189,6 +190,7 @@ class Sampler(Component, ABC):
         keep_info: Literal["full", "summary"] = "full",
         diagnose: bool = True,
         check_every: int | None = None,
+        fast_linear: bool = False,
         **options: Any,
     ) -> SampleResult:
         """Run ``num_steps`` transitions of every chain from ``init_position`` ``(C, D)``.
@@ -218,6 +220,10 @@ class Sampler(Component, ABC):
         ``check_every`` steps (default: every step on the CPU, where the check is free, and
         every 100 steps on accelerators, so the loop never waits for the device in between);
         the error still names the first bad step. Results do not depend on ``check_every``.
+
+        ``fast_linear = True`` runs the energy's float32 CPU linear layers through oneDNN
+        (:func:`ncpvae.mcmc.fastpath.onednn_linear`: any energy, same float32 precision, other
+        rounding, so chains are not bit-identical to the default; off by default).
 
         ``callback(step, state, info)`` runs after each step; ``progress`` shows a tqdm bar;
         ``options`` are forwarded to ``init`` and ``step`` (names in ``run_options``).
@@ -253,7 +259,6 @@ class Sampler(Component, ABC):
             check_every = 1 if init_position.device.type == "cpu" else 100
 
         start = time.perf_counter()
-        state = self.init(init_position, energy, **options)
         kept: list[Tensor] = []
         stream = _InfoStream(burn_in) if keep_info == "summary" else None
         infos: list[NamedTuple] = []
@@ -263,6 +268,9 @@ class Sampler(Component, ABC):
 
             steps = tqdm(steps, desc=f"{self.name} sampling", unit="step")
         with contextlib.ExitStack() as stack:
+            if fast_linear:
+                stack.enter_context(onednn_linear())
+            state = self.init(init_position, energy, **options)
             log = stack.enter_context(deferred_divergence()) if check_every > 1 else None
             for t in steps:
                 if log is not None:

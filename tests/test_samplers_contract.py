@@ -722,3 +722,66 @@ def test_streamed_info_with_small_blocks(monkeypatch):
     for field, values in full.info.items():
         torch.testing.assert_close(summ.info[field], values.double().mean(1))
         torch.testing.assert_close(summ.info[field + "_chain_mean"], values[13:].double().mean(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# the opt-in oneDNN fast path for linear layers
+
+
+onednn = pytest.mark.skipif(not __import__("ncpvae.mcmc.fastpath", fromlist=["x"])
+                            .onednn_available(), reason="torch without oneDNN")
+
+
+def _mlp_energy(dim: int, dtype=torch.float32):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.SiLU(), torch.nn.Linear(64, 1))
+    net = net.to(dtype).requires_grad_(False)
+    return lambda z: 0.5 * (z * z).sum(-1) - net(z).squeeze(-1)
+
+
+@onednn
+def test_onednn_linear_agrees_with_the_default_path_and_is_restored(monkeypatch):
+    import torch.nn.functional as F
+
+    import ncpvae.mcmc.fastpath as fastpath
+
+    calls = []
+    real = fastpath._onednn_mm
+    monkeypatch.setattr(fastpath, "_onednn_mm", lambda *a: calls.append(1) or real(*a))
+    energy = _mlp_energy(5)
+    z = torch.randn(200, 5, generator=gen_(0))
+    u, g = energy_and_grad(energy, z)
+    original = F.linear
+    with fastpath.onednn_linear() as active:
+        u_fast, g_fast = energy_and_grad(energy, z)
+    assert active and F.linear is original and len(calls) == 4  # 2 layers, forward + backward
+    torch.testing.assert_close(u_fast, u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_fast, g, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    energy64 = _mlp_energy(5, torch.float64)  # not eligible: falls back, bit for bit
+    with fastpath.onednn_linear():
+        u64 = energy_and_grad(energy64, z.double())
+    assert not calls and torch.equal(u64[0], energy_and_grad(energy64, z.double())[0])
+    with fastpath.onednn_linear(enabled=False) as active:
+        assert not active and F.linear is original
+
+
+@onednn
+def test_mala_with_onednn_linear_keeps_a_gaussian_target():
+    # U(z) = |A z|^2 / 2 through a bias-free Linear layer: the target is N(0, (A^T A)^-1).
+    a = torch.tensor([[1.5, 0.0, 0.0], [0.6, 1.0, 0.0], [0.0, -0.4, 0.7]])
+    layer = torch.nn.Linear(3, 3, bias=False).requires_grad_(False)
+    layer.weight.copy_(a)
+    cov = torch.linalg.inv(a.T @ a).double()
+    n = 4000
+    start = (torch.randn(n, 3, generator=gen_(1), dtype=torch.float64)
+             @ torch.linalg.cholesky(cov).T).float()  # exact draws: MALA must keep this law
+    sampler = LangevinSampler(step_size=0.2, metropolis=True)
+    result = sampler.run(lambda z: 0.5 * (layer(z) ** 2).sum(-1), start, 60, generator=gen_(2),
+                         fast_linear=True, keep_info="summary", thin=60, diagnose=False)
+    z = result.samples[-1].double()
+    emp = z.T @ z / n
+    se = torch.sqrt((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / n)
+    assert ((emp - cov).abs() < 5 * se).all()
+    assert (z.mean(0).abs() < 5 * torch.sqrt(cov.diagonal() / n)).all()
+    assert 0.2 < result.diagnostics["acceptance_rate"] < 1.0

@@ -1,0 +1,90 @@
+"""An opt-in fast path for energies built from linear layers: oneDNN matrix products on the CPU.
+
+On some CPUs (issue 11: a 2-core AMD EPYC) torch's default float32 ``mm`` (MKL) runs at about
+half the speed of the same product through oneDNN, and an NCP-like energy spends ~70 % of a
+sampler step in its linear layers. Inside :func:`onednn_linear`, every call of
+``torch.nn.functional.linear`` (which ``nn.Linear`` uses) whose input is a float32 CPU tensor
+and whose weight and bias need no gradient runs through oneDNN, forward and backward (the
+gradient with respect to the input, which is what a sampler needs). Every other call (other
+devices or dtypes, trainable weights) falls back to the original function. So it applies to any
+energy a user passes — a learned prior's, a posterior through a decoder — without knowing its
+structure.
+
+Precision: both paths are float32 GEMMs with float32 accumulation; they differ only in rounding
+order (relative differences ~1e-7 per product, see ``tests/test_samplers_contract.py``), not in
+precision. Seeded chains are therefore not bit-identical to the default path, which is why the
+fast path is opt-in (``Sampler.run(..., fast_linear=True)`` or this context manager) and off by
+default. The patch is process-wide while the context is open (do not run other float32 linear
+layers in other threads meanwhile if you need their default rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def onednn_available() -> bool:
+    """Whether this torch build can run the oneDNN linear kernel."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn,
+                                                                    "_linear_pointwise")
+
+
+def _onednn_mm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` for a 2-D float32 ``x`` ``(n, in)`` and ``weight`` ``(out, in)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """Linear layer through oneDNN; differentiable in the input only (frozen weights)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,
+                weight_t: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight_t)
+        return _onednn_mm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (weight_t,) = ctx.saved_tensors
+        # grad_x = grad @ W = grad @ (W^T)^T: the same kernel with W^T as the "weight"
+        return _onednn_mm(grad.contiguous(), weight_t, None), None, None, None
+
+
+@contextmanager
+def onednn_linear(enabled: bool = True) -> Iterator[bool]:
+    """Route eligible ``F.linear`` calls through oneDNN while the context is open (see the
+    module docstring); yields whether the fast path is active (False when ``enabled`` is
+    False or this torch build lacks oneDNN, in which case nothing changes)."""
+    if not enabled or not onednn_available():
+        yield False
+        return
+    original = F.linear
+    transposed: dict[tuple[int, int, tuple[int, ...]], Tensor] = {}
+
+    def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if (input.device.type != "cpu" or input.dtype != torch.float32
+                or weight.dtype != torch.float32 or weight.requires_grad
+                or (bias is not None and (bias.requires_grad or bias.dtype != torch.float32))
+                or input.ndim < 1 or weight.ndim != 2 or weight.is_sparse):
+            return original(input, weight, bias)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        weight_t = transposed.get(key)
+        if weight_t is None:
+            weight_t = transposed[key] = weight.t().contiguous()
+        flat = input.reshape(-1, input.shape[-1]).contiguous()
+        if input.requires_grad and torch.is_grad_enabled():
+            out = _OneDNNLinear.apply(flat, weight, bias, weight_t)
+        else:
+            out = _onednn_mm(flat, weight, bias)
+        return out.reshape(*input.shape[:-1], weight.shape[0])
+
+    F.linear = linear
+    try:
+        yield True
+    finally:
+        F.linear = original
