@@ -41,7 +41,8 @@ class TrainConfig(StrictModel):
     """Optimization of the VAE (the original notebook's epochs, learning rate and batch size)."""
 
     epochs: int = Field(10, ge=1, description="passes over the training set")
-    batch_size: int = Field(64, ge=1, description="images per optimizer step")
+    batch_size: int = Field(64, ge=1, description="images per optimizer step: the global batch "
+                            "(under torchrun each process takes a contiguous 1/N of it)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     steps_per_epoch: int | None = Field(
         None, ge=1, description="cap on optimizer steps per epoch (None: a full pass)"
