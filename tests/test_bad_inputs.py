@@ -170,7 +170,31 @@ def test_sample_negative_chains(capsys, run_dir):
 
 def test_sample_negative_steps(capsys, run_dir):
     result = run_cli(capsys, "sample", str(run_dir), "--sampler", "langevin", "--steps", "-5")
-    assert_one_line_error(result, "num_steps", "-5")
+    assert_one_line_error(result, "--steps", "-5")
+
+
+def test_sample_chains_not_a_number(capsys, run_dir):
+    result = run_cli(capsys, "sample", str(run_dir), "--sampler", "langevin", "--chains", "many")
+    assert_one_line_error(result, "--chains", "many")
+
+
+def test_unknown_command(capsys):
+    assert_one_line_error(run_cli(capsys, "trian"), "trian", "invalid choice")
+
+
+def test_unknown_option(capsys, run_dir):
+    assert_one_line_error(run_cli(capsys, "sample", str(run_dir), "--chians", "3"), "--chians")
+
+
+def test_sample_does_not_overwrite_earlier_samples(capsys, trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    first = run_cli(capsys, "sample", str(run), "--sampler", "langevin", "--steps", "300")
+    assert first[0] == 0, first[2]
+    before = snapshot(run)
+    result = run_cli(capsys, "sample", str(run), "--sampler", "sgld", "--steps", "300")
+    assert_one_line_error(result, str(run / "sampling"), "--overwrite")
+    assert snapshot(run) == before
 
 
 def test_sample_unknown_sampler(capsys, run_dir):
@@ -197,6 +221,72 @@ def test_train_unwritable_output(capsys, tmp_path):
 def test_train_into_an_existing_run_without_overwrite(capsys, run_dir):
     result = run_cli(capsys, "train", *SMOKE, "--out", str(run_dir), "--quiet")
     assert_one_line_error(result, str(run_dir), "already holds a run")
+
+
+def test_overwrite_with_a_bad_data_path_keeps_the_old_run(capsys, run_dir, tmp_path):
+    result = run_cli(capsys, "train", *SMOKE, "--set", "data=npz", "--set",
+                     f"data.path='{tmp_path / 'typo.npz'}'", "--out", str(run_dir), "--overwrite",
+                     "--quiet")
+    assert_one_line_error(result, "typo.npz", "not found")
+
+
+def test_overwrite_with_a_failing_component_keeps_the_old_run(capsys, run_dir, install):
+    install("ncpvae-boom", BOOM_PLUGIN)
+    result = run_cli(capsys, "train", *SMOKE, "--set", "prior=boom", "--out", str(run_dir),
+                     "--overwrite", "--quiet")
+    assert_one_line_error(result, "prior 'boom'", "failed to build")
+
+
+def test_checkpoint_does_not_match_latent_dim(capsys, run_dir):
+    result = run_cli(capsys, "sample", str(run_dir), "--sampler", "langevin",
+                     "--set", "latent_dim=7")
+    assert_one_line_error(result, "checkpoint", "does not match", "latent_dim is 7 here but 4")
+
+
+def test_checkpoint_does_not_match_model_size(capsys, run_dir):
+    result = run_cli(capsys, "evaluate", str(run_dir), "--set", "model.channels=16")
+    assert_one_line_error(result, "checkpoint", "model.channels is 16 here but 8")
+
+
+def test_unfitted_prior_swapped_in(capsys, run_dir):
+    result = run_cli(capsys, "evaluate", str(run_dir), "--set", "prior=ncp",
+                     "--set", "evaluate.enabled=true")
+    assert_one_line_error(result, "ncp", "not fitted", "fit-prior")
+
+
+def mark_unfinished(run: Path) -> None:
+    """Make ``run`` look like a run killed after its training stage."""
+    import json
+
+    summary = json.loads((run / "summary.json").read_text())
+    summary["progress"] = {"planned": ["train", "fit_prior", "sample", "evaluate"],
+                           "completed": ["train"], "finished": False}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("command", [["fit-prior", "--set", "prior=ncp"],
+                                     ["sample", "--sampler", "langevin"], ["evaluate"]])
+def test_unfinished_run_points_to_resume(capsys, broken_run, command):
+    mark_unfinished(broken_run)
+    line = check_unchanged(broken_run, lambda: assert_one_line_error(
+        run_cli(capsys, command[0], str(broken_run), *command[1:]), "unfinished",
+        f"ncpvae resume {broken_run}"))
+    assert "next: fit_prior" in line
+
+
+def test_train_into_an_unfinished_run_suggests_resume(capsys, broken_run):
+    mark_unfinished(broken_run)
+    check_unchanged(broken_run, lambda: assert_one_line_error(
+        run_cli(capsys, "train", *SMOKE, "--out", str(broken_run), "--quiet"), "unfinished",
+        f"ncpvae resume {broken_run}"))
+
+
+def test_resume_a_finished_run(capsys, run_dir):
+    assert_one_line_error(run_cli(capsys, "resume", str(run_dir)), "already finished")
+
+
+def test_resume_a_directory_that_is_not_a_run(capsys, tmp_path):
+    assert_one_line_error(run_cli(capsys, "resume", str(tmp_path)), "not a ncpvae run")
 
 
 def test_evaluate_a_directory_that_is_not_a_run(capsys, tmp_path):
@@ -601,4 +691,5 @@ def test_ctrl_c_during_training(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert_one_line_error((proc.returncode, "", err), "interrupted")
+    assert_one_line_error((proc.returncode, "", err), "interrupted", str(out / "checkpoint.pt"),
+                          "after epoch", f"ncpvae resume {out}")

@@ -1,0 +1,48 @@
+"""Refitting a run's learned prior with another classifier (``fit-prior --set prior.hidden=...``)
+works and removes what depended on the old prior (evaluation, report, ``ncpvae sample`` output,
+the summary's evaluation section), saying which."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ncpvae import cli
+
+pytestmark = pytest.mark.slow
+
+CONFIG = ["smoke", "--set", "prior=ncp", "--set", "train.epochs=1", "--set",
+          "evaluate.enabled=false", "--set", "prior.epochs=3"]
+
+
+def test_refit_with_another_classifier_invalidates_dependants(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *CONFIG, "--out", str(run), "--quiet"]) == 0
+    # what an evaluation and `ncpvae sample` of the old prior would have left behind
+    (run / "evaluation.json").write_text("{}")
+    (run / "report.html").write_text("<html></html>")
+    (run / "sampling").mkdir()
+    (run / "sampling" / "latents.pt").write_bytes(b"old")
+    (run / "plots" / "eval_samples_ncp_by_sir.png").write_bytes(b"old")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["evaluation"] = {"delta": 1.0}
+    (run / "summary.json").write_text(json.dumps(summary))
+    old_samples = torch.load(run / "samples.pt", weights_only=True)
+    capsys.readouterr()
+
+    code = cli.main(["fit-prior", str(run), "--set", "prior.hidden=[64]", "--quiet"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    for stale in ("evaluation.json", "report.html", "sampling", "plots/eval_samples_ncp_by_sir.png"):
+        assert not (run / stale).exists(), stale
+        assert stale.split("/")[-1] in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert "evaluation" not in summary and "prior_fit" in summary
+    assert "hidden = [64]" in (run / "config.toml").read_text()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    widths = {tuple(v.shape) for k, v in state["prior"].items() if k.endswith("weight")}
+    assert any(64 in shape for shape in widths)
+    new_samples = torch.load(run / "samples.pt", weights_only=True)
+    assert new_samples.keys() == old_samples.keys()  # regenerated from the refitted prior
