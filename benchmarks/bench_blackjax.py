@@ -11,6 +11,7 @@ round, in rotating order, so load changes hit every column alike):
 - ``ncpvae``: ``LangevinSampler(step_size, metropolis=True).run(energy, z0, steps)`` with its
   default settings (every draw kept, per-step info, ESS/R-hat at the end);
 - ``ncpvae lean``: the same with ``keep_info="summary"``, ``thin=steps``, ``diagnose=False``;
+- ``ncpvae oneDNN``: defaults plus ``fast_linear=True`` (the opt-in oneDNN linear layers);
 - ``bare torch``: a hand-written autograd MALA loop (no checks, no info, final state only);
 - ``blackjax``: ``blackjax.mala`` vmapped over chains inside ``lax.scan`` under ``jit``
   (positions and acceptance of every step returned, like ``run()``), compile time excluded.
@@ -117,8 +118,14 @@ class JaxWorker:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                 "intra_op_parallelism_threads=1").strip()
         env["JAX_PLATFORMS"] = "cpu"
-        self.proc = subprocess.Popen([python, "-c", JAX_WORKER, str(weights)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+        try:
+            self.proc = subprocess.Popen([python, "-c", JAX_WORKER, str(weights)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                         env=env)
+        except OSError as exc:
+            self.proc = None
+            self.hello = {"error": f"cannot start {python}: {exc.strerror}"}
+            return
         self.hello = json.loads(self.proc.stdout.readline() or '{"error": "no answer"}')
 
     def ask(self, **cmd) -> dict:
@@ -127,7 +134,7 @@ class JaxWorker:
         return json.loads(self.proc.stdout.readline())
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(timeout=30)
 
@@ -191,6 +198,7 @@ def measure(chains: int, args, energy, jax: JaxWorker | None) -> dict:
         "ncpvae": lambda: mala.run(energy, z0, steps, generator=gen),
         "ncpvae_lean": lambda: mala.run(energy, z0, steps, generator=gen, thin=steps,
                                         keep_info="summary", diagnose=False),
+        "ncpvae_fast": lambda: mala.run(energy, z0, steps, generator=gen, fast_linear=True),
         "bare_torch": lambda: bare_mala(energy, z0, steps, args.step_size, gen),
     }
     if jax is not None:
@@ -223,7 +231,9 @@ def measure(chains: int, args, energy, jax: JaxWorker | None) -> dict:
 
     row["ncpvae_vs_bare"] = speed("ncpvae", "bare_torch")
     row["lean_vs_bare"] = speed("ncpvae_lean", "bare_torch")
+    row["fast_vs_bare"] = speed("ncpvae_fast", "bare_torch")
     if jax is not None:
+        row["fast_vs_blackjax"] = speed("ncpvae_fast", "blackjax")
         row["ncpvae_vs_blackjax"] = speed("ncpvae", "blackjax")
         row["lean_vs_blackjax"] = speed("ncpvae_lean", "blackjax")
     return row
@@ -296,22 +306,26 @@ def main(argv: list[str] | None = None) -> None:
               f"{torch.get_num_threads()} threads, {platform.machine()}, load average "
               f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     lines = [header, *notes, "",
-             "| chains | steps | ncpvae run() | run() lean | bare torch | BlackJAX | run()/bare "
-             "| lean/bare | run()/BlackJAX | lean/BlackJAX |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| chains | steps | ncpvae run() | run() lean | run() oneDNN | bare torch | BlackJAX "
+             "| run()/bare | lean/bare | oneDNN/bare | run()/BlackJAX | lean/BlackJAX "
+             "| oneDNN/BlackJAX |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         jx = r.get("blackjax_chain_steps_per_s")
+        def vs_jax(key: str, r=r, jx=jx) -> str:
+            return "-" if jx is None else f"{r[key]:.2f}x"
+
         lines.append(
             f"| {r['chains']} | {r['steps']} | {r['ncpvae_chain_steps_per_s']:,.0f} "
-            f"| {r['ncpvae_lean_chain_steps_per_s']:,.0f} | {r['bare_torch_chain_steps_per_s']:,.0f} "
-            f"| {'-' if jx is None else f'{jx:,.0f}'} | {r['ncpvae_vs_bare']:.2f}x "
-            f"| {r['lean_vs_bare']:.2f}x "
-            f"| {'-' if jx is None else format(r['ncpvae_vs_blackjax'], '.2f') + 'x'} "
-            f"| {'-' if jx is None else format(r['lean_vs_blackjax'], '.2f') + 'x'} |")
+            f"| {r['ncpvae_lean_chain_steps_per_s']:,.0f} | {r['ncpvae_fast_chain_steps_per_s']:,.0f} "
+            f"| {r['bare_torch_chain_steps_per_s']:,.0f} | {'-' if jx is None else f'{jx:,.0f}'} "
+            f"| {r['ncpvae_vs_bare']:.2f}x | {r['lean_vs_bare']:.2f}x | {r['fast_vs_bare']:.2f}x "
+            f"| {vs_jax('ncpvae_vs_blackjax')} | {vs_jax('lean_vs_blackjax')} "
+            f"| {vs_jax('fast_vs_blackjax')} |")
     lines += ["", "Rates in chain-steps/s; ratios are speeds (higher: ncpvae faster), medians of "
               "per-round ratios. At 1 chain, us/step: " + ", ".join(
                   f"{k}: {r[k + '_us_per_step']:.0f}" for r in rows if r["chains"] == 1
-                  for k in ("ncpvae", "ncpvae_lean", "bare_torch", "blackjax")
+                  for k in ("ncpvae", "ncpvae_lean", "ncpvae_fast", "bare_torch", "blackjax")
                   if k + "_us_per_step" in r),
               f"Total benchmark time: {wall:.0f} s."]
     print("\n".join(lines))

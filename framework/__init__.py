@@ -20,6 +20,7 @@ from ncpvae.factory import build_component, create
 from ncpvae.hookspecs import hookimpl
 from ncpvae.io import atomic_write
 from ncpvae.mcmc.diagnostics import acceptance_summary, ess, mcse_mean, split_rhat, summarize
+from ncpvae.mcmc.fastpath import onednn_available, onednn_linear
 from ncpvae.mcmc.importance import (
     SIRDraws,
     ess_fraction,
@@ -120,6 +121,8 @@ __all__ = [
     "langevin_log_accept",
     "langevin_move",
     "mcse_mean",
+    "onednn_available",
+    "onednn_linear",
     "posterior_energy",
     "sampling_importance_resampling",
     "select_rows",
