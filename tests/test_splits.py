@@ -186,3 +186,18 @@ def test_every_builtin_dataset_has_a_leakage_test():
     builtin = {name for name in registry.names("dataset")
                if registry.is_builtin(registry.source("dataset", name))}
     assert builtin <= covered, f"no leakage test for {sorted(builtin - covered)}"
+
+
+def test_feature_net_cache_key_follows_the_split():
+    """The evaluation's feature-net cache key is computed from the dataset config, which now
+    holds everything that picks the training images (split_seed included)."""
+    from ncpvae.config import load_config
+    from ncpvae.metrics.feature_net import feature_net_cache_key
+
+    def key(*overrides: str) -> str:
+        data = load_config("smoke", list(overrides)).data
+        return feature_net_cache_key(data.name, data.model_dump(mode="json"))
+
+    assert key() == key("seed=5")  # the run seed no longer picks the images
+    assert key() != key("data.split_seed=1")
+    assert key() != key("data.train_size=256")
