@@ -14,8 +14,11 @@ Precision: both paths are float32 GEMMs with float32 accumulation; they differ o
 order (relative differences ~1e-7 per product, see ``tests/test_samplers_contract.py``), not in
 precision. Seeded chains are therefore not bit-identical to the default path, which is why the
 fast path is opt-in (``Sampler.run(..., fast_linear=True)`` or this context manager) and off by
-default. The patch is process-wide while the context is open (do not run other float32 linear
-layers in other threads meanwhile if you need their default rounding).
+default. The routing adds a few small tensor operations per layer call, so it only pays off
+when the products are large (about 10^3 chains and more; at 1 chain it is slower); measure with
+``benchmarks/bench_blackjax.py`` (column ``run() oneDNN``). The patch is process-wide while the
+context is open (do not run other float32 linear layers in other threads meanwhile if you need
+their default rounding).
 """
 
 from __future__ import annotations
