@@ -553,5 +553,7 @@ def evaluate_command(path: str | Path, overrides: list[str] | tuple[str, ...] = 
         raise DataError(f"'{directory.path}' has no checkpoint.pt: train it first with "
                         "`ncpvae train` (an interrupted run may have stopped before one epoch)")
     run = open_run(directory.path, overrides, registry=registry, quiet=quiet)
-    evaluation = evaluate_run(run)
-    return directory.path / evaluation["report"]
+    # under torchrun: rank 0 evaluates alone, the other ranks wait and share its errors
+    evaluation = run.dist.main_only(lambda: evaluate_run(run))
+    return directory.path / run.dist.broadcast_object(
+        evaluation["report"] if evaluation is not None else None)
