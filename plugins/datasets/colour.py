@@ -36,8 +36,15 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae import BuildContext, ComponentConfig, DataBundle, DataError, DatasetPlugin, TensorImageSource
-from ncpvae.io import atomic_write
+from ncpvae import (
+    BuildContext,
+    ComponentConfig,
+    DataBundle,
+    DataError,
+    DatasetPlugin,
+    TensorImageSource,
+    atomic_write,
+)
 from ncpvae.plugins.datasets import seeded_permutation
 
 CIFAR_FOLDER = "cifar-10-batches-py"
