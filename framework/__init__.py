@@ -60,6 +60,7 @@ from ncpvae.sections import (
     SamplerSection,
     component_section,
 )
+from ncpvae.units import bits_per_dim
 
 __version__ = "0.1.0"
 
@@ -96,6 +97,7 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "reparameterize",
+    "bits_per_dim",
     # MCMC building blocks for sampler authors (ncpvae.mcmc)
     "Callback",
     "DivergenceLog",
