@@ -78,7 +78,14 @@ def build_prior(name: str, latent_dim: int, dtype: torch.dtype, seed: int = 0) -
     """Build a prior from its defaults; fit it briefly on synthetic encodings if it needs it."""
     cls = REGISTRY.get("prior", name)
     prior = ncpvae.create("prior", name, latent_dim=latent_dim, dtype=dtype, seed=seed,
-                          registry=REGISTRY, **fast_fields("prior", name))
+                          image_shape=(1, 8, 8), registry=REGISTRY, **fast_fields("prior", name))
+    # as the runner does: a prior defined through the model (the VampPrior) is bound to one
+    # (the same model for every seed: it is the run's, not part of the prior's state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ncpvae.create("model", "mlp", latent_dim=latent_dim, image_shape=(1, 8, 8),
+                              dtype=dtype, registry=REGISTRY)
+    prior.bind_model(model)
     if cls.requires_fit:
         g = torch.Generator().manual_seed(seed)
         # an aggregate posterior unlike N(0, I): shifted and narrow
