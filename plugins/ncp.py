@@ -304,9 +304,13 @@ class NCPPrior(TiltedPrior):
                 losses.append(loss.detach())
                 sizes.append(len(index))
             batch_losses = torch.stack(losses).to(torch.float64)
-            if not torch.isfinite(batch_losses).all():
+            # the steps' losses stay on the device until here: one host read per epoch
+            bad = ~torch.isfinite(batch_losses)
+            if bad.any():
+                first = int(torch.nonzero(bad)[0, 0]) + 1
                 raise NonFiniteError(f"ncp fit: the classifier loss became NaN or inf in epoch "
-                                     f"{epoch}; lower lr (now {self.lr})")
+                                     f"{epoch}, step {first} of {len(losses)}; lower lr (now "
+                                     f"{self.lr})")
             weights = torch.tensor(sizes, dtype=torch.float64, device=batch_losses.device)
             record = {
                 "epoch": float(epoch),

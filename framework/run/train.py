@@ -21,6 +21,39 @@ from ncpvae.run.checkpoint import save_checkpoint
 
 #: latents whose posterior-mean variance over the data exceeds this are "active" (Burda 2016)
 ACTIVE_UNIT_THRESHOLD = 0.01
+#: training steps between reads of the on-device finiteness flags (and at every epoch's end):
+#: the only host synchronisations of the step loop
+FINITE_CHECK_INTERVAL = 50
+
+
+def _first_bad_step(flags: list[Tensor], first_number: int, dist: Any) -> int | None:
+    """The batch number of the first non-finite loss among ``flags`` (0-dim bool tensors, True
+    = finite, for batch numbers ``first_number, first_number + 1, ...``), or None; one host
+    read (under torchrun: the flags of every rank, summed, so every rank stops together)."""
+    if not flags:
+        return None
+    bad = (~torch.stack(flags)).to(torch.float32)  # (k,)
+    if dist.active:
+        bad = dist.all_reduce_tensor_sum(bad)
+    if not bool(bad.any()):
+        return None
+    return first_number + int(torch.nonzero(bad)[0, 0])
+
+
+def _check_finite(flags: list[Tensor], last_number: int, epoch: int, step: int,
+                  dist: Any) -> None:
+    """Read the unread finiteness ``flags`` (batches up to ``last_number`` of ``epoch``; ``step``
+    is the global step count after it) and clear them; raise :class:`NonFiniteError` naming the
+    first bad epoch/step. Called before the epoch's checkpoint is written, so none holds a
+    non-finite step's updates."""
+    first = _first_bad_step(flags, last_number - len(flags) + 1, dist)
+    flags.clear()
+    if first is not None:
+        kept = (f"the checkpoint of epoch {epoch - 1} is kept"
+                if epoch > 1 else "no checkpoint had been written yet")
+        raise NonFiniteError(
+            f"non-finite training loss at epoch {epoch}, step {first} (global step "
+            f"{step - last_number + first}); {kept}; lower train.lr or enable train.grad_clip")
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator,
@@ -122,6 +155,7 @@ def train_vae(run: Run) -> dict[str, Any]:
                         disable=run.quiet)
         epoch_start = time.perf_counter()
         shards: list[Tensor] = []
+        flags: list[Tensor] = []  # isfinite(loss) of the steps not yet read, on the device
         for batch_number, batch in enumerate(step_bar, start=1):
             index = dist.shard(batch)
             shards.append(index)
@@ -129,16 +163,9 @@ def train_vae(run: Run) -> dict[str, Any]:
             with dist.sharded(len(batch)):
                 out = loss_fn(x, step)
             loss = out["loss"]
-            finite = bool(torch.isfinite(loss))
-            if dist.active:  # every rank stops together
-                finite = bool(dist.all_reduce_tensor_sum(
-                    torch.tensor([float(not finite)])) == 0)
-            if not finite:
-                kept = (f"the checkpoint of epoch {epoch - 1} is kept"
-                        if epoch > 1 else "no checkpoint had been written yet")
-                raise NonFiniteError(
-                    f"non-finite training loss at epoch {epoch}, step {batch_number} (global step "
-                    f"{step + 1}); {kept}; lower train.lr or enable train.grad_clip")
+            # checked on the device; read every FINITE_CHECK_INTERVAL steps and at the epoch's
+            # end (a non-finite step's updates are never checkpointed: see _check_finite)
+            flags.append(torch.isfinite(loss.detach()))
             optimizer.zero_grad(set_to_none=True)
             weight = distributed.loss_weight(dist, len(index), len(batch))
             (loss if weight == 1.0 else loss * weight).backward()
@@ -152,8 +179,11 @@ def train_vae(run: Run) -> dict[str, Any]:
                 if value.ndim == 0:
                     value = value.detach() if share is None else value.detach() * share
                     sums[key] = sums.get(key, 0.0) + value
-            if batch_number % 25 == 0:
-                step_bar.set_postfix(loss=f"{float(loss.detach()):.1f}")
+            if batch_number % FINITE_CHECK_INTERVAL == 0:
+                _check_finite(flags, batch_number, epoch, step, dist)
+                if not run.quiet:
+                    step_bar.set_postfix(loss=f"{float(loss.detach()):.1f}")
+        _check_finite(flags, len(batches), epoch, step, dist)
         distributed.log_shard(dist, epoch, torch.cat(shards) if shards else torch.zeros(0))
         if dist.active:  # the global batch means, summed over the epoch's steps
             sums = dist.all_reduce_sums(sums)
