@@ -27,7 +27,7 @@ from ncpvae.metrics import FeatureNetConfig, PriorFitConfig, SampleQualityConfig
 from ncpvae.sections import SamplerSection
 
 __all__ = ["DISENTANGLEMENT_METRICS", "EvaluateConfig", "LikelihoodSizes", "MetricSwitch",
-           "RowMetricSwitch", "SamplerTable", "metric_section", "without_switch"]
+           "FactorRecoverySwitch", "RowMetricSwitch", "SamplerTable", "metric_section", "without_switch"]
 
 #: a sampler table (``{name = "langevin", metropolis = true, ...}``) validated by its plugin
 SamplerTable = SamplerSection
@@ -46,6 +46,12 @@ class RowMetricSwitch(StrictModel):
     """Whether a metric of every prior x sampler row runs."""
 
     enabled: bool = Field(True, description="compute it for every table row")
+
+
+class FactorRecoverySwitch(StrictModel):
+    """Whether the factor-recovery score runs (on data with ground-truth factors only)."""
+
+    enabled: bool = Field(True, description="compute it when the data has ground-truth factors")
 
 
 def metric_section(config: type[StrictModel], switch: type[StrictModel]) -> type[StrictModel]:
@@ -125,5 +131,9 @@ class EvaluateConfig(_EvaluateMetrics):  # type: ignore[misc, valid-type]
     cache_dir: str | None = Field(None, description="feature-net cache (unset: <run>/cache; "
                                   "'~' is expanded, relative paths are from the working dir)")
     likelihood: LikelihoodSizes = Field(default_factory=LikelihoodSizes)
+    factor_recovery: FactorRecoverySwitch = Field(
+        default_factory=FactorRecoverySwitch, description="the feature net's per-factor accuracy on "
+        "reconstructions of `num_heldout` test images relative to the originals (data with "
+        "ground-truth factors)")
     report: Literal["html", "markdown"] = Field(
         "html", description="report.html with embedded figures, or report.md beside the PNGs")

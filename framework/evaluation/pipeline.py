@@ -351,6 +351,50 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
 
 
 # ---------------------------------------------------------------------------------------------
+# factor recovery
+
+
+def heldout_factors(run: Run, n: int) -> tuple[Tensor, Tensor]:
+    """``n`` held-out images ``(n, C, H, W)`` and their true factor indices ``(n, K)``: the
+    first ``n`` test images when the test set knows its images' factors (``factors(index)``),
+    else ``n`` images rendered from factors drawn with the ``EVAL_FACTOR_RECOVERY`` seed."""
+    test, gt = run.data.test, run.data.ground_truth
+    assert gt is not None
+    known = getattr(test, "factors", None)
+    if callable(known):
+        index = torch.arange(min(n, len(test)))
+        return test.get_batch(index), torch.as_tensor(known(index)).long()
+    factors = gt.sample_factors(n, run.generator(seeds.EVAL_FACTOR_RECOVERY)).long()
+    return gt.images_from_factors(factors), factors
+
+
+def factor_recovery(run: Run, net: Any, notes: list[str]) -> dict[str, Any]:
+    """The feature net's per-factor accuracy on reconstructions (decoder means of the encoder
+    means, no draws) of ``num_heldout`` held-out images relative to the originals
+    (:func:`ncpvae.metrics.factor_recovery`); {} (with a note) when it does not apply."""
+    cfg = run.config.evaluate
+    gt = run.data.ground_truth
+    if not cfg.factor_recovery.enabled:
+        return {}
+    if gt is None:
+        return {}  # the disentanglement note already says the data has no factors
+    if net is None or tuple(net.spec.head_names) != tuple(gt.factor_names):
+        notes.append("factor recovery skipped: it needs the feature net of the data's factors "
+                     "(evaluate.sample_quality.enabled = true)")
+        return {}
+    images, factors = heldout_factors(run, cfg.num_heldout)
+    model = run.model
+    recon = []
+    with eval_mode(model), torch.no_grad():
+        for part in images.split(cfg.batch_size):
+            mu, _ = model.encode(part.to(run.device))
+            recon.append(model.mean_image(model.decode(mu)).cpu())
+    result = M.factor_recovery(net, images, torch.cat(recon), factors,
+                               factor_sizes=gt.factor_sizes, batch_size=cfg.batch_size)
+    return to_plain_json(result.to_dict())
+
+
+# ---------------------------------------------------------------------------------------------
 # learned prior and likelihood
 
 
@@ -458,6 +502,9 @@ def summary_section(evaluation: dict[str, Any]) -> dict[str, Any]:
     lp = evaluation.get("learned_prior", {})
     if "delta" in lp:
         out["delta"], out["delta_se"] = lp["delta"], lp["delta_se"]
+    recovery = evaluation.get("factor_recovery", {})
+    if "recovery" in recovery:
+        out["factor_recovery"] = recovery["recovery"]
     kid = {r["label"]: r["sample_quality"]["kid"] for r in evaluation.get("rows", [])
            if "sample_quality" in r}
     if kid:
@@ -516,6 +563,13 @@ def evaluate_run(run: Run) -> dict[str, Any]:
             table: dict[str, Any] = {"feature_scale": None, "coverage_reference": None}
             evaluation["rows"] = evaluate_rows(run, net, heldout_z, clock, bar, runtime, table)
             evaluation.update(table)
+            if net is None and cfg.factor_recovery.enabled and run.data.ground_truth is not None:
+                with clock("feature net"):  # factor recovery wants it even without KID
+                    net, net_info, hit = feature_net(run, notes)
+                evaluation["feature_net"] = net_info
+                runtime["feature_net_cache_hit"] = hit
+            with clock("factor recovery"):
+                evaluation["factor_recovery"] = factor_recovery(run, net, notes)
             lp = evaluation["learned_prior"]
             if cfg.likelihood.enabled:
                 bar.set_postfix_str("likelihood")

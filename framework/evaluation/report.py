@@ -137,6 +137,12 @@ def headline(evaluation: Mapping[str, Any]) -> Block:
         items.append(f"Good samples? Lowest KID ×10³: {best['label']} "
                      f"({pm(kid['kid'] * 1e3, kid['kid_se'] * 1e3)})"
                      + (f"; {others}" if others else "") + " (lower is better).")
+    fr = evaluation.get("factor_recovery", {})
+    if fr.get("recovery"):
+        items.append("Do reconstructions keep the factors? Feature-net accuracy on "
+                     "reconstructions / on originals: "
+                     + ", ".join(f"{k} {num(v, 2)}" for k, v in fr["recovery"].items())
+                     + " (1 = as recognisable as the originals).")
     lp = evaluation.get("learned_prior", {})
     gain = _get(evaluation, "likelihood", "iw_gain")
     if "delta" in lp or gain:
@@ -226,6 +232,15 @@ def metric_table(evaluation: Mapping[str, Any]) -> list[Block]:
         rows.append(["Delta = E_q[f] − log Z", pm(lp["delta"], lp["delta_se"]),
                      f"on {lp.get('num_encodings')} held-out encodings; > 0: the learned prior "
                      "fits better"])
+    fr = evaluation.get("factor_recovery", {})
+    if fr.get("recovery"):
+        rows.append(["factor recovery (mean over factors)", num(fr.get("mean_recovery")),
+                     "per factor, accuracy on reconstructions / on originals: "
+                     + ", ".join(f"{k} {num(v, 2)} ({num(fr['accuracy_reconstruction'][k], 2)}"
+                                 f" / {num(fr['accuracy_original'][k], 2)}; chance "
+                                 f"{num(fr['chance'][k], 2)})"
+                                 for k, v in fr["recovery"].items())
+                     + f"; {fr.get('num_images')} test images"])
     net = evaluation.get("feature_net", {})
     if net:
         rows.append(["feature net validation accuracy", "",

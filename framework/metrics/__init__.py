@@ -19,7 +19,8 @@ indistinguishable), :func:`prior_fit` (both).
 
 Sample quality (features of a locally trained :class:`FeatureNet`): :func:`kid` (with SE),
 :func:`frechet_distance`, :func:`precision_recall`, :func:`sample_quality` (all three),
-:func:`factor_coverage`; the net: :func:`feature_net_for_ground_truth`,
+:func:`factor_coverage`, :func:`factor_recovery` (per-factor accuracy on
+reconstructions relative to the originals); the net: :func:`feature_net_for_ground_truth`,
 :func:`feature_net_for_labels`, :func:`extract_features`, :func:`predict_factors`,
 :func:`save_feature_net`, :func:`load_feature_net`, :func:`feature_net_cache_key`,
 :func:`cached_feature_net`.
@@ -37,6 +38,7 @@ from ncpvae.metrics.dci import (
     dci_from_codes,
     disentanglement_from_importance,
 )
+from ncpvae.metrics.factor_recovery import FactorRecoveryResult, factor_recovery
 from ncpvae.metrics.factor_vae import FactorVAEConfig, FactorVAEResult, compute_factor_vae
 from ncpvae.metrics.feature_net import (
     FeatureNet,
@@ -90,14 +92,14 @@ from ncpvae.metrics.sap import SAPConfig, SAPResult, compute_sap, sap_from_codes
 __all__ = [
     "SPRITES_JOINT_BINS",
     "BetaVAEConfig", "BetaVAEResult", "BoundEstimate", "C2STResult", "CoverageResult",
-    "DCIConfig", "DCIResult", "FactorVAEConfig", "FactorVAEResult", "FeatureNet",
+    "DCIConfig", "DCIResult", "FactorRecoveryResult", "FactorVAEConfig", "FactorVAEResult", "FeatureNet",
     "FeatureNetConfig", "FeatureNetSpec", "KIDResult", "LikelihoodResult", "MIGConfig", "MIGResult",
     "MMDTestResult", "PrecisionRecall", "PriorFitConfig", "PriorFitResult", "SAPConfig",
     "SAPResult", "SampleQualityConfig", "SampleQualityResult", "bounds", "cached_feature_net",
     "classifier_two_sample_test", "completeness_from_importance", "compute_beta_vae",
     "compute_dci", "compute_factor_vae", "compute_mig", "compute_sap", "dci_from_codes",
     "disentanglement_from_importance", "elbo", "evaluate_likelihood", "extract_features",
-    "factor_coverage", "feature_net_cache_key", "feature_net_for_ground_truth",
+    "factor_coverage", "factor_recovery", "feature_net_cache_key", "feature_net_for_ground_truth",
     "feature_net_for_labels", "frechet_distance", "frechet_distance_from_stats", "iw_bound",
     "kid", "load_feature_net", "mig_from_codes", "mmd_permutation_test", "precision_recall",
     "predict_factors", "prior_fit", "sample_quality", "sap_from_codes", "save_feature_net",

@@ -38,6 +38,9 @@ EVAL_LOG_Z = 111
 EVAL_LIKELIHOOD = 112
 #: the global RNG while the test-set loss terms are computed (the objective draws from it)
 EVAL_VAE = 113
+#: factor recovery: the factors of images rendered for it when the test set does not know its
+#: images' factors
+EVAL_FACTOR_RECOVERY = 114
 #: the prior x sampler table: row i uses ``EVAL_ROWS + ROW_STRIDE * i`` plus one of the below
 EVAL_ROWS = 120
 ROW_STRIDE = 10
