@@ -1,41 +1,98 @@
-"""Training throughput: the framework's VAE training loop against a bare hand-written loop.
+"""Training throughput: ``train_vae`` against a bare hand-written loop at every shipped config,
+and the default config's effective GFLOP/s against an fp32 GEMM-peak probe.
 
-Both loops train the same model class on the same data source and batch size in the same
-process; the framework loop is ``ncpvae.run.train.train_vae`` (progress bars off, no run
-directory), the bare loop is the minimal Adam + beta-ELBO loop anyone would write. Runs
-alternate and the median images/s of each is reported, with the overhead ratio.
+For each config of ``framework/configs/*.toml`` both loops train the same model class on the
+same data source, batch size and optimizer in one process; the framework loop is
+``ncpvae.run.train.train_vae`` (progress bars off, no run directory, ``eval_size = 1``), the bare
+loop is the minimal Adam + beta-ELBO loop anyone would write (encode, reparameterize, decode,
+the model's own ``recon_log_prob`` as the likelihood formula, closed-form Gaussian KL). Runs are
+interleaved (bare, framework, bare, ...) and medians of images/s are reported with their ratio.
+A config whose dataset files are absent is measured on synthetic uint8 images of the dataset's
+shape (an ``npz`` file in a temporary directory; never downloads).
 
-    python benchmarks/bench_training.py                       # default config, CPU
-    python benchmarks/bench_training.py --config smoke --steps 30 --repeats 2
+FLOPs: one training step (forward + backward of the objective) of the default config is counted
+by ``torch.utils.flop_counter.FlopCounterMode``; effective GFLOP/s = FLOPs per image x the
+framework's images/s. The GEMM-peak probe times ``(4096 x 256) @ (256 x 256)`` fp32 through
+``torch.mm`` (MKL / the default BLAS) and through oneDNN (``torch.utils.mkldnn.to_mkldnn`` on
+an ``nn.Linear``) in the same run; the best of the two is the peak the goal refers to.
+
+A channels_last column (bare loop, model and input in ``torch.channels_last``) is measured for
+information only: its numbers are not bit-identical to the default layout, so it is not a
+``train`` setting.
+
+    python benchmarks/bench_training.py --json benchmarks/results/training.json   # idle machine
+    python benchmarks/bench_training.py --configs default smoke --steps 10 --repeats 2  # quick
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from ncpvae.config import load_config
+from ncpvae.errors import NcpvaeError
 from ncpvae.run.build import build_run
 from ncpvae.run.train import train_vae
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "framework" / "configs"
+#: image shapes of the shipped datasets, for synthetic stand-ins when their files are absent
+SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
-def bare_loop(model, source, batch_size: int, steps: int, beta: float, seed: int) -> float:
-    """Images per second of a minimal hand-written beta-VAE loop (Bernoulli likelihood)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+def synthetic_overrides(config, tmp: Path, n: int) -> list[str]:
+    """Overrides replacing the config's dataset by ``n`` random uint8 images of its shape."""
+    data = config.data
+    shape = SHAPES.get(data.name)
+    if shape is None:  # celeba: image_size x image_size RGB
+        size = int(getattr(data, "image_size", 64))
+        shape = (3, size, size)
+    images = np.random.default_rng(0).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+    path = tmp / f"{config.name}.npz"
+    np.savez(path, images=images)
+    return ["data=npz", f"data.path={path}", "data.layout=nchw", "data.test_fraction=0.05"]
+
+
+def build(name: str, tmp: Path, n_synthetic: int):
+    """The config and a built run; synthetic data when the dataset cannot be built offline."""
+    base = ["data.download=false"]
+    try:
+        config = load_config(name, base)
+    except NcpvaeError:
+        base = []
+        config = load_config(name)
+    try:
+        return config, build_run(config, quiet=True), False
+    except NcpvaeError:
+        config = load_config(name, synthetic_overrides(config, tmp, n_synthetic))
+        return config, build_run(config, quiet=True), True
+
+
+def bare_loop(model, source, batch_size: int, steps: int, beta: float, seed: int, lr: float,
+              channels_last: bool = False) -> float:
+    """Images per second of a minimal hand-written beta-VAE loop."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source), generator=generator)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
     for i in range(steps):
-        x = source.get_batch(order[i * batch_size:(i + 1) * batch_size])
+        index = order[(i * batch_size) % len(source):][:batch_size]
+        x = source.get_batch(index)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         mu, logvar = model.encode(x)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        logits = model.decode(z)
-        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+        recon = -model.recon_log_prob(x, model.decode(z))
         kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
         loss = (recon + beta * kl).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -45,47 +102,121 @@ def bare_loop(model, source, batch_size: int, steps: int, beta: float, seed: int
 
 
 def framework_loop(config, steps: int) -> float:
+    """Images per second of ``train_vae`` (one epoch of ``steps`` steps, no run directory)."""
     config = config.model_copy(update={"train": config.train.model_copy(
         update={"epochs": 1, "steps_per_epoch": steps, "eval_size": 1})})
     run = build_run(config, quiet=True)
-    summary = train_vae(run)
-    return summary["images_per_second"]
+    return train_vae(run)["images_per_second"]
+
+
+def flops_per_image(run) -> float:
+    """Model FLOPs of one training step (objective forward + backward) per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bs = run.config.train.batch_size
+    x = run.data.train.get_batch(torch.arange(min(bs, len(run.data.train))))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = run.objective.loss(x, run.model, run.prior.base_prior, step=0)
+        out["loss"].backward()
+    run.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
+
+
+def gemm_probe(repeats: int = 5, iters: int = 50) -> dict[str, float]:
+    """GFLOP/s (median over ``repeats``) of a (4096 x 256) @ (256 x 256) fp32 product."""
+    x = torch.randn(4096, 256)
+    w = torch.randn(256, 256)
+    flops = 2 * 4096 * 256 * 256
+    out: dict[str, float] = {}
+
+    def rate(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times.append((time.perf_counter() - start) / iters)
+        return flops / statistics.median(times) / 1e9
+
+    out["torch_mm_gflops"] = rate(lambda: torch.mm(x, w))
+    if torch.backends.mkldnn.is_available():
+        from torch.utils import mkldnn as mkldnn_utils
+
+        linear = nn.Linear(256, 256, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(w.t())
+            fast = mkldnn_utils.to_mkldnn(linear)
+            xm = x.to_mkldnn()
+            out["onednn_linear_gflops"] = rate(lambda: fast(xm))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="config name or file (default: default)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per measurement")
+    parser.add_argument("--configs", nargs="*", default=None,
+                        help="config names (default: every framework/configs/*.toml)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement "
+                        "(scaled down for configs with large images)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-
-    config = load_config(args.config, args.overrides)
-    run = build_run(config, quiet=True)  # for the bare loop: the same model class and data
-    beta = getattr(run.objective, "beta", 1.0)
-    bs = config.train.batch_size
-    framework, bare = [], []
-    framework_loop(config, 5)  # warm-up (allocator, kernels)
-    for r in range(args.repeats):
-        bare.append(bare_loop(run.model, run.data.train, bs, args.steps, beta, seed=r))
-        framework.append(framework_loop(config, args.steps))
-    result = {
-        "config": config.name, "device": str(run.device), "batch_size": bs,
-        "image_shape": list(run.data.image_shape), "model": config.model.name,
-        "steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads(),
-        "bare_images_per_second": statistics.median(bare),
-        "framework_images_per_second": statistics.median(framework),
-    }
-    result["overhead"] = result["bare_images_per_second"] / result["framework_images_per_second"] - 1
-    print("| loop | images/s (median) |\n|---|---|")
-    print(f"| bare hand-written | {result['bare_images_per_second']:.0f} |")
-    print(f"| ncpvae train_vae | {result['framework_images_per_second']:.0f} |")
-    print(f"\nframework overhead: {100 * result['overhead']:+.1f}% "
-          f"({config.model.name}, {tuple(run.data.image_shape)}, batch {bs}, {result['device']})")
+    names = args.configs or sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+    results: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                     "steps": args.steps, "repeats": args.repeats, "configs": {}}
+    results["gemm_probe"] = gemm_probe()
+    print("GEMM probe (4096x256)@(256x256) fp32:", {k: round(v, 1)
+                                                    for k, v in results["gemm_probe"].items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            config0 = load_config(name)
+            bs = config0.train.batch_size
+            pixels = math.prod(SHAPES.get(config0.data.name, (3, 64, 64)))
+            steps = max(3, int(args.steps * min(1.0, 3072 / pixels)))
+            config, run, synthetic = build(name, Path(tmp), max(bs * (steps + 2), 4 * bs))
+            beta = getattr(run.objective, "beta", 1.0)
+            lr = config.train.lr
+            framework_loop(config, 2)  # warm-up (allocator, kernels)
+            bare, framework = [], []
+            for r in range(args.repeats):
+                bare.append(bare_loop(run.model, run.data.train, bs, steps, beta, r, lr))
+                framework.append(framework_loop(config, steps))
+            row = {"model": config.model.name, "batch_size": bs,
+                   "image_shape": list(run.data.image_shape), "synthetic_data": synthetic,
+                   "steps": steps, "bare_images_per_second": statistics.median(bare),
+                   "framework_images_per_second": statistics.median(framework),
+                   "bare_runs": bare, "framework_runs": framework}
+            row["ratio"] = row["framework_images_per_second"] / row["bare_images_per_second"]
+            if name == "default":
+                fpi = flops_per_image(run)
+                row["flops_per_image"] = fpi
+                row["effective_gflops"] = fpi * row["framework_images_per_second"] / 1e9
+                peak = max(results["gemm_probe"].values())
+                row["fraction_of_gemm_peak"] = row["effective_gflops"] / peak
+                _, run_cl, _ = build(name, Path(tmp), max(bs * (steps + 2), 4 * bs))
+                row["bare_channels_last_images_per_second"] = statistics.median(
+                    bare_loop(run_cl.model, run_cl.data.train, bs, steps, beta, r, lr,
+                              channels_last=True) for r in range(args.repeats))
+            results["configs"][name] = row
+            print(f"{name}: bare {row['bare_images_per_second']:.0f} img/s, train_vae "
+                  f"{row['framework_images_per_second']:.0f} img/s, ratio {row['ratio']:.3f}"
+                  + (" (synthetic data)" if synthetic else "")
+                  + (f"; {row['flops_per_image'] / 1e6:.1f} MFLOP/image, "
+                     f"{row['effective_gflops']:.0f} GFLOP/s = "
+                     f"{100 * row['fraction_of_gemm_peak']:.0f}% of the GEMM peak; "
+                     f"channels_last bare {row['bare_channels_last_images_per_second']:.0f} img/s"
+                     if name == "default" else ""), flush=True)
+    print("\n| config | model, batch, image | bare img/s | train_vae img/s | ratio |")
+    print("|---|---|---|---|---|")
+    for name, row in results["configs"].items():
+        print(f"| {name} | {row['model']}, {row['batch_size']}, "
+              f"{'x'.join(map(str, row['image_shape']))}{' (synthetic)' if row['synthetic_data'] else ''}"
+              f" | {row['bare_images_per_second']:.0f} | {row['framework_images_per_second']:.0f}"
+              f" | {row['ratio']:.2f} |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
