@@ -226,11 +226,11 @@ def invalidate_after_refit(directory: Any) -> list[str]:
 def cmd_sample(args: argparse.Namespace) -> int:
     from ncpvae.run.sample_command import sample_command
 
-    overrides = list(args.overrides)
-    if args.prior:
-        overrides.append(f"prior={args.prior}")
+    # --prior/--sampler swap a whole section: applied first, so --set can adjust the new one
+    overrides = [f"prior={args.prior}"] if args.prior else []
     if args.sampler:
         overrides.append(f"sampler={args.sampler}")
+    overrides += args.overrides
     if args.steps is not None:
         overrides.append(f"sampler.num_steps={args.steps}")
     out = sample_command(args.run, overrides, chains=args.chains, out=args.out,

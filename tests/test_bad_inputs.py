@@ -299,6 +299,12 @@ def test_fit_prior_on_a_prior_without_fit(capsys, run_dir):
                           "nothing to fit")
 
 
+def test_sample_set_applies_to_the_sampler_given_by_name(capsys, run_dir):
+    result = run_cli(capsys, "sample", str(run_dir), "--sampler", "langevin",
+                     "--set", "sampler.step_size=nan")
+    assert_one_line_error(result, "sampler.step_size", "finite")
+
+
 def test_sample_bad_override_on_a_run(capsys, run_dir):
     result = run_cli(capsys, "sample", str(run_dir), "--set", "sampler=langevin",
                      "--set", "sampler.step_size=inf")
