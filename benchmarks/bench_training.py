@@ -170,11 +170,11 @@ def main() -> None:
                                                     for k, v in results["gemm_probe"].items()})
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            config0 = load_config(name)
-            bs = config0.train.batch_size
-            pixels = math.prod(SHAPES.get(config0.data.name, (3, 64, 64)))
+            bs = load_config(name).train.batch_size
+            n_synthetic = bs * (args.steps + 2)
+            config, run, synthetic = build(name, Path(tmp), n_synthetic)
+            pixels = math.prod(run.data.image_shape)
             steps = max(3, int(args.steps * min(1.0, 3072 / pixels)))
-            config, run, synthetic = build(name, Path(tmp), max(bs * (steps + 2), 4 * bs))
             beta = getattr(run.objective, "beta", 1.0)
             lr = config.train.lr
             framework_loop(config, 2)  # warm-up (allocator, kernels)
@@ -194,7 +194,7 @@ def main() -> None:
                 row["effective_gflops"] = fpi * row["framework_images_per_second"] / 1e9
                 peak = max(results["gemm_probe"].values())
                 row["fraction_of_gemm_peak"] = row["effective_gflops"] / peak
-                _, run_cl, _ = build(name, Path(tmp), max(bs * (steps + 2), 4 * bs))
+                _, run_cl, _ = build(name, Path(tmp), n_synthetic)
                 row["bare_channels_last_images_per_second"] = statistics.median(
                     bare_loop(run_cl.model, run_cl.data.train, bs, steps, beta, r, lr,
                               channels_last=True) for r in range(args.repeats))
