@@ -15,8 +15,9 @@ frozen encoder's outputs for the whole training set, and scored on the **same** 
 
 Spec syntax: a prior name (``gaussian`` = N(0, I), ``gmm``, ``flow``, ``ncp``, ``ebm``, any
 registered prior) or ``tilted:base`` (``ncp:gmm``: NCP over a fitted GMM); ``run`` is the run's
-own (already fitted) prior. Each prior is built from its config defaults; a jointly trained prior
-such as ``vamp`` can only be compared as ``run`` (it needs the VAE it was trained with).
+own prior (fitted here if its checkpoint holds no fit). Each prior is built from its config
+defaults; a jointly trained prior such as ``vamp`` can only be compared as ``run`` (it needs
+the VAE it was trained with).
 
 Not computed here (yet): the importance-weighted bound on held-out images and the KID of decoded
 samples as paired differences; ``ncpvae evaluate`` gives both for the run's own prior.
@@ -160,7 +161,7 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
         prior = build_prior(spec, run, registry, options)
         fit_seconds = 0.0
         fit_summary: dict[str, Any] = {}
-        if isinstance(prior, LearnedPrior) and spec != "run":
+        if isinstance(prior, LearnedPrior) and (spec != "run" or not prior.is_fitted):
             started = time.perf_counter()
             fit_summary = dict(prior.fit(mu, logvar, generator=run.generator(_FIT_SEED),
                                          progress=not quiet))
