@@ -22,7 +22,7 @@ from ncpvae.objective import Objective
 from ncpvae.plugin_manager import PluginManager, get_plugin_manager
 from ncpvae.prior import Prior
 from ncpvae.registry import Registry
-from ncpvae.run import distributed, seeds
+from ncpvae.run import distributed, progress, seeds
 from ncpvae.run.checkpoint import load_checkpoint
 from ncpvae.run.directory import RunDirectory
 from ncpvae.sampler import Sampler
@@ -122,13 +122,13 @@ def create_run(config: RunConfig, out: str | Path | None = None, *, overwrite: b
     manager = manager if manager is not None else get_plugin_manager()
     path = Path(out) if out is not None else Path("runs") / config.name
     dist = distributed.setup(config.device)
-    dist.agree(lambda: RunDirectory.check_new(path, overwrite=overwrite) if dist.is_main else None)
+    dist.agree(lambda: progress.check_new(path, overwrite=overwrite) if dist.is_main else None)
     run = build_run(config, registry=manager.registry, quiet=quiet)
 
     def make_directory() -> RunDirectory | None:
         if not dist.is_main:  # only rank 0 writes
             return None
-        directory = RunDirectory.create(path, overwrite=overwrite)
+        directory = RunDirectory.create(path)  # checked above, before anything was built
         directory.write_config(config_to_toml(config))
         write_json(directory.plugins, plugin_records(manager))
         return directory

@@ -121,31 +121,10 @@ class RunDirectory:
         return any((self.path / marker).exists() for marker in RUN_MARKERS)
 
     @classmethod
-    def check_new(cls, path: str | Path, *, overwrite: bool = False) -> RunDirectory:
-        """Check that a new run may be written to ``path`` (nothing is changed): refuse a
-        directory holding a run unless ``overwrite`` (an unfinished one points to ``resume``),
-        and a path that is a file."""
+    def create(cls, path: str | Path) -> RunDirectory:
+        """Make a fresh run directory, removing every file and folder an earlier run wrote there
+        (and nothing else). Check first that this is allowed: :func:`ncpvae.run.progress.check_new`."""
         run = cls(Path(path))
-        if run.path.exists() and not run.path.is_dir():
-            raise NcpvaeError(f"'{run.path}' is a file, not a directory; choose another --out")
-        if run.is_run() and not overwrite:
-            from ncpvae.run import progress
-
-            if progress.is_unfinished(run):
-                raise NcpvaeError(
-                    f"'{run.path}' holds an unfinished run ({progress.describe(run)}); continue "
-                    f"it with `ncpvae resume {run.path}`, or pass --overwrite to start again")
-            raise NcpvaeError(
-                f"'{run.path}' already holds a run; pass --overwrite to replace it or "
-                "--out to choose another directory"
-            )
-        return run
-
-    @classmethod
-    def create(cls, path: str | Path, *, overwrite: bool = False) -> RunDirectory:
-        """Make a fresh run directory; refuse one that already holds a run unless ``overwrite``,
-        which removes every file and folder an earlier run wrote there (and nothing else)."""
-        run = cls.check_new(path, overwrite=overwrite)
         if run.is_run():
             for name in (*RUN_MARKERS, *RUN_OUTPUTS):
                 (run.path / name).unlink(missing_ok=True)

@@ -104,3 +104,22 @@ def clean_temp_files(path: Path) -> list[Path]:
 
 __all__ = ["stage_name", "read", "write", "is_unfinished", "describe", "require_finished",
            "metrics_lines", "truncate_metrics", "clean_temp_files"]
+
+
+def check_new(path: str | Path, *, overwrite: bool = False) -> RunDirectory:
+    """Check that a new run may be written to ``path`` (nothing is changed): refuse a directory
+    holding a run unless ``overwrite`` (an unfinished one points to ``resume``), and a path that
+    is a file."""
+    run = RunDirectory(Path(path))
+    if run.path.exists() and not run.path.is_dir():
+        raise NcpvaeError(f"'{run.path}' is a file, not a directory; choose another --out")
+    if run.is_run() and not overwrite:
+        if is_unfinished(run):
+            raise NcpvaeError(
+                f"'{run.path}' holds an unfinished run ({describe(run)}); continue "
+                f"it with `ncpvae resume {run.path}`, or pass --overwrite to start again")
+        raise NcpvaeError(
+            f"'{run.path}' already holds a run; pass --overwrite to replace it or "
+            "--out to choose another directory"
+        )
+    return run

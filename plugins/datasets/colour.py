@@ -45,7 +45,7 @@ from ncpvae import (
     TensorImageSource,
     atomic_write,
 )
-from ncpvae.plugins.datasets import seeded_permutation
+from ncpvae.plugins.datasets.splits import seeded_permutation
 
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))

@@ -34,7 +34,7 @@ from ncpvae import (
     TensorImageSource,
     atomic_write,
 )
-from ncpvae.plugins.datasets import seeded_permutation
+from ncpvae.plugins.datasets.splits import seeded_permutation
 
 RAW_FILES: tuple[str, ...] = (
     "train-images-idx3-ubyte",
