@@ -8,7 +8,6 @@ import types
 from typing import Literal
 
 import pytest
-import tomllib
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +23,7 @@ from ncpvae.config import (
     load_config,
     parse_override,
     read_toml,
+    tomllib,  # the stdlib parser, or tomli on Python 3.10
     validate_config,
 )
 from ncpvae.errors import ConfigError, UnknownComponentError

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
+from ncpvae.config import tomllib  # the stdlib parser, or tomli on Python 3.10
 from ncpvae.plugin_manager import PluginManager
 from ncpvae.testing import check_prior
 

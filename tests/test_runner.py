@@ -7,11 +7,15 @@ import types
 from typing import Literal
 
 import pytest
-import tomllib
 import torch
 
 from ncpvae import ComponentConfig, Objective, hookimpl
-from ncpvae.config import config_to_toml, load_config, validate_config
+from ncpvae.config import (
+    config_to_toml,
+    load_config,
+    tomllib,  # the stdlib parser, or tomli on Python 3.10
+    validate_config,
+)
 from ncpvae.errors import NcpvaeError, NonFiniteError
 from ncpvae.experiment import train
 from ncpvae.plugin_manager import PluginManager
