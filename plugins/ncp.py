@@ -48,12 +48,9 @@ from ncpvae import (
     Prior,
     PriorSection,
     build_component,
-    ess_fraction,
     hookimpl,
-    sampling_importance_resampling,
 )
 from ncpvae.plugins.tilted import (
-    SIR_POOL,
     MLPClassifier,
     TiltedPrior,
     check_encodings,
@@ -61,9 +58,6 @@ from ncpvae.plugins.tilted import (
 )
 
 __all__ = ["MLPClassifier", "NCPPrior", "roc_auc"]
-
-#: Kept for the SIR of :meth:`NCPPrior.sample_with_info` (shared with the EBM prior).
-_SIR_POOL = SIR_POOL
 
 def roc_auc(scores: Tensor, labels: Tensor) -> float:
     """Area under the ROC curve of ``scores`` ``(n,)`` for binary ``labels`` ``(n,)``.
@@ -189,35 +183,6 @@ class NCPPrior(TiltedPrior):
     def label(self) -> str:
         """``NCP``, or ``NCP over <base>`` when the base is not the tractable prior itself."""
         return "NCP" if self.base is self.base_prior else f"NCP over {self.base.label}"
-
-    # ------------------------------------------------------------------------------------------
-    # sampling
-
-    def sample_with_info(
-        self, n: int, *, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
-        """SIR: draw ``n * sir_candidates`` base candidates, weight them by ``exp f``, resample.
-
-        Resampling is multinomial with replacement from pools of about a million candidates,
-        so draws sharing a pool are slightly dependent; with ``M = sir_candidates`` the variance
-        of a sample mean is about ``Var/n * (1 + 1 / (M * ess_fraction))``. The bias of SIR is
-        ``O(1 / pool size)``. Returns ``(z (n, D), {"ess_fraction": ...})``; the Kish ESS
-        fraction of all weights (1: the base already matches) is also kept as
-        ``self.last_ess_fraction``.
-        """
-        self._require_fitted("sample")
-        if n < 0:
-            raise ValueError(f"cannot draw a negative number of samples ({n})")
-        if n == 0:
-            ref = self._param_like()
-            return torch.empty(0, self.latent_dim, device=ref.device, dtype=ref.dtype), {
-                "ess_fraction": float("nan")}
-        draws, log_weights = sampling_importance_resampling(
-            lambda m: self.base.sample(m, generator=generator), self._logit_nograd, n,
-            self.sir_candidates, pool_size=_SIR_POOL, generator=generator)
-        ess = ess_fraction(log_weights)
-        self.last_ess_fraction = ess
-        return draws, {"ess_fraction": ess}
 
     # ------------------------------------------------------------------------------------------
     # fitting
