@@ -17,7 +17,7 @@ from ncpvae.component import BuildContext
 from ncpvae.data import DataBundle, DatasetPlugin, GroundTruthData, ImageSource
 from ncpvae.errors import DataError
 from ncpvae.plugins import datasets as datasets_plugin
-from ncpvae.plugins.datasets import sprites
+from ncpvae.plugins.datasets import splits, sprites
 from ncpvae.plugins.datasets.digits import DigitsDataset
 from ncpvae.plugins.datasets.dsprites import DSpritesDataset
 from ncpvae.plugins.datasets.npz import NpzDataset
@@ -417,7 +417,7 @@ def test_npz_layouts_give_the_same_images(tmp_path):
 
 
 def _split_perm(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return datasets_plugin.split_by_fraction(n, fraction, seed, what="test")
+    return splits.split_by_fraction(n, fraction, seed, what="test")
 
 
 @pytest.mark.parametrize(
