@@ -367,7 +367,10 @@ def test_a_data_file_missing_on_rank_1_stops_both_ranks_with_one_line(tmp_path: 
     assert len(ours) == 1, done.stderr[-3000:]
     assert ours[0].startswith("ncpvae train: error: rank 1: npz")
     assert "images.npz" in ours[0] and "not found" in ours[0]
-    assert done.stderr.count("exitcode  : 2") == 2  # both ranks ended with the error status
+    # the ranks end with the error status; torchrun may stop the slower one itself (SIGTERM)
+    # once the first has exited, so it is not always listed as a failure of its own
+    assert 1 <= done.stderr.count("exitcode  : 2") <= 2
+    assert "exitcode  : 1" not in done.stderr  # no rank died of an unhandled exception
     assert seconds < 240  # the agreed error ended both ranks, not the 600 s collective timeout
 
 

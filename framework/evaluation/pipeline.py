@@ -54,7 +54,7 @@ from ncpvae.io import to_plain_json, write_json
 from ncpvae.metrics._common import eval_mode
 from ncpvae.prior import LearnedPrior
 from ncpvae.registry import Registry
-from ncpvae.run import seeds
+from ncpvae.run import faults, seeds
 from ncpvae.run.build import Run, heldout_latents, open_run
 from ncpvae.run.directory import RunDirectory
 from ncpvae.run.fit import learned_prior_summary
@@ -563,6 +563,7 @@ def evaluate_run(run: Run) -> dict[str, Any]:
             table: dict[str, Any] = {"feature_scale": None, "coverage_reference": None}
             evaluation["rows"] = evaluate_rows(run, net, heldout_z, clock, bar, runtime, table)
             evaluation.update(table)
+            faults.boundary("evaluate")  # a kill point in the middle of the stage (tests)
             if net is None and cfg.factor_recovery.enabled and run.data.ground_truth is not None:
                 with clock("feature net"):  # factor recovery wants it even without KID
                     net, net_info, hit = feature_net(run, notes)

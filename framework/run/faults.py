@@ -1,8 +1,9 @@
 """Deterministic kill points for fault-injection tests (off unless an environment variable asks).
 
-The runner calls :func:`boundary` right after each checkpoint it writes and at each stage
-boundary. With ``NCPVAE_KILL_AFTER=n`` the process kills itself with ``SIGKILL`` (no cleanup,
-no ``finally``, exactly like ``kill -9`` or a preempted job) at the n-th boundary (1-based);
+The runner calls :func:`boundary` right after each checkpoint it writes, at each stage
+boundary and once in the middle of the evaluation (``evaluate``). With ``NCPVAE_KILL_AFTER=n``
+the process kills itself with ``SIGKILL`` (no cleanup, no ``finally``, exactly like ``kill -9``
+or a preempted job) at the n-th boundary (1-based);
 ``NCPVAE_KILL_AFTER=n@label`` counts only the boundaries named ``label`` (e.g. ``3@epoch``).
 ``NCPVAE_KILL_LOG=path`` appends the label of every boundary reached to ``path`` (one per line),
 so a test can list the kill points of a run before choosing them.
