@@ -26,6 +26,11 @@ when it exists). Without them the JAX column is skipped with a message.
     .venv/bin/python benchmarks/bench_blackjax.py                 # 1 and 1024, 4096 chains
     .venv/bin/python benchmarks/bench_blackjax.py --quick         # smoke run
     .venv/bin/python benchmarks/bench_blackjax.py --threads 1 --json out.json
+    .venv/bin/python benchmarks/bench_blackjax.py --device cuda    # torch side on a GPU
+
+``--device cuda`` runs the torch columns on the GPU (energy, chains and generators there; each
+timed call ends with ``torch.cuda.synchronize()``) and skips the BlackJAX column (its worker is
+CPU-only here), as does ``--no-jax``.
 """
 
 from __future__ import annotations
@@ -143,10 +148,11 @@ class JaxWorker:
 # the torch side
 
 
-def build_energy(dim: int, hidden: int, seed: int) -> tuple[nn.Module, callable]:
+def build_energy(dim: int, hidden: int, seed: int, device: str | torch.device = "cpu"
+                 ) -> tuple[nn.Module, callable]:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                        nn.Linear(hidden, 1))
+                        nn.Linear(hidden, 1)).to(device)
     net.requires_grad_(False)
     net.eval()
 
@@ -160,8 +166,8 @@ def save_weights(net: nn.Module, path: Path) -> None:
     linears = [m for m in net if isinstance(m, nn.Linear)]
     arrays = {}
     for i, layer in enumerate(linears, 1):
-        arrays[f"w{i}"] = layer.weight.detach().numpy()
-        arrays[f"b{i}"] = layer.bias.detach().numpy()
+        arrays[f"w{i}"] = layer.weight.detach().cpu().numpy()
+        arrays[f"b{i}"] = layer.bias.detach().cpu().numpy()
     np.savez(path, **arrays)
 
 
@@ -177,12 +183,12 @@ def bare_mala(energy, z: Tensor, steps: int, step_size: float, gen: torch.Genera
     u, g = energy_grad(z)
     scale = math.sqrt(2 * step_size)
     for _ in range(steps):
-        xi = torch.randn(z.shape, generator=gen)
+        xi = torch.randn(z.shape, generator=gen, device=z.device)
         prop = z - step_size * g + scale * xi
         up, gp = energy_grad(prop)
         r = z - prop + step_size * gp
         log_alpha = u - up - (r * r).sum(-1) / (4 * step_size) + 0.5 * (xi * xi).sum(-1)
-        accept = torch.log(torch.rand(u.shape, generator=gen)) < log_alpha
+        accept = torch.log(torch.rand(u.shape, generator=gen, device=u.device)) < log_alpha
         z = torch.where(accept[:, None], prop, z)
         u = torch.where(accept, up, u)
         g = torch.where(accept[:, None], gp, g)
@@ -190,8 +196,9 @@ def bare_mala(energy, z: Tensor, steps: int, step_size: float, gen: torch.Genera
 
 
 def measure(chains: int, args, energy, jax: JaxWorker | None) -> dict:
-    gen = torch.Generator().manual_seed(1)
-    z0 = torch.randn(chains, args.dim, generator=gen)
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    z0 = torch.randn(chains, args.dim, generator=torch.Generator().manual_seed(1)).to(device)
     steps = args.steps if chains > 1 else args.steps_one
     mala = LangevinSampler(step_size=args.step_size, metropolis=True)
     fns = {
@@ -216,8 +223,12 @@ def measure(chains: int, args, energy, jax: JaxWorker | None) -> dict:
     for round_ in range(args.warmup + args.repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             out = fns[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             elapsed = out if isinstance(out, float) else time.perf_counter() - start
             if round_ >= args.warmup:
                 times[name].append(elapsed)
@@ -265,15 +276,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jax-python", default=None,
                         help=f"python of the JAX/BlackJAX environment (default "
                              f"{DEFAULT_JAX_PYTHON} if present, else this interpreter)")
+    parser.add_argument("--device", default="cpu", help="device of the torch columns: cpu or "
+                        "cuda[:N] (cuda skips the BlackJAX column)")
+    parser.add_argument("--no-jax", action="store_true", help="skip the BlackJAX column")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
     if args.quick:
         args.chains, args.steps, args.steps_one, args.repeats = "1,256", 10, 20, 2
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    net, energy = build_energy(args.dim, args.hidden, args.seed)
+    net, energy = build_energy(args.dim, args.hidden, args.seed, args.device)
     python = args.jax_python or (DEFAULT_JAX_PYTHON if Path(DEFAULT_JAX_PYTHON).exists()
                                  else sys.executable)
     jax = None
@@ -281,13 +297,18 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.npz"
         save_weights(net, weights)
-        worker = JaxWorker(python, weights, args.threads)
-        if "error" in worker.hello:
+        worker = None
+        if args.no_jax or args.device != "cpu":
+            notes.append("BlackJAX column skipped: " + ("--no-jax" if args.no_jax else
+                         f"torch runs on {args.device}, the JAX worker on the CPU"))
+        else:
+            worker = JaxWorker(python, weights, args.threads)
+        if worker is not None and "error" in worker.hello:
             notes.append(f"BlackJAX column skipped: JAX/BlackJAX not importable with {python} "
                          f"({worker.hello['error']}); install them in a separate environment "
                          f"(see the module docstring)")
             worker.close()
-        else:
+        elif worker is not None:
             jax = worker
             gap = check_same_energy(energy, jax, args.dim)
             notes.append(f"JAX {worker.hello['ready']}, BlackJAX {worker.hello['blackjax']}; "

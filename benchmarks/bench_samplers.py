@@ -19,6 +19,10 @@ the latent size at 1024 chains.
     .venv/bin/python benchmarks/bench_samplers.py            # full run, a few minutes
     .venv/bin/python benchmarks/bench_samplers.py --quick    # smoke run, seconds
     .venv/bin/python benchmarks/bench_samplers.py --json bench.json
+    .venv/bin/python benchmarks/bench_samplers.py --device cuda --chains 1,1024,16384,131072
+
+With ``--device cuda`` the energy, the chains and the generators live on the GPU and every timed
+call ends with ``torch.cuda.synchronize()`` (kernels are asynchronous).
 """
 
 from __future__ import annotations
@@ -40,11 +44,11 @@ from ncpvae.plugins.langevin import LangevinSampler
 STEP_SIZE = 0.01
 
 
-def ncp_like_energy(dim: int, hidden: int, dtype: torch.dtype, seed: int = 0
-                    ) -> Callable[[Tensor], Tensor]:
+def ncp_like_energy(dim: int, hidden: int, dtype: torch.dtype, seed: int = 0,
+                    device: str | torch.device = "cpu") -> Callable[[Tensor], Tensor]:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                        nn.Linear(hidden, 1)).to(dtype)
+                        nn.Linear(hidden, 1)).to(dtype=dtype, device=device)
     net.requires_grad_(False)  # a fitted prior is frozen while sampling
     net.eval()
 
@@ -60,7 +64,7 @@ def bare_ula(energy, z: Tensor, steps: int, generator: torch.Generator) -> Tenso
     for _ in range(steps):
         z = z.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(energy(z).sum(), z)
-        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype)
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
         z = z.detach() - STEP_SIZE * grad + noise_scale * noise
     return z
 
@@ -70,19 +74,28 @@ def per_chain_loop(energy, z: Tensor, steps: int, generator: torch.Generator) ->
     return torch.cat([bare_ula(energy, z[c: c + 1], steps, generator) for c in range(z.shape[0])])
 
 
-def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
-                      ) -> dict[str, list[float]]:
+def sync(device: torch.device | None) -> None:
+    """Wait for the device's queued kernels (a no-op on the CPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                      device: torch.device | None = None) -> dict[str, list[float]]:
     """Seconds per call of each function, measured in rounds (one call of each per round, in a
     rotating order) so that a change in machine load hits every variant alike; ``warmup``
-    rounds are discarded."""
+    rounds are discarded. On a GPU each call is timed from a synchronized start to a
+    synchronized end."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for round_ in range(warmup + repeats):
         shift = round_ % len(names)  # rotate the order: no variant always runs first
         for name in names[shift:] + names[:shift]:
             fn = fns[name]
+            sync(device)
             start = time.perf_counter()
             out = fn()
+            sync(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
                 if hasattr(out, "diagnostics"):  # a SampleResult: also its stepping-loop time
@@ -96,19 +109,20 @@ def paired_median(num: list[float], den: list[float]) -> float:
 
 def measure(dim: int, chains: int, args, *, with_baselines: bool) -> dict:
     dtype = getattr(torch, args.dtype)
-    energy = ncp_like_energy(dim, args.hidden, dtype)
-    z0 = torch.randn(chains, dim, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    device = torch.device(args.device)
+    energy = ncp_like_energy(dim, args.hidden, dtype, device=device)
+    z0 = torch.randn(chains, dim, generator=torch.Generator().manual_seed(1), dtype=dtype).to(device)
     ula = LangevinSampler(step_size=STEP_SIZE)
     mala = LangevinSampler(step_size=STEP_SIZE, metropolis=True)
     steps = args.steps
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(device=device).manual_seed(2)
     fns = {
         "ula": lambda: ula.run(energy, z0, steps, generator=g),
         "mala": lambda: mala.run(energy, z0, steps, generator=g),
     }
     if with_baselines:
         fns["bare"] = lambda: bare_ula(energy, z0, steps, g)
-    times = timed_interleaved(fns, args.repeats, args.warmup)
+    times = timed_interleaved(fns, args.repeats, args.warmup, device)
     row = {"dim": dim, "chains": chains, "steps": steps, "times_s": times}
     for name, values in times.items():
         t = statistics.median(values)
@@ -121,10 +135,15 @@ def measure(dim: int, chains: int, args, *, with_baselines: bool) -> dict:
         loop_chains = min(chains, args.loop_chains)
         z_loop = z0[:loop_chains]
         loop = timed_interleaved({"loop": lambda: per_chain_loop(energy, z_loop, args.loop_steps,
-                                                                  g)}, 1, 1)["loop"]
+                                                                  g)}, 1, 1, device)["loop"]
         row["loop_chain_steps_per_s"] = loop_chains * args.loop_steps / loop[0]
         row["vectorized_over_loop"] = row["ula_chain_steps_per_s"] / row["loop_chain_steps_per_s"]
     return row
+
+
+def device_name(device: str) -> str:
+    """``cpu``, or the GPU's name."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 def fmt_rate(x: float) -> str:
@@ -137,8 +156,8 @@ def markdown(rows: list[dict], dim_rows: list[dict], args, wall: float) -> str:
         f" -> 1, SiLU), {args.dtype}, {args.steps} steps per run (the framework's run also "
         f"evaluates the gradient once at init), median of {args.repeats} interleaved rounds "
         f"after {args.warmup} warm-up (ratios: medians of per-round ratios); "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, load average "
+        f"torch {torch.__version__}, {device_name(args.device)}, {torch.get_num_threads()} "
+        f"threads, {platform.processor() or platform.machine()}, load average "
         f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.",
         "",
         "| chains | ULA (framework) | MALA (framework) | bare ULA loop | per-chain loop "
@@ -195,9 +214,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loop-steps", type=int, default=5, help="steps per chain in the loop")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--json", default=None, help="also write the raw numbers here")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
     if args.quick:
         args.chains, args.dims, args.dim_chains = "1,16,256", "2,10", 256
         args.steps, args.repeats, args.warmup, args.loop_chains, args.loop_steps = 5, 1, 1, 4, 2
@@ -214,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "rows": rows, "dim_rows": dim_rows,
                        "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "device": device_name(args.device),
                        "loadavg": os.getloadavg(), "wall_s": wall}, fh, indent=2)
 
 

@@ -22,6 +22,11 @@ information only: its numbers are not bit-identical to the default layout, so it
 
     python benchmarks/bench_training.py --json benchmarks/results/training.json   # idle machine
     python benchmarks/bench_training.py --configs default smoke --steps 10 --repeats 2  # quick
+    python benchmarks/bench_training.py --device cuda --json training_cuda.json         # a GPU
+
+``--device cuda`` sets ``device = "cuda"`` in every config, moves the bare loop's batches to the
+GPU like ``train_vae`` does, synchronizes before reading a clock, skips the oneDNN probe and adds
+a large (8192 x 8192) @ (8192 x 8192) product to the GEMM probe (the small one cannot fill a GPU).
 """
 
 from __future__ import annotations
@@ -61,33 +66,42 @@ def synthetic_overrides(config, tmp: Path, n: int) -> list[str]:
     return ["data=npz", f"data.path={path}", "data.layout=nchw", "data.test_fraction=0.05"]
 
 
-def build(name: str, tmp: Path, n_synthetic: int):
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(name: str, tmp: Path, n_synthetic: int, device: str = "cpu"):
     """The config and a built run; synthetic data when the dataset cannot be built offline."""
-    base = ["data.download=false"]
+    base = ["data.download=false", f"device={device}"]
     try:
         config = load_config(name, base)
     except NcpvaeError:
-        base = []
-        config = load_config(name)
+        base = [f"device={device}"]
+        config = load_config(name, base)
     try:
         return config, build_run(config, quiet=True), False
     except NcpvaeError:
-        config = load_config(name, synthetic_overrides(config, tmp, n_synthetic))
+        config = load_config(name, synthetic_overrides(config, tmp, n_synthetic)
+                             + [f"device={device}"])
         return config, build_run(config, quiet=True), True
 
 
 def bare_loop(model, source, batch_size: int, steps: int, beta: float, seed: int, lr: float,
               channels_last: bool = False) -> float:
-    """Images per second of a minimal hand-written beta-VAE loop."""
+    """Images per second of a minimal hand-written beta-VAE loop (on the model's device)."""
+    device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(source), generator=generator)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    sync(device)
     start = time.perf_counter()
     for i in range(steps):
         index = order[(i * batch_size) % len(source):][:batch_size]
-        x = source.get_batch(index)
+        x = source.get_batch(index).to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         mu, logvar = model.encode(x)
@@ -98,6 +112,7 @@ def bare_loop(model, source, batch_size: int, steps: int, beta: float, seed: int
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    sync(device)
     return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -114,7 +129,7 @@ def flops_per_image(run) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     bs = run.config.train.batch_size
-    x = run.data.train.get_batch(torch.arange(min(bs, len(run.data.train))))
+    x = run.data.train.get_batch(torch.arange(min(bs, len(run.data.train)))).to(run.device)
     counter = FlopCounterMode(display=False)
     with counter:
         out = run.objective.loss(x, run.model, run.prior.base_prior, step=0)
@@ -123,25 +138,32 @@ def flops_per_image(run) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def gemm_probe(repeats: int = 5, iters: int = 50) -> dict[str, float]:
-    """GFLOP/s (median over ``repeats``) of a (4096 x 256) @ (256 x 256) fp32 product."""
-    x = torch.randn(4096, 256)
-    w = torch.randn(256, 256)
-    flops = 2 * 4096 * 256 * 256
+def gemm_probe(repeats: int = 5, iters: int = 50, device: str = "cpu") -> dict[str, float]:
+    """GFLOP/s (median over ``repeats``) of a (4096 x 256) @ (256 x 256) fp32 product; on a GPU
+    also of (8192 x 8192) @ (8192 x 8192) (TF32 as torch's current setting has it)."""
+    dev = torch.device(device)
+    x = torch.randn(4096, 256, device=dev)
+    w = torch.randn(256, 256, device=dev)
     out: dict[str, float] = {}
 
-    def rate(fn) -> float:
+    def rate(fn, flops: int, iters: int = iters) -> float:
         fn()
         times = []
         for _ in range(repeats):
+            sync(dev)
             start = time.perf_counter()
             for _ in range(iters):
                 fn()
+            sync(dev)
             times.append((time.perf_counter() - start) / iters)
         return flops / statistics.median(times) / 1e9
 
-    out["torch_mm_gflops"] = rate(lambda: torch.mm(x, w))
-    if torch.backends.mkldnn.is_available():
+    out["torch_mm_gflops"] = rate(lambda: torch.mm(x, w), 2 * 4096 * 256 * 256)
+    if dev.type == "cuda":
+        a = torch.randn(8192, 8192, device=dev)
+        out["torch_mm_8192_gflops"] = rate(lambda: torch.mm(a, a), 2 * 8192**3, iters=10)
+        out["tf32_matmul"] = float(torch.backends.cuda.matmul.allow_tf32)
+    elif torch.backends.mkldnn.is_available():
         from torch.utils import mkldnn as mkldnn_utils
 
         linear = nn.Linear(256, 256, bias=False)
@@ -149,30 +171,36 @@ def gemm_probe(repeats: int = 5, iters: int = 50) -> dict[str, float]:
             linear.weight.copy_(w.t())
             fast = mkldnn_utils.to_mkldnn(linear)
             xm = x.to_mkldnn()
-            out["onednn_linear_gflops"] = rate(lambda: fast(xm))
+            out["onednn_linear_gflops"] = rate(lambda: fast(xm), 2 * 4096 * 256 * 256)
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="*", default=None,
                         help="config names (default: every framework/configs/*.toml)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per measurement "
                         "(scaled down for configs with large images)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
     names = args.configs or sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
     results: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                     "steps": args.steps, "repeats": args.repeats, "configs": {}}
-    results["gemm_probe"] = gemm_probe()
+                     "steps": args.steps, "repeats": args.repeats, "device": args.device,
+                     "configs": {}}
+    if args.device.startswith("cuda"):
+        results["gpu"] = torch.cuda.get_device_name(args.device)
+    results["gemm_probe"] = gemm_probe(device=args.device)
     print("GEMM probe (4096x256)@(256x256) fp32:", {k: round(v, 1)
                                                     for k, v in results["gemm_probe"].items()})
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             bs = load_config(name).train.batch_size
             n_synthetic = bs * (args.steps + 2)
-            config, run, synthetic = build(name, Path(tmp), n_synthetic)
+            config, run, synthetic = build(name, Path(tmp), n_synthetic, args.device)
             pixels = math.prod(run.data.image_shape)
             steps = max(3, int(args.steps * min(1.0, 3072 / pixels)))
             beta = getattr(run.objective, "beta", 1.0)
@@ -192,9 +220,9 @@ def main() -> None:
                 fpi = flops_per_image(run)
                 row["flops_per_image"] = fpi
                 row["effective_gflops"] = fpi * row["framework_images_per_second"] / 1e9
-                peak = max(results["gemm_probe"].values())
+                peak = max(v for k, v in results["gemm_probe"].items() if k.endswith("_gflops"))
                 row["fraction_of_gemm_peak"] = row["effective_gflops"] / peak
-                _, run_cl, _ = build(name, Path(tmp), n_synthetic)
+                _, run_cl, _ = build(name, Path(tmp), n_synthetic, args.device)
                 row["bare_channels_last_images_per_second"] = statistics.median(
                     bare_loop(run_cl.model, run_cl.data.train, bs, steps, beta, r, lr,
                               channels_last=True) for r in range(args.repeats))
