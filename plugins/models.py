@@ -8,7 +8,7 @@ layers of 256. For other sizes it uses as many stride-2 stages as halve the imag
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -44,7 +44,28 @@ def _require_image_shape(ctx: BuildContext, who: str) -> tuple[int, int, int]:
     return ctx.image_shape
 
 
-class MLPVAE(LatentModel):
+class _EncoderDecoderVAE(LatentModel):
+    """Shared by the built-in models: built from the image shape, the latent size, the config
+    fields named in ``arch_fields`` and the likelihood fields; ``encoder`` maps images
+    ``(B, C, H, W)`` to ``(B, 2D)``, the means and log-variances side by side."""
+
+    #: the config fields passed on to ``__init__`` as keyword arguments
+    arch_fields: ClassVar[tuple[str, ...]]
+    encoder: nn.Module
+
+    @classmethod
+    def from_config(cls, config: LikelihoodFields, ctx: BuildContext) -> _EncoderDecoderVAE:
+        shape = _require_image_shape(ctx, f"the {cls.name} model")
+        return cls(shape, ctx.require_latent_dim(cls.name),
+                   **{field: getattr(config, field) for field in cls.arch_fields},
+                   **config.likelihood_kwargs(shape))
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.encoder(x).chunk(2, dim=-1)
+        return mu, logvar
+
+
+class MLPVAE(_EncoderDecoderVAE):
     """Dense encoder ``prod(C,H,W) -> hidden... -> 2D`` and mirrored decoder.
 
     The default ``hidden = [512, 256]`` was chosen by measurement: the original notebook's deep,
@@ -55,6 +76,7 @@ class MLPVAE(LatentModel):
     """
 
     name = "mlp"
+    arch_fields = ("hidden", "activation")
 
     class Config(LikelihoodFields):
         name: Literal["mlp"] = "mlp"
@@ -83,16 +105,6 @@ class MLPVAE(LatentModel):
         dec.append(nn.Linear(dec_sizes[-1], n_pixels))
         self.decoder = nn.Sequential(*dec)
 
-    @classmethod
-    def from_config(cls, config: Config, ctx: BuildContext) -> MLPVAE:
-        shape = _require_image_shape(ctx, "the mlp model")
-        return cls(shape, ctx.require_latent_dim("mlp"), hidden=config.hidden,
-                   activation=config.activation, **config.likelihood_kwargs(shape))
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.encoder(x).chunk(2, dim=-1)
-        return mu, logvar
-
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z).view(*z.shape[:-1], *self.image_shape)
 
@@ -106,11 +118,12 @@ def num_halvings(size: int, max_halvings: int = 4, min_size: int = 4) -> int:
     return count
 
 
-class ConvVAE(LatentModel):
+class ConvVAE(_EncoderDecoderVAE):
     """The Burgess et al. (2018) convolutional encoder/decoder; for colour data (CIFAR-10, SVHN
     at 3x32x32, CelebA at 3x64x64) give ``channels`` per stage, e.g. ``[64, 128, 256]``."""
 
     name = "conv"
+    arch_fields = ("channels", "hidden")
 
     class Config(LikelihoodFields):
         name: Literal["conv"] = "conv"
@@ -153,16 +166,6 @@ class ConvVAE(LatentModel):
             if i < stages - 1:
                 dec.append(nn.ReLU())
         self.decoder_conv = nn.Sequential(*dec)
-
-    @classmethod
-    def from_config(cls, config: Config, ctx: BuildContext) -> ConvVAE:
-        shape = _require_image_shape(ctx, "the conv model")
-        return cls(shape, ctx.require_latent_dim("conv"), channels=config.channels,
-                   hidden=config.hidden, **config.likelihood_kwargs(shape))
-
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.encoder(x).chunk(2, dim=-1)
-        return mu, logvar
 
     def decode(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
