@@ -100,19 +100,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
 
-    p = sub.add_parser("compare-priors", help="fit several priors on a run's frozen VAE and "
-                       "compare their held-out aggregate-posterior fit")
+    p = sub.add_parser(
+        "compare-priors",
+        help="fit several priors on a run's frozen VAE and compare them with N(0, I): held-out "
+             "aggregate-posterior fit, IW bound and KID of decoded samples (paired differences "
+             "with SEs), fit time, samples/s",
+        description="Fit each listed prior on the run's frozen VAE and compare it with N(0, I) "
+                    "on the same held-out draws, test images and KID subsets (paired "
+                    "differences with their SEs). Writes table.json, table.md, gains.png and "
+                    "sample grids into RUN/compare_priors after every prior (an interrupted "
+                    "comparison keeps its rows; a rerun with the same settings skips priors "
+                    "already done) and adds the table to the run's report.")
     p.add_argument("run", help="run directory")
     p.add_argument("--priors", default=None,
                    help="comma-separated prior specs: names, 'tilted:base' (e.g. ncp:gmm) or "
                         "'run' (default: gaussian,gmm,flow,ncp,ebm,ncp:gmm)")
     p.add_argument("--heldout", type=int, default=None,
-                   help="held-out test images to score on (default: all)")
+                   help="held-out test images for the cross-entropy (default: all)")
     p.add_argument("--train", type=int, default=None,
                    help="training encodings to fit on (a seeded subset; default: all)")
+    p.add_argument("--iw-images", type=_count(0), default=None,
+                   help="test images for the IW bound (default: evaluate.likelihood.num_examples;"
+                        " 0: skip it)")
+    p.add_argument("--iw-samples", type=_count(1), default=None,
+                   help="importance samples K per image (default: "
+                        "evaluate.likelihood.num_samples)")
+    p.add_argument("--kid-samples", type=_count(0), default=None,
+                   help="decoded samples per prior for KID, and as many test images at most "
+                        "(default: 10000; 0: skip sample quality)")
+    p.add_argument("--kid-subsets", type=_count(2), default=None,
+                   help="disjoint KID subsets, the SE's degrees of freedom + 1 (default: 20)")
     p.add_argument("--option", dest="prior_options", action="append", default=[],
                    metavar="PRIOR.FIELD=VALUE",
                    help="override a prior's config field, e.g. flow.epochs=30 (repeatable)")
+    p.add_argument("--fresh", action="store_true",
+                   help="recompute every prior (default: reuse the rows of an earlier "
+                        "comparison in the output folder made with the same settings)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/compare_priors)")
     _overrides(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -262,10 +285,13 @@ def cmd_compare_priors(args: argparse.Namespace) -> int:
 
     priors = DEFAULT_PRIORS if args.priors is None else tuple(
         p.strip() for p in args.priors.split(",") if p.strip())
+    sizes = {k: v for k, v in (("kid_samples", args.kid_samples),
+                                ("kid_subsets", args.kid_subsets)) if v is not None}
     result = compare_priors(args.run, priors, overrides=args.overrides,
                             num_heldout=args.heldout, num_train=args.train,
-                            options=parse_options(args.prior_options), out=args.out,
-                            registry=_manager(args).registry, quiet=args.quiet)
+                            iw_images=args.iw_images, iw_samples=args.iw_samples, **sizes,
+                            options=parse_options(args.prior_options), fresh=args.fresh,
+                            out=args.out, registry=_manager(args).registry, quiet=args.quiet)
     print(format_table(result), end="")
     return 0
 

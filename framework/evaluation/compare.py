@@ -1,49 +1,95 @@
 """``ncpvae compare-priors RUN``: fit several priors on one frozen VAE and compare them (MATH.md §7).
 
 Every listed prior is built with the run's latent size, fitted (if it is a learned prior) on the
-frozen encoder's outputs for the whole training set, and scored on the **same** held-out draws
-``z_i ~ q(z|x_i)`` of test images:
+frozen encoder's outputs for the whole training set, and scored against N(0, I) on the **same**
+draws, images and subsets (every difference below is paired: a per-draw / per-image /
+per-subset difference, whose SE is the SE of that difference's mean, which cancels the spread
+shared by both rows):
 
-- ``cross_entropy`` ``= mean_i -log p(z_i)`` (nats per latent vector), with ``log Z`` subtracted
-  for unnormalized priors; its SE adds the SE of the mean and that of ``log Z`` in quadrature;
-- ``gain`` over N(0, I), **paired**: the mean of ``log p(z_i) - log N(z_i; 0, I)`` over the same
-  draws, with the SE of that mean (and ``log Z``'s); it equals the reduction of
-  ``KL(q || prior)`` relative to N(0, I). Paired differences cancel the draw-to-draw spread that
-  dominates the SE of each cross-entropy;
-- ``fit_seconds`` and ``samples_per_second`` (``prior.sample`` throughput);
-- for tilted priors over a learned base (``ncp:gmm``) also ``gain_over_base`` with its SE.
+- aggregate-posterior fit on held-out draws ``z_i ~ q(z|x_i)`` of test images:
+  ``cross_entropy`` ``= mean_i -log p(z_i)`` (nats per latent vector), with ``log Z``
+  subtracted for unnormalized priors (its SE adds the SE of the mean and that of ``log Z`` in
+  quadrature); ``gain`` ``= mean_i log p(z_i) - log N(z_i; 0, I)``, the reduction of
+  ``KL(q || prior)`` relative to N(0, I); for tilted priors over a learned base (``ncp:gmm``)
+  also ``gain_over_base``;
+- importance-weighted bound on held-out images (:mod:`ncpvae.metrics.likelihood`): ``iw_bound``
+  ``= mean_x L_K(x)`` (nats per image, ``log Z`` subtracted, its SE included) and ``iw_gain``
+  ``= mean_x L_K(x; prior) - L_K(x; N(0, I))`` on the same importance draws ``z_s ~ q(z|x)``
+  (the decoder runs once; each prior only adds its ``log p(z_s)``); ``iw_gain_se_unpaired``
+  is what the SE would be without pairing. Its draws use the evaluation's likelihood seed, so
+  with the run's ``[evaluate.likelihood]`` sizes (the default) the N(0, I) row equals
+  ``ncpvae evaluate``'s base-prior bound;
+- sample quality of decoded samples (decoder means of ``prior.sample``, e.g. SIR for NCP) on the
+  run's feature net (:func:`ncpvae.evaluation.pipeline.feature_net`, cached): ``kid`` with its
+  SE over ``B`` disjoint subsets of ``kid_samples`` real test images and as many samples (each
+  subset takes ``n_real / B`` real and ``n_fake / B`` decoded points;
+  :func:`ncpvae.metrics.sample_quality.kid_blocks`), and ``kid_diff`` ``= KID(prior) -
+  KID(N(0, I))`` averaged over the subsets, with the **same real subsets** for every row (the
+  real-real term cancels exactly), its SE from the ``B`` per-subset differences
+  (``kid_diff_se``; unpaired: ``kid_diff_se_unpaired``); plus the Fréchet distance and
+  precision / recall (``min(n_real, n_fake)`` points per side);
+- ``fit_seconds`` and ``samples_per_second`` (``prior.sample`` throughput).
 
 Spec syntax: a prior name (``gaussian`` = N(0, I), ``gmm``, ``flow``, ``ncp``, ``ebm``, any
 registered prior) or ``tilted:base`` (``ncp:gmm``: NCP over a fitted GMM); ``run`` is the run's
 own prior (fitted here if its checkpoint holds no fit). Each prior is built from its config
-defaults; a jointly trained prior such as ``vamp`` can only be compared as ``run`` (it needs
-the VAE it was trained with).
+defaults (``options`` override fields per prior name); a jointly trained prior such as
+``vamp`` can only be compared as ``run`` (it needs the VAE it was trained with).
 
-Not computed here (yet): the importance-weighted bound on held-out images and the KID of decoded
-samples as paired differences; ``ncpvae evaluate`` gives both for the run's own prior.
+Output (``RUN/compare_priors`` by default): ``table.json``, ``table.md``, ``gains.png`` and one
+grid of decoded samples per prior, **rewritten after every prior** (atomically), so an
+interrupted comparison keeps its finished rows (``"complete": false``, ``"pending"`` lists the
+rest). A rerun with the same settings (checkpoint, sizes, seeds) reuses the rows of priors
+already done with the same config (``fresh=True``: recompute all). When the run has a report
+(``report.html`` / ``report.md``) and the output is the default folder, the report is rewritten
+too, with the comparison table and figure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ncpvae import metrics as M
+from ncpvae.component import ComponentConfig
 from ncpvae.config import validate_component
 from ncpvae.errors import ConfigError
+from ncpvae.evaluation.report import COMPARE_TABLE
 from ncpvae.factory import build_component
 from ncpvae.io import to_plain_json, write_json, write_text
+from ncpvae.metrics.likelihood import (
+    LogNormalizer,
+    bounds_from_log_weights,
+    importance_draws,
+    prior_log_weights,
+)
+from ncpvae.metrics.sample_quality import kid_blocks
 from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.registry import Registry
+from ncpvae.run import seeds
 from ncpvae.run.build import Run, encode_source, heldout_latents, open_run
 
 DEFAULT_PRIORS = ("gaussian", "gmm", "flow", "ncp", "ebm", "ncp:gmm")
-#: seeds of the comparison's random streams (fits, held-out draws, log Z, sampling)
-_FIT_SEED, _HELDOUT_SEED, _LOG_Z_SEED, _SAMPLE_SEED = 11, 12, 13, 14
+#: where the comparison goes inside a run (the report looks there)
+COMPARE_DIR = COMPARE_TABLE[0]
+#: version of the table.json layout
+FORMAT = 2
+#: seeds of the comparison's random streams (fits, held-out draws, log Z, sampling speed, the
+#: decoded samples of KID, KID's subsets); the IW draws use seeds.EVAL_LIKELIHOOD
+_FIT_SEED, _HELDOUT_SEED, _LOG_Z_SEED, _SAMPLE_SEED, _KID_DRAW_SEED, _KID_SUBSET_SEED = (
+    11, 12, 13, 14, 15, 16)
+#: decoded samples per prior for KID (and real test images, at most the test set)
+KID_SAMPLES = 10_000
+#: KID's disjoint subsets (the SE of a paired difference has KID_SUBSETS - 1 degrees of freedom)
+KID_SUBSETS = 20
 
 
 def parse_spec(spec: str) -> dict[str, Any]:
@@ -86,17 +132,23 @@ def parse_options(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any
     return options
 
 
+def prior_config(spec: str, run: Run, registry: Registry,
+                 options: dict[str, dict[str, Any]] | None = None) -> ComponentConfig:
+    """The validated ``[prior]`` section of ``spec`` (``run``: the run's own)."""
+    if spec == "run":
+        return run.config.prior
+    return validate_component("prior", _with_options(parse_spec(spec), options or {}), registry)
+
+
 def build_prior(spec: str, run: Run, registry: Registry,
                 options: dict[str, dict[str, Any]] | None = None) -> Prior:
     """A fresh prior for ``spec`` with the run's latent size and device (``run``: the run's own);
     ``options[name]`` overrides config fields of every prior section called ``name``."""
     if spec == "run":
         return run.prior
-    config = validate_component("prior", _with_options(parse_spec(spec), options or {}),
-                                registry)
     ctx = run.build_context()
     ctx.image_shape = run.data.image_shape
-    prior = build_component(config, "prior", ctx)
+    prior = build_component(prior_config(spec, run, registry, options), "prior", ctx)
     assert isinstance(prior, Prior)
     prior.bind_model(run.model)
     return prior
@@ -122,56 +174,298 @@ def score_prior(prior: Prior, heldout: Tensor, reference_log_prob: Tensor, *,
             "gain_se": gain_se, "log_z": log_z, "log_z_se": log_z_se}
 
 
+# ---------------------------------------------------------------------------------------------
+# the importance-weighted bound and KID, paired against N(0, I)
+
+
+@dataclass
+class ImportanceDraws:
+    """The held-out images' importance draws, shared by every prior: per batch of images,
+    ``z`` ``(K, B, D)`` and ``log p(x|z) - log q(z|x)`` ``(K, B)`` (float64)."""
+
+    batches: list[tuple[Tensor, Tensor]]
+    num_examples: int
+    num_samples: int
+
+    @classmethod
+    def draw(cls, run: Run, num_examples: int, num_samples: int,
+             batch_size: int) -> ImportanceDraws:
+        """Draws for the first ``num_examples`` test images, with the generator stream of
+        :func:`ncpvae.evaluation.pipeline.likelihood` (one ``EVAL_LIKELIHOOD`` generator,
+        batches of ``batch_size`` images)."""
+        generator = run.generator(seeds.EVAL_LIKELIHOOD)
+        batches = []
+        for index in torch.arange(num_examples).split(batch_size):
+            x = run.data.test.get_batch(index).to(run.device)
+            batches.append(importance_draws(run.model, x, num_samples, generator=generator))
+        return cls(batches, num_examples, num_samples)
+
+    def bounds(self, prior: Prior,
+               log_normalizer: LogNormalizer | None) -> tuple[Tensor, Tensor]:
+        """Per-image IW bound and ELBO ``(N,)`` (float64, CPU) under ``prior``."""
+        iw, elbo = zip(*(bounds_from_log_weights(prior_log_weights(
+            prior, z, partial, log_normalizer=log_normalizer)) for z, partial in self.batches))
+        return torch.cat(iw).cpu(), torch.cat(elbo).cpu()
+
+
+@dataclass
+class SampleQuality:
+    """Real test-image features (scaled as the evaluation does) and the feature net."""
+
+    net: Any
+    real: np.ndarray  # (n_real, F)
+    scale: float
+    num_fake: int
+    num_subsets: int
+    batch_size: int
+
+    @classmethod
+    def prepare(cls, run: Run, num_samples: int, num_subsets: int,
+                notes: list[str]) -> SampleQuality | None:
+        """The cached feature net and the first ``min(num_samples, test size)`` test images'
+        features; None (with a note) when the data has nothing to train a feature net on."""
+        from ncpvae.evaluation.pipeline import feature_net, feature_scale
+
+        net, _, _ = feature_net(run, notes)
+        if net is None:
+            return None
+        n_real = min(num_samples, len(run.data.test))
+        if min(n_real, num_samples) < 2 * num_subsets:
+            raise ConfigError(f"compare-priors: KID with {num_subsets} subsets needs at least "
+                              f"{2 * num_subsets} samples and test images, got {num_samples} "
+                              f"samples and {n_real} test images; lower --kid-subsets")
+        batch = run.config.evaluate.batch_size
+        real = M.extract_features(net, run.data.test.get_batch(torch.arange(n_real)),
+                                  batch_size=batch)
+        scale = feature_scale(real)
+        return cls(net, real / scale, scale, num_samples, num_subsets, batch)
+
+    def blocks(self, features: np.ndarray, run: Run) -> np.ndarray:
+        """Per-subset KID ``(B,)`` of fake ``features``, on the same real subsets every call."""
+        b = self.num_subsets
+        return kid_blocks(self.real, features, real_size=self.real.shape[0] // b,
+                          fake_size=features.shape[0] // b, num_subsets=b,
+                          seed=seeds.numpy_rng(run.config.seed, _KID_SUBSET_SEED))
+
+    def measure(self, prior: Prior, run: Run) -> tuple[dict[str, Any], np.ndarray, Tensor]:
+        """Decode ``num_fake`` samples of ``prior``: its KID (with SE), Fréchet distance and
+        precision/recall, the per-subset KID values ``(B,)`` and the first 64 images."""
+        from ncpvae.run.sample import sample_images
+
+        drawn = sample_images(run, prior, self.num_fake, run.generator(_KID_DRAW_SEED),
+                              title=prior.label, batch_size=self.batch_size)
+        assert drawn.images is not None
+        fake = M.extract_features(self.net, drawn.images, batch_size=self.batch_size) / self.scale
+        values = self.blocks(fake, run)
+        m = min(self.real.shape[0], fake.shape[0])
+        pr = M.precision_recall(self.real[:m], fake[:m])
+        out = {"kid": float(values.mean()),
+               "kid_se": float(values.std(ddof=1) / math.sqrt(len(values))),
+               "frechet": M.frechet_distance(self.real, fake),
+               "precision": pr.precision, "recall": pr.recall}
+        return out, values, drawn.images[:64]
+
+
+@dataclass
+class Reference:
+    """N(0, I)'s per-draw, per-image and per-subset values, which every row is paired with."""
+
+    log_prob: Tensor  # (N_heldout,) log N(z_i; 0, I)
+    iw: Tensor | None  # (N_iw,) per-image IW bounds
+    iw_se: float
+    kid_blocks: np.ndarray | None  # (B,)
+    kid_se: float
+
+
+def _paired(values: np.ndarray | Tensor, extra_se: float = 0.0) -> tuple[float, float]:
+    v = torch.as_tensor(np.asarray(values), dtype=torch.float64)
+    return _mean_se(v, extra_se)
+
+
+def _checkpoint_digest(run: Run) -> str | None:
+    if run.directory is None or not run.directory.checkpoint.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(run.directory.checkpoint, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reusable_rows(target: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows of an earlier comparison in ``target`` made with the same ``settings``, keyed
+    by spec; {} if there is none or its settings differ."""
+    import json
+
+    path = target / "table.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("settings") != to_plain_json(settings):
+        return {}
+    return {r["prior"]: r for r in old.get("rows", []) if isinstance(r, dict) and "prior" in r}
+
+
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in spec)
+
+
 def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DEFAULT_PRIORS, *,
                    overrides: list[str] | tuple[str, ...] = (), num_heldout: int | None = None,
                    num_train: int | None = None, options: dict[str, dict[str, Any]] | None = None,
                    num_speed_samples: int = 2000, log_z_samples: int | None = None,
-                   out: str | Path | None = None, registry: Registry | None = None,
-                   quiet: bool = False) -> dict[str, Any]:
-    """Fit and score ``priors`` on the frozen VAE of ``run_dir``; write ``table.json``,
-    ``table.md`` and ``gains.png`` into ``out`` (default ``RUN/compare_priors``) and return the
-    table (``{"rows": [...], "num_heldout": ..., ...}``, plain data). ``num_heldout`` test images
-    are scored (default all); learned priors are fitted on ``num_train`` training encodings
-    (a seeded subset; default all). ``options`` (see :func:`parse_options`) override config
-    fields per prior name."""
+                   iw_images: int | None = None, iw_samples: int | None = None,
+                   kid_samples: int = KID_SAMPLES, kid_subsets: int = KID_SUBSETS,
+                   fresh: bool = False, out: str | Path | None = None,
+                   registry: Registry | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Fit and score ``priors`` on the frozen VAE of ``run_dir`` (see the module docstring);
+    write ``table.json``, ``table.md``, ``gains.png`` and ``samples_<prior>.png`` into ``out``
+    (default ``RUN/compare_priors``) after every prior, and return the table (plain data:
+    ``{"rows": [...], "complete": True, ...}``).
+
+    Sizes: ``num_heldout`` test images' draws for the cross-entropy (default all); learned priors
+    are fitted on ``num_train`` training encodings (a seeded subset; default all); the IW bound
+    on ``iw_images`` test images with ``iw_samples`` importance draws each (default: the run's
+    ``[evaluate.likelihood]`` sizes; 0 images: skipped); KID on ``kid_samples`` decoded samples
+    per prior and as many test images (at most the test set) in ``kid_subsets`` subsets (0
+    samples: skipped; skipped with a note when the data has neither factors nor labels for a
+    feature net). ``options`` (see :func:`parse_options`) override config fields per prior
+    name. Rows of an earlier comparison in ``out`` with the same settings are reused unless
+    ``fresh``.
+    """
     from ncpvae.plugin_manager import get_plugin_manager
 
     registry = registry if registry is not None else get_plugin_manager().registry
     if not priors:
         raise ConfigError("compare-priors: no priors listed")
+    if kid_samples < 0 or (kid_samples and kid_subsets < 2):
+        raise ConfigError(f"compare-priors: need kid_samples >= 0 and kid_subsets >= 2, got "
+                          f"{kid_samples} and {kid_subsets}")
     run = open_run(run_dir, list(overrides), registry=registry, quiet=quiet)
     run.model.eval()
     for p in run.model.parameters():
         p.requires_grad_(False)
-    n_test = len(run.data.test)
+    configs = {spec: prior_config(spec, run, registry, options) for spec in priors}  # fail early
+    n_test, n_train_all = len(run.data.test), len(run.data.train)
     n_held = n_test if num_heldout is None else min(int(num_heldout), n_test)
     if n_held < 2:
         raise ConfigError(f"compare-priors: need at least 2 held-out images, got {n_held}")
-    heldout = heldout_latents(run, n_held, run.generator(_HELDOUT_SEED))
-    reference = build_prior("gaussian", run, registry)
-    reference_log_prob = reference.log_prob(heldout)
-    mu, logvar = encode_source(run.model, run.data.train, run.device)
-    if num_train is not None and num_train < len(mu):  # a seeded subset, for quicker fits
-        keep = torch.randperm(len(mu), generator=torch.Generator().manual_seed(_FIT_SEED))
-        keep = keep[: max(2, int(num_train))].to(mu.device)
-        mu, logvar = mu[keep], logvar[keep]
+    lik = run.config.evaluate.likelihood
+    n_iw = min(lik.num_examples if iw_images is None else int(iw_images), n_test)
+    k_iw = lik.num_samples if iw_samples is None else int(iw_samples)
+    if n_iw == 1 or (n_iw and k_iw < 1):
+        raise ConfigError(f"compare-priors: the IW bound needs at least 2 test images and 1 "
+                          f"importance sample, got {n_iw} and {k_iw} (0 images: skip it)")
+    n_fit = n_train_all if num_train is None else max(2, min(int(num_train), n_train_all))
+    settings = {"format": FORMAT, "checkpoint_sha256": _checkpoint_digest(run),
+                "overrides": list(overrides), "seed": run.config.seed, "num_heldout": n_held,
+                "num_train": n_fit, "log_z_samples": log_z_samples,
+                "num_speed_samples": num_speed_samples,
+                "iw": {"num_examples": n_iw, "num_samples": k_iw,
+                       "batch_size": lik.batch_size} if n_iw else None,
+                "kid": {"num_samples": kid_samples, "num_subsets": kid_subsets}
+                if kid_samples else None}
+    target = Path(out) if out is not None else (Path(run_dir) / COMPARE_DIR)
+    target.mkdir(parents=True, exist_ok=True)
+    previous = {} if fresh else _reusable_rows(target, settings)
+    done: dict[str, dict[str, Any]] = {
+        spec: previous[spec] for spec in priors if spec in previous
+        and previous[spec].get("config") == configs[spec].model_dump(mode="json")}
+    notes: list[str] = []
+    result: dict[str, Any] = {
+        "format": FORMAT,
+        "run": str(run.directory.path) if run.directory is not None else str(run_dir),
+        "num_heldout": n_held, "num_train": n_fit, "latent_dim": run.config.latent_dim,
+        "reference": "N(0, I)", "rows": [], "pending": list(priors), "complete": False,
+        "reused": sorted(done), "options": options or {}, "settings": settings,
+        "iw": None, "kid": None, "notes": notes}
 
-    rows: list[dict[str, Any]] = []
+    def write(current: str | None = None) -> None:
+        result["rows"] = [done[s] for s in priors if s in done]
+        result["pending"] = [s for s in priors if s not in done]
+        result["complete"] = not result["pending"]
+        _write_outputs(run, target, to_plain_json(result), registry)
+
+    write()
+    if not result["pending"]:
+        return to_plain_json(result)
+
+    heldout = heldout_latents(run, n_held, run.generator(_HELDOUT_SEED))
+    gaussian_config = prior_config("gaussian", run, registry).model_dump(mode="json")
+    reference_prior = build_prior("gaussian", run, registry)
+    reference = Reference(reference_prior.log_prob(heldout), None, 0.0, None, 0.0)
+    draws = ImportanceDraws.draw(run, n_iw, k_iw, lik.batch_size) if n_iw else None
+    reference_bounds = None
+    if draws is not None:
+        reference_bounds = draws.bounds(reference_prior, None)
+        reference.iw = reference_bounds[0]
+        reference.iw_se = M.summarize_bound(reference.iw, k_iw).se_data
+        result["iw"] = {"num_examples": n_iw, "num_samples": k_iw}
+    quality = (SampleQuality.prepare(run, kid_samples, kid_subsets, notes)
+               if kid_samples else None)
+    reference_quality = None
+    if quality is not None:
+        reference_quality = quality.measure(reference_prior, run)
+        reference.kid_blocks = reference_quality[1]
+        reference.kid_se = reference_quality[0]["kid_se"]
+        b = kid_subsets
+        result["kid"] = {"num_real": int(quality.real.shape[0]), "num_fake": kid_samples,
+                         "num_subsets": b, "real_per_subset": int(quality.real.shape[0]) // b,
+                         "fake_per_subset": kid_samples // b, "feature_scale": quality.scale}
+    encodings: tuple[Tensor, Tensor] | None = None
+
     for spec in priors:
-        prior = build_prior(spec, run, registry, options)
+        if spec in done:
+            continue
+        config = configs[spec].model_dump(mode="json")
+        as_reference = config == gaussian_config  # N(0, I) itself: reuse its measurements
+        prior = reference_prior if as_reference and spec != "run" else build_prior(
+            spec, run, registry, options)
         fit_seconds = 0.0
         fit_summary: dict[str, Any] = {}
         if isinstance(prior, LearnedPrior) and (spec != "run" or not prior.is_fitted):
+            if encodings is None:
+                encodings = _train_encodings(run, n_fit)
             started = time.perf_counter()
-            fit_summary = dict(prior.fit(mu, logvar, generator=run.generator(_FIT_SEED),
+            fit_summary = dict(prior.fit(*encodings, generator=run.generator(_FIT_SEED),
                                          progress=not quiet))
             fit_seconds = time.perf_counter() - started
-        row: dict[str, Any] = {"prior": spec, "label": prior.label,
+        row: dict[str, Any] = {"prior": spec, "label": prior.label, "config": config,
                                "normalized": prior.normalized,
                                "sampling": prior.sampling_method,
                                "fit_seconds": fit_seconds}
-        row.update(score_prior(prior, heldout, reference_log_prob, log_z_samples=log_z_samples,
+        row.update(score_prior(prior, heldout, reference.log_prob, log_z_samples=log_z_samples,
                                generator=run.generator(_LOG_Z_SEED)))
+        normalizer: LogNormalizer | None = None
+        if not prior.normalized:
+            normalizer = (row["log_z"], row["log_z_se"])
+        if draws is not None and reference.iw is not None:
+            if not prior.normalized and not isinstance(prior, LearnedPrior):
+                notes.append(f"{spec}: IW bound skipped (an unnormalized prior without log Z)")
+            else:
+                iw, elbo = (reference_bounds if as_reference and reference_bounds is not None
+                            else draws.bounds(prior, normalizer))
+                own = M.summarize_bound(iw, k_iw, normalizer)
+                gain = M.summarize_bound(iw - reference.iw, k_iw, normalizer)
+                row.update(iw_bound=own.mean, iw_bound_se=own.se,
+                           elbo=M.summarize_bound(elbo, k_iw, normalizer).mean,
+                           iw_gain=gain.mean, iw_gain_se=gain.se,
+                           iw_gain_se_unpaired=math.hypot(own.se_data, reference.iw_se,
+                                                          own.se_log_normalizer))
+        if quality is not None and reference.kid_blocks is not None:
+            measured = (reference_quality if as_reference and reference_quality is not None
+                        else quality.measure(prior, run))
+            sq, values, grid = measured
+            diff, diff_se = _paired(values - reference.kid_blocks)
+            row.update(sq)
+            row.update(kid_diff=diff, kid_diff_se=diff_se,
+                       kid_diff_se_unpaired=math.hypot(sq["kid_se"], reference.kid_se))
+            plot = target / f"samples_{_slug(spec)}.png"
+            _plot_grid(grid, plot, f"{prior.label} ({spec})")
+            row["samples_plot"] = plot.name
         over_base = getattr(prior, "kl_gain_over_base", None)
         if callable(over_base) and getattr(prior, "base", None) is not prior.base_prior:
             delta, delta_se = over_base(heldout, num_samples=log_z_samples,
@@ -185,59 +479,123 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
             row.update({f"sampling_{k}": v for k, v in prior.sampling_info().items()})
         if fit_summary:
             row["fit"] = fit_summary
-        rows.append(row)
+        done[spec] = to_plain_json(row)
+        write()
+    return to_plain_json(result)
 
-    result = {"run": str(run.directory.path) if run.directory is not None else str(run_dir),
-              "num_heldout": n_held, "num_train": int(mu.shape[0]),
-              "latent_dim": int(mu.shape[1]), "reference": "N(0, I)", "rows": rows,
-              "options": options or {},
-              "not_computed": ["iw_bound", "kid_paired_difference"]}
-    result = to_plain_json(result)
-    target = Path(out) if out is not None else (Path(run_dir) / "compare_priors")
-    target.mkdir(parents=True, exist_ok=True)
+
+def _train_encodings(run: Run, n: int) -> tuple[Tensor, Tensor]:
+    """Encoder outputs ``(mu, logvar)`` ``(n, D)`` of the training set (a seeded subset when
+    ``n`` is smaller)."""
+    mu, logvar = encode_source(run.model, run.data.train, run.device)
+    if n < len(mu):  # a seeded subset, for quicker fits
+        keep = torch.randperm(len(mu), generator=torch.Generator().manual_seed(_FIT_SEED))
+        keep = keep[:n].to(mu.device)
+        mu, logvar = mu[keep], logvar[keep]
+    return mu, logvar
+
+
+def _plot_grid(images: Tensor, path: Path, title: str) -> None:
+    from ncpvae import plots
+
+    plots.plot_image_grid(images, path, title=title)
+
+
+def _write_outputs(run: Run, target: Path, result: dict[str, Any], registry: Registry) -> None:
+    """table.json, table.md, gains.png; and the run's report when ``target`` is its
+    ``compare_priors`` folder and it has one."""
     write_json(target / "table.json", result)
     write_text(target / "table.md", format_table(result))
-    plot_gains(result, target / "gains.png")
-    return result
+    if result["rows"]:
+        plot_gains(result, target / "gains.png")
+    directory = run.directory
+    if directory is None or target.resolve() != (directory.path / COMPARE_DIR).resolve():
+        return
+    from ncpvae.config import load_config
+    from ncpvae.evaluation.report import write_report
+    from ncpvae.io import read_json
+
+    fmt = run.config.evaluate.report
+    if directory.report(fmt).is_file() and directory.evaluation.is_file():
+        write_report(directory.path, read_json(directory.evaluation, "evaluation"),
+                     load_config(directory.config, [], registry), fmt=fmt)
+
+
+def _pm(row: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> str:
+    if row.get(key) is None:
+        return ""
+    return f"{row[key] * scale:.{digits}f} ± {row[key + '_se'] * scale:.{digits}f}"
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A Markdown table of the comparison."""
+    """A Markdown table of the comparison (the rows finished so far), with what its columns
+    mean."""
+    iw, kid = result.get("iw"), result.get("kid")
     lines = [
-        f"Held-out aggregate posterior: {result['num_heldout']} draws z ~ q(z|x) of test images "
-        f"(the same draws for every row; gains are paired differences against N(0, I)).",
-        "",
-        "| prior | cross-entropy E_q[-log p] (nats) | gain over N(0, I) (nats) | gain over its "
-        "base | fit (s) | samples/s |",
-        "|---|---|---|---|---|---|",
-    ]
+        f"Reference N(0, I); every difference is paired (same draws, images and subsets) and "
+        f"its SE is that of the paired difference. Aggregate posterior: {result['num_heldout']} "
+        f"held-out draws z ~ q(z|x) (nats per latent vector)."]
+    if iw:
+        lines.append(f"IW bound: {iw['num_examples']} test images, K = {iw['num_samples']} "
+                     f"importance draws each (nats per image; higher is better).")
+    if kid:
+        lines.append(f"KID ×10³ (lower is better; ΔKID < 0: better than N(0, I)): "
+                     f"{kid['num_fake']} decoded samples per prior vs {kid['num_real']} test "
+                     f"images in {kid['num_subsets']} subsets of {kid['fake_per_subset']} / "
+                     f"{kid['real_per_subset']}.")
+    header = ["prior", "cross-entropy", "gain over N(0, I)", "gain over base"]
+    if iw:
+        header += ["IW bound", "IW gain"]
+    if kid:
+        header += ["KID ×10³", "ΔKID ×10³", "precision / recall"]
+    header += ["fit (s)", "samples/s"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["rows"]:
-        base = (f"{r['gain_over_base']:.3f} ± {r['gain_over_base_se']:.3f}"
-                if "gain_over_base" in r else "")
-        lines.append(f"| {r['label']} (`{r['prior']}`) | {r['cross_entropy']:.3f} ± "
-                     f"{r['cross_entropy_se']:.3f} | {r['gain']:.3f} ± {r['gain_se']:.3f} | "
-                     f"{base} | {r['fit_seconds']:.1f} | {r['samples_per_second']:.3g} |")
-    lines += ["", "Not computed: " + ", ".join(result["not_computed"]) + "."]
+        cells = [f"{r['label']} (`{r['prior']}`)", _pm(r, "cross_entropy"), _pm(r, "gain"),
+                 _pm(r, "gain_over_base")]
+        if iw:
+            cells += [_pm(r, "iw_bound", digits=2), _pm(r, "iw_gain")]
+        if kid:
+            pr = (f"{r['precision']:.3f} / {r['recall']:.3f}" if r.get("precision") is not None
+                  else "")
+            cells += [_pm(r, "kid", 1e3, 2), _pm(r, "kid_diff", 1e3, 2), pr]
+        cells += [f"{r['fit_seconds']:.1f}", f"{r['samples_per_second']:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result.get("pending"):
+        lines += ["", "Not finished yet: " + ", ".join(result["pending"]) + "."]
+    if result.get("notes"):
+        lines += ["", *[f"- {n}" for n in result["notes"]]]
     return "\n".join(lines) + "\n"
 
 
 def plot_gains(result: dict[str, Any], path: str | Path) -> Path:
-    """Bar chart of each prior's paired gain over N(0, I) with ±2 SE error bars."""
+    """One panel per paired difference against N(0, I) (aggregate-posterior gain, IW gain,
+    ΔKID), each row's value with ±2 SE error bars."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from ncpvae.plots.training import save_figure
 
     rows = result["rows"]
-    fig = Figure(figsize=(max(4.0, 1.1 * len(rows) + 1.5), 3.4))
+    panels = [("gain", 1.0, "gain over N(0, I) (nats)",
+               f"aggregate posterior, {result['num_heldout']} draws")]
+    if any(r.get("iw_gain") is not None for r in rows):
+        panels.append(("iw_gain", 1.0, "IW bound gain (nats / image)", "held-out images"))
+    if any(r.get("kid_diff") is not None for r in rows):
+        panels.append(("kid_diff", 1e3, "ΔKID ×10³ (lower is better)", "decoded samples"))
+    width = max(4.0, 0.55 * len(rows) + 1.8)
+    fig = Figure(figsize=(min(width * len(panels), 13.0), 3.6))
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     x = list(range(len(rows)))
-    ax.bar(x, [r["gain"] for r in rows], yerr=[2 * r["gain_se"] for r in rows], capsize=4,
-           color="tab:blue")
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(x)
-    ax.set_xticklabels([r["prior"] for r in rows], rotation=20)
-    ax.set_ylabel("gain over N(0, I) (nats, ±2 SE)")
-    ax.set_title(f"aggregate-posterior fit on {result['num_heldout']} held-out draws")
+    for ax, (key, scale, ylabel, title) in zip(axes, panels):
+        values = [r[key] * scale if r.get(key) is not None else math.nan for r in rows]
+        errors = [2 * r[key + "_se"] * scale if r.get(key) is not None else 0.0 for r in rows]
+        ax.bar(x, values, yerr=errors, capsize=4, color="tab:blue")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels([r["prior"] for r in rows], rotation=30, ha="right")
+        ax.set_ylabel(ylabel + ", ±2 SE")
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
     return save_figure(fig, path)

@@ -175,11 +175,7 @@ def training_blocks(summary: Mapping[str, Any], run: RunDirectory) -> list[Block
     if fit or fit_plot.is_file():
         blocks.append(heading("Learned prior fit", 3))
         if fit:
-            # the prior's own fit summary (plain numbers), then log Z and Delta
-            keys = [k for k, v in fit.items() if isinstance(v, (int, float))
-                    and k not in _SUMMARY_KEYS and not k.endswith("_seconds")]
-            keys += [k for k in _SUMMARY_KEYS if fit.get(k) is not None]
-            blocks.append(table(keys, [[num(fit[k]) for k in keys]]))
+            blocks.append(fit_table(fit))
         if fit_plot.is_file():
             blocks.append(figure(run.relative(fit_plot),
                                  "The learned prior's fit, per epoch (its own fit records)"))
@@ -188,6 +184,88 @@ def training_blocks(summary: Mapping[str, Any], run: RunDirectory) -> list[Block
 
 #: the learned-prior summary's numbers (ncpvae.run.fit.learned_prior_summary)
 _SUMMARY_KEYS = ("log_z", "log_z_se", "delta", "delta_se")
+
+
+def fit_table(fit: Mapping[str, Any], per_row: int = 3) -> Block:
+    """The prior's own fit summary (plain numbers; ``x`` and ``x_se`` as one ``x ± se`` cell),
+    then log Z and Delta, as ``per_row`` (quantity, value) pairs per table row: a summary
+    with many numbers grows down the page, not wider than it."""
+    numbers = {k: v for k, v in fit.items() if isinstance(v, (int, float))
+               and not k.endswith("_seconds")}
+    order = [k for k in numbers if k not in _SUMMARY_KEYS]
+    order += [k for k in _SUMMARY_KEYS if numbers.get(k) is not None]
+    items = [(k, pm(numbers[k], numbers.get(f"{k}_se")) if f"{k}_se" in numbers else
+              num(numbers[k])) for k in order if not (k.endswith("_se") and k[:-3] in numbers)]
+    rows: list[list[Cell]] = []
+    for start in range(0, len(items), per_row):
+        chunk = items[start:start + per_row]
+        row: list[Cell] = [cell for pair in chunk for cell in pair]
+        rows.append(row + [""] * (2 * per_row - len(row)))
+    return table(["quantity", "value"] * min(per_row, max(len(items), 1)), rows)
+
+
+#: where ``ncpvae compare-priors`` writes its table inside a run
+COMPARE_TABLE = ("compare_priors", "table.json")
+
+
+def compare_blocks(run: RunDirectory) -> list[Block]:
+    """The table and figure of ``ncpvae compare-priors`` (``compare_priors/table.json`` and
+    ``gains.png``), when the run has them; its finished rows only if it was interrupted."""
+    import json
+
+    path = run.path.joinpath(*COMPARE_TABLE)
+    if not path.is_file():
+        return []
+    try:
+        result = json.loads(path.read_text())
+        rows_in = list(result["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return [heading("Prior comparison"), paragraph(f"{run.relative(path)} "
+                                                       "could not be read.")]
+    if not rows_in:
+        return []
+    iw, kid = result.get("iw"), result.get("kid")
+    text = ("Priors fitted ex post on this run's frozen VAE (`ncpvae compare-priors`), each "
+            "compared with N(0, I) on the same draws, images and subsets: differences are paired "
+            f"and their SEs are those of the paired differences. Cross-entropy E_q[−log p] and "
+            f"gain on {result.get('num_heldout')} held-out draws z ~ q(z|x) (nats).")
+    if iw:
+        text += (f" IW bound on {iw['num_examples']} test images with K = {iw['num_samples']} "
+                 "(nats per image; higher is better).")
+    if kid:
+        text += (f" KID ×10³ of {kid['num_fake']} decoded samples against {kid['num_real']} "
+                 f"test images in {kid['num_subsets']} subsets, and ΔKID = KID − KID of N(0, I) "
+                 "on the same real subsets (lower is better).")
+    header = ["prior", "cross-entropy", "gain over N(0, I)"]
+    header += ["IW bound", "IW gain"] if iw else []
+    header += ["KID ×10³", "ΔKID ×10³", "precision / recall"] if kid else []
+    header += ["fit s", "samples/s"]
+    rows: list[list[Cell]] = []
+    for r in rows_in:
+        gain = pm(r.get("gain"), r.get("gain_se"))
+        if r.get("gain_over_base") is not None:
+            gain += f" (over its base {pm(r['gain_over_base'], r.get('gain_over_base_se'))})"
+        row: list[Cell] = [f"{r.get('label')} ({r.get('prior')})",
+                           pm(r.get("cross_entropy"), r.get("cross_entropy_se")), gain]
+        if iw:
+            row += [pm(r.get("iw_bound"), r.get("iw_bound_se")),
+                    pm(r.get("iw_gain"), r.get("iw_gain_se"))]
+        if kid:
+            scaled = {k: r[k] * 1e3 if r.get(k) is not None else None
+                      for k in ("kid", "kid_se", "kid_diff", "kid_diff_se")}
+            row += [pm(scaled["kid"], scaled["kid_se"]),
+                    pm(scaled["kid_diff"], scaled["kid_diff_se"]),
+                    f"{num(r.get('precision'), 2)} / {num(r.get('recall'), 2)}"]
+        row += [num(r.get("fit_seconds")), num(r.get("samples_per_second"))]
+        rows.append(row)
+    blocks = [heading("Prior comparison"), paragraph(text), table(header, rows)]
+    if result.get("pending"):
+        blocks.append(paragraph("Not finished: " + ", ".join(result["pending"]) + "."))
+    figure_path = path.with_name("gains.png")
+    if figure_path.is_file():
+        blocks.append(figure(run.relative(figure_path), "Paired differences against N(0, I), "
+                             "±2 SE"))
+    return blocks
 
 
 def metric_table(evaluation: Mapping[str, Any]) -> list[Block]:
@@ -335,6 +413,7 @@ def build_blocks(evaluation: Mapping[str, Any], summary: Mapping[str, Any],
         blocks += [figure(run.relative(run.plot(n)), c, 700) for n, c in pictures]
     blocks += metric_table(evaluation)
     blocks += sample_table(evaluation)
+    blocks += compare_blocks(run)
     if evaluation.get("notes"):
         blocks += [heading("Notes"), bullet_list(list(evaluation["notes"]))]
     runtime = evaluation.get("runtime", {})
@@ -356,8 +435,10 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;
 padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.6em;border-bottom:2px solid #ccc}h2{font-size:1.3em;margin-top:1.6em;
 border-bottom:1px solid #ddd}h3{font-size:1.1em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.3em .55em;vertical-align:middle;text-align:left}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em;max-width:100%}
+.scroll{overflow-x:auto;max-width:100%}
+th,td{border:1px solid #ccc;padding:.3em .55em;vertical-align:middle;text-align:left;
+overflow-wrap:anywhere}
 th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
 figure{margin:1em 0}figcaption{font-size:.9em;color:#555}img{image-rendering:pixelated}
 ul{padding-left:1.4em}
@@ -405,7 +486,8 @@ def render_html(blocks: Sequence[Block], run_dir: Path, title: str) -> str:
             head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
             body = "".join("<tr>" + "".join(f"<td>{_html_cell(c, run_dir)}</td>" for c in row)
                            + "</tr>" for row in b.rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            out.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+                       f"<tbody>{body}</tbody></table></div>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 

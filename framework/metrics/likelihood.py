@@ -67,21 +67,24 @@ def _log_z(prior: Prior, log_normalizer: LogNormalizer | None) -> float:
 
 
 @torch.no_grad()
-def log_weights(
+def importance_draws(
     model: LatentModel,
-    prior: Prior,
     x: Tensor,
     num_samples: int,
     *,
-    log_normalizer: LogNormalizer | None = None,
     generator: torch.Generator | None = None,
     max_batch: int = MAX_BATCH,
-) -> Tensor:
-    """Importance log weights ``(K, B)`` (float64) for images ``x`` ``(B, C, H, W)``."""
+) -> tuple[Tensor, Tensor]:
+    """Importance draws ``z_s ~ q(z|x)`` ``(K, B, D)`` for images ``x`` ``(B, C, H, W)`` and the
+    prior-free part of their log weights, ``log p(x|z_s) - log q(z_s|x)`` ``(K, B)`` (float64).
+
+    Every prior scored on the same draws (:func:`prior_log_weights`) sees the same ``z_s`` and
+    shares this part, so the decoder runs once however many priors are compared. ``K`` is drawn
+    in chunks of ``max_batch // B`` (the same ``generator`` stream whatever the prior).
+    """
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
-    log_z = _log_z(prior, log_normalizer)
-    with eval_mode(model, prior):
+    with eval_mode(model):
         mu, logvar = model.encode(x)
         if mu.ndim != 2 or mu.shape != logvar.shape or mu.shape[0] != x.shape[0]:
             raise DataError(f"encode must return (mu, logvar) of shape (B, D), got "
@@ -89,7 +92,7 @@ def log_weights(
         batch, dim = mu.shape
         std = (0.5 * logvar).exp()
         chunk = max(1, max_batch // batch)
-        out = []
+        zs, partial = [], []
         for start in range(0, num_samples, chunk):
             c = min(chunk, num_samples - start)
             eps_device = generator.device if generator is not None else mu.device
@@ -101,12 +104,55 @@ def log_weights(
             params = model.decode(flat)
             x_rep = x.unsqueeze(0).expand(c, *x.shape).reshape(c * batch, *x.shape[1:])
             log_px = model.recon_log_prob(x_rep, params).reshape(c, batch)
-            log_pz = prior.log_prob(flat).reshape(c, batch)
-            out.append((log_px.double() + log_pz.double() - log_q.double()) - log_z)
-        lw = torch.cat(out, 0)
+            zs.append(z)
+            partial.append(log_px.double() - log_q.double())
+    return torch.cat(zs, 0), torch.cat(partial, 0)
+
+
+@torch.no_grad()
+def prior_log_weights(
+    prior: Prior,
+    z: Tensor,
+    partial: Tensor,
+    *,
+    log_normalizer: LogNormalizer | None = None,
+    max_batch: int = MAX_BATCH,
+) -> Tensor:
+    """Log weights ``(K, B)`` (float64) of the draws ``z`` ``(K, B, D)`` of
+    :func:`importance_draws` under ``prior``: ``partial + log p(z) - log Z``."""
+    log_z = _log_z(prior, log_normalizer)
+    k, batch, dim = z.shape
+    flat = z.reshape(k * batch, dim)
+    with eval_mode(prior):
+        log_pz = torch.cat([prior.log_prob(part).double() for part in flat.split(max_batch)])
+    lw = partial.to(log_pz.device) + log_pz.reshape(k, batch) - log_z
     if torch.isnan(lw).any() or torch.isposinf(lw).any():
         raise NonFiniteError("importance log weights contain NaN or +inf; check model and prior")
     return lw
+
+
+def bounds_from_log_weights(lw: Tensor) -> tuple[Tensor, Tensor]:
+    """``(iw_bound, elbo)``, each ``(B,)``, from log weights ``(K, B)``."""
+    return torch.logsumexp(lw, 0) - math.log(lw.shape[0]), lw.mean(0)
+
+
+@torch.no_grad()
+def log_weights(
+    model: LatentModel,
+    prior: Prior,
+    x: Tensor,
+    num_samples: int,
+    *,
+    log_normalizer: LogNormalizer | None = None,
+    generator: torch.Generator | None = None,
+    max_batch: int = MAX_BATCH,
+) -> Tensor:
+    """Importance log weights ``(K, B)`` (float64) for images ``x`` ``(B, C, H, W)``."""
+    _log_z(prior, log_normalizer)  # a missing or superfluous log Z fails before any decoding
+    z, partial = importance_draws(model, x, num_samples, generator=generator,
+                                  max_batch=max_batch)
+    return prior_log_weights(prior, z, partial, log_normalizer=log_normalizer,
+                             max_batch=max_batch)
 
 
 def bounds(
@@ -117,7 +163,7 @@ def bounds(
     """``(iw_bound, elbo)``, each ``(B,)`` float64, from the same ``num_samples`` draws."""
     lw = log_weights(model, prior, x, num_samples, log_normalizer=log_normalizer,
                      generator=generator, max_batch=max_batch)
-    return torch.logsumexp(lw, 0) - math.log(num_samples), lw.mean(0)
+    return bounds_from_log_weights(lw)
 
 
 def iw_bound(

@@ -85,22 +85,42 @@ def _pair(real: object, fake: object) -> tuple[np.ndarray, np.ndarray]:
     return r, f
 
 
+def kid_blocks(real: object, fake: object, *, real_size: int, fake_size: int,
+               num_subsets: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """Unbiased KID on each of ``num_subsets`` disjoint blocks, ``(num_subsets,)``.
+
+    Block ``b`` takes ``real_size`` real and ``fake_size`` fake points of random permutations of
+    ``real`` ``(n_r, F)`` and ``fake`` ``(n_f, F)`` (the real permutation is drawn first, so two
+    calls with the same seed and the same real set use the same real blocks: the differences
+    of two fake sets' block values are then paired).
+    """
+    r, f = _pair(real, fake)
+    rng = make_rng(seed)
+    if min(real_size, fake_size) < 2 or real_size * num_subsets > r.shape[0] or (
+            fake_size * num_subsets > f.shape[0]):
+        raise DataError(f"KID needs at least {2 * num_subsets} points per side for "
+                        f"{num_subsets} subsets, got {r.shape[0]} and {f.shape[0]}")
+    r = r[rng.permutation(r.shape[0])[:real_size * num_subsets]]
+    f = f[rng.permutation(f.shape[0])[:fake_size * num_subsets]]
+    values = np.empty(num_subsets)
+    for b in range(num_subsets):
+        x = r[b * real_size:(b + 1) * real_size]
+        y = f[b * fake_size:(b + 1) * fake_size]
+        values[b] = mmd2_unbiased(polynomial_kernel(x, x), polynomial_kernel(y, y),
+                                  polynomial_kernel(x, y))
+    return values
+
+
 def kid(real: object, fake: object, *, subset_size: int = KID_SUBSET_SIZE,
         num_subsets: int = KID_NUM_SUBSETS, seed: int | np.random.Generator = 0) -> KIDResult:
     """Kernel Inception Distance on features ``(n_r, F)``, ``(n_f, F)`` with its standard error."""
     r, f = _pair(real, fake)
-    rng = make_rng(seed)
     size = min(subset_size, r.shape[0] // num_subsets, f.shape[0] // num_subsets)
     if size < 2:
         raise DataError(f"KID needs at least {2 * num_subsets} points per side for "
                         f"{num_subsets} subsets, got {r.shape[0]} and {f.shape[0]}")
-    r = r[rng.permutation(r.shape[0])[:size * num_subsets]]
-    f = f[rng.permutation(f.shape[0])[:size * num_subsets]]
-    values = np.empty(num_subsets)
-    for b in range(num_subsets):
-        x, y = r[b * size:(b + 1) * size], f[b * size:(b + 1) * size]
-        values[b] = mmd2_unbiased(polynomial_kernel(x, x), polynomial_kernel(y, y),
-                                  polynomial_kernel(x, y))
+    values = kid_blocks(r, f, real_size=size, fake_size=size, num_subsets=num_subsets,
+                        seed=seed)
     return KIDResult(kid=float(values.mean()), se=float(values.std(ddof=1) / np.sqrt(num_subsets)),
                      subset_size=size, num_subsets=num_subsets)
 
