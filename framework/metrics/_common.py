@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
 
@@ -31,6 +34,24 @@ class MetricResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class TrainEvalAccuracy(MetricResult):
+    """A classifier-based score: accuracy on the points it was fitted on and on fresh ones."""
+
+    train_accuracy: float
+    eval_accuracy: float
+
+
+class TrainTestConfig(StrictModel):
+    """Sizes of a metric whose classifiers are fitted on one sample and scored on another."""
+
+    num_train: int = Field(10_000, ge=2, description="points the classifiers are fitted on")
+    num_test: int = Field(5_000, ge=1, description="held-out points they are scored on")
+
+
+ResultT = TypeVar("ResultT")
 
 
 def make_rng(seed: int | np.random.Generator) -> np.random.Generator:
@@ -111,6 +132,41 @@ def sample_codes(
     """``n`` i.i.d. points: codes ``(n, D)`` float64 and their factors ``(n, K)`` int64."""
     factors = sample_factors(data, n, torch_generator(rng))
     return represent_factors(data, represent, factors, batch_size), factors.numpy().astype(np.int64)
+
+
+def score_train_test(
+    data: GroundTruthData, represent: RepresentFn, config: TrainTestConfig,
+    seed: int | np.random.Generator, batch_size: int,
+    score: Callable[..., ResultT],
+) -> ResultT:
+    """``score(codes_train, factors_train, codes_test, factors_test, random_state=...)`` on
+    ``config.num_train`` then ``config.num_test`` i.i.d. points of ``data`` (codes ``(n, D)``,
+    factors ``(n, K)``), the classifiers' seed drawn last from the same generator."""
+    rng = make_rng(seed)
+    codes_train, factors_train = sample_codes(data, represent, config.num_train, rng, batch_size)
+    codes_test, factors_test = sample_codes(data, represent, config.num_test, rng, batch_size)
+    return score(codes_train, factors_train, codes_test, factors_test,
+                 random_state=int(rng.integers(0, 2**31 - 1)))
+
+
+def sample_fixed_factor_groups(
+    data: GroundTruthData, num_groups: int, group_size: int, rng: np.random.Generator,
+    copies: int = 1,
+) -> tuple[np.ndarray, list[Tensor]]:
+    """The draws of the beta-VAE and FactorVAE metrics: ``(n,)`` labels (a factor index k per
+    group, uniform) and ``copies`` arrays of factor vectors ``(n, group_size, K)``, all drawn up
+    front (so results do not depend on ``batch_size``); the caller fixes factor k in a group."""
+    gen = torch_generator(rng)
+    labels = rng.integers(0, len(data.factor_sizes), size=num_groups)
+    return labels, [sample_factors(data, num_groups * group_size, gen).view(
+        num_groups, group_size, -1) for _ in range(copies)]
+
+
+def group_chunks(num_groups: int, group_size: int, batch_size: int) -> Iterator[slice]:
+    """Slices of whole groups holding at most ``batch_size`` images (at least one group)."""
+    per_chunk = max(1, batch_size // group_size)
+    for start in range(0, num_groups, per_chunk):
+        yield slice(start, start + per_chunk)
 
 
 @contextlib.contextmanager

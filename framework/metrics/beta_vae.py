@@ -22,13 +22,13 @@ from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
 from ncpvae.metrics._common import (
     DEFAULT_BATCH_SIZE,
-    MetricResult,
     RepresentFn,
+    TrainEvalAccuracy,
     check_batch_size,
+    group_chunks,
     make_rng,
     represent_factors,
-    sample_factors,
-    torch_generator,
+    sample_fixed_factor_groups,
 )
 
 
@@ -41,9 +41,8 @@ class BetaVAEConfig(StrictModel):
 
 
 @dataclass(frozen=True)
-class BetaVAEResult(MetricResult):
-    train_accuracy: float
-    eval_accuracy: float
+class BetaVAEResult(TrainEvalAccuracy):
+    """Accuracy of predicting the fixed factor, on the training and the evaluation points."""
 
 
 def beta_vae_features(
@@ -57,19 +56,15 @@ def beta_vae_features(
     """``num_points`` features ``(n, D)`` (mean absolute code difference) and labels ``(n,)``."""
     check_batch_size(batch_size)
     num_factors = len(data.factor_sizes)
-    gen = torch_generator(rng)
-    labels = rng.integers(0, num_factors, size=num_points)
     # All factors are drawn up front (int64, n * group_size * K), so the result does not depend
     # on batch_size; only rendering and encoding are chunked.
-    f1 = sample_factors(data, num_points * group_size, gen).view(num_points, group_size, -1)
-    f2 = sample_factors(data, num_points * group_size, gen).view(num_points, group_size, -1)
+    labels, (f1, f2) = sample_fixed_factor_groups(data, num_points, group_size, rng, copies=2)
     rows, k = torch.arange(num_points), torch.as_tensor(labels)
     f2[rows, :, k] = f1[rows, :, k]
-    points_per_chunk = max(1, batch_size // group_size)
     features = []
-    for start in range(0, num_points, points_per_chunk):
-        a = f1[start:start + points_per_chunk].reshape(-1, num_factors)
-        b = f2[start:start + points_per_chunk].reshape(-1, num_factors)
+    for chunk in group_chunks(num_points, group_size, batch_size):
+        a = f1[chunk].reshape(-1, num_factors)
+        b = f2[chunk].reshape(-1, num_factors)
         diff = np.abs(represent_factors(data, represent, a, batch_size)
                       - represent_factors(data, represent, b, batch_size))
         features.append(diff.reshape(-1, group_size, diff.shape[1]).mean(axis=1))

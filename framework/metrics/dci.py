@@ -21,26 +21,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import Field
 
-from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
 from ncpvae.metrics._common import (
     DEFAULT_BATCH_SIZE,
     MetricResult,
     RepresentFn,
+    TrainTestConfig,
     check_codes_factors,
-    make_rng,
-    sample_codes,
+    score_train_test,
 )
 
 
-class DCIConfig(StrictModel):
+class DCIConfig(TrainTestConfig):
     """disentanglement_lib's study defaults; slow (minutes): reduce for quick checks."""
-
-    num_train: int = Field(10_000, ge=2, description="points the classifiers are fitted on")
-    num_test: int = Field(5_000, ge=1, description="held-out points for informativeness")
 
 
 @dataclass(frozen=True)
@@ -142,9 +137,5 @@ def compute_dci(
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> DCIResult:
     """DCI on ``num_train`` / ``num_test`` i.i.d. points of ``data``."""
-    cfg = config or DCIConfig()
-    rng = make_rng(seed)
-    codes_train, factors_train = sample_codes(data, represent, cfg.num_train, rng, batch_size)
-    codes_test, factors_test = sample_codes(data, represent, cfg.num_test, rng, batch_size)
-    return dci_from_codes(codes_train, factors_train, codes_test, factors_test,
-                          random_state=int(rng.integers(0, 2**31 - 1)))
+    return score_train_test(data, represent, config or DCIConfig(), seed, batch_size,
+                            dci_from_codes)

@@ -23,14 +23,14 @@ from ncpvae.data import GroundTruthData
 from ncpvae.errors import DataError
 from ncpvae.metrics._common import (
     DEFAULT_BATCH_SIZE,
-    MetricResult,
     RepresentFn,
+    TrainEvalAccuracy,
     check_batch_size,
+    group_chunks,
     make_rng,
     represent_factors,
     sample_codes,
-    sample_factors,
-    torch_generator,
+    sample_fixed_factor_groups,
 )
 
 
@@ -45,9 +45,9 @@ class FactorVAEConfig(StrictModel):
 
 
 @dataclass(frozen=True)
-class FactorVAEResult(MetricResult):
-    train_accuracy: float
-    eval_accuracy: float
+class FactorVAEResult(TrainEvalAccuracy):
+    """Majority-vote accuracies (train, eval) and the number of unpruned dims."""
+
     num_active_dims: int
     collapsed: bool  # True when every dim was pruned (accuracies are then 0 by convention)
 
@@ -66,21 +66,18 @@ def factor_vae_votes(
     check_batch_size(batch_size)
     num_factors, num_dims = len(data.factor_sizes), global_variances.shape[0]
     active_idx = np.flatnonzero(active)
-    gen = torch_generator(rng)
-    labels = rng.integers(0, num_factors, size=num_votes)
     votes = np.zeros((num_factors, num_dims), dtype=np.int64)
     # Factors are drawn up front so the votes do not depend on batch_size.
-    factors = sample_factors(data, num_votes * group_size, gen).view(num_votes, group_size, -1)
+    labels, (factors,) = sample_fixed_factor_groups(data, num_votes, group_size, rng)
     rows, k = torch.arange(num_votes), torch.as_tensor(labels)
     factors[rows, :, k] = factors[rows, 0, k].unsqueeze(1)
-    points_per_chunk = max(1, batch_size // group_size)
-    for start in range(0, num_votes, points_per_chunk):
-        part = factors[start:start + points_per_chunk].reshape(-1, num_factors)
+    for chunk in group_chunks(num_votes, group_size, batch_size):
+        part = factors[chunk].reshape(-1, num_factors)
         codes = represent_factors(data, represent, part, batch_size)
         local = codes.reshape(-1, group_size, num_dims).var(axis=1, ddof=1)
         ratio = local[:, active_idx] / global_variances[active_idx]
         winners = active_idx[np.argmin(ratio, axis=1)]
-        np.add.at(votes, (labels[start:start + points_per_chunk], winners), 1)
+        np.add.at(votes, (labels[chunk], winners), 1)
     return votes
 
 

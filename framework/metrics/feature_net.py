@@ -36,6 +36,7 @@ from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData, ImageSource
 from ncpvae.errors import DataError
 from ncpvae.io import save_torch
+from ncpvae.metrics._common import eval_mode
 
 FORMAT = "ncpvae-feature-net"
 FORMAT_VERSION = 1
@@ -128,38 +129,32 @@ def _batches(images: Tensor | ImageSource, batch_size: int):
 
 
 @torch.no_grad()
+def _map_batches(net: FeatureNet, images: Tensor | ImageSource, batch_size: int,
+                 fn: Callable[[Tensor], Tensor], empty: np.ndarray) -> np.ndarray:
+    """``fn`` of ``images`` in checked float32 batches on the net's device, in eval mode (the
+    net's training flag is restored after), concatenated on the CPU; ``empty`` for no images."""
+    device = _device_of(net)
+    out = []
+    with eval_mode(net):
+        for batch in _batches(images, batch_size):
+            _check_images(batch, net.spec)
+            out.append(fn(batch.to(device, torch.float32)).cpu().numpy())
+    return np.concatenate(out) if out else empty
+
+
 def extract_features(net: FeatureNet, images: Tensor | ImageSource, *,
                      batch_size: int = 512) -> np.ndarray:
     """Penultimate features of ``images`` ``(n, C, H, W)`` in batches: float64 ``(n, F)``."""
-    was_training = net.training
-    net.eval()
-    device = _device_of(net)
-    out = []
-    try:
-        for batch in _batches(images, batch_size):
-            _check_images(batch, net.spec)
-            out.append(net.features(batch.to(device, torch.float32)).double().cpu().numpy())
-    finally:
-        net.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, net.spec.feature_dim))
+    return _map_batches(net, images, batch_size, lambda x: net.features(x).double(),
+                        np.zeros((0, net.spec.feature_dim)))
 
 
-@torch.no_grad()
 def predict_factors(net: FeatureNet, images: Tensor | ImageSource, *,
                     batch_size: int = 512) -> np.ndarray:
     """The most likely class of every head: int64 ``(n, num_heads)``."""
-    was_training = net.training
-    net.eval()
-    device = _device_of(net)
-    out = []
-    try:
-        for batch in _batches(images, batch_size):
-            _check_images(batch, net.spec)
-            logits = net(batch.to(device, torch.float32))
-            out.append(torch.stack([lg.argmax(1) for lg in logits], 1).cpu().numpy())
-    finally:
-        net.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, len(net.spec.head_sizes)), np.int64)
+    return _map_batches(net, images, batch_size,
+                        lambda x: torch.stack([lg.argmax(1) for lg in net(x)], 1),
+                        np.zeros((0, len(net.spec.head_sizes)), np.int64))
 
 
 def train_feature_net(
