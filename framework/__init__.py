@@ -17,6 +17,7 @@ from ncpvae.errors import (
     PluginError,
 )
 from ncpvae.factory import build_component, create
+from ncpvae.fitting import EarlyStopping, EpochLosses, ShardGroup
 from ncpvae.hookspecs import hookimpl
 from ncpvae.io import atomic_write
 from ncpvae.mcmc.diagnostics import acceptance_summary, ess, mcse_mean, split_rhat, summarize
@@ -50,7 +51,7 @@ from ncpvae.mcmc.targets import posterior_energy
 from ncpvae.model import LatentModel, reparameterize
 from ncpvae.objective import Objective
 from ncpvae.plugin_manager import get_registry
-from ncpvae.prior import LearnedPrior, Prior
+from ncpvae.prior import FitOptions, LearnedPrior, Prior, check_encodings
 from ncpvae.sampler import Callback, MarkovChainConfig, Sampler, SampleResult
 from ncpvae.sections import (
     DatasetSection,
@@ -76,11 +77,15 @@ __all__ = [
     "PluginError",
     "PriorSection",
     "SamplerSection",
+    "ShardGroup",
     "component_section",
     "BuildContext",
     "ComponentConfig",
     "DataBundle",
     "DatasetPlugin",
+    "EarlyStopping",
+    "EpochLosses",
+    "FitOptions",
     "GroundTruthData",
     "ImageSource",
     "LatentModel",
@@ -93,6 +98,7 @@ __all__ = [
     "TensorImageSource",
     "atomic_write",
     "build_component",
+    "check_encodings",
     "create",
     "get_registry",
     "hookimpl",

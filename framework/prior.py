@@ -8,15 +8,18 @@ Shapes: ``z`` is ``(..., D)``; ``log_prob`` and ``energy`` return ``(...)``. The
 from __future__ import annotations
 
 import math
+import time
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ncpvae.component import Component
-from ncpvae.errors import DataError
+from ncpvae.errors import DataError, NotFittedError
+from ncpvae.fitting import ShardGroup
 
 if TYPE_CHECKING:
     from ncpvae.model import LatentModel
@@ -102,6 +105,44 @@ class Prior(nn.Module, Component, metaclass=ABCMeta):
         return torch.empty(0)
 
 
+@dataclass(frozen=True)
+class FitOptions:
+    """How one :meth:`LearnedPrior.fit` call runs (built by ``fit`` for :meth:`LearnedPrior._fit`).
+
+    ``generator``: the source of every random draw; ``progress``: show a progress bar; ``log``:
+    receives one plain-data record per epoch (or None); ``shards``: the data-parallel ranks
+    (a :class:`~ncpvae.ShardGroup` of world size > 1) or None for one process; ``started``:
+    ``time.perf_counter()`` at the call, for ``fit_seconds``.
+    """
+
+    generator: torch.Generator
+    progress: bool = False
+    log: Callable[[dict[str, Any]], None] | None = None
+    shards: ShardGroup | None = None
+    started: float = 0.0
+
+
+def check_encodings(who: str, mu: Tensor, logvar: Tensor, latent_dim: int) -> None:
+    """Raise :class:`DataError` unless ``mu`` and ``logvar`` are finite ``(N, latent_dim)``."""
+    for what, t in (("mu", mu), ("logvar", logvar)):
+        if not isinstance(t, Tensor):
+            raise DataError(f"{who} fit: {what} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim != 2 or t.shape[1] != latent_dim:
+            raise DataError(
+                f"{who} fit: {what} must have shape (N, {latent_dim}) for this "
+                f"{latent_dim}-dim prior, got {tuple(t.shape)}; pass the encoder outputs "
+                f"of the whole training set"
+            )
+        if not torch.isfinite(t).all():
+            raise DataError(
+                f"{who} fit: {what} contains NaN or infinite values; the encoder diverged or "
+                f"the data has NaNs"
+            )
+    if mu.shape != logvar.shape:
+        raise DataError(f"{who} fit: mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} "
+                        f"must have the same shape")
+
+
 class LearnedPrior(Prior):
     """A prior fitted ex post to the frozen VAE's aggregate posterior ``q(z) = E_x q(z|x)``.
 
@@ -116,13 +157,46 @@ class LearnedPrior(Prior):
     """
 
     requires_fit: ClassVar[bool] = True
+    #: whether :meth:`fit` splits its minibatches over ``shards`` (see :meth:`fit`)
+    shardable_fit: ClassVar[bool] = False
+    #: seeds :meth:`fit` when no generator is given (priors built by ``from_config`` set the
+    #: run seed)
+    seed: int = 0
+    #: what :meth:`require_fitted`'s error says the prior lacks (e.g. "a fitted mixture")
+    fitted_part: ClassVar[str] = "a fit"
+
+    def register_fitted_flag(self, fitted: bool = False) -> None:
+        """Keep the fitted state in a bool buffer ``fitted`` (so a fitted checkpoint's state dict
+        carries it); :attr:`is_fitted` then reads it and :meth:`mark_fitted` sets it. A prior
+        may instead override :attr:`is_fitted` with its own notion."""
+        self.register_buffer("fitted", torch.tensor(bool(fitted)))
 
     @property
-    @abstractmethod
     def is_fitted(self) -> bool:
-        """True once :meth:`fit` has run or a fitted state dict was loaded."""
+        """True once :meth:`fit` has run or a fitted state dict was loaded (the ``fitted``
+        buffer of :meth:`register_fitted_flag`; override it otherwise)."""
+        flag = self._buffers.get("fitted")
+        if flag is None:
+            raise NotImplementedError(f"the {self.name} prior must call register_fitted_flag() "
+                                      f"in __init__ or override is_fitted")
+        return bool(flag)
 
-    @abstractmethod
+    def mark_fitted(self) -> None:
+        """Set the ``fitted`` buffer (at the end of a successful :meth:`fit`)."""
+        flag = self._buffers.get("fitted")
+        if flag is None:
+            raise NotImplementedError(f"the {self.name} prior has no fitted flag: call "
+                                      f"register_fitted_flag() in __init__")
+        flag.fill_(True)
+
+    def require_fitted(self, what: str) -> None:
+        """Raise :class:`~ncpvae.NotFittedError` (``what`` names the method) unless fitted."""
+        if not self.is_fitted:
+            raise NotFittedError(
+                f"the {self.name} prior's {what} needs {self.fitted_part}: call "
+                f"prior.fit(mu, logvar) with the frozen VAE's training-set encodings, or load a "
+                f"fitted state dict")
+
     def fit(
         self,
         mu: Tensor,
@@ -131,13 +205,35 @@ class LearnedPrior(Prior):
         generator: torch.Generator | None = None,
         progress: bool = False,
         log: Callable[[dict[str, Any]], None] | None = None,
+        shards: ShardGroup | None = None,
     ) -> dict[str, Any]:
         """Fit to the aggregate posterior of a frozen VAE.
 
         ``mu`` and ``logvar`` are the encoder outputs ``(N, D)`` for the whole training set;
         fresh reparameterized draws ``z ~ q(z|x)`` are made from them as needed. ``log`` receives
-        one plain-data record per epoch; the return value is a plain-data summary.
+        one plain-data record per epoch; the return value is a plain-data summary. All
+        randomness comes from ``generator`` (default: one seeded with the prior's ``seed``).
+
+        ``shards`` (a :class:`~ncpvae.ShardGroup`, e.g. ``ShardGroup.from_process_group()``
+        under ``torchrun``): the ranks of a data-parallel fit, every one calling ``fit`` with
+        the same encodings and an identically seeded generator. A prior with
+        ``shardable_fit = True`` then splits each minibatch across the ranks and averages the
+        gradients, so every rank ends with the single-process fit (up to float reduction
+        order); any other prior fits whole on every rank (the same result, repeated).
+
+        This checks the encodings (:func:`check_encodings`) and calls :meth:`_fit` with a
+        :class:`FitOptions`; a subclass implements :meth:`_fit` (or overrides ``fit`` whole).
         """
+        check_encodings(self.name, mu, logvar, self.latent_dim)
+        started = time.perf_counter()
+        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+        use = shards if (self.shardable_fit and shards is not None and shards.world_size > 1) \
+            else None
+        return self._fit(mu, logvar, FitOptions(gen, progress, log, use, started))
+
+    def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
+        """The fit itself, on checked encodings ``mu``, ``logvar`` ``(N, D)``: see :meth:`fit`."""
+        raise NotImplementedError(f"the {self.name} prior must implement _fit() (or fit())")
 
     def log_normalizer(
         self, num_samples: int | None = None, *, generator: torch.Generator | None = None

@@ -20,11 +20,8 @@ log-likelihood gain ``E_q[f] - log Z`` (``log Z`` from ``heldout_log_z_samples``
 
 from __future__ import annotations
 
-import copy
 import math
-import time
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -32,20 +29,19 @@ from torch import Tensor, nn
 
 from ncpvae import (
     BuildContext,
-    ComponentConfig,
     ConfigError,
-    NonFiniteError,
+    EarlyStopping,
+    EpochLosses,
+    FitOptions,
     Prior,
-    PriorSection,
     Sampler,
-    build_component,
     create,
     hookimpl,
 )
 from ncpvae.plugins.tilted import (
-    MLPClassifier,
+    TiltedConfig,
     TiltedPrior,
-    check_encodings,
+    build_tilt_network,
     log_mean_exp,
     split_heldout,
 )
@@ -61,19 +57,8 @@ class EBMPrior(TiltedPrior):
     name = "ebm"
     net_role = "energy network"
 
-    class Config(ComponentConfig):
+    class Config(TiltedConfig):
         name: Literal["ebm"] = "ebm"
-        base: PriorSection = Field(
-            default_factory=lambda: {"name": "gaussian"},
-            description="the base prior p0 that exp f tilts (a prior table)",
-        )
-        hidden: list[Annotated[int, Field(ge=1)]] = Field(
-            default_factory=lambda: [256, 256], description="hidden layer sizes of the MLP f"
-        )
-        activation: Literal["relu", "silu", "gelu", "elu", "tanh", "softplus"] = Field(
-            "silu", description="MLP activation (smooth, for Langevin)")
-        normalization: Literal["none", "layer"] = Field("none", description="normalization "
-                                                        "after each hidden layer")
         epochs: int = Field(50, ge=1, le=100_000, description="maximum epochs")
         batch_size: int = Field(256, ge=2, le=1_048_576, description="positives per step "
                                 "(and as many negatives)")
@@ -132,12 +117,7 @@ class EBMPrior(TiltedPrior):
 
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> EBMPrior:
-        latent_dim = ctx.require_latent_dim("the ebm prior")
-        base = build_component(config.base, "prior", ctx)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(ctx.seed)
-            net = MLPClassifier(latent_dim, config.hidden, config.activation,
-                                config.normalization)
+        base, net = build_tilt_network(config, ctx, "ebm")
         fields = config.model_dump(exclude={"name", "base", "hidden", "activation",
                                             "normalization"})
         sampler = create("sampler", "langevin", step_size=config.step_size,
@@ -171,15 +151,7 @@ class EBMPrior(TiltedPrior):
                 p.requires_grad_(flag)
         return state.position.detach()
 
-    def fit(
-        self,
-        mu: Tensor,
-        logvar: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        log: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
+    def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
         """Maximum likelihood for ``f`` on draws of ``q(z|x)`` for ``mu``, ``logvar`` ``(N, D)``.
 
         A learned base is fitted first. A seeded ``heldout_fraction`` of rows is held out. Each
@@ -193,12 +165,9 @@ class EBMPrior(TiltedPrior):
         Returns ``best_epoch``, ``heldout_gain``, ``epochs_run``, ``stopped_early``,
         ``fit_seconds``, ``num_train``, ``num_heldout`` (and ``base_fit``).
         """
-        from tqdm import tqdm
 
-        check_encodings("ebm", mu, logvar, self.latent_dim)
-        started = time.perf_counter()
-        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
-        base_summary = self.fit_base(mu, logvar, generator=gen, progress=progress)
+        gen = options.generator
+        base_summary = self.fit_base(mu, logvar, options)
         ref = self._param_like()
         device, dtype = ref.device, ref.dtype
         # the Langevin noise must come from a generator on the chains' device
@@ -223,14 +192,14 @@ class EBMPrior(TiltedPrior):
         chains = self.base.sample(min(self.batch_size, n_train), generator=gen).detach() if (
             self.persistent) else None
 
-        history: list[dict[str, float]] = []
-        best_gain, best_epoch, best_state, stale = -math.inf, 0, None, 0
-        bar = tqdm(range(1, self.epochs + 1), desc="fit ebm", unit="epoch",
-                   disable=not progress, leave=False)
-        for epoch in bar:
+        # early stopping on the held-out loss -gain: the best epoch is the one of highest gain
+        stopper = EarlyStopping(self.classifier, epochs=self.epochs, patience=self.patience,
+                                desc="fit ebm", progress=options.progress,
+                                log=options.log)
+        for epoch in stopper:
             self.classifier.train()
             perm = train[torch.randperm(n_train, generator=gen, device=gen.device).to(device)]
-            losses, sizes = [], []
+            losses = EpochLosses()
             for rows in perm.tensor_split(num_batches):
                 positives = draws(rows)
                 if chains is not None:
@@ -250,48 +219,26 @@ class EBMPrior(TiltedPrior):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.detach())
-                sizes.append(len(rows))
-            batch_losses = torch.stack(losses).to(torch.float64)
-            if not torch.isfinite(batch_losses).all():
-                raise NonFiniteError(f"ebm fit: the loss became NaN or inf in epoch {epoch}; "
-                                     f"lower lr (now {self.lr}) or step_size, or set energy_l2")
-            weights = torch.tensor(sizes, dtype=torch.float64, device=batch_losses.device)
+                losses.add(loss, len(rows))
+            train_losses = losses.summary(
+                "ebm", epoch, f"lower lr (now {self.lr}) or step_size, or set energy_l2")
             self.classifier.eval()
             with torch.no_grad():
                 log_z, _ = log_mean_exp(self._logit_nograd(
                     self.base.sample(self.heldout_log_z_samples, generator=gen)))
                 gain = float(self._logit_nograd(z_ho).double().mean()) - log_z
-            record = {"epoch": float(epoch),
-                      "train_loss_mean": float((batch_losses * weights).sum() / weights.sum()),
-                      "train_loss_min": float(batch_losses.min()),
+            record = {"epoch": float(epoch), **train_losses,
                       "heldout_loss": -gain, "heldout_gain": gain}
-            history.append(record)
-            if log is not None:
-                log(dict(record))
-            bar.set_postfix(heldout_gain=f"{gain:.4f}")
-            if gain > best_gain:
-                best_gain, best_epoch, stale = gain, epoch, 0
-                best_state = copy.deepcopy(self.classifier.state_dict())
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        bar.close()
-        if best_state is not None:
-            self.classifier.load_state_dict(best_state)
+            stopper.update(record, loss=-gain, postfix={"heldout_gain": f"{gain:.4f}"})
+        stopper.restore()
         self.classifier.eval()
-        self.fitted.fill_(True)
+        self.mark_fitted()
         self.heldout_index = held
-        self.history = history
+        self.history = stopper.history
         self.fit_summary = {
-            "best_epoch": best_epoch,
-            "heldout_gain": best_gain,
-            "epochs_run": len(history),
-            "stopped_early": len(history) < self.epochs,
-            "fit_seconds": time.perf_counter() - started,
-            "num_train": n_train,
-            "num_heldout": len(held),
+            "best_epoch": stopper.best_epoch,
+            "heldout_gain": -stopper.best_loss,
+            **stopper.summary(options.started, n_train, len(held)),
         }
         if base_summary:
             self.fit_summary["base_fit"] = base_summary

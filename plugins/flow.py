@@ -14,10 +14,8 @@ generator) through the inverse. The weights and the standardization are in the s
 
 from __future__ import annotations
 
-import copy
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
@@ -29,16 +27,17 @@ from ncpvae import (
     ComponentConfig,
     ConfigError,
     DataError,
+    EarlyStopping,
+    EpochLosses,
+    FitOptions,
     LearnedPrior,
-    NonFiniteError,
-    NotFittedError,
     Prior,
     PriorSection,
     build_component,
     hookimpl,
 )
 from ncpvae.plugins.gmm import aggregate_posterior_draws
-from ncpvae.plugins.tilted import check_encodings, split_heldout
+from ncpvae.plugins.tilted import split_heldout
 
 if TYPE_CHECKING:
     from ncpvae import LatentModel
@@ -74,6 +73,7 @@ class FlowPrior(LearnedPrior):
     requires_fit = True
     exact_sampling = True
     sampling_method = "exact"
+    fitted_part = "a fitted flow"
 
     class Config(ComponentConfig):
         name: Literal["flow"] = "flow"
@@ -117,7 +117,7 @@ class FlowPrior(LearnedPrior):
         self.heldout_fraction = float(heldout_fraction)
         self.seed = int(seed)
         dtype = torch.get_default_dtype()
-        self.register_buffer("fitted", torch.tensor(False))
+        self.register_fitted_flag()
         self.register_buffer("shift", torch.zeros(self.latent_dim, dtype=dtype))
         self.register_buffer("log_sigma", torch.zeros(self.latent_dim, dtype=dtype))
         self.history: list[dict[str, float]] = []
@@ -148,16 +148,6 @@ class FlowPrior(LearnedPrior):
     def label(self) -> str:
         return f"flow ({self.flow_type.upper()})" if self.flow_type in ("maf", "nsf") else "flow"
 
-    @property
-    def is_fitted(self) -> bool:
-        return bool(self.fitted)
-
-    def _require_fitted(self, what: str) -> None:
-        if not self.is_fitted:
-            raise NotFittedError(
-                f"the flow prior's {what} needs a fitted flow: call prior.fit(mu, logvar) with "
-                f"the frozen VAE's training-set encodings, or load a fitted state dict")
-
     # ------------------------------------------------------------------------------------------
     # density and sampling
 
@@ -172,13 +162,13 @@ class FlowPrior(LearnedPrior):
 
     def log_prob(self, z: Tensor) -> Tensor:
         """``(..., D) -> (...)``: the flow's exact log density."""
-        self._require_fitted("log_prob")
+        self.require_fitted("log_prob")
         return self._log_prob(z)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact draws ``(n, D)``: ``u ~ N(0, I)`` from ``generator`` through the inverse
         transform, then un-standardized."""
-        self._require_fitted("sample")
+        self.require_fitted("sample")
         device = generator.device if generator is not None else self.shift.device
         u = torch.randn(n, self.latent_dim, generator=generator, device=device,
                         dtype=self.shift.dtype).to(self.shift.device)
@@ -189,15 +179,7 @@ class FlowPrior(LearnedPrior):
     # ------------------------------------------------------------------------------------------
     # fitting
 
-    def fit(
-        self,
-        mu: Tensor,
-        logvar: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        log: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
+    def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
         """Maximum likelihood on draws of ``q(z|x)`` for ``mu``, ``logvar`` ``(N, D)``.
 
         A seeded ``heldout_fraction`` of the rows is held out, with one fixed draw each. The
@@ -209,13 +191,10 @@ class FlowPrior(LearnedPrior):
         ``heldout_loss``. Returns ``best_epoch``, ``heldout_loss``, ``epochs_run``,
         ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``.
         """
-        from tqdm import tqdm
 
-        check_encodings("flow", mu, logvar, self.latent_dim)
-        started = time.perf_counter()
+        gen = options.generator
         ref = self.shift
         device, dtype = ref.device, ref.dtype
-        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
         mu = mu.detach().to(device=device, dtype=dtype)
         logvar = logvar.detach().to(device=device, dtype=dtype)
         held, train = split_heldout(len(mu), self.heldout_fraction, gen, device, "flow")
@@ -231,60 +210,35 @@ class FlowPrior(LearnedPrior):
         optimizer = torch.optim.Adam(trainable, lr=self.lr, weight_decay=self.weight_decay)
         n_train = len(train)
         num_batches = max(1, math.ceil(n_train / self.batch_size))
-        history: list[dict[str, float]] = []
-        best_loss, best_epoch, best_state, stale = math.inf, 0, None, 0
-        bar = tqdm(range(1, self.epochs + 1), desc="fit flow", unit="epoch",
-                   disable=not progress, leave=False)
-        for epoch in bar:
+        stopper = EarlyStopping(self.flow, epochs=self.epochs, patience=self.patience,
+                                desc="fit flow", progress=options.progress,
+                                log=options.log)
+        for epoch in stopper:
             self.flow.train()
             z = aggregate_posterior_draws(mu_tr, lv_tr, 1, gen)
             perm = torch.randperm(n_train, generator=gen, device=gen.device).to(device)
-            losses, sizes = [], []
+            losses = EpochLosses()
             for index in perm.tensor_split(num_batches):
                 loss = -self._log_prob(z[index]).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.detach())
-                sizes.append(len(index))
-            batch_losses = torch.stack(losses).to(torch.float64)
-            if not torch.isfinite(batch_losses).all():
-                raise NonFiniteError(f"flow fit: the loss became NaN or inf in epoch {epoch}; "
-                                     f"lower lr (now {self.lr})")
-            weights = torch.tensor(sizes, dtype=torch.float64, device=batch_losses.device)
+                losses.add(loss, len(index))
+            train_losses = losses.summary("flow", epoch, f"lower lr (now {self.lr})")
             self.flow.eval()
             with torch.no_grad():
                 heldout = float(torch.cat([-self._log_prob(part)
                                            for part in z_ho.split(65_536)]).double().mean())
-            record = {"epoch": float(epoch),
-                      "train_loss_mean": float((batch_losses * weights).sum() / weights.sum()),
-                      "train_loss_min": float(batch_losses.min()),
-                      "heldout_loss": heldout}
-            history.append(record)
-            if log is not None:
-                log(dict(record))
-            bar.set_postfix(heldout_nll=f"{heldout:.4f}")
-            if heldout < best_loss:
-                best_loss, best_epoch, stale = heldout, epoch, 0
-                best_state = copy.deepcopy(self.flow.state_dict())
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        bar.close()
-        if best_state is not None:
-            self.flow.load_state_dict(best_state)
+            record = {"epoch": float(epoch), **train_losses, "heldout_loss": heldout}
+            stopper.update(record, loss=heldout, postfix={"heldout_nll": f"{heldout:.4f}"})
+        stopper.restore()
         self.flow.eval()
-        self.fitted.fill_(True)
-        self.history = history
+        self.mark_fitted()
+        self.history = stopper.history
         self.fit_summary = {
-            "best_epoch": best_epoch,
-            "heldout_loss": best_loss,
-            "epochs_run": len(history),
-            "stopped_early": len(history) < self.epochs,
-            "fit_seconds": time.perf_counter() - started,
-            "num_train": n_train,
-            "num_heldout": len(held),
+            "best_epoch": stopper.best_epoch,
+            "heldout_loss": stopper.best_loss,
+            **stopper.summary(options.started, n_train, len(held)),
         }
         return dict(self.fit_summary)
 

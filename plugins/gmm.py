@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -27,14 +26,13 @@ from ncpvae import (
     ComponentConfig,
     ConfigError,
     DataError,
+    FitOptions,
     LearnedPrior,
-    NotFittedError,
     Prior,
     PriorSection,
     build_component,
     hookimpl,
 )
-from ncpvae.plugins.tilted import check_encodings
 
 if TYPE_CHECKING:
     from ncpvae import LatentModel
@@ -67,6 +65,7 @@ class GMMPrior(LearnedPrior):
     requires_fit = True
     exact_sampling = True
     sampling_method = "exact"
+    fitted_part = "a fitted mixture"
 
     class Config(ComponentConfig):
         name: Literal["gmm"] = "gmm"
@@ -112,7 +111,7 @@ class GMMPrior(LearnedPrior):
         self.seed = int(seed)
         k, d = self.components, self.latent_dim
         dtype = torch.get_default_dtype()
-        self.register_buffer("fitted", torch.tensor(False))
+        self.register_fitted_flag()
         self.register_buffer("log_weights", torch.full((k,), -math.log(k), dtype=dtype))
         self.register_buffer("means", torch.zeros(k, d, dtype=dtype))
         if covariance == "full":
@@ -144,22 +143,12 @@ class GMMPrior(LearnedPrior):
         on = ", on means" if self.fit_on == "means" else ""
         return f"GMM (K={self.components}, {self.covariance}{on})"
 
-    @property
-    def is_fitted(self) -> bool:
-        return bool(self.fitted)
-
-    def _require_fitted(self, what: str) -> None:
-        if not self.is_fitted:
-            raise NotFittedError(
-                f"the gmm prior's {what} needs a fitted mixture: call prior.fit(mu, logvar) with "
-                f"the frozen VAE's training-set encodings, or load a fitted state dict")
-
     # ------------------------------------------------------------------------------------------
     # density and sampling
 
     def component_log_prob(self, z: Tensor) -> Tensor:
         """``(..., D) -> (..., K)``: ``log pi_k + log N(z; m_k, S_k)`` for every component."""
-        self._require_fitted("log_prob")
+        self.require_fitted("log_prob")
         if z.ndim < 1 or z.shape[-1] != self.latent_dim:
             raise DataError(f"latents: expected shape (..., {self.latent_dim}) for a "
                             f"{self.latent_dim}-dim gmm prior, got {tuple(z.shape)}")
@@ -180,7 +169,7 @@ class GMMPrior(LearnedPrior):
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact draws ``(n, D)``: a component by its weight, then its Gaussian."""
-        self._require_fitted("sample")
+        self.require_fitted("sample")
         device = generator.device if generator is not None else self.means.device
         which = torch.multinomial(self.log_weights.exp().to(device, torch.float64), n,
                                   replacement=True, generator=generator) if n else (
@@ -197,15 +186,7 @@ class GMMPrior(LearnedPrior):
     # ------------------------------------------------------------------------------------------
     # fitting
 
-    def fit(
-        self,
-        mu: Tensor,
-        logvar: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        log: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
+    def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
         """EM on ``draws_per_input`` draws of ``q(z|x)`` per row of ``mu``, ``logvar`` ``(N, D)``
         (or on ``mu`` itself with ``fit_on = "means"``), in float64 with scikit-learn; the
         result is copied into the buffers. EM's initialization is seeded from ``generator``
@@ -214,9 +195,7 @@ class GMMPrior(LearnedPrior):
         ``log`` is not called (EM has no epochs)."""
         from sklearn.mixture import GaussianMixture
 
-        check_encodings("gmm", mu, logvar, self.latent_dim)
-        started = time.perf_counter()
-        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
+        gen = options.generator
         mu64, logvar64 = mu.detach().to(torch.float64), logvar.detach().to(torch.float64)
         if self.fit_on == "means":
             points = mu64
@@ -240,7 +219,7 @@ class GMMPrior(LearnedPrior):
             "n_iter": int(mixture.n_iter_),
             "mean_log_likelihood": float(mixture.score(data)),
             "num_points": len(points),
-            "fit_seconds": time.perf_counter() - started,
+            "fit_seconds": time.perf_counter() - options.started,
         }
         return dict(self.fit_summary)
 
@@ -271,7 +250,7 @@ class GMMPrior(LearnedPrior):
                 raise ConfigError(f"gmm: expected variances ({k}, {d}), got "
                                   f"{tuple(covariances.shape)}")
             self.log_scale.copy_((0.5 * covariances.log()).to(device, dtype))
-        self.fitted.fill_(True)
+        self.mark_fitted()
 
 
 @hookimpl

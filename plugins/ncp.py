@@ -29,11 +29,8 @@ Conventions:
 
 from __future__ import annotations
 
-import copy
 import math
-import time
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,18 +39,18 @@ from torch import Tensor, nn
 
 from ncpvae import (
     BuildContext,
-    ComponentConfig,
     ConfigError,
-    NonFiniteError,
+    EarlyStopping,
+    EpochLosses,
+    FitOptions,
     Prior,
-    PriorSection,
-    build_component,
     hookimpl,
 )
 from ncpvae.plugins.tilted import (
     MLPClassifier,
+    TiltedConfig,
     TiltedPrior,
-    check_encodings,
+    build_tilt_network,
     split_heldout,
 )
 
@@ -100,22 +97,8 @@ class NCPPrior(TiltedPrior):
     net_role = "classifier"
     net_output = "logits"
 
-    class Config(ComponentConfig):
+    class Config(TiltedConfig):
         name: Literal["ncp"] = "ncp"
-        base: PriorSection = Field(
-            default_factory=lambda: {"name": "gaussian"},
-            description="the tractable prior that the classifier reweights (a prior table)",
-        )
-        hidden: list[Annotated[int, Field(ge=1)]] = Field(
-            default_factory=lambda: [256, 256], description="hidden layer sizes of the MLP"
-        )
-        activation: Literal["relu", "silu", "gelu", "elu", "tanh", "softplus"] = Field(
-            "silu", description="MLP activation (smooth ones give Langevin samplers smooth energies)"
-        )
-        normalization: Literal["none", "layer"] = Field(
-            "none", description="normalization after each hidden layer (batch norm is not "
-            "offered: it would couple the rows of a batch)"
-        )
         epochs: int = Field(100, ge=1, le=100_000, description="maximum classifier epochs")
         batch_size: int = Field(512, ge=2, le=1_048_576, description="classifier minibatch size")
         lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
@@ -166,13 +149,7 @@ class NCPPrior(TiltedPrior):
 
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> NCPPrior:
-        latent_dim = ctx.require_latent_dim("the ncp prior")
-        base = build_component(config.base, "prior", ctx)
-        # Seed the initialization from the run seed without disturbing the global (CPU) RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(ctx.seed)
-            classifier = MLPClassifier(latent_dim, config.hidden, config.activation,
-                                       config.normalization)
+        base, classifier = build_tilt_network(config, ctx, "ncp")
         return cls(base, classifier, epochs=config.epochs, batch_size=config.batch_size,
                    lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
                    heldout_fraction=config.heldout_fraction,
@@ -187,15 +164,7 @@ class NCPPrior(TiltedPrior):
     # ------------------------------------------------------------------------------------------
     # fitting
 
-    def fit(
-        self,
-        mu: Tensor,
-        logvar: Tensor,
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        log: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
+    def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
         """Train the classifier: aggregate posterior (label 1) against the base (label 0).
 
         ``mu``, ``logvar`` ``(N, D)``: the frozen encoder's outputs for the whole training set.
@@ -214,12 +183,9 @@ class NCPPrior(TiltedPrior):
         and the held-out ``heldout_loss``/``heldout_accuracy``/``heldout_auc`` there,
         ``epochs_run``, ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``.
         """
-        from tqdm import tqdm
 
-        check_encodings("ncp", mu, logvar, self.latent_dim)
-        started = time.perf_counter()
-        gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
-        base_summary = self.fit_base(mu, logvar, generator=gen, progress=progress)
+        gen = options.generator
+        base_summary = self.fit_base(mu, logvar, options)
         ref = self._param_like()
         device, dtype = ref.device, ref.dtype
         mu = mu.detach().to(device=device, dtype=dtype)
@@ -247,71 +213,44 @@ class NCPPrior(TiltedPrior):
         optimizer = torch.optim.Adam(trainable, lr=self.lr,
                                      weight_decay=self.weight_decay)
 
-        history: list[dict[str, float]] = []
-        best_loss, best_epoch, best_state = math.inf, 0, None
-        best_record: dict[str, float] = {}
-        stale = 0
-        bar = tqdm(range(1, self.epochs + 1), desc="fit ncp classifier", unit="epoch",
-                   disable=not progress, leave=False)
-        for epoch in bar:
+        stopper = EarlyStopping(self.classifier, epochs=self.epochs, patience=self.patience,
+                                desc="fit ncp classifier", progress=options.progress,
+                                log=options.log)
+        for epoch in stopper:
             self.classifier.train()
             with torch.no_grad():
                 inputs = torch.cat([posterior_draws(mu_tr, std_tr),
                                     self.base.sample(n_train, generator=gen)])
             perm = torch.randperm(2 * n_train, generator=gen, device=gen.device).to(device)
-            losses, sizes = [], []
+            losses = EpochLosses()
             for index in perm.tensor_split(num_batches):
                 loss = F.binary_cross_entropy_with_logits(self.logit(inputs[index]),
                                                           labels_tr[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.detach())
-                sizes.append(len(index))
-            batch_losses = torch.stack(losses).to(torch.float64)
+                losses.add(loss, len(index))
             # the steps' losses stay on the device until here: one host read per epoch
-            bad = ~torch.isfinite(batch_losses)
-            if bad.any():
-                first = int(torch.nonzero(bad)[0, 0]) + 1
-                raise NonFiniteError(f"ncp fit: the classifier loss became NaN or inf in epoch "
-                                     f"{epoch}, step {first} of {len(losses)}; lower lr (now "
-                                     f"{self.lr})")
-            weights = torch.tensor(sizes, dtype=torch.float64, device=batch_losses.device)
             record = {
                 "epoch": float(epoch),
-                "train_loss_mean": float((batch_losses * weights).sum() / weights.sum()),
-                "train_loss_min": float(batch_losses.min()),
+                **losses.summary("ncp", epoch, f"lower lr (now {self.lr})"),
                 **self._heldout_metrics(posterior_draws(mu_ho, std_ho),
                                         self.base.sample(n_held, generator=gen), labels_ho),
             }
-            history.append(record)
-            if log is not None:
-                log(dict(record))
-            bar.set_postfix(heldout_loss=f"{record['heldout_loss']:.4f}",
-                            acc=f"{record['heldout_accuracy']:.3f}")
-            if record["heldout_loss"] < best_loss:
-                best_loss, best_epoch, best_record, stale = record["heldout_loss"], epoch, record, 0
-                best_state = copy.deepcopy(self.classifier.state_dict())
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        bar.close()
-        if best_state is not None:
-            self.classifier.load_state_dict(best_state)
+            stopper.update(record, loss=record["heldout_loss"],
+                           postfix={"heldout_loss": f"{record['heldout_loss']:.4f}",
+                                    "acc": f"{record['heldout_accuracy']:.3f}"})
+        stopper.restore()
         self.classifier.eval()
-        self.fitted.fill_(True)
-        self.history = history
+        self.mark_fitted()
+        self.history = stopper.history
+        best = stopper.best_record
         self.fit_summary = {
-            "best_epoch": best_epoch,
-            "heldout_loss": best_record.get("heldout_loss", math.nan),
-            "heldout_accuracy": best_record.get("heldout_accuracy", math.nan),
-            "heldout_auc": best_record.get("heldout_auc", math.nan),
-            "epochs_run": len(history),
-            "stopped_early": len(history) < self.epochs,
-            "fit_seconds": time.perf_counter() - started,
-            "num_train": n_train,
-            "num_heldout": n_held,
+            "best_epoch": stopper.best_epoch,
+            "heldout_loss": best.get("heldout_loss", math.nan),
+            "heldout_accuracy": best.get("heldout_accuracy", math.nan),
+            "heldout_auc": best.get("heldout_auc", math.nan),
+            **stopper.summary(options.started, n_train, n_held),
         }
         if base_summary:
             self.fit_summary["base_fit"] = base_summary

@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from ncpvae import (
+    BuildContext,
+    ComponentConfig,
     ConfigError,
     DataError,
+    FitOptions,
     LearnedPrior,
     NonFiniteError,
-    NotFittedError,
     Prior,
+    PriorSection,
+    build_component,
     ess_fraction,
     sampling_importance_resampling,
 )
@@ -51,6 +56,39 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 EVAL_CHUNK = 65_536
 #: Candidates per SIR pool: larger requests are split into pools of about this size.
 SIR_POOL = 1 << 20
+
+
+class TiltedConfig(ComponentConfig):
+    """The config fields every tilted prior shares: the base ``b`` and the MLP for ``f``
+    (:class:`MLPClassifier`). A subclass narrows ``name`` and adds its fitting settings."""
+
+    base: PriorSection = Field(
+        default_factory=lambda: {"name": "gaussian"},
+        description="the base prior b that exp f reweights (a prior table); it must sample "
+                    "exactly",
+    )
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [256, 256], description="hidden layer sizes of the MLP f"
+    )
+    activation: Literal["relu", "silu", "gelu", "elu", "tanh", "softplus"] = Field(
+        "silu", description="MLP activation (smooth ones give Langevin samplers smooth energies)"
+    )
+    normalization: Literal["none", "layer"] = Field(
+        "none", description="normalization after each hidden layer (batch norm is not offered: "
+        "it would couple the rows of a batch)"
+    )
+
+
+def build_tilt_network(config: TiltedConfig, ctx: BuildContext, who: str
+                       ) -> tuple[Prior, MLPClassifier]:
+    """The base prior and the MLP ``f`` of a tilted prior's config; ``f`` is initialized from
+    the run seed ``ctx.seed`` without touching the global (CPU) RNG."""
+    latent_dim = ctx.require_latent_dim(f"the {who} prior")
+    base = build_component(config.base, "prior", ctx)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(ctx.seed)
+        net = MLPClassifier(latent_dim, config.hidden, config.activation, config.normalization)
+    return base, net
 
 
 class MLPClassifier(nn.Module):
@@ -113,27 +151,6 @@ def log_mean_exp(values: Tensor) -> tuple[float, float]:
     return log_z, se
 
 
-def check_encodings(who: str, mu: Tensor, logvar: Tensor, latent_dim: int) -> None:
-    """Raise :class:`DataError` unless ``mu`` and ``logvar`` are finite ``(N, latent_dim)``."""
-    for what, t in (("mu", mu), ("logvar", logvar)):
-        if not isinstance(t, Tensor):
-            raise DataError(f"{who} fit: {what} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != 2 or t.shape[1] != latent_dim:
-            raise DataError(
-                f"{who} fit: {what} must have shape (N, {latent_dim}) for this "
-                f"{latent_dim}-dim prior, got {tuple(t.shape)}; pass the encoder outputs "
-                f"of the whole training set"
-            )
-        if not torch.isfinite(t).all():
-            raise DataError(
-                f"{who} fit: {what} contains NaN or infinite values; the encoder diverged or "
-                f"the data has NaNs"
-            )
-    if mu.shape != logvar.shape:
-        raise DataError(f"{who} fit: mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} "
-                        f"must have the same shape")
-
-
 def split_heldout(n_total: int, fraction: float, generator: torch.Generator,
                   device: torch.device, who: str) -> tuple[Tensor, Tensor]:
     """A seeded split of ``range(n_total)`` into held-out and training indices."""
@@ -163,6 +180,12 @@ class TiltedPrior(LearnedPrior):
     net_role: ClassVar[str] = "network"
     #: what it calls the network's outputs
     net_output: ClassVar[str] = "values"
+    fitted_part: ClassVar[str] = "a trained network"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "fitted_part" not in cls.__dict__:  # the not-fitted error names the network
+            cls.fitted_part = f"a trained {cls.net_role}"
 
     def __init__(self, base: Prior, net: nn.Module, *, sir_candidates: int = 100,
                  log_z_samples: int = 100_000, seed: int = 0, fitted: bool = False,
@@ -187,8 +210,8 @@ class TiltedPrior(LearnedPrior):
         self.log_z_samples = int(log_z_samples)
         self.seed = int(seed)
         self.fit_base_first = bool(fit_base)
-        # A buffer, so a fitted checkpoint's state dict carries the flag.
-        self.register_buffer("fitted", torch.tensor(bool(fitted)))
+        # a buffer, so a fitted checkpoint's state dict carries the flag
+        self.register_fitted_flag(fitted)
         self.last_ess_fraction: float | None = None
         self.history: list[dict[str, float]] = []
         self.fit_summary: dict[str, Any] = {}
@@ -211,31 +234,21 @@ class TiltedPrior(LearnedPrior):
         """Pass the model on to the base (a VampPrior base needs the encoder)."""
         self.base.bind_model(model)
 
-    def fit_base(self, mu: Tensor, logvar: Tensor, *, generator: torch.Generator | None,
-                 progress: bool = False) -> dict[str, Any]:
-        """Fit a learned base on the same encodings (first, before ``f``); ``{}`` otherwise.
-        The generator is only consumed when there is something to fit, so a fit over a fixed
-        base (N(0, I)) draws exactly as before."""
+    def fit_base(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
+        """Fit a learned base on the same encodings (first, before ``f``), with the fit's
+        generator, progress setting and shards; ``{}`` otherwise. The generator is only
+        consumed when there is something to fit, so a fit over a fixed base (N(0, I)) draws
+        exactly as before."""
         if not (self.base_is_learned and self.fit_base_first):
             return {}
         assert isinstance(self.base, LearnedPrior)
-        return dict(self.base.fit(mu, logvar, generator=generator, progress=progress))
+        sharded = {"shards": options.shards} if (
+            options.shards is not None and self.base.shardable_fit) else {}
+        return dict(self.base.fit(mu, logvar, generator=options.generator,
+                                  progress=options.progress, **sharded))
 
     # ------------------------------------------------------------------------------------------
     # the density
-
-    @property
-    def is_fitted(self) -> bool:
-        """True after :meth:`fit`, after loading a fitted state dict, or if built ``fitted=True``."""
-        return bool(self.fitted)
-
-    def _require_fitted(self, what: str) -> None:
-        if not self.is_fitted:
-            raise NotFittedError(
-                f"the {self.name} prior's {what} needs a trained {self.net_role}: call "
-                f"prior.fit(mu, logvar) with the frozen VAE's training-set encodings, or load a "
-                f"fitted state dict"
-            )
 
     def logit(self, z: Tensor) -> Tensor:
         """The tilt ``f(z)``: ``(..., D) -> (...)`` (no fitted check).
@@ -267,13 +280,13 @@ class TiltedPrior(LearnedPrior):
     def log_prob(self, z: Tensor) -> Tensor:
         """Unnormalized ``log b(z) + f(z)``, ``(..., D) -> (...)``; subtract ``log Z`` (see
         :meth:`log_normalizer`) for the normalized log density."""
-        self._require_fitted("log_prob")
+        self.require_fitted("log_prob")
         return self.base.log_prob(z) + self.logit(z)
 
     def energy(self, z: Tensor) -> Tensor:
         """``U(z) = -log b(z) - f(z)``, ``(..., D) -> (...)``; ``log b`` is the base's log
         density summed over the latent dimensions. Batch-separable."""
-        self._require_fitted("energy")
+        self.require_fitted("energy")
         return -self.base.log_prob(z) - self.logit(z)
 
     def log_normalizer_over_base(
@@ -281,7 +294,7 @@ class TiltedPrior(LearnedPrior):
     ) -> tuple[float, float]:
         """Monte Carlo ``log E_b[exp f(z)]`` over ``num_samples`` base draws (default
         ``log_z_samples``) and its delta-method SE; biased low by about half the squared SE."""
-        self._require_fitted("log_normalizer")
+        self.require_fitted("log_normalizer")
         m = self.log_z_samples if num_samples is None else int(num_samples)
         if m < 2:
             raise ConfigError(f"log_normalizer needs at least 2 samples, got {m}")
@@ -308,7 +321,7 @@ class TiltedPrior(LearnedPrior):
     def log_ratio(self, z: Tensor) -> Tensor:
         """``log p(z) - log p_base_prior(z)`` without ``log Z``: ``f(z)`` over a fixed base,
         ``f(z) + base.log_ratio(z)`` over a learned one."""
-        self._require_fitted("kl_gain")
+        self.require_fitted("kl_gain")
         f = self.logit(z)
         if self.base is self.base_prior:
             return f
@@ -327,7 +340,7 @@ class TiltedPrior(LearnedPrior):
         """``Delta = E_q[f(z)] - log E_b[exp f]``: the gain over the base ``b`` itself (equal to
         :meth:`kl_gain` over N(0, I) when the base is N(0, I)), on held-out draws ``latents``
         ``(N, D)``; plain floats ``(delta, se)``."""
-        self._require_fitted("kl_gain")
+        self.require_fitted("kl_gain")
         if latents.ndim != 2 or latents.shape[1] != self.latent_dim or latents.shape[0] < 2:
             raise DataError(
                 f"kl_gain: expected held-out latents of shape (N, {self.latent_dim}) with N >= 2, "
@@ -357,7 +370,7 @@ class TiltedPrior(LearnedPrior):
         (multinomial, with replacement, in pools of about a million candidates). Returns
         ``(z (n, D), {"ess_fraction": ...})``; the ESS fraction is also kept as
         ``self.last_ess_fraction``."""
-        self._require_fitted("sample")
+        self.require_fitted("sample")
         if n < 0:
             raise ValueError(f"cannot draw a negative number of samples ({n})")
         if n == 0:

@@ -1,0 +1,229 @@
+"""Building blocks of a learned prior's epoch loop (shared by the ncp, ebm and flow plugins).
+
+- :class:`EarlyStopping`: iterates the epochs (with an optional progress bar), records each
+  epoch's held-out loss, keeps a copy of the state dict at the best one, stops after
+  ``patience`` epochs without improvement and restores the best weights.
+- :class:`EpochLosses`: the minibatch losses of one epoch, kept on the device and read once at
+  the epoch's end (a non-finite loss raises :class:`~ncpvae.NonFiniteError` naming the step).
+
+Neither draws random numbers, so a fit that uses them consumes its generator exactly as a
+hand-written loop would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ncpvae.errors import NonFiniteError
+
+__all__ = ["EarlyStopping", "EpochLosses", "ShardGroup"]
+
+
+class EpochLosses:
+    """The minibatch losses of one epoch: 0-dim tensors (kept on the device) and batch sizes."""
+
+    def __init__(self) -> None:
+        self.losses: list[Tensor] = []
+        self.sizes: list[int] = []
+
+    def add(self, loss: Tensor, size: int) -> None:
+        """Record one step's (detached) loss over ``size`` examples."""
+        self.losses.append(loss.detach())
+        self.sizes.append(int(size))
+
+    def summary(self, who: str, epoch: int, remedy: str) -> dict[str, float]:
+        """``train_loss_mean`` (weighted by the batch sizes) and ``train_loss_min`` in float64:
+        one host read. Raises :class:`NonFiniteError` ``"<who> fit: the loss became NaN or inf
+        in epoch E, step S of N; <remedy>"`` if any step's loss is not finite."""
+        if not self.losses:
+            raise ValueError(f"{who} fit: epoch {epoch} took no steps")
+        batch_losses = torch.stack(self.losses).to(torch.float64)
+        bad = ~torch.isfinite(batch_losses)
+        if bad.any():
+            first = int(torch.nonzero(bad)[0, 0]) + 1
+            raise NonFiniteError(f"{who} fit: the loss became NaN or inf in epoch {epoch}, step "
+                                 f"{first} of {len(self.losses)}; {remedy}")
+        weights = torch.tensor(self.sizes, dtype=torch.float64, device=batch_losses.device)
+        return {"train_loss_mean": float((batch_losses * weights).sum() / weights.sum()),
+                "train_loss_min": float(batch_losses.min())}
+
+
+class EarlyStopping:
+    """Epochs ``1..epochs`` of a fit, stopped after ``patience`` epochs without a lower held-out
+    loss; the state dict of ``module`` at the best epoch is kept (a deep copy) and restored by
+    :meth:`restore`.
+
+    Use::
+
+        stopper = EarlyStopping(net, epochs=100, patience=10, desc="fit x", log=log)
+        for epoch in stopper:          # ends early once patience runs out
+            ...                        # train one epoch
+            stopper.update(record, loss=heldout_loss)   # the epoch's plain-float record
+        stopper.restore()              # the best weights, progress bar closed
+
+    ``history`` holds every epoch's record; ``log`` (if given) receives a copy of each. A loss
+    counts as better only when strictly lower than the best so far (NaN never does).
+    """
+
+    def __init__(self, module: nn.Module, *, epochs: int, patience: int, desc: str = "fit",
+                 progress: bool = False,
+                 log: Callable[[dict[str, Any]], None] | None = None) -> None:
+        if epochs < 1 or patience < 1:
+            raise ValueError(f"epochs and patience must be >= 1, got {epochs} and {patience}")
+        self.module = module
+        self.epochs = int(epochs)
+        self.patience = int(patience)
+        self.log = log
+        self.history: list[dict[str, float]] = []
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.best_record: dict[str, float] = {}
+        self.stale = 0
+        self.stopped = False
+        self._best_state: dict[str, Any] | None = None
+        self._desc = desc
+        self._progress = bool(progress)
+        self._bar: Any = None
+
+    def __iter__(self) -> Iterator[int]:
+        from tqdm import tqdm
+
+        self._bar = tqdm(range(1, self.epochs + 1), desc=self._desc, unit="epoch",
+                         disable=not self._progress, leave=False)
+        for epoch in self._bar:
+            yield epoch
+            if self.stopped:
+                break
+
+    def update(self, record: Mapping[str, float], *, loss: float,
+               postfix: Mapping[str, str] | None = None) -> bool:
+        """Record one epoch (``record`` of plain floats; ``loss`` its held-out loss, lower is
+        better). Returns True when the fit should stop (patience ran out)."""
+        record = dict(record)
+        self.history.append(record)
+        if self.log is not None:
+            self.log(dict(record))
+        if self._bar is not None and postfix:
+            self._bar.set_postfix(**postfix)
+        if loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.best_record = loss, len(self.history), record
+            self.stale = 0
+            self._best_state = copy.deepcopy(self.module.state_dict())
+        else:
+            self.stale += 1
+            self.stopped = self.stale >= self.patience
+        return self.stopped
+
+    def restore(self) -> None:
+        """Close the progress bar and load the best epoch's state dict (if any epoch ran)."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._best_state is not None:
+            self.module.load_state_dict(self._best_state)
+
+    def summary(self, started: float, num_train: int, num_heldout: int) -> dict[str, Any]:
+        """``epochs_run``, ``stopped_early``, ``fit_seconds`` (since ``started``, a
+        ``time.perf_counter()`` value), ``num_train`` and ``num_heldout``."""
+        return {"epochs_run": len(self.history),
+                "stopped_early": len(self.history) < self.epochs,
+                "fit_seconds": time.perf_counter() - started,
+                "num_train": int(num_train),
+                "num_heldout": int(num_heldout)}
+
+
+# ---------------------------------------------------------------------------------------------
+# data-parallel fits: every rank draws the whole batch, computes its rows, gradients summed
+
+
+@dataclass(frozen=True)
+class ShardGroup:
+    """The ranks of a data-parallel computation: this process is ``rank`` of ``world_size``,
+    talking over a ``torch.distributed`` process ``group`` (None: the default group).
+
+    The fits of learned priors use it (``LearnedPrior.fit(..., shards=...)``) the way VAE
+    training uses DDP: every rank draws the whole global minibatch from an identically seeded
+    generator (so the generator advances as in one process), takes its contiguous rows
+    (:meth:`bounds`, the same split as the training's ``DistContext.shard_bounds``), and the
+    per-rank gradients of ``sum(loss over its rows) / total`` are summed over ranks
+    (:meth:`sum_gradients`): the gradient of the global batch mean. Sums travel in float64, so
+    they are the same on every rank; only the float reduction order differs from one process.
+    """
+
+    rank: int
+    world_size: int
+    group: Any = None
+
+    def __post_init__(self) -> None:
+        if not (self.world_size >= 1 and 0 <= self.rank < self.world_size):
+            raise ValueError(f"invalid shard group: rank {self.rank} of {self.world_size}")
+
+    @classmethod
+    def from_process_group(cls, group: Any = None) -> ShardGroup | None:
+        """The group of the initialized ``torch.distributed`` process group (``group`` or the
+        default one); None when none is initialized or it has one rank."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        world = dist.get_world_size(group)
+        if world < 2:
+            return None
+        return cls(dist.get_rank(group), world, group)
+
+    def bounds(self, total: int) -> tuple[int, int]:
+        """``(offset, rows)`` of this rank's contiguous part of ``total`` rows: the first
+        ``total % world_size`` ranks get one row more."""
+        base, extra = divmod(int(total), self.world_size)
+        return self.rank * base + min(self.rank, extra), base + (1 if self.rank < extra else 0)
+
+    def shard(self, rows: Tensor) -> Tensor:
+        """This rank's contiguous part of ``rows`` ``(B, ...)``: ``(rows_r, ...)``."""
+        offset, count = self.bounds(len(rows))
+        return rows[offset:offset + count]
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sum of ``tensor`` (same shape on every rank) over the ranks, summed in float64 and
+        returned in ``tensor``'s dtype and device (a new tensor)."""
+        import torch.distributed as dist
+
+        wire = tensor.detach().to(self._wire_device(tensor), torch.float64).clone()
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=self.group)
+        return wire.to(device=tensor.device, dtype=tensor.dtype)
+
+    def gather_rows(self, local: Tensor, total: int) -> Tensor:
+        """The ``(total, ...)`` tensor whose rows :meth:`bounds` are each rank's ``local`` rows,
+        on every rank (a zero-padded sum, so every row is exactly its rank's value)."""
+        offset, count = self.bounds(total)
+        if len(local) != count:
+            raise ValueError(f"rank {self.rank} holds {len(local)} rows, its shard of {total} "
+                             f"has {count}")
+        full = local.new_zeros((int(total), *local.shape[1:]))
+        full[offset:offset + count] = local.detach()
+        return self.all_reduce_sum(full)
+
+    def sum_gradients(self, params: list[Tensor]) -> None:
+        """Replace each parameter's ``.grad`` by its sum over the ranks (one all-reduce of all
+        of them; a missing gradient counts as zeros)."""
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        total = self.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        start = 0
+        for p, g in zip(params, grads, strict=True):
+            p.grad = total[start:start + g.numel()].view_as(g).to(g.dtype)
+            start += g.numel()
+
+    def _wire_device(self, tensor: Tensor) -> torch.device:
+        """Where a collective's buffer lives: the tensor's device under NCCL, else the CPU."""
+        import torch.distributed as dist
+
+        backend = dist.get_backend(self.group)
+        return tensor.device if backend == "nccl" else torch.device("cpu")
