@@ -36,16 +36,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae import (
-    BuildContext,
-    ComponentConfig,
-    DataBundle,
-    DataError,
-    DatasetPlugin,
-    TensorImageSource,
-    atomic_write,
-)
-from ncpvae.plugins.datasets.splits import seeded_permutation
+from ncpvae import BuildContext, DataBundle, DataError, DatasetPlugin, TensorImageSource, atomic_write
+from ncpvae.plugins.datasets.splits import SubsetFields, seeded_permutation
 
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -95,13 +87,18 @@ class _ColourDataset(DatasetPlugin):
     tv_class: ClassVar[str]
     #: what to put where, for the offline error message
     expected_files: ClassVar[str]
+    #: the data folder under ``root`` ("": ``root`` itself) and the files it must hold
+    folder: ClassVar[str] = ""
+    required_files: ClassVar[tuple[str, ...]] = ()
 
     def data_folder(self, root: str) -> str:
-        raise NotImplementedError
+        return os.path.join(root, self.folder) if self.folder else root
 
     def missing(self, root: str) -> list[str]:
         """Paths of required files that are not there."""
-        raise NotImplementedError
+        folder = self.data_folder(root)
+        return [os.path.join(folder, f) for f in self.required_files
+                if not os.path.isfile(os.path.join(folder, f))]
 
     def download(self, root: str) -> None:
         """Let torchvision fetch (and checksum) the files into ``root``."""
@@ -150,15 +147,6 @@ class _ColourDataset(DatasetPlugin):
         return DataBundle(train=sources[0], test=sources[1], ground_truth=None)
 
 
-class _SizeFields(ComponentConfig):
-    root: str = Field("data", description="folder holding the files (see the plugin docs)")
-    download: bool = Field(False, description="let torchvision download missing files")
-    train_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
-    test_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
-    split_seed: int = Field(
-        0, ge=0, description="seed of the train and test subsets (independent of the run seed)")
-
-
 # ------------------------------------------------------------------------------------------------
 # CIFAR-10
 
@@ -192,17 +180,11 @@ class CIFAR10Dataset(_ColourDataset):
     name = "cifar10"
     tv_class = "CIFAR10"
     expected_files = "the python batches (cifar-10-python.tar.gz extracted)"
+    folder = CIFAR_FOLDER
+    required_files = CIFAR_TRAIN + CIFAR_TEST
 
-    class Config(_SizeFields):
+    class Config(SubsetFields):
         name: Literal["cifar10"] = "cifar10"
-
-    def data_folder(self, root: str) -> str:
-        return os.path.join(root, CIFAR_FOLDER)
-
-    def missing(self, root: str) -> list[str]:
-        folder = self.data_folder(root)
-        return [os.path.join(folder, f) for f in CIFAR_TRAIN + CIFAR_TEST
-                if not os.path.isfile(os.path.join(folder, f))]
 
     def load_split(self, root: str, train: bool, *, limit: int | None = None, seed: int = 0
                    ) -> tuple[Tensor, Tensor | None]:
@@ -223,16 +205,10 @@ class SVHNDataset(_ColourDataset):
     name = "svhn"
     tv_class = "SVHN"
     expected_files = "train_32x32.mat and test_32x32.mat"
+    required_files = tuple(SVHN_FILES.values())
 
-    class Config(_SizeFields):
+    class Config(SubsetFields):
         name: Literal["svhn"] = "svhn"
-
-    def data_folder(self, root: str) -> str:
-        return root
-
-    def missing(self, root: str) -> list[str]:
-        return [os.path.join(root, f) for f in SVHN_FILES.values()
-                if not os.path.isfile(os.path.join(root, f))]
 
     def download_calls(self) -> list[dict[str, Any]]:
         return [{"split": "train"}, {"split": "test"}]
@@ -317,8 +293,9 @@ class CelebADataset(_ColourDataset):
     tv_class = "CelebA"
     expected_files = (f"{CELEBA_IMAGES}/ (the extracted img_align_celeba.zip), {CELEBA_PARTITION} "
                       f"and {CELEBA_ATTRIBUTES}")
+    folder = CELEBA_FOLDER
 
-    class Config(_SizeFields):
+    class Config(SubsetFields):
         name: Literal["celeba"] = "celeba"
         root: str = Field("data", description="folder holding celeba/")
         image_size: int = Field(64, ge=4, description="side of the resized square images")
@@ -326,9 +303,6 @@ class CelebADataset(_ColourDataset):
         label_attribute: str | None = Field(
             None, description="attribute giving the 0/1 labels, e.g. 'Smiling' (None: no labels)")
         cache: bool = Field(True, description="cache the resized full splits as .npy in root")
-
-    def data_folder(self, root: str) -> str:
-        return os.path.join(root, CELEBA_FOLDER)
 
     def missing(self, root: str) -> list[str]:
         folder = self.data_folder(root)

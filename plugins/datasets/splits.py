@@ -4,9 +4,23 @@ of images and the dataset's ``split_seed``, never on the run seed."""
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from ncpvae import DataError
+from ncpvae import ComponentConfig, DataError
+
+
+class SubsetFields(ComponentConfig):
+    """Config fields of a dataset read from files with an official train/test split, optionally
+    cut to seeded subsets (``mnist``, ``fashion-mnist``, ``cifar10``, ``svhn``, ``celeba``);
+    subclasses narrow ``name`` and may describe ``root`` more precisely."""
+
+    root: str = Field("data", description="folder holding the files (see the plugin docs)")
+    download: bool = Field(False, description="let torchvision download missing files")
+    train_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
+    test_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
+    split_seed: int = Field(
+        0, ge=0, description="seed of the train and test subsets (independent of the run seed)")
 
 
 def seeded_permutation(n: int, seed: int) -> Tensor:

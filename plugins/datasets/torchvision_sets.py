@@ -25,16 +25,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae import (
-    BuildContext,
-    ComponentConfig,
-    DataBundle,
-    DataError,
-    DatasetPlugin,
-    TensorImageSource,
-    atomic_write,
-)
-from ncpvae.plugins.datasets.splits import seeded_permutation
+from ncpvae import BuildContext, DataBundle, DataError, DatasetPlugin, TensorImageSource, atomic_write
+from ncpvae.plugins.datasets.splits import SubsetFields, seeded_permutation
 
 RAW_FILES: tuple[str, ...] = (
     "train-images-idx3-ubyte",
@@ -137,15 +129,9 @@ class MNISTDataset(_TorchvisionMNISTLike):
     name = "mnist"
     tv_class = "MNIST"
 
-    class Config(ComponentConfig):
+    class Config(SubsetFields):
         name: Literal["mnist"] = "mnist"
         root: str = Field("data", description="folder holding MNIST/raw/")
-        download: bool = Field(False, description="let torchvision download missing files")
-        train_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
-        test_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
-        split_seed: int = Field(
-            0, ge=0, description="seed of the train and test subsets (independent of the run seed)"
-        )
 
 
 class FashionMNISTDataset(_TorchvisionMNISTLike):
@@ -154,12 +140,6 @@ class FashionMNISTDataset(_TorchvisionMNISTLike):
     name = "fashion-mnist"
     tv_class = "FashionMNIST"
 
-    class Config(ComponentConfig):
+    class Config(SubsetFields):
         name: Literal["fashion-mnist"] = "fashion-mnist"
         root: str = Field("data", description="folder holding FashionMNIST/raw/")
-        download: bool = Field(False, description="let torchvision download missing files")
-        train_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
-        test_size: int | None = Field(None, ge=1, description="seeded subset size; None = all")
-        split_seed: int = Field(
-            0, ge=0, description="seed of the train and test subsets (independent of the run seed)"
-        )
