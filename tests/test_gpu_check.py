@@ -52,6 +52,21 @@ def test_check_smoke_flags_unfinished_and_nonfinite(gpu_check, tmp_path):
     assert not gpu_check.check_smoke(tmp_path)["ok"]
 
 
+def test_run_stage_records_failure_and_timeout(gpu_check, tmp_path):
+    log = tmp_path / "gpu_check.log"
+    ok = gpu_check.run_stage("fine", [sys.executable, "-c", "print('hello')"], 60, log)
+    assert ok["status"] == "ok" and ok["returncode"] == 0 and "output_tail" not in ok
+    bad = gpu_check.run_stage("bad", [sys.executable, "-c", "print('oops'); raise SystemExit(3)"],
+                              60, log)
+    assert bad["status"] == "failed" and bad["returncode"] == 3
+    assert bad["output_tail"].strip() == "oops"  # this stage's output only
+    slow = gpu_check.run_stage("slow", [sys.executable, "-c", "import time; time.sleep(60)"],
+                               1, log)
+    assert slow["status"] == "timeout" and slow["returncode"] is None and slow["wall_s"] < 30
+    text = log.read_text()
+    assert "===== fine" in text and "hello" in text and "===== slow" in text
+
+
 def test_cuda_commands_use_the_device(gpu_check, tmp_path):
     commands = gpu_check.stage_commands("cuda", False, tmp_path, tmp_path / "run")
     assert list(commands) == STAGES
@@ -73,6 +88,11 @@ def test_quick_cpu_run_writes_every_stage_json(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["ok"] and report["device"] == "cpu" and report["env"]["torch"]
     assert list(report["stages"]) == STAGES
+    # what comes back from a device machine: at most 8 files
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["gpu_check.json", "gpu_check.log"] + [f"{name}.json" for name in STAGES])
+    log = (out / "gpu_check.log").read_text()
+    assert all(f"===== {name}:" in log for name in STAGES)
     for name, record in report["stages"].items():
         assert record["status"] == "ok", (name, record)
         assert record["json"] == f"{name}.json" and (out / record["json"]).is_file()
