@@ -67,7 +67,7 @@ if cuda:
 wall = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 row = {"chains": chains, "steps": steps, "mode": mode, "thin": kw.get("thin", 1),
-       "device": str(device), "rss_before_mb": before / 1024,
+       "device": str(device), "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024,
        "peak_growth_mb": (peak - before) / 1024, "wall_s": wall,
        "samples_shape": list(result.samples.shape),
        "samples_mb": result.samples.numel() * result.samples.element_size() / 2**20,
@@ -142,11 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         fits += extrapolate(rows, "cuda_peak_growth_mb", args.extrapolate, args.chains, args.thin)
     print()
     print("| chains | steps | mode | thin | kept draws (MB) | peak RSS growth during run() (MB) "
+          "| process peak RSS (MB) "
           + ("| peak CUDA allocation growth (MB) " if cuda else "") + "| run() wall (s) |")
-    print("|---:|---:|---|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|")
+    print("|---:|---:|---|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|")
     for r in rows:
         print(f"| {r['chains']:,} | {r['steps']} | {r['mode']} | {r['thin']} "
-              f"| {r['samples_mb']:,.0f} | {r['peak_growth_mb']:,.0f} "
+              f"| {r['samples_mb']:,.0f} | {r['peak_growth_mb']:,.0f} | {r['peak_rss_mb']:,.0f} "
               + (f"| {r['cuda_peak_growth_mb']:,.0f} " if cuda else "")
               + f"| {r['wall_s']:.1f} |")
     print()
