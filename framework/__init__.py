@@ -17,7 +17,7 @@ from ncpvae.errors import (
     PluginError,
 )
 from ncpvae.factory import build_component, create
-from ncpvae.fitting import EarlyStopping, EpochLosses, ShardGroup
+from ncpvae.fitting import EarlyStopping, EpochLosses, ShardGroup, minibatch_step
 from ncpvae.hookspecs import hookimpl
 from ncpvae.io import atomic_write
 from ncpvae.mcmc.diagnostics import acceptance_summary, ess, mcse_mean, split_rhat, summarize
@@ -99,6 +99,7 @@ __all__ = [
     "atomic_write",
     "build_component",
     "check_encodings",
+    "minibatch_step",
     "create",
     "get_registry",
     "hookimpl",

@@ -5,9 +5,20 @@
   ``patience`` epochs without improvement and restores the best weights.
 - :class:`EpochLosses`: the minibatch losses of one epoch, kept on the device and read once at
   the epoch's end (a non-finite loss raises :class:`~ncpvae.NonFiniteError` naming the step).
+- :func:`minibatch_step` and :class:`ShardGroup`: one optimizer step on a global minibatch,
+  in one process or data parallel under ``torchrun``.
 
-Neither draws random numbers, so a fit that uses them consumes its generator exactly as a
+None of them draws random numbers, so a fit that uses them consumes its generator exactly as a
 hand-written loop would.
+
+Data-parallel fits (``LearnedPrior.fit(..., shards=ShardGroup)``), what is sharded and what not:
+every rank holds all encodings and an identically seeded generator, and makes every random draw
+of the fit in full (the epoch's positives, negatives and permutation, the held-out draws), so
+the generator advances exactly as in one process. The network's forward and backward passes,
+the expensive part, are sharded: each rank evaluates its contiguous rows of every minibatch
+(and of the held-out set) and the gradients are summed over the ranks. The logged losses and
+the held-out metrics are computed from all-reduced numbers, so they are the same on every rank
+and so is the early-stopping decision; the parameters stay identical on every rank.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from torch import Tensor, nn
 
 from ncpvae.errors import NonFiniteError
 
-__all__ = ["EarlyStopping", "EpochLosses", "ShardGroup"]
+__all__ = ["EarlyStopping", "EpochLosses", "ShardGroup", "minibatch_step"]
 
 
 class EpochLosses:
@@ -39,13 +50,20 @@ class EpochLosses:
         self.losses.append(loss.detach())
         self.sizes.append(int(size))
 
-    def summary(self, who: str, epoch: int, remedy: str) -> dict[str, float]:
+    def summary(self, who: str, epoch: int, remedy: str,
+                shards: ShardGroup | None = None) -> dict[str, float]:
         """``train_loss_mean`` (weighted by the batch sizes) and ``train_loss_min`` in float64:
         one host read. Raises :class:`NonFiniteError` ``"<who> fit: the loss became NaN or inf
-        in epoch E, step S of N; <remedy>"`` if any step's loss is not finite."""
+        in epoch E, step S of N; <remedy>"`` if any step's loss is not finite.
+
+        With ``shards`` each recorded loss is this rank's part of its batch mean (see
+        :func:`minibatch_step`): the parts are summed over the ranks first (one all-reduce per
+        epoch), so every rank logs, and checks, the global batch means."""
         if not self.losses:
             raise ValueError(f"{who} fit: epoch {epoch} took no steps")
         batch_losses = torch.stack(self.losses).to(torch.float64)
+        if shards is not None:
+            batch_losses = shards.all_reduce_sum(batch_losses)
         bad = ~torch.isfinite(batch_losses)
         if bad.any():
             first = int(torch.nonzero(bad)[0, 0]) + 1
@@ -54,6 +72,34 @@ class EpochLosses:
         weights = torch.tensor(self.sizes, dtype=torch.float64, device=batch_losses.device)
         return {"train_loss_mean": float((batch_losses * weights).sum() / weights.sum()),
                 "train_loss_min": float(batch_losses.min())}
+
+
+def minibatch_step(optimizer: torch.optim.Optimizer, params: list[Tensor],
+                   loss: Callable[[Tensor, str], Tensor], index: Tensor,
+                   shards: ShardGroup | None = None) -> Tensor:
+    """One optimizer step on the mean loss over the global minibatch ``index`` ``(B,)``.
+
+    ``loss(rows, reduction)`` is the loss over the examples ``rows`` reduced by ``"mean"`` or
+    ``"sum"``. One process: a step on ``loss(index, "mean")``. With ``shards`` (data parallel)
+    each rank takes its contiguous rows of ``index`` and back-propagates
+    ``loss(rows, "sum") / B``; the gradients of ``params`` are then summed over the ranks
+    (:meth:`ShardGroup.sum_gradients`), which gives every rank the gradient of the global batch
+    mean, and every rank takes the same step. Returns the detached loss: the batch mean, or with
+    ``shards`` this rank's part of it (the parts sum to the batch mean over the ranks)."""
+    optimizer.zero_grad(set_to_none=True)
+    if shards is None:
+        value = loss(index, "mean")
+        value.backward()
+    else:
+        rows = shards.shard(index)
+        if len(rows):
+            value = loss(rows, "sum") / len(index)
+            value.backward()
+        else:  # a batch smaller than the world: no rows here, zero gradients
+            value = torch.zeros((), device=index.device)
+        shards.sum_gradients(params)
+    optimizer.step()
+    return value.detach()
 
 
 class EarlyStopping:
@@ -208,6 +254,13 @@ class ShardGroup:
         full = local.new_zeros((int(total), *local.shape[1:]))
         full[offset:offset + count] = local.detach()
         return self.all_reduce_sum(full)
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
+        """``fn`` ``(n, ...) -> (n,)`` over ``rows`` ``(B, ...)``, each rank evaluating its
+        contiguous part; the whole ``(B,)`` result on every rank (in ``fn``'s dtype)."""
+        local = self.shard(rows)
+        out = fn(local) if len(local) else rows.new_zeros(0)
+        return self.gather_rows(out, len(rows))
 
     def sum_gradients(self, params: list[Tensor]) -> None:
         """Replace each parameter's ``.grad`` by its sum over the ranks (one all-reduce of all

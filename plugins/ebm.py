@@ -52,6 +52,11 @@ class EBMPrior(TiltedPrior):
 
     ``base`` samples exactly; ``energy_net`` maps ``(n, D) -> (n,)`` (``f``, the negative
     energy of the tilt). Fitting settings: see :class:`EBMPrior.Config`.
+
+    Not sharded under torchrun (``shardable_fit`` is False): every rank repeats the whole fit
+    and gets the same result. Sharding it would need the Langevin chains' noise drawn as the
+    one-process rows (as ``ncpvae.run.distributed.sample_chains`` does) and the persistent
+    chains split by rank.
     """
 
     name = "ebm"

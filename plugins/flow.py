@@ -33,8 +33,10 @@ from ncpvae import (
     LearnedPrior,
     Prior,
     PriorSection,
+    ShardGroup,
     build_component,
     hookimpl,
+    minibatch_step,
 )
 from ncpvae.plugins.gmm import aggregate_posterior_draws
 from ncpvae.plugins.tilted import split_heldout
@@ -71,6 +73,7 @@ class FlowPrior(LearnedPrior):
     name = "flow"
     normalized = True
     requires_fit = True
+    shardable_fit = True
     exact_sampling = True
     sampling_method = "exact"
     fitted_part = "a fitted flow"
@@ -189,7 +192,10 @@ class FlowPrior(LearnedPrior):
         ``patience`` epochs without improvement and the best weights are restored. ``log`` gets
         one record per epoch: ``epoch``, ``train_loss_mean``, ``train_loss_min``,
         ``heldout_loss``. Returns ``best_epoch``, ``heldout_loss``, ``epochs_run``,
-        ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``.
+        ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``. Data parallel
+        (``options.shards``): as the ncp fit, each rank evaluates the flow on its rows of every
+        minibatch and of the held-out draws, gradients and losses summed over the ranks; the
+        standardization is computed whole on every rank.
         """
 
         gen = options.generator
@@ -210,6 +216,12 @@ class FlowPrior(LearnedPrior):
         optimizer = torch.optim.Adam(trainable, lr=self.lr, weight_decay=self.weight_decay)
         n_train = len(train)
         num_batches = max(1, math.ceil(n_train / self.batch_size))
+        shards = options.shards  # data parallel: each rank its rows of every minibatch
+
+        def nll(rows: Tensor, reduction: str) -> Tensor:
+            values = -self._log_prob(z[rows])
+            return values.mean() if reduction == "mean" else values.sum()
+
         stopper = EarlyStopping(self.flow, epochs=self.epochs, patience=self.patience,
                                 desc="fit flow", progress=options.progress,
                                 log=options.log)
@@ -219,16 +231,11 @@ class FlowPrior(LearnedPrior):
             perm = torch.randperm(n_train, generator=gen, device=gen.device).to(device)
             losses = EpochLosses()
             for index in perm.tensor_split(num_batches):
-                loss = -self._log_prob(z[index]).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.add(loss, len(index))
-            train_losses = losses.summary("flow", epoch, f"lower lr (now {self.lr})")
+                losses.add(minibatch_step(optimizer, trainable, nll, index, shards), len(index))
+            train_losses = losses.summary("flow", epoch, f"lower lr (now {self.lr})", shards)
             self.flow.eval()
             with torch.no_grad():
-                heldout = float(torch.cat([-self._log_prob(part)
-                                           for part in z_ho.split(65_536)]).double().mean())
+                heldout = float(self._heldout_nll(z_ho, shards).double().mean())
             record = {"epoch": float(epoch), **train_losses, "heldout_loss": heldout}
             stopper.update(record, loss=heldout, postfix={"heldout_nll": f"{heldout:.4f}"})
         stopper.restore()
@@ -241,6 +248,14 @@ class FlowPrior(LearnedPrior):
             **stopper.summary(options.started, n_train, len(held)),
         }
         return dict(self.fit_summary)
+
+    def _heldout_nll(self, z: Tensor, shards: ShardGroup | None) -> Tensor:
+        """``-log p(z)`` ``(n,)`` for held-out draws ``z`` ``(n, D)``, in chunks; with ``shards``
+        each rank evaluates its rows and every rank gets all of them."""
+        def nll(part: Tensor) -> Tensor:
+            return torch.cat([-self._log_prob(chunk) for chunk in part.split(65_536)])
+
+        return nll(z) if shards is None else shards.map_rows(nll, z)
 
 
 @hookimpl

@@ -44,7 +44,9 @@ from ncpvae import (
     EpochLosses,
     FitOptions,
     Prior,
+    ShardGroup,
     hookimpl,
+    minibatch_step,
 )
 from ncpvae.plugins.tilted import (
     MLPClassifier,
@@ -92,6 +94,7 @@ class NCPPrior(TiltedPrior):
     name = "ncp"
     normalized = False
     requires_fit = True
+    shardable_fit = True
     exact_sampling = False
     sampling_method = "SIR"
     net_role = "classifier"
@@ -177,13 +180,18 @@ class NCPPrior(TiltedPrior):
 
         Training continues from the classifier's current weights (no re-initialization). All
         randomness comes from ``generator`` (default: one seeded with ``seed``), so a fit is
-        deterministic. ``log`` gets one record of plain floats per epoch: ``epoch``,
+        deterministic. Data parallel (``options.shards``, under torchrun): every rank draws all
+        positives, negatives and permutations, evaluates the classifier on its contiguous rows
+        of each minibatch and of the held-out set, and the gradients, the logged losses and the
+        held-out logits are summed over the ranks (:func:`ncpvae.minibatch_step`), so each rank
+        ends with the one-process classifier up to float reduction order.
+
+        ``log`` gets one record of plain floats per epoch: ``epoch``,
         ``train_loss_mean`` (over the epoch's examples), ``train_loss_min`` (lowest minibatch),
         ``heldout_loss``, ``heldout_accuracy``, ``heldout_auc``. Returns a summary: ``best_epoch``
         and the held-out ``heldout_loss``/``heldout_accuracy``/``heldout_auc`` there,
         ``epochs_run``, ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``.
         """
-
         gen = options.generator
         base_summary = self.fit_base(mu, logvar, options)
         ref = self._param_like()
@@ -213,6 +221,12 @@ class NCPPrior(TiltedPrior):
         optimizer = torch.optim.Adam(trainable, lr=self.lr,
                                      weight_decay=self.weight_decay)
 
+        shards = options.shards  # data parallel: each rank its rows of every minibatch
+
+        def bce(rows: Tensor, reduction: str) -> Tensor:
+            return F.binary_cross_entropy_with_logits(self.logit(inputs[rows]), labels_tr[rows],
+                                                      reduction=reduction)
+
         stopper = EarlyStopping(self.classifier, epochs=self.epochs, patience=self.patience,
                                 desc="fit ncp classifier", progress=options.progress,
                                 log=options.log)
@@ -224,18 +238,14 @@ class NCPPrior(TiltedPrior):
             perm = torch.randperm(2 * n_train, generator=gen, device=gen.device).to(device)
             losses = EpochLosses()
             for index in perm.tensor_split(num_batches):
-                loss = F.binary_cross_entropy_with_logits(self.logit(inputs[index]),
-                                                          labels_tr[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.add(loss, len(index))
+                losses.add(minibatch_step(optimizer, trainable, bce, index, shards), len(index))
             # the steps' losses stay on the device until here: one host read per epoch
             record = {
                 "epoch": float(epoch),
-                **losses.summary("ncp", epoch, f"lower lr (now {self.lr})"),
+                **losses.summary("ncp", epoch, f"lower lr (now {self.lr})", shards),
                 **self._heldout_metrics(posterior_draws(mu_ho, std_ho),
-                                        self.base.sample(n_held, generator=gen), labels_ho),
+                                        self.base.sample(n_held, generator=gen), labels_ho,
+                                        shards),
             }
             stopper.update(record, loss=record["heldout_loss"],
                            postfix={"heldout_loss": f"{record['heldout_loss']:.4f}",
@@ -257,10 +267,15 @@ class NCPPrior(TiltedPrior):
         return dict(self.fit_summary)
 
     @torch.no_grad()
-    def _heldout_metrics(self, positives: Tensor, negatives: Tensor,
-                         labels: Tensor) -> dict[str, float]:
+    def _heldout_metrics(self, positives: Tensor, negatives: Tensor, labels: Tensor,
+                         shards: ShardGroup | None = None) -> dict[str, float]:
+        """BCE, accuracy and ROC-AUC of the classifier on ``positives`` and ``negatives``
+        ``(n, D)`` each; with ``shards`` each rank computes its rows' logits and every rank
+        gets all of them (so every rank computes the same metrics)."""
         self.classifier.eval()
-        logits = self._logit_nograd(torch.cat([positives, negatives]))
+        inputs = torch.cat([positives, negatives])
+        logits = (self._logit_nograd(inputs) if shards is None
+                  else shards.map_rows(self._logit_nograd, inputs))
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         accuracy = ((logits > 0) == (labels > 0.5)).to(torch.float64).mean()
         return {"heldout_loss": float(loss), "heldout_accuracy": float(accuracy),

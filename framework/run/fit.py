@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ncpvae import plots
+from ncpvae.fitting import ShardGroup
 from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.run import directory as files
 from ncpvae.run import faults, seeds
@@ -43,7 +44,14 @@ def learned_prior_summary(prior: Prior, heldout: Tensor,
 
 def fit_prior(run: Run) -> dict[str, Any]:
     """Stage 2: fit ``run.prior`` to the frozen VAE's aggregate posterior (for a
-    :class:`~ncpvae.LearnedPrior`; nothing to do otherwise)."""
+    :class:`~ncpvae.LearnedPrior`; nothing to do otherwise).
+
+    Under torchrun every rank encodes the whole training set and calls ``fit`` with the same
+    seeded generator; a prior with ``shardable_fit`` (ncp, flow) gets ``shards`` and splits each
+    minibatch's forward/backward over the ranks with summed gradients (see
+    :mod:`ncpvae.fitting`), any other (gmm's EM, ebm's Langevin fit) repeats the whole fit on
+    every rank. The learned-prior summary (``log Z``, ``Delta``) is computed whole on every
+    rank."""
     prior = run.prior
     if not isinstance(prior, LearnedPrior):
         return {}
@@ -54,8 +62,11 @@ def fit_prior(run: Run) -> dict[str, Any]:
         history.append(record)
         run.log({"stage": "fit_prior", **record})
 
+    # under torchrun a prior that can (``shardable_fit``) splits its minibatches over the ranks
+    shards = ShardGroup.from_process_group() if run.dist.active and prior.shardable_fit else None
+    sharded = {} if shards is None else {"shards": shards}
     summary = dict(prior.fit(mu, logvar, generator=run.generator(seeds.PRIOR_FIT),
-                             progress=not run.quiet, log=log))
+                             progress=not run.quiet, log=log, **sharded))
     heldout = heldout_latents(run, run.config.train.eval_size,
                               run.generator(seeds.FIT_HELDOUT))
     summary.update(learned_prior_summary(prior, heldout,
