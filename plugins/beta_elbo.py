@@ -25,6 +25,12 @@ Options (all off by default, so the default loss is the plain beta-ELBO):
 
 The logged ``recon``, ``kl`` and ``elbo`` are always the plain (unweighted) terms, so the reported
 ELBO stays a bound whatever the options.
+
+Under ``torchrun`` each rank holds a shard of the global batch. The free-bits and capacity terms are
+nonlinear in a batch mean, so they take it over the **global** batch
+(:func:`ncpvae.global_batch_mean`: a differentiable all-reduce of the shard sums): loss and
+gradients then equal the single-process run's up to float reduction order. One process computes
+exactly the plain ``.mean``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from ncpvae import (
     LatentModel,
     Objective,
     Prior,
+    global_batch_mean,
     hookimpl,
     reparameterize,
 )
@@ -146,13 +153,16 @@ class BetaELBO(Objective):
         else:  # single-sample Monte Carlo KL for priors without a closed form
             kl = gaussian_log_prob(z, mu, logvar) - prior.log_prob(z)
         if self.capacity_max is not None:
-            # Burgess et al. (2018): the capacity term acts on the batch-mean KL
-            loss = (-recon_log_prob).mean() + self.gamma * (kl.mean() - self.capacity(step)).abs()
+            # Burgess et al. (2018): the capacity term acts on the batch-mean KL (of the global
+            # batch under torchrun: every rank's shard takes part)
+            batch_kl = global_batch_mean(kl, 0)
+            loss = (-recon_log_prob).mean() + self.gamma * (batch_kl - self.capacity(step)).abs()
         elif self.free_bits > 0:
             if kl_per_dim is None:
                 raise ConfigError(f"objective.free_bits needs a closed-form per-dimension KL; "
                                   f"the '{prior.name}' prior has none: set free_bits = 0")
-            kl_term = kl_per_dim.mean(0).clamp(min=self.free_bits).sum()
+            # the per-dimension batch means of the global batch under torchrun
+            kl_term = global_batch_mean(kl_per_dim, 0).clamp(min=self.free_bits).sum()
             loss = (-recon_log_prob).mean() + self.beta_at(step) * kl_term
         else:
             per_example = -recon_log_prob + self.beta_at(step) * kl

@@ -7,6 +7,8 @@ process writes what it saw to a JSON file that the test reads.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
@@ -24,7 +26,12 @@ from ncpvae import reparameterize
 from ncpvae.errors import ConfigError, DataError
 from ncpvae.run import distributed
 from ncpvae.run.distributed import DistContext, DistributedConfig, DistributedError
-from ncpvae.sharding import current_row_shard, randn_rows, row_shard
+from ncpvae.sharding import (
+    current_row_shard,
+    global_batch_mean,
+    randn_rows,
+    row_shard,
+)
 
 # --------------------------------------------------------------------------------------------
 # one process: sharding arithmetic and the row-shard noise
@@ -84,6 +91,35 @@ def test_row_shard_rejects_a_draw_without_the_batch_rows():
         randn_rows((5, 2))
     with pytest.raises(ValueError, match="invalid row shard"), row_shard(4, 3, 6):
         pass
+
+
+def test_global_batch_mean_is_the_plain_mean_in_one_process():
+    values = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(global_batch_mean(values, 0), values.mean(0))
+    assert torch.equal(global_batch_mean(values[:, 0], 0), values[:, 0].mean())
+    with row_shard(0, 7, 7):  # a shard holding the whole batch
+        assert torch.equal(global_batch_mean(values, 0), values.mean(0))
+
+
+def test_global_batch_mean_in_a_row_shard_sums_over_the_shards():
+    """Two shards (4 + 3 rows) simulated in one process: the shard sums are added by the
+    shard's ``sum_over_shards`` (an all-reduce on real ranks); value and gradient per row are
+    those of the whole batch's mean. Without a way to sum over shards it is refused."""
+    values = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sums = [values[:4].sum(0), values[4:].sum(0)]
+    for rank, (offset, rows) in enumerate(((0, 4), (4, 3))):
+        mine = values[offset:offset + rows].clone().requires_grad_(True)
+        other = sums[1 - rank]
+        with row_shard(offset, rows, 7, sum_over_shards=lambda local, o=other: local + o):
+            mean = global_batch_mean(mine, 0)
+        assert torch.allclose(mean, values.mean(0), rtol=1e-14, atol=0)
+        mean.sum().backward()
+        assert torch.allclose(mine.grad, torch.full_like(mine, 1 / 7), rtol=1e-14, atol=0)
+    with row_shard(0, 4, 7), pytest.raises(RuntimeError, match="no sum over the shards"):
+        global_batch_mean(values[:4], 0)
+    with row_shard(0, 4, 7, sum_over_shards=lambda t: t), pytest.raises(
+            RuntimeError, match="4 of 7 rows"):
+        global_batch_mean(values, 0)
 
 
 def test_backend_and_device_choice():
@@ -164,6 +200,8 @@ def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
                     and split.diagnostics["acceptance"] == whole.diagnostics["acceptance"])
                 record.setdefault("shape", []).append(list(split.samples.shape))
             record["split"] = distributed.chains_split_supported(sampler)
+        elif scenario == "remedies":
+            record.update(_remedies(ctx))
         elif scenario == "fail_on_rank_1":
             def setup_stage() -> str:
                 if rank == 1:
@@ -188,6 +226,55 @@ def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
     return record
 
 
+def _remedies(ctx: DistContext) -> dict:
+    """Free bits and a capacity (nonlinear in the batch-mean KL) on 7 examples, 4 + 3 rows on
+    two ranks under DDP, against the whole batch in this process (float64, same noise)."""
+    import copy
+
+    import ncpvae
+    from ncpvae.plugins.beta_elbo import BetaELBO
+
+    batch = torch.rand(7, 1, 4, 4, generator=torch.Generator().manual_seed(1),
+                       dtype=torch.float64)
+    torch.manual_seed(0)
+    template = ncpvae.create("model", "mlp", latent_dim=3, image_shape=(1, 4, 4),
+                             hidden=[8]).double()
+    prior = ncpvae.create("prior", "gaussian", latent_dim=3).double()
+    with torch.no_grad():  # the exact per-example KL (B, D) of the initial model
+        kl = prior.kl_from_gaussian(*template.encode(batch))
+    _, first = DistContext(rank=0, world_size=2).shard_bounds(len(batch))  # rank 0's rows
+    whole_mean, first_mean = kl.mean(0), kl[:first].mean(0)
+    # the capacity and the free-bits level lie between the first shard's mean and the global
+    # one, so a rank's own shard mean would give another loss and gradient (checked below)
+    capacity = float(whole_mean.sum() + first_mean.sum()) / 2
+    level = float(whole_mean[0] + first_mean[0]) / 2
+    out: dict = {}
+    for name, objective in (
+            ("capacity", BetaELBO(capacity_max=capacity, capacity_steps=1, gamma=30.0)),
+            ("free_bits", BetaELBO(free_bits=level, beta=2.0))):
+        model, reference = copy.deepcopy(template), copy.deepcopy(template)
+        torch.manual_seed(5)
+        whole = objective.loss(batch, reference, prior, step=3)
+        whole["loss"].backward()
+        loss_fn = distributed.loss_function(ctx, model, prior, objective)
+        torch.manual_seed(5)  # the same reparameterization noise (rows of the full draw)
+        with ctx.sharded(len(batch)) as (offset, rows):
+            local = loss_fn(batch[offset:offset + rows], 3)
+        (local["loss"] * distributed.loss_weight(ctx, rows, len(batch))).backward()
+        share = rows / len(batch)
+        if name == "capacity":  # what the rank's shard mean alone would give
+            naive = local["recon"] + 30.0 * (local["kl"] - capacity).abs()
+        else:
+            naive = local["recon"] + 2.0 * local["kl_per_dim"].clamp(min=level).sum()
+        sums = ctx.all_reduce_sums({"loss": local["loss"].detach() * share,
+                                    "naive": naive * share})
+        errors = [float((p.grad - q.grad).abs().max() / q.grad.abs().max())
+                  for p, q in zip(model.parameters(), reference.parameters())]
+        out[name] = {"loss": sums["loss"], "whole": float(whole["loss"].detach()),
+                     "naive": sums["naive"], "grad_error": max(errors)}
+    return out
+
+
 def _worker(rank: int, world: int, port: int, scenarios: list[str], out: str) -> None:
     """One rank: set torchrun's variables, join the group, run ``scenarios`` in order."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -210,7 +297,7 @@ def _spawn(scenarios: list[str], tmp_path: Path, world: int = 2) -> list[dict]:
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     """One 2-process group runs every scenario that leaves it usable (starting processes is
     the slow part on a shared CPU)."""
-    names = ["collectives", "chains", "fail_on_rank_1", "fail_on_main_only"]
+    names = ["collectives", "chains", "remedies", "fail_on_rank_1", "fail_on_main_only"]
     ranks = _spawn(names, tmp_path_factory.mktemp("two_ranks"))
     return {name: [r[name] for r in ranks] for name in names}
 
@@ -234,6 +321,26 @@ def test_chains_split_across_ranks_equal_one_process(two_ranks: dict[str, list[d
         assert "error" not in record, record.get("message")
         assert record["split"] and record["equal"] == [True, True]
         assert record["shape"] == [[4, 9, 3], [4, 9, 3]]
+
+
+#: float64 loss and gradients, reduced in another order (shard sums all-reduced, DDP's average):
+#: rounding ~1e-16 per operation over a few dozen operations; a rank using its own shard's mean
+#: is off by the 'naive' margin asserted below (>= 1e-4 relative)
+REMEDY_TOLERANCE = 1e-10
+
+
+@pytest.mark.parametrize("remedy", ["capacity", "free_bits"])
+def test_capacity_and_free_bits_use_the_global_batch_mean_under_ddp(
+        two_ranks: dict[str, list[dict]], remedy: str):
+    """Loss and gradients of 4 + 3 rows on two DDP ranks equal the 7-row single-process ones:
+    the batch-mean KL of a capacity / free-bits term is all-reduced (differentiably)."""
+    for record in two_ranks["remedies"]:
+        assert "error" not in record, record.get("message")
+        got = record[remedy]
+        assert abs(got["loss"] - got["whole"]) <= REMEDY_TOLERANCE * abs(got["whole"])
+        assert got["grad_error"] <= REMEDY_TOLERANCE
+        # the test can fail: each rank's own shard mean gives another loss
+        assert abs(got["naive"] - got["whole"]) > 1e-4 * abs(got["whole"])
 
 
 def test_an_error_on_rank_1_stops_both_ranks_with_one_message(two_ranks: dict[str, list[dict]]):
@@ -278,6 +385,100 @@ def _ncpvae(args: list[str], *, nproc: int = 0, env: dict[str, str] | None = Non
                           timeout=timeout)
 
 
+def _in_process(args: list[str], *, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+    """``ncpvae ARGS`` as one process, run inside this one (``ncpvae.cli.main``, one thread,
+    torch's global RNG state restored): the code of ``python -m ncpvae ARGS`` without the
+    interpreter start-up and imports (~10 s each on the shared 2-core CPU)."""
+    from ncpvae.cli import main
+    from ncpvae.run import faults
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {key: os.environ.get(key) for key in (env or {})}
+    threads = torch.get_num_threads()
+    os.environ.update(env or {})
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the launched processes
+    faults.reset()
+    try:
+        with torch.random.fork_rng(), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            code = main(args)
+    finally:
+        torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _forked_rank(rank: int, world: int, port: int, args: list[str], env: dict[str, str],
+                 folder: str) -> None:
+    """One rank of :func:`_forked_ranks`: torchrun's variables, then ``ncpvae.cli.main``."""
+    from ncpvae.cli import main
+    from ncpvae.run import faults
+
+    code = 1
+    try:
+        os.environ.update({**env, "RANK": str(rank), "WORLD_SIZE": str(world),
+                           "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        torch.set_num_threads(1)  # torchrun's OMP_NUM_THREADS=1
+        faults.reset()
+        with open(Path(folder, f"rank{rank}.out"), "w") as out, \
+                open(Path(folder, f"rank{rank}.err"), "w") as err, \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except BaseException:  # noqa: BLE001 - an unhandled error, as torchrun reports it
+                import traceback
+
+                traceback.print_exc()
+                code = 1
+    finally:
+        os._exit(code)  # never run the parent's (pytest's) exit handlers
+
+
+def _forked_ranks(args: list[str], *, nproc: int = 2, env: dict[str, str] | None = None,
+                  timeout: float = 300) -> subprocess.CompletedProcess:
+    """What ``torchrun --nproc_per_node=NPROC -m ncpvae ARGS`` runs, with the ranks forked from
+    this process (torch.multiprocessing's fork context) with torchrun's environment (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) instead of started fresh:
+    the same ``ncpvae.cli.main`` on every rank, without ~10 s of imports per process. As
+    torchrun does, once a rank fails the others are stopped (SIGTERM). Returns the first failing
+    rank's exit code (0 if none), the ranks' stdout and stderr joined in rank order."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="ncpvae-ranks-")
+    context = mp.get_context("fork")
+    port = _free_port()
+    procs = [context.Process(target=_forked_rank,
+                             args=(rank, nproc, port, args, env or {}, folder))
+             for rank in range(nproc)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    while any(proc.is_alive() for proc in procs):
+        if any(proc.exitcode not in (None, 0) for proc in procs) or time.monotonic() > deadline:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+        time.sleep(0.05)
+    for proc in procs:
+        proc.join()
+    failed = [proc.exitcode for proc in procs if proc.exitcode != 0]
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"{args} on {nproc} forked ranks ran past {timeout} s")
+
+    def joined(suffix: str) -> str:
+        return "".join(Path(folder, f"rank{r}.{suffix}").read_text() for r in range(nproc)
+                       if Path(folder, f"rank{r}.{suffix}").exists())
+
+    return subprocess.CompletedProcess(args, failed[0] if failed else 0, joined("out"),
+                                       joined("err"))
+
+
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
@@ -316,6 +517,38 @@ def test_two_process_elbo_equals_one_process_within_reduction_order(smoke_runs: 
     for key in ("train_elbo", "test_elbo", "train_kl", "test_kl"):
         assert abs(two[key] - one[key]) <= ELBO_TOLERANCE * abs(one[key]), key
     assert two["active_units"] == one["active_units"]
+
+
+#: objective settings whose batch-level term is active in the smoke run (KL ~0.03 nats per
+#: example, ~0.001-0.013 per dimension): the capacity term adds ~0.4 to the loss, the free-bits
+#: floor binds on most dimensions. On this nearly collapsed model the shard means rarely straddle
+#: the levels, so this end-to-end check guards the CLI path; that each rank uses the global mean
+#: (and not its own) is asserted by the DDP loss/gradient test above
+#: (test_capacity_and_free_bits_use_the_global_batch_mean_under_ddp), which can tell them apart.
+REMEDIES = {
+    "capacity": ["--set", "objective.capacity_max=0.03", "--set", "objective.capacity_steps=1",
+                 "--set", "objective.gamma=100.0"],
+    "free_bits": ["--set", "objective.free_bits=0.01"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remedy", sorted(REMEDIES))
+def test_two_process_training_with_capacity_or_free_bits_equals_one_process(
+        tmp_path: Path, remedy: str):
+    """One epoch of the smoke config with a capacity schedule / free bits: the 2-rank run (the
+    ranks as torchrun starts them, forked) gives the 1-process ELBO and KL within the
+    reduction-order tolerance of the plain ELBO test above (the batch-level term uses the global
+    batch mean: :func:`ncpvae.global_batch_mean`)."""
+    args = ["train", "smoke", "--quiet", "--set", "evaluate.enabled=false", "--set",
+            "train.epochs=1", *REMEDIES[remedy]]
+    one = _in_process([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _forked_ranks([*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _last_train_record(tmp_path / "one"), _last_train_record(tmp_path / "two")
+    for key in ("train_loss", "train_elbo", "test_elbo", "train_kl", "test_kl"):
+        assert abs(b[key] - a[key]) <= ELBO_TOLERANCE * abs(a[key]), (key, a[key], b[key])
 
 
 @pytest.mark.slow

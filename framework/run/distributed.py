@@ -245,13 +245,15 @@ class DistContext:
     @contextmanager
     def sharded(self, total: int) -> Iterator[tuple[int, int]]:
         """Within the block this rank holds its rows of a global batch of ``total`` rows:
-        per-example noise (:func:`ncpvae.reparameterize`) is the single-process noise's rows.
+        per-example noise (:func:`ncpvae.reparameterize`) is the single-process noise's rows, and
+        :func:`ncpvae.global_batch_mean` is the mean over every rank's rows (through
+        :meth:`sum_over_ranks`; so every rank must run the same batch-level terms).
         Yields ``(offset, rows)``."""
         offset, rows = self.shard_bounds(total) if self.active else (0, int(total))
         if not self.active:
             yield offset, rows
             return
-        with row_shard(offset, rows, total):
+        with row_shard(offset, rows, total, sum_over_shards=self.sum_over_ranks):
             yield offset, rows
 
     # -- collectives ----------------------------------------------------------------------------
@@ -273,6 +275,19 @@ class DistContext:
         buffer = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         return dict(zip(keys, buffer.cpu().tolist()))
+
+    def sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        """Sum of ``tensor`` (same shape on every rank) over ranks, **differentiable**: the
+        backward pass sums the gradients arriving on every rank
+        (:func:`torch.distributed.nn.functional.all_reduce`), so a loss term of the sum, on
+        every rank and averaged by DDP with weights summing to the world size, has the
+        single-process gradient. Reduced in float64 (the result has ``tensor``'s dtype).
+        Without a process group: ``tensor`` itself."""
+        if not self.active:
+            return tensor
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(tensor.to(torch.float64), op=dist.ReduceOp.SUM).to(tensor.dtype)
 
     def all_reduce_tensor_sum(self, tensor: Tensor) -> Tensor:
         """Sum of ``tensor`` (same shape on every rank) over ranks; returns a new tensor."""
