@@ -61,6 +61,7 @@ from ncpvae.sections import (
     SamplerSection,
     component_section,
 )
+from ncpvae.sharding import global_batch_mean
 from ncpvae.units import bits_per_dim
 
 __version__ = "0.1.0"
@@ -104,6 +105,8 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "reparameterize",
+    # batch-level terms that stay exact under torchrun (ncpvae.sharding)
+    "global_batch_mean",
     "bits_per_dim",
     # MCMC building blocks for sampler authors (ncpvae.mcmc)
     "Callback",
