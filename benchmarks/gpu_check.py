@@ -85,7 +85,7 @@ def stage_commands(device: str, quick: bool, out: Path, run_dir: Path) -> dict[s
                    "--repeats", "3"])
     memory = [py, str(HERE / "bench_sampler_memory.py"), "--device", device,
               "--json", str(out / "memory.json")]
-    memory += (["--chains", "1000", "--steps", "4,8", "--modes", "stream", "--threads", "1"]
+    memory += (["--chains", "1000", "--steps", "4", "--modes", "stream", "--threads", "1"]
                if quick else ["--chains", "100000", "--steps", "16,64,256",
                               "--modes", "full,stream"])
     return {"smoke": smoke, "training": training, "samplers": samplers, "mala": mala,
