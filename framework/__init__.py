@@ -61,7 +61,7 @@ from ncpvae.sections import (
     SamplerSection,
     component_section,
 )
-from ncpvae.sharding import global_batch_mean
+from ncpvae.sharding import global_batch_mean, randint_rows
 from ncpvae.units import bits_per_dim
 
 __version__ = "0.1.0"
@@ -105,8 +105,9 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "reparameterize",
-    # batch-level terms that stay exact under torchrun (ncpvae.sharding)
+    # batch-level terms and per-chain draws that stay exact under torchrun (ncpvae.sharding)
     "global_batch_mean",
+    "randint_rows",
     "bits_per_dim",
     # MCMC building blocks for sampler authors (ncpvae.mcmc)
     "Callback",

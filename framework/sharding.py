@@ -95,6 +95,17 @@ def rand_rows(shape: torch.Size | tuple[int, ...], *, dim: int = -2,
     return _rows(torch.rand, shape, dim, generator=generator, device=device, dtype=dtype)
 
 
+def randint_rows(high: int, shape: torch.Size | tuple[int, ...], *, dim: int = -2,
+                 generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+    """Integers uniform in ``[0, high)`` (int64), rows as in :func:`randn_rows` (e.g. one row
+    of minibatch indices per chain, ``dim = 0``)."""
+    def draw(size: list[int] | tuple[int, ...], **kwargs) -> Tensor:
+        return torch.randint(int(high), tuple(size), **kwargs)
+
+    return _rows(draw, shape, dim, generator=generator, device=device)
+
+
 def global_batch_mean(values: Tensor, dim: int = 0) -> Tensor:
     """The mean of ``values`` over the **global** batch along its batch dimension ``dim``.
 

@@ -18,6 +18,11 @@ rescales the likelihood part by ``N / n`` (unbiased for the full-data energy). S
 energy exactly once per step (at the new position; the state caches energy and gradient), so each
 step sees one fresh minibatch. The per-step energies in ``info`` are then minibatch estimates.
 
+Under ``torchrun`` the chains are split across ranks (:func:`ncpvae.run.distributed.run_chains`):
+the noise ``xi`` comes through the sampler's ``_randn`` seam and the minibatch indices through
+:func:`ncpvae.randint_rows`, both the single-process draws' rows, so a split run gives the
+one-process chains.
+
 Divergence handling is ULA's (``on_nonfinite``: raise naming the step and step size, or reset).
 """
 
@@ -44,6 +49,7 @@ from ncpvae import (
     hookimpl,
     initial_energy_and_grad,
     langevin_move,
+    randint_rows,
 )
 
 
@@ -75,6 +81,8 @@ class MinibatchEnergy:
     Each call draws, for every chain, ``batch_size`` indices uniformly with replacement from the
     ``N = len(data)`` rows (using ``generator``), and returns
     ``U_0(z) + (N / n) sum_j u(z, x_{c,j})``, whose expectation is the full-data energy.
+    The indices are drawn with :func:`ncpvae.randint_rows` (chains = rows), so when the chains
+    are split across ranks (``torchrun``) every chain gets the single-process minibatches.
     """
 
     def __init__(self, data_term: Callable[[Tensor, Tensor], Tensor], data: Tensor,
@@ -103,8 +111,10 @@ class MinibatchEnergy:
         return u + self.prior_energy(z) if self.prior_energy is not None else u
 
     def __call__(self, z: Tensor) -> Tensor:
-        index = torch.randint(self.num_data, (z.shape[0], self.batch_size),
-                              generator=self.generator, device=self.data.device)
+        # the chains are the rows: under torchrun, a rank running a block of the chains keeps
+        # the single-process indices of its chains (the generator advances as in one process)
+        index = randint_rows(self.num_data, (z.shape[0], self.batch_size), dim=0,
+                             generator=self.generator, device=self.data.device)
         batch = self.data[index]  # (C, n, ...)
         per_datum = self.data_term(z, batch)
         if per_datum.shape != (z.shape[0], self.batch_size):

@@ -29,6 +29,7 @@ from ncpvae.run.distributed import DistContext, DistributedConfig, DistributedEr
 from ncpvae.sharding import (
     current_row_shard,
     global_batch_mean,
+    randint_rows,
     randn_rows,
     row_shard,
 )
@@ -122,6 +123,18 @@ def test_global_batch_mean_in_a_row_shard_sums_over_the_shards():
         global_batch_mean(values, 0)
 
 
+def test_randint_rows_under_a_row_shard_keeps_its_rows():
+    whole = torch.randint(40, (9, 5), generator=torch.Generator().manual_seed(1))
+    parts = []
+    for offset, rows in ((0, 5), (5, 4)):
+        generator = torch.Generator().manual_seed(1)
+        with row_shard(offset, rows, 9):
+            parts.append(randint_rows(40, (rows, 5), dim=0, generator=generator))
+    assert torch.equal(torch.cat(parts), whole)
+    generator = torch.Generator().manual_seed(1)
+    assert torch.equal(randint_rows(40, (9, 5), dim=0, generator=generator), whole)
+
+
 def test_backend_and_device_choice():
     cpu = torch.device("cpu")
     assert distributed.resolve_backend("auto", cpu) == "gloo"
@@ -202,6 +215,8 @@ def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
             record["split"] = distributed.chains_split_supported(sampler)
         elif scenario == "remedies":
             record.update(_remedies(ctx))
+        elif scenario == "sgld_minibatch":
+            record.update(_sgld_minibatch(ctx))
         elif scenario == "fail_on_rank_1":
             def setup_stage() -> str:
                 if rank == 1:
@@ -275,6 +290,32 @@ def _remedies(ctx: DistContext) -> dict:
     return out
 
 
+def _sgld_minibatch(ctx: DistContext) -> dict:
+    """SGLD with a per-chain minibatch energy (Gaussian mean model, 40 data rows): 9 chains
+    split 5 + 4 over two ranks against the 9 chains run whole here."""
+    import ncpvae
+    from ncpvae.plugins.sgld import MinibatchEnergy
+
+    data = torch.randn(40, 2, generator=torch.Generator().manual_seed(2)) + 1.0
+
+    def energy(seed: int) -> MinibatchEnergy:
+        return MinibatchEnergy(lambda z, x: 0.5 * ((x - z.unsqueeze(1)) ** 2).sum(-1), data, 5,
+                               prior_energy=lambda z: 0.5 * (z ** 2).sum(-1),
+                               generator=torch.Generator().manual_seed(seed))
+
+    sampler = ncpvae.create("sampler", "sgld", latent_dim=2, num_steps=15, burn_in=3, thin=2,
+                            a=0.01)
+    start = torch.randn(9, 2, generator=torch.Generator().manual_seed(3))
+    split = distributed.run_chains(ctx, sampler, energy(7), start, 15, burn_in=3, thin=2,
+                                   generator=torch.Generator().manual_seed(4))
+    whole = sampler.run(energy(7), start, 15, burn_in=3, thin=2,
+                        generator=torch.Generator().manual_seed(4))
+    return {"equal": torch.equal(split.samples, whole.samples)
+            and all(torch.equal(split.info[k], whole.info[k]) for k in whole.info)
+            and split.diagnostics["ess"] == whole.diagnostics["ess"],
+            "shape": list(split.samples.shape)}
+
+
 def _worker(rank: int, world: int, port: int, scenarios: list[str], out: str) -> None:
     """One rank: set torchrun's variables, join the group, run ``scenarios`` in order."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -297,7 +338,8 @@ def _spawn(scenarios: list[str], tmp_path: Path, world: int = 2) -> list[dict]:
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
     """One 2-process group runs every scenario that leaves it usable (starting processes is
     the slow part on a shared CPU)."""
-    names = ["collectives", "chains", "remedies", "fail_on_rank_1", "fail_on_main_only"]
+    names = ["collectives", "chains", "remedies", "sgld_minibatch", "fail_on_rank_1",
+             "fail_on_main_only"]
     ranks = _spawn(names, tmp_path_factory.mktemp("two_ranks"))
     return {name: [r[name] for r in ranks] for name in names}
 
@@ -341,6 +383,15 @@ def test_capacity_and_free_bits_use_the_global_batch_mean_under_ddp(
         assert got["grad_error"] <= REMEDY_TOLERANCE
         # the test can fail: each rank's own shard mean gives another loss
         assert abs(got["naive"] - got["whole"]) > 1e-4 * abs(got["whole"])
+
+
+def test_sgld_minibatch_chains_split_across_ranks_equal_one_process(
+        two_ranks: dict[str, list[dict]]):
+    """SGLD noise (the sampler's seam) and its per-chain minibatch indices
+    (:func:`ncpvae.randint_rows`) are the single-process draws' rows on every rank."""
+    for record in two_ranks["sgld_minibatch"]:
+        assert "error" not in record, record.get("message")
+        assert record["equal"] and record["shape"] == [6, 9, 2]
 
 
 def test_an_error_on_rank_1_stops_both_ranks_with_one_message(two_ranks: dict[str, list[dict]]):
@@ -608,21 +659,23 @@ def test_a_data_file_missing_on_rank_1_stops_both_ranks_with_one_line(tmp_path: 
 
 
 @pytest.mark.slow
-def test_two_process_sampling_equals_one_process(smoke_runs: Path):
-    """`ncpvae sample` with 9 Langevin chains: split 5 + 4 over two ranks and gathered on rank
-    0, the chains are the one-process chains (the same generator, the same noise rows)."""
-    args = ["sample", str(smoke_runs / "one"), "--sampler", "langevin", "--chains", "9",
+@pytest.mark.parametrize("sampler", ["langevin", "sgld"])
+def test_two_process_sampling_equals_one_process(smoke_runs: Path, sampler: str):
+    """`ncpvae sample` with 9 Langevin / SGLD chains: split 5 + 4 over two ranks and gathered
+    on rank 0, the chains are the one-process chains (the same generator, the same noise rows:
+    the sampler's ``_randn`` seam, which SGLD also draws its noise through)."""
+    args = ["sample", str(smoke_runs / "one"), "--sampler", sampler, "--chains", "9",
             "--steps", "260", "--quiet"]  # the default burn-in is 250 steps
-    one = _ncpvae([*args, "--out", str(smoke_runs / "sample_one")])
+    one = _in_process([*args, "--out", str(smoke_runs / f"{sampler}_one")])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _ncpvae([*args, "--out", str(smoke_runs / "sample_two")], nproc=2)
+    two = _forked_ranks([*args, "--out", str(smoke_runs / f"{sampler}_two")])
     assert two.returncode == 0, two.stderr[-3000:]
-    a = torch.load(smoke_runs / "sample_one" / "latents.pt", weights_only=True)
-    b = torch.load(smoke_runs / "sample_two" / "latents.pt", weights_only=True)
+    a = torch.load(smoke_runs / f"{sampler}_one" / "latents.pt", weights_only=True)
+    b = torch.load(smoke_runs / f"{sampler}_two" / "latents.pt", weights_only=True)
     assert a["samples"].shape == b["samples"].shape and a["samples"].shape[1:] == (9, 4)
     assert torch.equal(a["samples"], b["samples"]) and torch.equal(a["final"], b["final"])
-    da = json.loads((smoke_runs / "sample_one" / "diagnostics.json").read_text())
-    db = json.loads((smoke_runs / "sample_two" / "diagnostics.json").read_text())
+    da = json.loads((smoke_runs / f"{sampler}_one" / "diagnostics.json").read_text())
+    db = json.loads((smoke_runs / f"{sampler}_two" / "diagnostics.json").read_text())
     assert db["ess"] == da["ess"] and db["rhat"] == da["rhat"]
 
 

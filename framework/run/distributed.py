@@ -540,10 +540,16 @@ def chains_split_supported(sampler: Any) -> bool:
 
     if not isinstance(sampler, Sampler) or type(sampler).sample_prior is not Sampler.sample_prior:
         return False
-    cfg = sampler.config
-    if not hasattr(cfg, "num_steps"):
+    if not hasattr(sampler.config, "num_steps"):
         return False
-    return not (getattr(cfg, "adapt_step_size", False) and
+    return not _pools_chains(sampler)
+
+
+def _pools_chains(sampler: Any) -> bool:
+    """Whether the sampler's chains share information (step-size adaptation on the mean
+    acceptance of all chains), so that a block of chains alone would run differently."""
+    cfg = getattr(sampler, "config", None)
+    return bool(getattr(cfg, "adapt_step_size", False) and
                 not getattr(cfg, "adapt_per_chain", True))
 
 
@@ -551,18 +557,37 @@ def sample_chains(ctx: DistContext, sampler: Any, prior: Any, n: int,
                   generator: torch.Generator | None, *, progress: bool = False) -> Any:
     """``sampler.sample_prior(prior, n, generator=...)``, with the ``n`` chains split across
     ranks when :func:`chains_split_supported`: every rank draws the ``n`` starting points, runs
-    its contiguous block of chains with the single-process noise rows (the sampler's
-    ``_randn``/``_rand`` draw the full ``(n, ...)`` noise and keep the block), and the chains are
-    all-gathered in chain order; the diagnostics are computed on the gathered draws. So the
-    result equals one process's, for any world size. Returns a :class:`~ncpvae.SampleResult`
-    (the same on every rank)."""
+    its contiguous block of chains with the single-process noise rows (:func:`run_chains`), and
+    the chains are all-gathered in chain order; the diagnostics are computed on the gathered
+    draws. So the result equals one process's, for any world size. Returns a
+    :class:`~ncpvae.SampleResult` (the same on every rank)."""
     if not ctx.active or not chains_split_supported(sampler) or n < ctx.world_size:
         return sampler.sample_prior(prior, n, generator=generator, progress=progress)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"num_samples must be a positive integer, got {n!r}")
     cfg = sampler.config
-    burn_in, thin = getattr(cfg, "burn_in", 0), getattr(cfg, "thin", 1)
     start = prior.base_prior.sample(n, generator=generator).detach()
+    return run_chains(ctx, sampler, prior.energy, start, cfg.num_steps,
+                      burn_in=getattr(cfg, "burn_in", 0), thin=getattr(cfg, "thin", 1),
+                      generator=generator, progress=progress)
+
+
+def run_chains(ctx: DistContext, sampler: Any, energy: Any, start: Tensor, num_steps: int, *,
+               burn_in: int = 0, thin: int = 1, generator: torch.Generator | None = None,
+               progress: bool = False) -> Any:
+    """``sampler.run(energy, start, num_steps, ...)`` with the chains (rows of ``start``
+    ``(C, D)``, the same on every rank) split across ranks: rank r runs its contiguous block
+    inside a row shard, where the sampler's noise seam (``_randn``/``_rand``) and any
+    per-chain draw through :func:`ncpvae.sharding.randn_rows`/``randint_rows`` (e.g. SGLD's
+    minibatch indices) give the rows of the full single-process draw; samples ``(S, C, D)`` and
+    per-chain info are all-gathered in chain order and the diagnostics recomputed on them.
+    Equals ``sampler.run`` in one process (without a process group, with fewer chains than
+    ranks, or for a sampler whose chains pool their adaptation it *is* that call, on every
+    rank)."""
+    n = int(start.shape[0])
+    if not ctx.active or n < ctx.world_size or _pools_chains(sampler):
+        return sampler.run(energy, start, num_steps, burn_in=burn_in, thin=thin,
+                           generator=generator, progress=progress)
     offset, rows = ctx.shard_bounds(n)
 
     def randn(like: Tensor, gen: torch.Generator | None) -> Tensor:
@@ -574,7 +599,7 @@ def sample_chains(ctx: DistContext, sampler: Any, prior: Any, n: int,
     sampler._randn, sampler._rand = randn, rand  # the sampler's designated noise seam
     try:
         with row_shard(offset, rows, n):
-            local = sampler.run(prior.energy, start[offset:offset + rows], cfg.num_steps,
+            local = sampler.run(energy, start[offset:offset + rows], num_steps,
                                 burn_in=burn_in, thin=thin, generator=generator,
                                 progress=progress)
     finally:
