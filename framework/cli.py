@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 10000; 0: skip sample quality)")
     p.add_argument("--kid-subsets", type=_count(2), default=None,
                    help="disjoint KID subsets, the SE's degrees of freedom + 1 (default: 20)")
+    p.add_argument("--kid-reference", choices=("test", "train"), default="test",
+                   help="the real images of KID: test images (default) or training images (for "
+                        "a small test set; every prior shares the decoder, so the paired "
+                        "differences stay fair)")
     p.add_argument("--option", dest="prior_options", action="append", default=[],
                    metavar="PRIOR.FIELD=VALUE",
                    help="override a prior's config field, e.g. flow.epochs=30 (repeatable)")
@@ -290,6 +294,7 @@ def cmd_compare_priors(args: argparse.Namespace) -> int:
     result = compare_priors(args.run, priors, overrides=args.overrides,
                             num_heldout=args.heldout, num_train=args.train,
                             iw_images=args.iw_images, iw_samples=args.iw_samples, **sizes,
+                            kid_reference=args.kid_reference,
                             options=parse_options(args.prior_options), fresh=args.fresh,
                             out=args.out, registry=_manager(args).registry, quiet=args.quiet)
     print(format_table(result), end="")

@@ -42,6 +42,8 @@ def test_parse_spec():
     assert parse_spec("ncp:gmm") == {"name": "ncp", "base": {"name": "gmm"}}
     with pytest.raises(ConfigError, match="bad prior spec"):
         parse_spec("ncp:")
+    with pytest.raises(ConfigError, match="kid_reference must be 'test' or 'train'"):
+        compare_priors("nowhere", ["gaussian"], kid_reference="validation")
 
 
 def test_compare_priors_pairs_every_row_with_the_same_draws(smoke_gaussian_run, tmp_path):
@@ -170,10 +172,11 @@ def test_compare_priors_command(smoke_gaussian_run, tmp_path, capsys):
     assert main(["compare-priors", str(smoke_gaussian_run), "--priors", "gaussian,flow",
                  "--heldout", "32", "--train", "200", "--option", "flow.epochs=2",
                  "--iw-images", "8", "--iw-samples", "4",
-                 "--kid-samples", "64", "--kid-subsets", "2", "--out", str(tmp_path),
-                 "--quiet"]) == 0
+                 "--kid-samples", "64", "--kid-subsets", "2", "--kid-reference", "train",
+                 "--out", str(tmp_path), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "flow (NSF)" in out and "8 test images, K = 4" in out
+    assert "64 decoded samples per prior vs 64 train images in 2 subsets" in out
     assert main(["compare-priors", str(smoke_gaussian_run), "--priors", "nonesuch",
                  "--out", str(tmp_path)]) == 2
     assert "nonesuch" in capsys.readouterr().err

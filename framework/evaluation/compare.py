@@ -21,8 +21,9 @@ shared by both rows):
   ``ncpvae evaluate``'s base-prior bound;
 - sample quality of decoded samples (decoder means of ``prior.sample``, e.g. SIR for NCP) on the
   run's feature net (:func:`ncpvae.evaluation.pipeline.feature_net`, cached): ``kid`` with its
-  SE over ``B`` disjoint subsets of ``kid_samples`` real test images and as many samples (each
-  subset takes ``n_real / B`` real and ``n_fake / B`` decoded points;
+  SE over ``B`` disjoint subsets of ``kid_samples`` decoded samples and as many real images at
+  most (the first test images; ``kid_reference="train"``: training images, for data with a small
+  test set) (each subset takes ``n_real / B`` real and ``n_fake / B`` decoded points;
   :func:`ncpvae.metrics.sample_quality.kid_blocks`), and ``kid_diff`` ``= KID(prior) -
   KID(N(0, I))`` averaged over the subsets, with the **same real subsets** for every row (the
   real-real term cancels exactly), its SE from the ``B`` per-subset differences
@@ -220,22 +221,25 @@ class SampleQuality:
     batch_size: int
 
     @classmethod
-    def prepare(cls, run: Run, num_samples: int, num_subsets: int,
-                notes: list[str]) -> SampleQuality | None:
-        """The cached feature net and the first ``min(num_samples, test size)`` test images'
-        features; None (with a note) when the data has nothing to train a feature net on."""
+    def prepare(cls, run: Run, num_samples: int, num_subsets: int, notes: list[str], *,
+                reference: str = "test") -> SampleQuality | None:
+        """The cached feature net and the features of the first ``min(num_samples, size)``
+        images of the ``reference`` split (``test`` or ``train``); None (with a note) when the
+        data has nothing to train a feature net on."""
         from ncpvae.evaluation.pipeline import feature_net, feature_scale
 
         net, _, _ = feature_net(run, notes)
         if net is None:
             return None
-        n_real = min(num_samples, len(run.data.test))
+        source = run.data.test if reference == "test" else run.data.train
+        n_real = min(num_samples, len(source))
         if min(n_real, num_samples) < 2 * num_subsets:
             raise ConfigError(f"compare-priors: KID with {num_subsets} subsets needs at least "
-                              f"{2 * num_subsets} samples and test images, got {num_samples} "
-                              f"samples and {n_real} test images; lower --kid-subsets")
+                              f"{2 * num_subsets} samples and {reference} images, got "
+                              f"{num_samples} samples and {n_real} {reference} images; lower "
+                              "--kid-subsets")
         batch = run.config.evaluate.batch_size
-        real = M.extract_features(net, run.data.test.get_batch(torch.arange(n_real)),
+        real = M.extract_features(net, source.get_batch(torch.arange(n_real)),
                                   batch_size=batch)
         scale = feature_scale(real)
         return cls(net, real / scale, scale, num_samples, num_subsets, batch)
@@ -319,6 +323,7 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
                    num_speed_samples: int = 2000, log_z_samples: int | None = None,
                    iw_images: int | None = None, iw_samples: int | None = None,
                    kid_samples: int = KID_SAMPLES, kid_subsets: int = KID_SUBSETS,
+                   kid_reference: str = "test",
                    fresh: bool = False, out: str | Path | None = None,
                    registry: Registry | None = None, quiet: bool = False) -> dict[str, Any]:
     """Fit and score ``priors`` on the frozen VAE of ``run_dir`` (see the module docstring);
@@ -330,7 +335,8 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
     are fitted on ``num_train`` training encodings (a seeded subset; default all); the IW bound
     on ``iw_images`` test images with ``iw_samples`` importance draws each (default: the run's
     ``[evaluate.likelihood]`` sizes; 0 images: skipped); KID on ``kid_samples`` decoded samples
-    per prior and as many test images (at most the test set) in ``kid_subsets`` subsets (0
+    per prior and as many test images (at most the test set; ``kid_reference="train"``:
+    training images) in ``kid_subsets`` subsets (0
     samples: skipped; skipped with a note when the data has neither factors nor labels for a
     feature net). ``options`` (see :func:`parse_options`) override config fields per prior
     name. Rows of an earlier comparison in ``out`` with the same settings are reused unless
@@ -344,6 +350,9 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
     if kid_samples < 0 or (kid_samples and kid_subsets < 2):
         raise ConfigError(f"compare-priors: need kid_samples >= 0 and kid_subsets >= 2, got "
                           f"{kid_samples} and {kid_subsets}")
+    if kid_reference not in ("test", "train"):
+        raise ConfigError(f"compare-priors: kid_reference must be 'test' or 'train', got "
+                          f"'{kid_reference}'")
     run = open_run(run_dir, list(overrides), registry=registry, quiet=quiet)
     run.model.eval()
     for p in run.model.parameters():
@@ -366,7 +375,8 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
                 "num_speed_samples": num_speed_samples,
                 "iw": {"num_examples": n_iw, "num_samples": k_iw,
                        "batch_size": lik.batch_size} if n_iw else None,
-                "kid": {"num_samples": kid_samples, "num_subsets": kid_subsets}
+                "kid": {"num_samples": kid_samples, "num_subsets": kid_subsets,
+                        "reference": kid_reference}
                 if kid_samples else None}
     target = Path(out) if out is not None else (Path(run_dir) / COMPARE_DIR)
     target.mkdir(parents=True, exist_ok=True)
@@ -404,7 +414,8 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
         reference.iw = reference_bounds[0]
         reference.iw_se = M.summarize_bound(reference.iw, k_iw).se_data
         result["iw"] = {"num_examples": n_iw, "num_samples": k_iw}
-    quality = (SampleQuality.prepare(run, kid_samples, kid_subsets, notes)
+    quality = (SampleQuality.prepare(run, kid_samples, kid_subsets, notes,
+                                     reference=kid_reference)
                if kid_samples else None)
     reference_quality = None
     if quality is not None:
@@ -413,6 +424,7 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
         reference.kid_se = reference_quality[0]["kid_se"]
         b = kid_subsets
         result["kid"] = {"num_real": int(quality.real.shape[0]), "num_fake": kid_samples,
+                         "reference": kid_reference,
                          "num_subsets": b, "real_per_subset": int(quality.real.shape[0]) // b,
                          "fake_per_subset": kid_samples // b, "feature_scale": quality.scale}
     encodings: tuple[Tensor, Tensor] | None = None
@@ -540,8 +552,9 @@ def format_table(result: dict[str, Any]) -> str:
                      f"importance draws each (nats per image; higher is better).")
     if kid:
         lines.append(f"KID ×10³ (lower is better; ΔKID < 0: better than N(0, I)): "
-                     f"{kid['num_fake']} decoded samples per prior vs {kid['num_real']} test "
-                     f"images in {kid['num_subsets']} subsets of {kid['fake_per_subset']} / "
+                     f"{kid['num_fake']} decoded samples per prior vs {kid['num_real']} "
+                     f"{kid.get('reference', 'test')} images in {kid['num_subsets']} subsets of "
+                     f"{kid['fake_per_subset']} / "
                      f"{kid['real_per_subset']}.")
     header = ["prior", "cross-entropy", "gain over N(0, I)", "gain over base"]
     if iw:

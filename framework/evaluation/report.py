@@ -225,7 +225,7 @@ def compare_blocks(run: RunDirectory) -> list[Block]:
     if not rows_in:
         return []
     iw, kid = result.get("iw"), result.get("kid")
-    text = ("Priors fitted ex post on this run's frozen VAE (`ncpvae compare-priors`), each "
+    text = ("Priors fitted ex post on this run's frozen VAE (ncpvae compare-priors), each "
             "compared with N(0, I) on the same draws, images and subsets: differences are paired "
             f"and their SEs are those of the paired differences. Cross-entropy E_q[−log p] and "
             f"gain on {result.get('num_heldout')} held-out draws z ~ q(z|x) (nats).")
@@ -234,7 +234,8 @@ def compare_blocks(run: RunDirectory) -> list[Block]:
                  "(nats per image; higher is better).")
     if kid:
         text += (f" KID ×10³ of {kid['num_fake']} decoded samples against {kid['num_real']} "
-                 f"test images in {kid['num_subsets']} subsets, and ΔKID = KID − KID of N(0, I) "
+                 f"{kid.get('reference', 'test')} images in {kid['num_subsets']} subsets, and "
+                 "ΔKID = KID − KID of N(0, I) "
                  "on the same real subsets (lower is better).")
     header = ["prior", "cross-entropy", "gain over N(0, I)"]
     header += ["IW bound", "IW gain"] if iw else []
@@ -438,7 +439,7 @@ border-bottom:1px solid #ddd}h3{font-size:1.1em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em;max-width:100%}
 .scroll{overflow-x:auto;max-width:100%}
 th,td{border:1px solid #ccc;padding:.3em .55em;vertical-align:middle;text-align:left;
-overflow-wrap:anywhere}
+overflow-wrap:break-word}
 th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
 figure{margin:1em 0}figcaption{font-size:.9em;color:#555}img{image-rendering:pixelated}
 ul{padding-left:1.4em}
