@@ -279,15 +279,14 @@ class DistContext:
     def sum_over_ranks(self, tensor: Tensor) -> Tensor:
         """Sum of ``tensor`` (same shape on every rank) over ranks, **differentiable**: the
         backward pass sums the gradients arriving on every rank
-        (:func:`torch.distributed.nn.functional.all_reduce`), so a loss term of the sum, on
+        (the gradient of ``y = sum_r x_r`` with respect to ``x_r`` is the sum over ranks of
+        the gradients arriving at ``y``), so a loss term of the sum, on
         every rank and averaged by DDP with weights summing to the world size, has the
         single-process gradient. Reduced in float64 (the result has ``tensor``'s dtype).
         Without a process group: ``tensor`` itself."""
         if not self.active:
             return tensor
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(tensor.to(torch.float64), op=dist.ReduceOp.SUM).to(tensor.dtype)
+        return _SumOverRanks.apply(tensor.to(torch.float64)).to(tensor.dtype)
 
     def all_reduce_tensor_sum(self, tensor: Tensor) -> Tensor:
         """Sum of ``tensor`` (same shape on every rank) over ranks; returns a new tensor."""
@@ -405,6 +404,23 @@ class DistContext:
             dist.destroy_process_group()
         self.backend = None
         self._wait_group = None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``y = sum over ranks of x`` (all-reduce) whose backward all-reduces the gradients: every
+    rank's ``y`` depends on every rank's ``x``, so ``dL/dx_r = sum_r' dL_r'/dy``."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
 
 
 _current: DistContext | None = None
