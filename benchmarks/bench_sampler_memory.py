@@ -19,6 +19,9 @@ Modes:
 
 The table ends with a least-squares line ``peak = a + b x steps`` per mode and its value at
 ``--extrapolate`` steps (default 10^4; not run), next to the exact size of the kept draws there.
+Streamed info is reduced in blocks of ``min(64, 2^22 // chains)`` steps (41 at 10^5 chains), so
+below that many steps the block itself still grows with the steps: for ``stream`` / ``thinned``
+the line is fitted to the runs with at least a block of steps when two such runs exist.
 
     .venv/bin/python benchmarks/bench_sampler_memory.py                    # 1e5 chains
     .venv/bin/python benchmarks/bench_sampler_memory.py --steps 16,64,256 --modes stream,thinned
@@ -89,6 +92,10 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - b * mx, b
 
 
+#: ncpvae.sampler's streamed-info block: at most this many steps and chain-steps
+INFO_BLOCK_STEPS, INFO_BLOCK_CHAIN_STEPS = 64, 2**22
+
+
 def extrapolate(rows: list[dict], key: str, target: int, chains: int, thin: int) -> list[dict]:
     """Per mode: the fitted line of ``key`` against steps and its value at ``target`` steps (at
     least the largest measured value), with the exact size (MB) of the draws that mode keeps at
@@ -98,11 +105,16 @@ def extrapolate(rows: list[dict], key: str, target: int, chains: int, thin: int)
         points = [(r["steps"], r[key]) for r in rows if r["mode"] == mode and key in r]
         if not points:
             continue
+        block = max(1, min(INFO_BLOCK_STEPS, INFO_BLOCK_CHAIN_STEPS // chains))
+        full_blocks = [p for p in points if p[0] >= block]
+        if mode != "full" and len(full_blocks) >= 2:
+            points = full_blocks
         a, b = fit_line(points)
         kept = {"full": target, "stream": 1, "thinned": math.ceil(target / thin)}[mode]
         # a slope within noise can point down: never predict less than the largest measured peak
         predicted = max(a + b * target, max(y for _, y in points))
-        out.append({"mode": mode, "measure": key, "intercept_mb": a, "slope_mb_per_step": b,
+        out.append({"mode": mode, "measure": key, "fitted_steps": [x for x, _ in points],
+                    "intercept_mb": a, "slope_mb_per_step": b,
                     "steps": target, "predicted_peak_growth_mb": predicted,
                     "draws_kept": kept, "draws_mb": kept * chains * 10 * 4 / 2**20})
     return out
@@ -154,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Least-squares line over the measured steps, extrapolated to {args.extrapolate:,} "
           f"steps (not run):")
     for f in fits:
-        print(f"- {f['mode']} ({f['measure']}): {f['intercept_mb']:,.0f} MB + "
+        print(f"- {f['mode']} ({f['measure']}, fitted on {f['fitted_steps']} steps): "
+              f"{f['intercept_mb']:,.0f} MB + "
               f"{f['slope_mb_per_step']:.3f} MB/step -> {f['predicted_peak_growth_mb']:,.0f} MB "
               f"at {f['steps']:,} steps (of which kept draws: {f['draws_kept']:,} x "
               f"{args.chains:,} x 10 float32 = {f['draws_mb']:,.0f} MB)")
