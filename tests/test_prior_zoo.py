@@ -413,3 +413,51 @@ def test_a_fitted_prior_reloads_from_the_run_checkpoint(tmp_path, overrides):
         reopened = open_run(tmp_path / "run", quiet=True)
         assert reopened.prior.is_fitted
         assert torch.equal(reopened.prior.log_prob(z), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared epoch-loop pieces (ncpvae.fitting) and the fitted flag of LearnedPrior
+
+
+def test_early_stopping_keeps_and_restores_the_best_state():
+    net = nn.Linear(1, 1, bias=False)
+    losses = [3.0, 1.0, 2.0, 0.5, 0.7, 0.9, 0.1]  # best at epoch 4, patience 2 stops at epoch 6
+    logged = []
+    stopper = ncpvae.EarlyStopping(net, epochs=len(losses), patience=2, log=logged.append)
+    seen = []
+    for epoch in stopper:
+        seen.append(epoch)
+        with torch.no_grad():
+            net.weight.fill_(float(epoch))
+        stopper.update({"epoch": float(epoch)}, loss=losses[epoch - 1])
+    stopper.restore()
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert stopper.best_epoch == 4 and stopper.best_loss == 0.5
+    assert float(net.weight.detach()) == 4.0  # the weights of the best epoch, not the last
+    assert [r["epoch"] for r in logged] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    summary = stopper.summary(0.0, 10, 2)
+    assert summary["epochs_run"] == 6 and summary["stopped_early"]
+    assert (summary["num_train"], summary["num_heldout"]) == (10, 2)
+
+
+def test_epoch_losses_weight_by_batch_size_and_name_the_bad_step():
+    losses = ncpvae.EpochLosses()
+    for value, size in ((1.0, 3), (2.0, 1)):
+        losses.add(torch.tensor(value), size)
+    summary = losses.summary("demo", 1, "lower lr")
+    assert summary == {"train_loss_mean": pytest.approx(1.25), "train_loss_min": 1.0}
+    losses.add(torch.tensor(float("nan")), 2)
+    with pytest.raises(ncpvae.NonFiniteError, match="demo fit: .* epoch 7, step 3 of 3; lower lr"):
+        losses.summary("demo", 7, "lower lr")
+
+
+def test_learned_prior_fitted_flag_and_error():
+    prior = GMMPrior(GaussianPrior(2), 2)
+    assert not prior.is_fitted and "fitted" in prior.state_dict()
+    with pytest.raises(NotFittedError, match="the gmm prior's sample needs a fitted mixture"):
+        prior.sample(3)
+    prior.mark_fitted()
+    assert prior.is_fitted
+    ncp_prior = NCPPrior(GaussianPrior(2), nn.Linear(2, 1))
+    with pytest.raises(NotFittedError, match="needs a trained classifier"):
+        ncp_prior.log_prob(torch.zeros(1, 2))
