@@ -341,6 +341,8 @@ def _preload() -> None:
 
     import ncpvae
 
+    # a forked rank must not inherit a process group (it joins its own)
+    assert not torch.distributed.is_initialized(), "a test left a process group initialized"
     ncpvae.get_registry()
 
 
