@@ -21,6 +21,7 @@ log-likelihood gain ``E_q[f] - log Z`` (``log Z`` from ``heldout_log_z_samples``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -53,13 +54,16 @@ class EBMPrior(TiltedPrior):
     ``base`` samples exactly; ``energy_net`` maps ``(n, D) -> (n,)`` (``f``, the negative
     energy of the tilt). Fitting settings: see :class:`EBMPrior.Config`.
 
-    Not sharded under torchrun (``shardable_fit`` is False): every rank repeats the whole fit
-    and gets the same result. Sharding it would need the Langevin chains' noise drawn as the
-    one-process rows (as ``ncpvae.run.distributed.sample_chains`` does) and the persistent
-    chains split by rank.
+    Data parallel under torchrun (``fit(..., shards=...)``): every rank makes all of the
+    fit's draws; each runs its contiguous block of the negative chains (persistent chains
+    included) with the one-process noise of those chains, evaluates ``f`` on its rows of the
+    positives and negatives, and the gradients, logged losses and held-out values are summed
+    over the ranks. The sampler must draw its noise through ``Sampler._randn``/``_rand``
+    (the built-in ``langevin`` does) and treat chains independently.
     """
 
     name = "ebm"
+    shardable_fit = True
     net_role = "energy network"
 
     class Config(TiltedConfig):
@@ -141,17 +145,37 @@ class EBMPrior(TiltedPrior):
         """``U(z) = -log b(z) - f(z)`` without the fitted check (used while fitting)."""
         return -self.base.log_prob(z) - self.logit(z)
 
-    def negatives(self, start: Tensor, generator: torch.Generator | None) -> Tensor:
+    def negatives(self, start: Tensor, generator: torch.Generator | None, *,
+                  rows_of: tuple[int, int] | None = None) -> Tensor:
         """``langevin_steps`` sampler steps on the current energy from ``start`` ``(C, D)``;
-        the network's parameters get no gradient from this."""
+        the network's parameters get no gradient from this.
+
+        ``rows_of = (offset, total)``: ``start`` holds chains ``[offset, offset + C)`` of
+        ``total`` (a rank's block under torchrun); the sampler's noise is then the one-process
+        noise of those chains (the full ``(total, ...)`` draw, sliced), so the block's chains
+        are the one-process chains."""
         flags = [p.requires_grad for p in self.classifier.parameters()]
         for p in self.classifier.parameters():
             p.requires_grad_(False)
+        if rows_of is not None:
+            offset, total = rows_of
+
+            def block(draw: Callable[..., Tensor]) -> Callable[[Tensor, Any], Tensor]:
+                def noise(like: Tensor, gen: torch.Generator | None) -> Tensor:
+                    full = draw((total, *like.shape[1:]), generator=gen, dtype=like.dtype,
+                                device=like.device)
+                    return full[offset:offset + len(like)]
+                return noise
+
+            # the sampler's designated noise seam (Sampler._randn/_rand)
+            self.sampler._randn, self.sampler._rand = block(torch.randn), block(torch.rand)
         try:
             state = self.sampler.init(start.detach(), self._tilted_energy)
             for _ in range(self.langevin_steps):
                 state, _ = self.sampler.step(state, self._tilted_energy, generator=generator)
         finally:
+            if rows_of is not None:
+                del self.sampler._randn, self.sampler._rand
             for p, flag in zip(self.classifier.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
         return state.position.detach()
@@ -196,6 +220,12 @@ class EBMPrior(TiltedPrior):
         num_batches = max(1, math.ceil(n_train / self.batch_size))
         chains = self.base.sample(min(self.batch_size, n_train), generator=gen).detach() if (
             self.persistent) else None
+        # data parallel: each rank runs its block of the negative chains and evaluates f on
+        # its rows of positives and negatives; gradients and losses are summed over the ranks
+        shards = options.shards
+        n_chains = 0 if chains is None else len(chains)
+        if shards is not None and chains is not None:
+            chains = shards.shard(chains)
 
         # early stopping on the held-out loss -gain: the best epoch is the one of highest gain
         stopper = EarlyStopping(self.classifier, epochs=self.epochs, patience=self.patience,
@@ -208,30 +238,55 @@ class EBMPrior(TiltedPrior):
             for rows in perm.tensor_split(num_batches):
                 positives = draws(rows)
                 if chains is not None:
-                    restart = torch.rand(len(chains), generator=gen, device=gen.device).to(
+                    restart = torch.rand(n_chains, generator=gen, device=gen.device).to(
                         device) < self.reinit_fraction
-                    fresh = self.base.sample(len(chains), generator=gen)
+                    fresh = self.base.sample(n_chains, generator=gen)
+                    if shards is not None:
+                        restart, fresh = shards.shard(restart), shards.shard(fresh)
                     start = torch.where(restart.unsqueeze(-1), fresh, chains)
                 else:
                     start = self.base.sample(len(rows), generator=gen)
-                negatives = self.negatives(start, chain_gen)
+                if shards is None:
+                    negatives = self.negatives(start, chain_gen)
+                else:
+                    n_neg = len(start) if chains is None else n_chains
+                    if chains is None:
+                        start = shards.shard(start)
+                    offset = shards.bounds(n_neg)[0]
+                    negatives = self.negatives(start, chain_gen, rows_of=(offset, n_neg)) if (
+                        len(start)) else start
+                    positives = shards.shard(positives)
                 if chains is not None:
                     chains = negatives
                 f_pos, f_neg = self.logit(positives), self.logit(negatives)
-                loss = f_neg.mean() - f_pos.mean()
-                if self.energy_l2:
-                    loss = loss + self.energy_l2 * (f_pos.pow(2).mean() + f_neg.pow(2).mean())
+                if shards is None:
+                    loss = f_neg.mean() - f_pos.mean()
+                    if self.energy_l2:
+                        loss = loss + self.energy_l2 * (f_pos.pow(2).mean() +
+                                                        f_neg.pow(2).mean())
+                else:  # this rank's part of the global means
+                    loss = f_neg.sum() / n_neg - f_pos.sum() / len(rows)
+                    if self.energy_l2:
+                        loss = loss + self.energy_l2 * (f_pos.pow(2).sum() / len(rows) +
+                                                        f_neg.pow(2).sum() / n_neg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if shards is not None:
+                    shards.sum_gradients(trainable)
                 optimizer.step()
                 losses.add(loss, len(rows))
             train_losses = losses.summary(
-                "ebm", epoch, f"lower lr (now {self.lr}) or step_size, or set energy_l2")
+                "ebm", epoch, f"lower lr (now {self.lr}) or step_size, or set energy_l2", shards)
             self.classifier.eval()
             with torch.no_grad():
-                log_z, _ = log_mean_exp(self._logit_nograd(
-                    self.base.sample(self.heldout_log_z_samples, generator=gen)))
-                gain = float(self._logit_nograd(z_ho).double().mean()) - log_z
+                f_base = self.base.sample(self.heldout_log_z_samples, generator=gen)
+                if shards is None:
+                    f_base, f_ho = self._logit_nograd(f_base), self._logit_nograd(z_ho)
+                else:
+                    f_base = shards.map_rows(self._logit_nograd, f_base)
+                    f_ho = shards.map_rows(self._logit_nograd, z_ho)
+                log_z, _ = log_mean_exp(f_base)
+                gain = float(f_ho.double().mean()) - log_z
             record = {"epoch": float(epoch), **train_losses,
                       "heldout_loss": -gain, "heldout_gain": gain}
             stopper.update(record, loss=-gain, postfix={"heldout_gain": f"{gain:.4f}"})

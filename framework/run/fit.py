@@ -47,9 +47,9 @@ def fit_prior(run: Run) -> dict[str, Any]:
     :class:`~ncpvae.LearnedPrior`; nothing to do otherwise).
 
     Under torchrun every rank encodes the whole training set and calls ``fit`` with the same
-    seeded generator; a prior with ``shardable_fit`` (ncp, flow) gets ``shards`` and splits each
-    minibatch's forward/backward over the ranks with summed gradients (see
-    :mod:`ncpvae.fitting`), any other (gmm's EM, ebm's Langevin fit) repeats the whole fit on
+    seeded generator; a prior with ``shardable_fit`` (ncp, flow, ebm) gets ``shards`` and splits
+    each minibatch's forward/backward (the ebm also its Langevin chains) over the ranks with
+    summed gradients (see :mod:`ncpvae.fitting`); any other (gmm's EM) repeats the whole fit on
     every rank. The learned-prior summary (``log Z``, ``Delta``) is computed whole on every
     rank."""
     prior = run.prior
