@@ -23,6 +23,16 @@ Streamed info is reduced in blocks of ``min(64, 2^22 // chains)`` steps (41 at 1
 below that many steps the block itself still grows with the steps: for ``stream`` / ``thinned``
 the line is fitted to the runs with at least a block of steps when two such runs exist.
 
+glibc's malloc raises its mmap threshold dynamically after large frees, so the many short-lived
+multi-MB tensors of a 10^5-chain run end up on the heap, fragment it, and the peak RSS keeps
+creeping up by about 1 MB per step (measured with a quadratic energy in ``stream`` mode: +293,
++586, +1,696, +4,346 MB at 64, 256, 1,024, 4,096 steps) although nothing is kept. With
+``MALLOC_MMAP_THRESHOLD_=131072`` in the environment (fixed threshold) the same runs are flat
+(+145 MB at 256 and +148 MB at 1,024 steps); the children inherit the variable::
+
+    MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/bench_sampler_memory.py \
+        --steps 64,256 --modes stream
+
     .venv/bin/python benchmarks/bench_sampler_memory.py                    # 1e5 chains
     .venv/bin/python benchmarks/bench_sampler_memory.py --steps 16,64,256 --modes stream,thinned
     .venv/bin/python benchmarks/bench_sampler_memory.py --chains 20000 --steps 10,80
