@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ncpvae.config import tomllib  # the stdlib parser, or tomli on Python 3.10
 from ncpvae.plugin_manager import PluginManager
@@ -56,6 +57,28 @@ def test_plugin_recipe_installs_through_its_entry_point(tmp_path, monkeypatch):
     finally:
         for name in [m for m in sys.modules if m.startswith("ncpvae_mog")]:
             del sys.modules[name]
+
+
+def test_learned_prior_recipe_fits_the_maximum_likelihood_gaussian():
+    """The README's learned prior, fitted on encodings of N(m, diag(s^2)) (posterior variance
+    e^-12, so z = mu up to 2.5e-3): its mean and scale are the sample moments within 5 SE."""
+    source = next(b for b in code_blocks("python") if b.startswith("# ncpvae_diag/plugin.py"))
+    namespace: dict = {}
+    exec(compile(source, "README learned prior", "exec"), namespace)
+    prior = namespace["DiagGaussianPrior"](latent_dim=3, epochs=60)
+    assert not prior.is_fitted
+    gen = torch.Generator().manual_seed(0)
+    m, s, n = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.5, 2.0, 1.0]), 4000
+    mu = m + s * torch.randn(n, 3, generator=gen)
+    summary = prior.fit(mu, torch.full((n, 3), -12.0), generator=gen)
+    assert prior.is_fitted and summary["best_epoch"] >= 1
+    se_mean, se_scale = s / n**0.5, s / (2 * n) ** 0.5  # SEs of the ML mean and scale
+    assert torch.all((prior.mean.detach() - mu.mean(0)).abs() < 5 * se_mean)
+    scale = torch.exp(prior.log_scale.detach())
+    assert torch.all((scale - mu.std(0)).abs() < 5 * se_scale)
+    delta, delta_se = prior.kl_gain(mu[:1000], generator=gen)
+    assert delta > 10 * delta_se > 0  # far better than N(0, I) on these encodings
+    check_prior(prior)
 
 
 @pytest.mark.parametrize("command", ["python3 -m venv .venv && .venv/bin/pip install -e '.[test]' "
