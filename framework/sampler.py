@@ -207,7 +207,9 @@ class Sampler(Component, ABC):
         the post-burn-in steps ``(C,)``; the diagnostics are the same numbers as in ``"full"``
         mode. Memory is then the kept draws ``(S, C, D)`` (choose ``thin``) plus a block of at
         most 64 steps (and 2^22 chain-steps) of info: at 10^5 chains of the NCP-like benchmark
-        energy, about 0.5 GB however many steps (``benchmarks/bench_sampler_memory.py``).
+        energy, about 0.46 GB however many steps when glibc's mmap threshold is fixed
+        (``MALLOC_MMAP_THRESHOLD_=131072``); with glibc's default dynamic threshold the heap
+        fragments and the peak creeps up ~1 MB per step (``benchmarks/bench_sampler_memory.py``).
 
         ``diagnostics``: per-dimension ``ess``/``rhat``/``mcse_mean`` of the kept draws (see
         :func:`ncpvae.mcmc.diagnostics.summarize`; skipped with ``diagnose = False``),
@@ -258,6 +260,8 @@ class Sampler(Component, ABC):
         if check_every is None:
             check_every = 1 if init_position.device.type == "cpu" else 100
 
+        if init_position.device.type == "cuda":
+            torch.cuda.synchronize(init_position.device)
         start = time.perf_counter()
         kept: list[Tensor] = []
         stream = _InfoStream(burn_in) if keep_info == "summary" else None
@@ -295,6 +299,8 @@ class Sampler(Component, ABC):
                     if bad is not None:
                         raise NonFiniteError(
                             f"{self.name} sampler, step {bad[0]} of {num_steps}: {bad[1]}")
+        if init_position.device.type == "cuda":  # kernels run asynchronously: time them all
+            torch.cuda.synchronize(init_position.device)
         wall = time.perf_counter() - start
 
         if not kept:
