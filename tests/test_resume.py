@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ncpvae.run import faults
 
@@ -52,6 +53,13 @@ def without_timings(value):
     return value
 
 
+def results_without_evaluation(run: Path) -> dict:
+    """summary.json and metrics.jsonl without timings (runs with the evaluation disabled)."""
+    summary = json.loads((run / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"summary": without_timings(summary), "metrics": without_timings(metrics)}
+
+
 def results(run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     evaluation = json.loads((run / "evaluation.json").read_text())
@@ -90,3 +98,42 @@ def test_killed_everywhere_then_resumed_matches_an_uninterrupted_run(tmp_path):
     assert summary["progress"] == {"planned": ["train", "fit_prior", "sample", "evaluate"],
                                    "completed": ["train", "fit_prior", "sample", "evaluate"],
                                    "finished": True}
+
+
+#: the end-to-end stages only (the evaluation is covered above), a short run
+ZOO = ["smoke", "--set", "evaluate.enabled=false", "--set", "train.epochs=2"]
+
+
+def test_a_jointly_trained_vamp_prior_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The VampPrior's pseudo-inputs are trained with the VAE: killed after epoch 1 and
+    resumed, the run ends with the uninterrupted run's numbers and pseudo-inputs."""
+    config = [*ZOO, "--set", "prior=vamp", "--set", "prior.components=4"]
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    assert cli("train", *config, "--out", str(reference)).returncode == 0
+    assert cli("train", *config, "--out", str(run), kill="1@epoch").returncode == -signal.SIGKILL
+    final = cli("resume", str(run))
+    assert final.returncode == 0, final.stderr
+    assert results_without_evaluation(run) == results_without_evaluation(reference)
+    weights = [torch.load(r / "checkpoint.pt", weights_only=True) for r in (reference, run)]
+    prior_keys = [k for k in weights[0]["prior"] if "pseudo" in k]
+    assert prior_keys
+    for key in prior_keys:
+        assert torch.equal(weights[0]["prior"][key], weights[1]["prior"][key]), key
+
+
+def test_a_zoo_prior_resumes_after_training_and_refits_as_another(tmp_path):
+    """A gmm run killed after its VAE training resumes into a fitted GMM; `fit-prior` then
+    refits the same run with a flow (a different learned prior)."""
+    run = tmp_path / "gmm"
+    config = [*ZOO, "--set", "prior=gmm", "--set", "prior.components=3"]
+    assert cli("train", *config, "--out", str(run), kill="1@stage").returncode == -signal.SIGKILL
+    refused = cli("fit-prior", str(run))
+    assert refused.returncode == 2 and "ncpvae resume" in refused.stderr
+    final = cli("resume", str(run))
+    assert final.returncode == 0, final.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["progress"]["finished"] and "delta" in summary["prior_fit"]
+    refit = cli("fit-prior", str(run), "--set", "prior=flow", "--set", "prior.epochs=3")
+    assert refit.returncode == 0, refit.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["prior_fit"]["epochs_run"] <= 3 and "delta" in summary["prior_fit"]
