@@ -436,10 +436,9 @@ body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;
 padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.6em;border-bottom:2px solid #ccc}h2{font-size:1.3em;margin-top:1.6em;
 border-bottom:1px solid #ddd}h3{font-size:1.1em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em;max-width:100%}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 .scroll{overflow-x:auto;max-width:100%}
-th,td{border:1px solid #ccc;padding:.3em .55em;vertical-align:middle;text-align:left;
-overflow-wrap:break-word}
+th,td{border:1px solid #ccc;padding:.3em .55em;vertical-align:middle;text-align:left}
 th{background:#f3f3f3}tr:nth-child(even) td{background:#fafafa}
 figure{margin:1em 0}figcaption{font-size:.9em;color:#555}img{image-rendering:pixelated}
 ul{padding-left:1.4em}
