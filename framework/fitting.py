@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ncpvae.errors import NonFiniteError
+from ncpvae.sharding import contiguous_bounds
 
 __all__ = ["EarlyStopping", "EpochLosses", "ShardGroup", "minibatch_step"]
 
@@ -227,8 +228,7 @@ class ShardGroup:
     def bounds(self, total: int) -> tuple[int, int]:
         """``(offset, rows)`` of this rank's contiguous part of ``total`` rows: the first
         ``total % world_size`` ranks get one row more."""
-        base, extra = divmod(int(total), self.world_size)
-        return self.rank * base + min(self.rank, extra), base + (1 if self.rank < extra else 0)
+        return contiguous_bounds(total, self.rank, self.world_size)
 
     def shard(self, rows: Tensor) -> Tensor:
         """This rank's contiguous part of ``rows`` ``(B, ...)``: ``(rows_r, ...)``."""

@@ -57,6 +57,13 @@ class RowShard:
 _CURRENT: ContextVar[RowShard | None] = ContextVar("ncpvae_row_shard", default=None)
 
 
+def contiguous_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(offset, rows)`` of rank ``rank``'s contiguous part of ``total`` rows split over
+    ``world_size`` ranks: the first ``total % world_size`` ranks get one row more."""
+    base, extra = divmod(int(total), int(world_size))
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
 @contextmanager
 def row_shard(offset: int, rows: int, total: int, *,
               sum_over_shards: Callable[[Tensor], Tensor] | None = None) -> Iterator[RowShard]:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 import ncpvae.errors as errors
 from ncpvae.component import StrictModel
 from ncpvae.errors import ConfigError, NcpvaeError
-from ncpvae.sharding import rand_rows, randn_rows, row_shard
+from ncpvae.sharding import contiguous_bounds, rand_rows, randn_rows, row_shard
 
 T = TypeVar("T")
 
@@ -233,9 +233,7 @@ class DistContext:
         rank = self.rank if rank is None else rank
         if self._solo:
             return 0, int(total)
-        base, extra = divmod(int(total), self.world_size)
-        offset = rank * base + min(rank, extra)
-        return offset, base + (1 if rank < extra else 0)
+        return contiguous_bounds(total, rank, self.world_size)
 
     def shard(self, index: Tensor) -> Tensor:
         """This rank's contiguous part of a global batch ``index`` ``(B, ...)``."""
