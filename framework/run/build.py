@@ -94,6 +94,8 @@ def build_run(config: RunConfig, *, registry: Registry | None = None,
         data = build_component(config.data, "dataset", ctx).build(ctx)
         ctx.image_shape = data.image_shape
         model = build_component(config.model, "model", ctx)
+        if config.train.channels_last:  # before any checkpoint is loaded: copies keep the layout
+            model = model.to(memory_format=torch.channels_last)
         prior = build_component(config.prior, "prior", ctx)
         objective = build_component(config.objective, "objective", ctx)
         sampler = build_component(config.sampler, "sampler", ctx) if config.sampler else None
