@@ -110,6 +110,21 @@ def test_mcse_is_sd_over_root_ess():
     assert ((mc / true - 1).abs() < 5 * sokal_rel_sd(40, x[:, :, 0].numel())).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_summarize_matches_the_separate_functions(dtype):
+    # chains with different means and scales, so the between-chain part of the variance counts
+    x = ar1(0.7, 64, 12, 3, seed=8).to(dtype)
+    x = x * torch.linspace(0.5, 2.0, 12, dtype=dtype)[:, None] + 3 * torch.arange(12.0,
+                                                                                 dtype=dtype)[:, None]
+    out = summarize(x)
+    torch.testing.assert_close(torch.tensor(out["ess"], dtype=F64), ess(x))
+    torch.testing.assert_close(torch.tensor(out["rhat"], dtype=F64), split_rhat(x))
+    # the summary's MCSE takes the variance from the ESS's within/between parts instead of a
+    # separate pass: the same number up to the float32 lag products (~1e-7 of the variance)
+    torch.testing.assert_close(torch.tensor(out["mcse_mean"], dtype=F64), mcse_mean(x),
+                               rtol=1e-6, atol=0)
+
+
 def test_short_or_constant_inputs_give_nan_not_errors():
     assert torch.isnan(ess(torch.randn(3, 4, 2, dtype=F64))).all()
     assert torch.isnan(split_rhat(torch.randn(3, 4, 2, dtype=F64))).all()

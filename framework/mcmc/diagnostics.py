@@ -70,10 +70,15 @@ def mean_autocovariance(samples: Tensor) -> Tensor:
     Centring is float64; the lag products of float32 (or narrower) draws are float32, whose
     error relative to the lag-0 variance is about 1e-7 (the draws' own precision).
     """
-    x = _as_draws(samples)
-    work = _product_dtype(samples)
+    return _mean_autocovariance(_as_draws(samples), _product_dtype(samples))
+
+
+def _mean_autocovariance(x: Tensor, work: torch.dtype, chain_means: Tensor | None = None
+                         ) -> Tensor:
+    """:func:`mean_autocovariance` of float64 draws ``x`` with lag products in ``work``
+    (``chain_means`` ``(C, D)``: ``x.mean(0)`` if already computed)."""
     n, m, _ = x.shape
-    centered = (x - x.mean(0, keepdim=True)).to(work)
+    centered = (x - (x.mean(0) if chain_means is None else chain_means)).to(work)
     if n > (GRAM_MAX_DRAWS if work == torch.float64 else GRAM_MAX_DRAWS // 2):
         size = 1 << (2 * n - 1).bit_length()  # next power of two >= 2n - 1
         series = centered.permute(1, 2, 0).contiguous()  # (C, D, S): transform the last axis
@@ -103,13 +108,21 @@ def ess(samples: Tensor) -> Tensor:
     With very short chains (S below ~20) the centring makes lag correlations negative and the
     estimate runs high (up to ~1.2 S C at S = 10); it is capped at ``S C log10(S C)``.
     """
-    x = _as_draws(samples)
+    return _ess_and_variance(_as_draws(samples), _product_dtype(samples))[0]
+
+
+def _ess_and_variance(x: Tensor, work: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`ess` of float64 draws ``x`` with lag products in ``work``, and the unbiased
+    variance of all ``S C`` draws per dimension, from the same within/between parts (no further
+    pass over the draws)."""
     n, m, d = x.shape
     if n < 4:
-        return torch.full((d,), math.nan, dtype=torch.float64, device=x.device)
-    acov_mean = mean_autocovariance(samples)  # averaged over chains, (n, d)
+        nan = torch.full((d,), math.nan, dtype=torch.float64, device=x.device)
+        return nan, nan
+    chain_means = x.mean(0)  # (m, d)
+    acov_mean = _mean_autocovariance(x, work, chain_means)  # averaged over chains, (n, d)
     within = acov_mean[0] * n / (n - 1)  # mean unbiased within-chain variance, (d,)
-    between_over_n = _var0(x.mean(0)) if m > 1 else x.new_zeros(d)
+    between_over_n = _var0(chain_means) if m > 1 else x.new_zeros(d)
     var_plus = within * (n - 1) / n + between_over_n
     rho = 1.0 - (within - acov_mean) / var_plus  # (n, d); rho[0] = 1 up to rounding
     rho[0] = 1.0
@@ -124,7 +137,9 @@ def ess(samples: Tensor) -> Tensor:
     tau = torch.clamp(tau, min=1.0 / math.log10(max(n * m, 10)))
     out = n * m / tau
     out[~torch.isfinite(var_plus) | (var_plus <= 0)] = math.nan
-    return out
+    # total sum of squares = within-chain (n m acov_0) + between-chain (n (m - 1) var of means)
+    variance = (n * m * acov_mean[0] + n * (m - 1) * between_over_n) / (n * m - 1)
+    return out, variance
 
 
 def split_rhat(samples: Tensor) -> Tensor:
@@ -154,7 +169,9 @@ def mcse_mean(samples: Tensor, ess_values: Tensor | None = None) -> Tensor:
     if x.shape[0] < 4:
         return torch.full(x.shape[-1:], math.nan, dtype=torch.float64, device=x.device)
     sd = torch.sqrt(_var0(x.reshape(-1, x.shape[-1])))
-    return sd / torch.sqrt(ess(x) if ess_values is None else ess_values)
+    if ess_values is None:
+        ess_values = ess(samples)
+    return sd / torch.sqrt(ess_values)
 
 
 def acceptance_summary(acceptance: Tensor) -> dict[str, float]:
@@ -182,10 +199,10 @@ def summarize(samples: Tensor) -> dict[str, Any]:
     Keys: ``num_draws`` (S), ``num_chains`` (C), ``ess`` and ``rhat`` and ``mcse_mean`` (lists of
     D floats), ``ess_min``, ``ess_median``, ``rhat_max``. NaN where undefined (S < 4).
     """
-    x = _as_draws(samples)
-    e = ess(samples)
+    x = _as_draws(samples)  # the one float64 copy; the lag products keep the draws' precision
+    e, variance = _ess_and_variance(x, _product_dtype(samples))
     r = split_rhat(x)
-    mc = mcse_mean(x, e)
+    mc = torch.sqrt(variance / e)  # mcse_mean without another pass over the draws
 
     def nan_reduce(t: Tensor, fn: str) -> float:
         finite = t[torch.isfinite(t)]
