@@ -21,7 +21,7 @@ from ncpvae.fitting import EarlyStopping, EpochLosses, ShardGroup, minibatch_ste
 from ncpvae.hookspecs import hookimpl
 from ncpvae.io import atomic_write
 from ncpvae.mcmc.diagnostics import acceptance_summary, ess, mcse_mean, split_rhat, summarize
-from ncpvae.mcmc.fastpath import onednn_available, onednn_linear
+from ncpvae.mcmc.fastpath import CompiledEnergy, onednn_available, onednn_linear
 from ncpvae.mcmc.importance import (
     SIRDraws,
     ess_fraction,
@@ -134,6 +134,7 @@ __all__ = [
     "langevin_log_accept",
     "langevin_move",
     "mcse_mean",
+    "CompiledEnergy",
     "onednn_available",
     "onednn_linear",
     "posterior_energy",

@@ -39,7 +39,7 @@ from torch import Tensor
 from ncpvae.component import BuildContext, Component, ComponentConfig
 from ncpvae.errors import ConfigError, NonFiniteError, format_validation_error
 from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
-from ncpvae.mcmc.fastpath import onednn_linear
+from ncpvae.mcmc.fastpath import CompiledEnergy, onednn_linear
 from ncpvae.mcmc.kernels import (
     Energy,
     OnNonfinite,
@@ -191,6 +191,7 @@ class Sampler(Component, ABC):
         diagnose: bool = True,
         check_every: int | None = None,
         fast_linear: bool = False,
+        compile_energy: bool = False,
         **options: Any,
     ) -> SampleResult:
         """Run ``num_steps`` transitions of every chain from ``init_position`` ``(C, D)``.
@@ -226,6 +227,12 @@ class Sampler(Component, ABC):
         ``fast_linear = True`` runs the energy's float32 CPU linear layers through oneDNN
         (:func:`ncpvae.mcmc.fastpath.onednn_linear`: any energy, same float32 precision, other
         rounding, so chains are not bit-identical to the default; off by default).
+        ``compile_energy = True`` evaluates the energy and its gradient through one
+        ``torch.compile``-d function (:class:`ncpvae.mcmc.fastpath.CompiledEnergy`): the first
+        call compiles (counted in ``wall_time_s``), later steps run fused kernels; float32 with
+        other rounding; falls back to eager, with one warning, where compilation fails. (Each
+        call wraps anew; to reuse one compilation across calls pass ``CompiledEnergy(energy)``
+        as the energy.)
 
         ``callback(step, state, info)`` runs after each step; ``progress`` shows a tqdm bar;
         ``options`` are forwarded to ``init`` and ``step`` (names in ``run_options``).
@@ -271,6 +278,8 @@ class Sampler(Component, ABC):
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{self.name} sampling", unit="step")
+        if compile_energy and not isinstance(energy, CompiledEnergy):
+            energy = CompiledEnergy(energy)
         with contextlib.ExitStack() as stack:
             if fast_linear:
                 stack.enter_context(onednn_linear())

@@ -1,4 +1,5 @@
-"""An opt-in fast path for energies built from linear layers: oneDNN matrix products on the CPU.
+"""Opt-in fast paths for energies: oneDNN matrix products for linear layers on the CPU
+(:func:`onednn_linear`), and energies compiled with ``torch.compile`` (:class:`CompiledEnergy`).
 
 On some CPUs (issue 11: a 2-core AMD EPYC) torch's default float32 ``mm`` (MKL) runs at about
 half the speed of the same product through oneDNN, and an NCP-like energy spends ~70 % of a
@@ -23,8 +24,10 @@ their default rounding).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,3 +94,52 @@ def onednn_linear(enabled: bool = True) -> Iterator[bool]:
         yield True
     finally:
         F.linear = original
+
+
+class CompiledEnergy:
+    """An energy whose value and gradient come from one ``torch.compile``-d function (opt-in:
+    ``Sampler.run(..., compile_energy=True)``).
+
+    ``value_and_grad(z)`` is ``torch.func.grad_and_value`` of ``U(z).sum()`` (per-chain values
+    as auxiliary output) compiled by TorchInductor, which fuses the elementwise work of the
+    forward and backward passes into a few generated kernels; :func:`ncpvae.mcmc.kernels.
+    energy_and_grad` uses it for any energy that has such a method. Calling the object is
+    calling the wrapped energy (samplers that need only values stay eager).
+
+    The first call for each chain count compiles (seconds to a minute on a CPU, a C++ compiler
+    is needed there), so it pays off on long runs; the numbers are float32 as before, with
+    other rounding (fused kernels), so chains are not bit-identical to the eager path. Where
+    compilation fails (an operation TorchDynamo cannot trace, no compiler), one warning names
+    the reason and the energy runs eagerly from then on: results never depend on it.
+    """
+
+    def __init__(self, energy: Callable[[Tensor], Tensor]):
+        self.energy = energy
+        self.failure: str | None = None
+        self._compiled: Callable[[Tensor], Any] | None = None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self.energy(z)
+
+    def _summed(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        u = self.energy(z)
+        return u.sum(), u
+
+    def value_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``U(z)`` ``(C,)`` and ``∇U(z)`` ``(C, D)``, detached."""
+        if self.failure is None:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(
+                        torch.func.grad_and_value(self._summed, has_aux=True), dynamic=False)
+                grad, (_, u) = self._compiled(z.detach())
+                return u.detach(), grad.detach()
+            except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                self.failure = f"{type(exc).__name__}: {reason}"
+                warnings.warn(f"compile_energy: torch.compile could not compile this energy "
+                              f"({self.failure}); sampling continues without it",
+                              RuntimeWarning, stacklevel=2)
+        from ncpvae.mcmc.kernels import energy_and_grad
+
+        return energy_and_grad(self.energy, z)

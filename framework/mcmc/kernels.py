@@ -77,8 +77,19 @@ def energy_and_grad(energy: Energy, position: Tensor) -> tuple[Tensor, Tensor]:
     """``U(z)`` ``(C,)`` and ``∇U(z)`` ``(C, D)`` from one backward pass, both detached.
 
     The gradient is ``autograd.grad(U(z).sum(), z)``, correct for batch-separable energies.
-    Parameters inside ``energy`` (e.g. a classifier's weights) get no ``.grad``.
+    Parameters inside ``energy`` (e.g. a classifier's weights) get no ``.grad``. An energy
+    object with a ``value_and_grad(z) -> (U, ∇U)`` method (an analytic gradient, or
+    :class:`ncpvae.mcmc.fastpath.CompiledEnergy`) supplies both itself.
     """
+    fused = getattr(energy, "value_and_grad", None)
+    if fused is not None:
+        u, grad = fused(position)
+        _check_energy_shape(u, position)
+        if not isinstance(grad, Tensor) or grad.shape != position.shape:
+            raise DataError(f"value_and_grad must return the gradient with the positions' shape "
+                            f"{tuple(position.shape)}, got "
+                            f"{tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__}")
+        return u, grad
     with torch.enable_grad():
         z = position.detach().requires_grad_(True)
         u = energy(z)
