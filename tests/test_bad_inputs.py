@@ -686,8 +686,11 @@ def test_ctrl_c_during_training(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "ncpvae.cli", "train", "smoke", "--set", "train.epochs=50",
             "--set", "evaluate.enabled=false", "--out", str(out), "--quiet"]
+    # A job started in the background by a non-interactive shell (CI, `cmd &`) inherits SIGINT
+    # as ignored, and Python keeps it ignored: give the child the default handling of Ctrl-C.
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env())
+                            env=subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:
         if proc.poll() is not None:
