@@ -52,8 +52,8 @@ class TrainConfig(StrictModel):
     channels_last: bool = Field(
         False, description="keep the model's 4-D (conv) weights, and so its conv activations, in "
         "torch.channels_last layout: the same float32 arithmetic in another summation order "
-        "(results not bit-identical to the default layout), ~1.2x faster conv training on x86 "
-        "CPUs (benchmarks/bench_training.py); no effect on models without conv layers"
+        "(results not bit-identical to the default layout), 1.06-1.2x faster conv training on an "
+        "x86 CPU (benchmarks/bench_training.py); no effect on models without conv layers"
     )
 
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ncpvae.mcmc.kernels import energy_and_grad
+
 
 def onednn_available() -> bool:
     """Whether this torch build can run the oneDNN linear kernel."""
@@ -140,6 +142,4 @@ class CompiledEnergy:
                 warnings.warn(f"compile_energy: torch.compile could not compile this energy "
                               f"({self.failure}); sampling continues without it",
                               RuntimeWarning, stacklevel=2)
-        from ncpvae.mcmc.kernels import energy_and_grad
-
         return energy_and_grad(self.energy, z)
