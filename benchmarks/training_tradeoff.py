@@ -25,6 +25,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ncpvae.config import config_to_toml, load_config
@@ -40,7 +41,8 @@ LEAN_EVALUATION = (
 FACTORS_SHOWN = ("shape", "scale", "orientation", "posX", "posY")
 
 
-def snapshot_after_epochs(milestones: set[int], base: Path, out: Path) -> callable:
+def snapshot_after_epochs(milestones: set[int], base: Path, out: Path
+                          ) -> Callable[[str], None]:
     """A wrapper of the runner's checkpoint-boundary hook (:func:`ncpvae.run.faults.boundary`)
     that copies the run directory (cache excepted) after the checkpoint of each milestone
     epoch."""

@@ -169,8 +169,8 @@ def mcse_mean(samples: Tensor, ess_values: Tensor | None = None) -> Tensor:
     if x.shape[0] < 4:
         return torch.full(x.shape[-1:], math.nan, dtype=torch.float64, device=x.device)
     sd = torch.sqrt(_var0(x.reshape(-1, x.shape[-1])))
-    if ess_values is None:
-        ess_values = ess(samples)
+    if ess_values is None:  # from the float64 copy already made (no second conversion)
+        ess_values = _ess_and_variance(x, _product_dtype(samples))[0]
     return sd / torch.sqrt(ess_values)
 
 
