@@ -14,6 +14,9 @@ round, in rotating order, so load changes hit every column alike):
 - ``ncpvae oneDNN``: defaults plus ``fast_linear=True`` (the opt-in oneDNN linear layers);
 - ``ncpvae compiled``: defaults on a :class:`ncpvae.CompiledEnergy` (what ``compile_energy=True``
   wraps; wrapped once per chain count, so compilation falls in the untimed warm-up round);
+- ``ncpvae compiled+oneDNN``: the same with ``CompiledEnergy(energy, fast_linear=True)`` (what
+  ``compile_energy=True, fast_linear=True`` wraps): oneDNN matrix products inside the compiled
+  function, Inductor's fused kernels between them;
 - ``bare torch``: a hand-written autograd MALA loop (no checks, no info, final state only);
 - ``blackjax``: ``blackjax.mala`` vmapped over chains inside ``lax.scan`` under ``jit``
   (positions and acceptance of every step returned, like ``run()``), compile time excluded.
@@ -205,12 +208,14 @@ def measure(chains: int, args, energy, jax: JaxWorker | None) -> dict:
     steps = args.steps if chains > 1 else args.steps_one
     mala = LangevinSampler(step_size=args.step_size, metropolis=True)
     compiled = CompiledEnergy(energy)
+    compiled_fast = CompiledEnergy(energy, fast_linear=True)
     fns = {
         "ncpvae": lambda: mala.run(energy, z0, steps, generator=gen),
         "ncpvae_lean": lambda: mala.run(energy, z0, steps, generator=gen, thin=steps,
                                         keep_info="summary", diagnose=False),
         "ncpvae_fast": lambda: mala.run(energy, z0, steps, generator=gen, fast_linear=True),
         "ncpvae_compiled": lambda: mala.run(compiled, z0, steps, generator=gen),
+        "ncpvae_compiled_fast": lambda: mala.run(compiled_fast, z0, steps, generator=gen),
         "bare_torch": lambda: bare_mala(energy, z0, steps, args.step_size, gen),
     }
     if jax is not None:
@@ -249,8 +254,10 @@ def measure(chains: int, args, energy, jax: JaxWorker | None) -> dict:
     row["lean_vs_bare"] = speed("ncpvae_lean", "bare_torch")
     row["fast_vs_bare"] = speed("ncpvae_fast", "bare_torch")
     row["compiled_vs_bare"] = speed("ncpvae_compiled", "bare_torch")
+    row["compiled_fast_vs_bare"] = speed("ncpvae_compiled_fast", "bare_torch")
     if jax is not None:
         row["compiled_vs_blackjax"] = speed("ncpvae_compiled", "blackjax")
+        row["compiled_fast_vs_blackjax"] = speed("ncpvae_compiled_fast", "blackjax")
         row["fast_vs_blackjax"] = speed("ncpvae_fast", "blackjax")
         row["ncpvae_vs_blackjax"] = speed("ncpvae", "blackjax")
         row["lean_vs_blackjax"] = speed("ncpvae_lean", "blackjax")
@@ -335,9 +342,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     lines = [header, *notes, "",
              "| chains | steps | ncpvae run() | run() lean | run() oneDNN | run() compiled "
-             "| bare torch | BlackJAX | run()/bare | lean/bare | oneDNN/bare | compiled/bare "
-             "| run()/BlackJAX | lean/BlackJAX | oneDNN/BlackJAX | compiled/BlackJAX |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run() compiled+oneDNN | bare torch | BlackJAX | run()/bare | lean/bare "
+             "| oneDNN/bare | compiled/bare | compiled+oneDNN/bare | run()/BlackJAX "
+             "| lean/BlackJAX | oneDNN/BlackJAX | compiled/BlackJAX | compiled+oneDNN/BlackJAX |",
+             "|" + "---:|" * 19]
     for r in rows:
         jx = r.get("blackjax_chain_steps_per_s")
         def vs_jax(key: str, r=r, jx=jx) -> str:
@@ -347,16 +355,18 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['chains']} | {r['steps']} | {r['ncpvae_chain_steps_per_s']:,.0f} "
             f"| {r['ncpvae_lean_chain_steps_per_s']:,.0f} | {r['ncpvae_fast_chain_steps_per_s']:,.0f} "
             f"| {r['ncpvae_compiled_chain_steps_per_s']:,.0f} "
+            f"| {r['ncpvae_compiled_fast_chain_steps_per_s']:,.0f} "
             f"| {r['bare_torch_chain_steps_per_s']:,.0f} | {'-' if jx is None else f'{jx:,.0f}'} "
             f"| {r['ncpvae_vs_bare']:.2f}x | {r['lean_vs_bare']:.2f}x | {r['fast_vs_bare']:.2f}x "
-            f"| {r['compiled_vs_bare']:.2f}x "
+            f"| {r['compiled_vs_bare']:.2f}x | {r['compiled_fast_vs_bare']:.2f}x "
             f"| {vs_jax('ncpvae_vs_blackjax')} | {vs_jax('lean_vs_blackjax')} "
-            f"| {vs_jax('fast_vs_blackjax')} | {vs_jax('compiled_vs_blackjax')} |")
+            f"| {vs_jax('fast_vs_blackjax')} | {vs_jax('compiled_vs_blackjax')} "
+            f"| {vs_jax('compiled_fast_vs_blackjax')} |")
     lines += ["", "Rates in chain-steps/s; ratios are speeds (higher: ncpvae faster), medians of "
               "per-round ratios. At 1 chain, us/step: " + ", ".join(
                   f"{k}: {r[k + '_us_per_step']:.0f}" for r in rows if r["chains"] == 1
                   for k in ("ncpvae", "ncpvae_lean", "ncpvae_fast", "ncpvae_compiled",
-                            "bare_torch", "blackjax")
+                            "ncpvae_compiled_fast", "bare_torch", "blackjax")
                   if k + "_us_per_step" in r),
               f"Total benchmark time: {wall:.0f} s."]
     print("\n".join(lines))

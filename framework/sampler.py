@@ -224,15 +224,18 @@ class Sampler(Component, ABC):
         every 100 steps on accelerators, so the loop never waits for the device in between);
         the error still names the first bad step. Results do not depend on ``check_every``.
 
-        ``fast_linear = True`` runs the energy's float32 CPU linear layers through oneDNN
-        (:func:`ncpvae.mcmc.fastpath.onednn_linear`: any energy, same float32 precision, other
-        rounding, so chains are not bit-identical to the default; off by default).
+        ``fast_linear = True`` runs the energy's frozen float32 CPU linear layers through
+        shape-aware kernels (:func:`ncpvae.mcmc.fastpath.onednn_linear`: oneDNN for wide
+        products, a transposed product for a narrow layer's input gradient; any energy, same
+        float32 precision, other rounding, so chains are not bit-identical to the default; off
+        by default). With ``compile_energy`` too, the compiled function calls those kernels.
         ``compile_energy = True`` evaluates the energy and its gradient through one
         ``torch.compile``-d function (:class:`ncpvae.mcmc.fastpath.CompiledEnergy`): the first
         call compiles (counted in ``wall_time_s``), later steps run fused kernels; float32 with
         other rounding; falls back to eager, with one warning, where compilation fails. (Each
-        call wraps anew; to reuse one compilation across calls pass ``CompiledEnergy(energy)``
-        as the energy.)
+        call wraps anew; to reuse one compilation across calls pass ``CompiledEnergy(energy)``,
+        or ``CompiledEnergy(energy, fast_linear=True)``, as the energy.) The fastest CPU path
+        at >= 1,024 chains of an MLP energy is both flags (``benchmarks/bench_blackjax.py``).
 
         ``callback(step, state, info)`` runs after each step; ``progress`` shows a tqdm bar;
         ``options`` are forwarded to ``init`` and ``step`` (names in ``run_options``).

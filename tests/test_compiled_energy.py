@@ -48,6 +48,36 @@ def test_compiled_energy_matches_autograd_and_eager_chains():
     torch.testing.assert_close(fast.samples, eager.samples, rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_energy_with_fast_linear_matches_autograd_and_eager_chains(recwarn):
+    from ncpvae.mcmc import fastpath
+
+    if not fastpath.onednn_available():
+        pytest.skip("torch without oneDNN")
+    # a wide layer with enough rows for the oneDNN operator inside the compiled graph, a
+    # narrow input and a single output for the two transposed/broadcast gradient rules
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.SiLU(), torch.nn.Linear(32, 32),
+                              torch.nn.SiLU(), torch.nn.Linear(32, 1)).requires_grad_(False)
+
+    def energy(z: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (z * z).sum(-1) - net(z).squeeze(-1)
+
+    z = torch.randn(fastpath._MIN_ONEDNN_ROWS, 4, generator=torch.Generator().manual_seed(1))
+    compiled = CompiledEnergy(energy, fast_linear=True)
+    u, g = compiled.value_and_grad(z)
+    u_ref, g_ref = energy_and_grad(energy, z)
+    assert compiled.failure is None
+    torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    start = torch.randn(128, 4, generator=torch.Generator().manual_seed(3))
+    fast = _mala().run(energy, start, 20, generator=torch.Generator().manual_seed(2),
+                       compile_energy=True, fast_linear=True)
+    eager = _mala().run(energy, start, 20, generator=torch.Generator().manual_seed(2))
+    assert not [w for w in recwarn if "compile_energy" in str(w.message)]
+    assert torch.equal(fast.info["is_accepted"], eager.info["is_accepted"])
+    torch.testing.assert_close(fast.samples, eager.samples, rtol=1e-4, atol=1e-4)
+
+
 def test_failed_compilation_warns_once_and_gives_the_eager_numbers(monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler found\nsecond line")

@@ -748,22 +748,58 @@ def test_onednn_linear_agrees_with_the_default_path_and_is_restored(monkeypatch)
     calls = []
     real = fastpath._onednn_mm
     monkeypatch.setattr(fastpath, "_onednn_mm", lambda *a: calls.append(1) or real(*a))
-    energy = _mlp_energy(5)
-    z = torch.randn(200, 5, generator=gen_(0))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.SiLU(),
+                              torch.nn.Linear(64, 1)).requires_grad_(False)
+
+    def energy(z):
+        return 0.5 * (z * z).sum(-1) - net(z).squeeze(-1)
+
+    z = torch.randn(fastpath._MIN_ONEDNN_ROWS, 16, generator=gen_(0))
     u, g = energy_and_grad(energy, z)
     original = F.linear
     with fastpath.onednn_linear() as active:
         u_fast, g_fast = energy_and_grad(energy, z)
-    assert active and F.linear is original and len(calls) == 4  # 2 layers, forward + backward
+    # oneDNN for the wide layer (16 -> 64), forward and backward; the one-output layer keeps
+    # MKL forward and a broadcast product backward
+    assert active and F.linear is original and len(calls) == 2
     torch.testing.assert_close(u_fast, u, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fast, g, rtol=1e-5, atol=1e-5)
     calls.clear()
+    with fastpath.onednn_linear():  # few rows: no oneDNN call (its fixed cost would dominate)
+        torch.testing.assert_close(energy_and_grad(energy, z[:64])[1], g[:64], rtol=1e-5,
+                                   atol=1e-5)
+    assert not calls
     energy64 = _mlp_energy(5, torch.float64)  # not eligible: falls back, bit for bit
     with fastpath.onednn_linear():
-        u64 = energy_and_grad(energy64, z.double())
-    assert not calls and torch.equal(u64[0], energy_and_grad(energy64, z.double())[0])
+        u64 = energy_and_grad(energy64, z[:, :5].double())
+    assert not calls and torch.equal(u64[0], energy_and_grad(energy64, z[:, :5].double())[0])
     with fastpath.onednn_linear(enabled=False) as active:
         assert not active and F.linear is original
+    with fastpath.onednn_linear(), fastpath.onednn_linear():  # nested: restored once, at the end
+        assert F.linear is not original
+    assert F.linear is original
+
+
+@onednn
+@pytest.mark.parametrize(("rows", "n_in", "n_out"), [(300, 3, 40), (300, 40, 1), (300, 40, 24),
+                                                     (2048, 20, 24), (2048, 7, 1)])
+def test_fast_linear_input_gradient_matches_autograd_for_every_shape_rule(rows, n_in, n_out):
+    # narrow input (grad computed transposed), one output (broadcast product), MKL and oneDNN
+    # products: each input gradient equals autograd's through the plain layer
+    layer = torch.nn.Linear(n_in, n_out).requires_grad_(False)
+    x = torch.randn(rows, n_in, generator=gen_(3))
+    weights = torch.randn(rows, n_out, generator=gen_(4))
+
+    def energy(z):
+        return (layer(z) * weights).sum(-1)
+
+    u, g = energy_and_grad(energy, x)
+    with __import__("ncpvae.mcmc.fastpath", fromlist=["x"]).onednn_linear():
+        u_fast, g_fast = energy_and_grad(energy, x)
+    assert g_fast.shape == g.shape and g_fast.is_contiguous()
+    torch.testing.assert_close(u_fast, u, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_fast, g, rtol=1e-5, atol=1e-5)
 
 
 @onednn

@@ -1,25 +1,29 @@
-"""Opt-in fast paths for energies: oneDNN matrix products for linear layers on the CPU
-(:func:`onednn_linear`), and energies compiled with ``torch.compile`` (:class:`CompiledEnergy`).
+"""Opt-in fast paths for energies: shape-aware kernels for frozen linear layers on the CPU
+(:func:`onednn_linear`, ``Sampler.run(..., fast_linear=True)``), and energies compiled with
+``torch.compile`` (:class:`CompiledEnergy`, ``compile_energy=True``); the two combine.
 
-On some CPUs (issue 11: a 2-core AMD EPYC) torch's default float32 ``mm`` (MKL) runs at about
-half the speed of the same product through oneDNN, and an NCP-like energy spends ~70 % of a
-sampler step in its linear layers. Inside :func:`onednn_linear`, every call of
-``torch.nn.functional.linear`` (which ``nn.Linear`` uses) whose input is a float32 CPU tensor
-and whose weight and bias need no gradient runs through oneDNN, forward and backward (the
-gradient with respect to the input, which is what a sampler needs). Every other call (other
-devices or dtypes, trainable weights) falls back to the original function. So it applies to any
-energy a user passes — a learned prior's, a posterior through a decoder — without knowing its
-structure.
+Inside :func:`onednn_linear`, every call of ``torch.nn.functional.linear`` (which ``nn.Linear``
+uses) whose input is a float32 CPU tensor and whose weight and bias need no gradient runs
+through :class:`_FastLinear`, which picks a kernel per product by its shape:
 
-Precision: both paths are float32 GEMMs with float32 accumulation; they differ only in rounding
-order (relative differences ~1e-7 per product, see ``tests/test_samplers_contract.py``), not in
-precision. Seeded chains are therefore not bit-identical to the default path, which is why the
-fast path is opt-in (``Sampler.run(..., fast_linear=True)`` or this context manager) and off by
-default. The routing adds a few small tensor operations per layer call, so it only pays off
-when the products are large (about 10^3 chains and more; at 1 chain it is slower); measure with
-``benchmarks/bench_blackjax.py`` (column ``run() oneDNN``). The patch is process-wide while the
-context is open (do not run other float32 linear layers in other threads meanwhile if you need
-their default rounding).
+- wide layers (both sides >= 16 features) with >= 2,048 rows: oneDNN, forward and backward. On
+  some CPUs (issue 11: a 2-core AMD EPYC) torch's default float32 ``mm`` (MKL) runs at about half
+  the speed of oneDNN; on this project's current host they are within ~10 %, MKL ahead at 1,024
+  rows and oneDNN at 4,096 (``benchmarks/bench_blackjax.py``);
+- the input gradient of a narrow layer (fewer than 16 inputs: the first layer of a prior's
+  network on a latent space): computed transposed, 3-4x faster than MKL's ``grad @ W``;
+- the input gradient of a one-output layer: a broadcast product instead of an outer-product GEMM.
+
+Every other call (other devices or dtypes, trainable weights) falls back to the original
+function. So it applies to any energy a user passes — a learned prior's, a posterior through a
+decoder — without knowing its structure.
+
+Precision: every path is float32 products with float32 accumulation; they differ from the
+default only in summation order (relative differences ~1e-7 per product, see
+``tests/test_samplers_contract.py``), not in precision. Seeded chains are therefore not
+bit-identical to the default path, which is why the fast path is opt-in and off by default.
+The patch is process-wide while the context is open (do not run other float32 linear layers in
+other threads meanwhile if you need their default rounding).
 """
 
 from __future__ import annotations
@@ -42,60 +46,151 @@ def onednn_available() -> bool:
                                                                     "_linear_pointwise")
 
 
-def _onednn_mm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight.T + bias`` for a 2-D float32 ``x`` ``(n, in)`` and ``weight`` ``(out, in)``."""
+def _raw_onednn_mm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """Linear layer through oneDNN; differentiable in the input only (frozen weights)."""
+# The same kernel as an opaque operator, so that TorchInductor (CompiledEnergy) calls it as it
+# is instead of lowering it: its own lowering of the mkldnn op needs prepacked constant weights
+# (freezing), which a sampler's energy does not have. Registered through the low-level
+# ``torch.library.Library`` (a CPU kernel and a shape function, no autograd kernel: the
+# autograd.Function below differentiates it), which costs a few microseconds per call where
+# ``torch.library.custom_op``'s wrapper costs ~100.
+_LIBRARY = torch.library.Library("ncpvae", "DEF")
+_LIBRARY.define("onednn_mm(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIBRARY.impl("onednn_mm", _raw_onednn_mm, "CPU")
+
+
+@torch.library.register_fake("ncpvae::onednn_mm", lib=_LIBRARY)
+def _onednn_mm_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _onednn_mm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` for a 2-D float32 ``x`` ``(n, in)`` and ``weight`` ``(out, in)``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ncpvae.onednn_mm(x, weight, bias)
+    return _raw_onednn_mm(x, weight, bias)
+
+
+# Below this many features a side of a layer is narrow (a latent dimension, a scalar output):
+# oneDNN then loses to MKL, and MKL itself is slow on ``grad @ W`` with a narrow result.
+_NARROW = 16
+# Below this many rows MKL was as fast as oneDNN here (1,024 x 256 x 256: 1.7 vs 1.8 ms) and
+# oneDNN costs ~50 us more per call; at 4,096 rows oneDNN was faster (7.8 vs 8.3 ms).
+_MIN_ONEDNN_ROWS = 2048
+
+
+def _wide(rows: int, weight: Tensor) -> bool:
+    """Whether ``x @ weight.T`` with ``x`` ``(rows, in)`` goes through oneDNN."""
+    return rows >= _MIN_ONEDNN_ROWS and min(weight.shape) >= _NARROW
+
+
+def _linear_kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if _wide(x.shape[0], weight):
+        return _onednn_mm(x, weight, bias)
+    if torch.compiler.is_compiling() and bias is not None:
+        # a separate bias add, which Inductor fuses into the next elementwise kernel (the
+        # activation), where addmm would first copy the bias into every row of its output;
+        # written as ``- (-bias)`` (the same float32 sum) because Inductor rewrites
+        # ``mm + bias`` back into addmm on the CPU
+        return torch.mm(x, weight.t()) - bias.neg()
+    return _ORIGINAL_LINEAR(x, weight, bias)
+
+
+class _FastLinear(torch.autograd.Function):
+    """``x @ W^T + b`` for a 2-D ``x`` ``(N, in)``, differentiable in ``x`` only (frozen
+    weights), each product through the kernel that is fastest for its shape:
+
+    - wide layers with many rows: oneDNN, forward and backward (``grad @ W`` is the same kernel
+      with ``W^T`` as the weight);
+    - one output (``W`` ``(1, in)``): ``grad @ W`` is an outer product, computed as a broadcast
+      multiply (the same single products, bit for bit);
+    - a narrow input (``in < 16``, e.g. the latent layer of a prior's network): ``grad @ W``
+      as ``(W^T grad^T)^T``; MKL runs ``(N, out) @ (out, in)`` with a narrow result 3-4x slower
+      than its transpose (measured: 726 vs 228 us at N = 1024, out = 256, in = 10).
+
+    Written with a separate ``setup_context`` so that ``torch.func.grad`` (CompiledEnergy) can
+    trace it.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None,
                 weight_t: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(weight_t)
-        return _onednn_mm(x, weight, bias)
+        return _linear_kernel(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(inputs[1], inputs[3])
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (weight_t,) = ctx.saved_tensors
-        # grad_x = grad @ W = grad @ (W^T)^T: the same kernel with W^T as the "weight"
-        return _onednn_mm(grad.contiguous(), weight_t, None), None, None, None
+        weight, weight_t = ctx.saved_tensors
+        n_out, n_in = weight.shape
+        if n_out == 1:
+            grad_x = grad * weight
+        elif n_in < _NARROW:
+            grad_x = torch.mm(weight_t, grad.t()).t().contiguous()
+        elif _wide(grad.shape[0], weight):
+            grad_x = _onednn_mm(grad.contiguous(), weight_t, None)
+        else:
+            grad_x = grad @ weight
+        return grad_x, None, None, None
+
+
+_ORIGINAL_LINEAR = F.linear
+# W^T of the weights seen while the context is open, keyed by (data_ptr, version, shape);
+# None while no context is open. Compiled code transposes inside its graph instead.
+_transposed: dict[tuple[int, int, tuple[int, ...]], Tensor] | None = None
+_depth = 0
+
+
+def _eligible(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return not (input.device.type != "cpu" or input.dtype != torch.float32
+                or weight.dtype != torch.float32 or weight.requires_grad
+                or (bias is not None and (bias.requires_grad or bias.dtype != torch.float32))
+                or input.ndim < 1 or weight.ndim != 2 or weight.is_sparse)
+
+
+def _onednn_f_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` while :func:`onednn_linear` is open: one module-level function, so that
+    compiled code that traced it stays valid across contexts."""
+    if not _eligible(input, weight, bias):
+        return _ORIGINAL_LINEAR(input, weight, bias)
+    flat = input.reshape(-1, input.shape[-1]).contiguous()
+    if torch.compiler.is_compiling() or _transposed is None:
+        out = _FastLinear.apply(flat, weight, bias, weight.t().contiguous())
+    elif input.requires_grad and torch.is_grad_enabled():
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+        weight_t = _transposed.get(key)
+        if weight_t is None:
+            weight_t = _transposed[key] = weight.t().contiguous()
+        out = _FastLinear.apply(flat, weight, bias, weight_t)
+    else:
+        out = _linear_kernel(flat, weight, bias)
+    return out.reshape(*input.shape[:-1], weight.shape[0])
 
 
 @contextmanager
 def onednn_linear(enabled: bool = True) -> Iterator[bool]:
     """Route eligible ``F.linear`` calls through oneDNN while the context is open (see the
     module docstring); yields whether the fast path is active (False when ``enabled`` is
-    False or this torch build lacks oneDNN, in which case nothing changes)."""
+    False or this torch build lacks oneDNN, in which case nothing changes). Contexts nest."""
+    global _transposed, _depth
     if not enabled or not onednn_available():
         yield False
         return
-    original = F.linear
-    transposed: dict[tuple[int, int, tuple[int, ...]], Tensor] = {}
-
-    def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        if (input.device.type != "cpu" or input.dtype != torch.float32
-                or weight.dtype != torch.float32 or weight.requires_grad
-                or (bias is not None and (bias.requires_grad or bias.dtype != torch.float32))
-                or input.ndim < 1 or weight.ndim != 2 or weight.is_sparse):
-            return original(input, weight, bias)
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        weight_t = transposed.get(key)
-        if weight_t is None:
-            weight_t = transposed[key] = weight.t().contiguous()
-        flat = input.reshape(-1, input.shape[-1]).contiguous()
-        if input.requires_grad and torch.is_grad_enabled():
-            out = _OneDNNLinear.apply(flat, weight, bias, weight_t)
-        else:
-            out = _onednn_mm(flat, weight, bias)
-        return out.reshape(*input.shape[:-1], weight.shape[0])
-
-    F.linear = linear
+    if _depth == 0:
+        _transposed = {}
+        F.linear = _onednn_f_linear
+    _depth += 1
     try:
         yield True
     finally:
-        F.linear = original
+        _depth -= 1
+        if _depth == 0:
+            F.linear = _ORIGINAL_LINEAR
+            _transposed = None
 
 
 class CompiledEnergy:
@@ -113,15 +208,23 @@ class CompiledEnergy:
     other rounding (fused kernels), so chains are not bit-identical to the eager path. Where
     compilation fails (an operation TorchDynamo cannot trace, no compiler), one warning names
     the reason and the energy runs eagerly from then on: results never depend on it.
+
+    ``fast_linear = True`` (or an open :func:`onednn_linear` context, as in
+    ``Sampler.run(..., compile_energy=True, fast_linear=True)``) traces the energy with its
+    eligible linear layers routed through oneDNN: the compiled function then calls oneDNN for
+    the matrix products (forward and the input gradient) and Inductor's fused kernels for the
+    elementwise work in between, the fastest CPU path in ``benchmarks/bench_blackjax.py``.
     """
 
-    def __init__(self, energy: Callable[[Tensor], Tensor]):
+    def __init__(self, energy: Callable[[Tensor], Tensor], fast_linear: bool = False):
         self.energy = energy
+        self.fast_linear = fast_linear
         self.failure: str | None = None
         self._compiled: Callable[[Tensor], Any] | None = None
 
     def __call__(self, z: Tensor) -> Tensor:
-        return self.energy(z)
+        with onednn_linear(self.fast_linear):
+            return self.energy(z)
 
     def _summed(self, z: Tensor) -> tuple[Tensor, Tensor]:
         u = self.energy(z)
@@ -129,6 +232,10 @@ class CompiledEnergy:
 
     def value_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``U(z)`` ``(C,)`` and ``∇U(z)`` ``(C, D)``, detached."""
+        with onednn_linear(self.fast_linear):
+            return self._value_and_grad(z)
+
+    def _value_and_grad(self, z: Tensor) -> tuple[Tensor, Tensor]:
         if self.failure is None:
             try:
                 if self._compiled is None:
@@ -141,5 +248,5 @@ class CompiledEnergy:
                 self.failure = f"{type(exc).__name__}: {reason}"
                 warnings.warn(f"compile_energy: torch.compile could not compile this energy "
                               f"({self.failure}); sampling continues without it",
-                              RuntimeWarning, stacklevel=2)
+                              RuntimeWarning, stacklevel=3)
         return energy_and_grad(self.energy, z)
