@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ncpvae import CompiledEnergy, DataError, energy_and_grad
+from ncpvae import CompiledEnergy, ConfigError, DataError, energy_and_grad
 from ncpvae.plugins.langevin import LangevinSampler
 
 
@@ -76,6 +76,23 @@ def test_compiled_energy_with_fast_linear_matches_autograd_and_eager_chains(recw
     assert not [w for w in recwarn if "compile_energy" in str(w.message)]
     assert torch.equal(fast.info["is_accepted"], eager.info["is_accepted"])
     torch.testing.assert_close(fast.samples, eager.samples, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_energy_in_row_blocks_matches_autograd_and_validates_its_option():
+    energy = _mlp_energy()
+    z = torch.randn(250, 3, generator=torch.Generator().manual_seed(4))
+    compiled = CompiledEnergy(energy, block_rows=100)
+    assert [b.shape[0] for b in compiled._blocks(z)] == [84, 83, 83]
+    assert len(CompiledEnergy(energy, block_rows=None)._blocks(z)) == 1
+    u, g = compiled.value_and_grad(z)
+    u_ref, g_ref = energy_and_grad(energy, z)
+    assert compiled.failure is None and u.shape == (250,) and g.shape == (250, 3)
+    torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ConfigError, match=r"block_rows must be a positive integer or None, "
+                           rf"got {bad!r}"):
+            CompiledEnergy(energy, block_rows=bad)
 
 
 def test_failed_compilation_warns_once_and_gives_the_eager_numbers(monkeypatch):
