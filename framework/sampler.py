@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Literal, NamedTuple, final
 
 import torch
@@ -75,6 +75,12 @@ class MarkovChainConfig(ComponentConfig):
     on_nonfinite: OnNonfinite = Field(
         "raise", description="unadjusted-move divergence: raise NonFiniteError, or reset those "
         "chains to their previous position and count them")
+    fast_linear: bool = Field(
+        False, description="opt-in: shape-aware float32 kernels for the energy's linear layers "
+        "on the CPU (oneDNN, transposed narrow gradients); same precision, other rounding")
+    compile_energy: bool = Field(
+        False, description="opt-in: torch.compile the energy's value and gradient (compiles on "
+        "first use, seconds to a minute; pays off on long runs with many chains); other rounding")
 
     @model_validator(mode="after")
     def _burn_in_below_steps(self):
@@ -360,8 +366,33 @@ class Sampler(Component, ABC):
         if not hasattr(cfg, "num_steps"):
             raise ConfigError(f"the {self.name} sampler has no num_steps setting; use run()")
         start = prior.base_prior.sample(num_samples, generator=generator).detach()
-        return self.run(prior.energy, start, cfg.num_steps, burn_in=getattr(cfg, "burn_in", 0),
-                        thin=getattr(cfg, "thin", 1), generator=generator, progress=progress)
+        with frozen_parameters(prior):
+            return self.run(prior.energy, start, cfg.num_steps,
+                            burn_in=getattr(cfg, "burn_in", 0), thin=getattr(cfg, "thin", 1),
+                            generator=generator, progress=progress, **self.fast_paths())
+
+    def fast_paths(self) -> dict[str, bool]:
+        """The opt-in fast paths of :meth:`run` this sampler's config asks for
+        (``fast_linear``, ``compile_energy``; both False when the config lacks them)."""
+        cfg = self.config
+        return {"fast_linear": bool(getattr(cfg, "fast_linear", False)),
+                "compile_energy": bool(getattr(cfg, "compile_energy", False))}
+
+
+@contextlib.contextmanager
+def frozen_parameters(module: Any) -> Iterator[None]:
+    """Parameters of ``module`` (an ``nn.Module``; anything else is left alone) need no gradient
+    while the context is open, restored after: sampling differentiates the energy in the
+    positions only, and frozen weights are what the fast paths accept."""
+    params = [p for p in module.parameters() if p.requires_grad] if isinstance(
+        module, torch.nn.Module) else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -133,3 +133,36 @@ def test_an_energy_with_its_own_value_and_grad_is_used_and_checked():
     with pytest.raises(DataError, match=r"value_and_grad must return the gradient with the "
                        r"positions' shape \(128, 3\), got \(128, 1\)"):
         energy_and_grad(_AnalyticGaussian(grad_shape_bug=True), _start())
+
+
+def test_sampler_config_fast_paths_reach_sample_prior_and_leave_the_prior_trainable():
+    # the fast paths as config fields: sample_prior freezes the prior's weights while sampling
+    # (so fast_linear applies to them), follows the default chains up to float32 rounding, and
+    # gives the weights back their requires_grad
+    from ncpvae.plugins.gaussian import GaussianPrior
+    from ncpvae.plugins.ncp import MLPClassifier, NCPPrior
+
+    torch.manual_seed(0)
+    prior = NCPPrior(GaussianPrior(3), MLPClassifier(3, hidden=(32, 32)), fitted=True)
+    config = {"step_size": 0.2, "metropolis": True, "num_steps": 12, "burn_in": 2, "thin": 5}
+    plain = LangevinSampler(LangevinSampler.Config(**config))
+    fast = LangevinSampler(LangevinSampler.Config(**config, fast_linear=True,
+                                                  compile_energy=True))
+    assert plain.fast_paths() == {"fast_linear": False, "compile_energy": False}
+    assert fast.fast_paths() == {"fast_linear": True, "compile_energy": True}
+    seen = []
+    real_run = LangevinSampler.run
+
+    def spy(self, energy, *args, **kwargs):
+        seen.append((kwargs.get("fast_linear"), kwargs.get("compile_energy"),
+                     any(p.requires_grad for p in prior.parameters())))
+        return real_run(self, energy, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LangevinSampler, "run", spy)
+        a = plain.sample_prior(prior, 300, generator=torch.Generator().manual_seed(5))
+        b = fast.sample_prior(prior, 300, generator=torch.Generator().manual_seed(5))
+    assert seen == [(False, False, False), (True, True, False)]
+    assert all(p.requires_grad for p in prior.parameters())
+    assert torch.equal(a.info["is_accepted"], b.info["is_accepted"])
+    torch.testing.assert_close(b.samples, a.samples, rtol=1e-4, atol=1e-4)

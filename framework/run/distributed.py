@@ -579,16 +579,20 @@ def sample_chains(ctx: DistContext, sampler: Any, prior: Any, n: int,
         return sampler.sample_prior(prior, n, generator=generator, progress=progress)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"num_samples must be a positive integer, got {n!r}")
+    from ncpvae.sampler import frozen_parameters  # imported here, like Sampler above
+
     cfg = sampler.config
     start = prior.base_prior.sample(n, generator=generator).detach()
-    return run_chains(ctx, sampler, prior.energy, start, cfg.num_steps,
-                      burn_in=getattr(cfg, "burn_in", 0), thin=getattr(cfg, "thin", 1),
-                      generator=generator, progress=progress)
+    with frozen_parameters(prior):
+        return run_chains(ctx, sampler, prior.energy, start, cfg.num_steps,
+                          burn_in=getattr(cfg, "burn_in", 0), thin=getattr(cfg, "thin", 1),
+                          generator=generator, progress=progress, **sampler.fast_paths())
 
 
 def run_chains(ctx: DistContext, sampler: Any, energy: Any, start: Tensor, num_steps: int, *,
                burn_in: int = 0, thin: int = 1, generator: torch.Generator | None = None,
-               progress: bool = False) -> Any:
+               progress: bool = False, fast_linear: bool = False,
+               compile_energy: bool = False) -> Any:
     """``sampler.run(energy, start, num_steps, ...)`` with the chains (rows of ``start``
     ``(C, D)``, the same on every rank) split across ranks: rank r runs its contiguous block
     inside a row shard, where the sampler's noise seam (``_randn``/``_rand``) and any
@@ -601,7 +605,8 @@ def run_chains(ctx: DistContext, sampler: Any, energy: Any, start: Tensor, num_s
     n = int(start.shape[0])
     if not ctx.active or n < ctx.world_size or _pools_chains(sampler):
         return sampler.run(energy, start, num_steps, burn_in=burn_in, thin=thin,
-                           generator=generator, progress=progress)
+                           generator=generator, progress=progress, fast_linear=fast_linear,
+                           compile_energy=compile_energy)
     offset, rows = ctx.shard_bounds(n)
 
     def randn(like: Tensor, gen: torch.Generator | None) -> Tensor:
@@ -615,7 +620,8 @@ def run_chains(ctx: DistContext, sampler: Any, energy: Any, start: Tensor, num_s
         with row_shard(offset, rows, n):
             local = sampler.run(energy, start[offset:offset + rows], num_steps,
                                 burn_in=burn_in, thin=thin, generator=generator,
-                                progress=progress)
+                                progress=progress, fast_linear=fast_linear,
+                                compile_energy=compile_energy)
     finally:
         del sampler._randn, sampler._rand
     samples = ctx.all_gather_rows(local.samples, dim=1)
