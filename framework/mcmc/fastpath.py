@@ -57,19 +57,22 @@ def _raw_onednn_mm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 # ``torch.library.Library`` (a CPU kernel and a shape function, no autograd kernel: the
 # autograd.Function below differentiates it), which costs a few microseconds per call where
 # ``torch.library.custom_op``'s wrapper costs ~100.
-_LIBRARY = torch.library.Library("ncpvae", "DEF")
-_LIBRARY.define("onednn_mm(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_LIBRARY.impl("onednn_mm", _raw_onednn_mm, "CPU")
+# (torch < 2.4 has no register_fake: there the compiled path calls the raw op, which Inductor
+# refuses, and CompiledEnergy falls back to eager with its one warning.)
+_HAS_OPAQUE_OP = hasattr(torch.library, "register_fake")
+if _HAS_OPAQUE_OP:
+    _LIBRARY = torch.library.Library("ncpvae", "DEF")
+    _LIBRARY.define("onednn_mm(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+    _LIBRARY.impl("onednn_mm", _raw_onednn_mm, "CPU")
 
-
-@torch.library.register_fake("ncpvae::onednn_mm", lib=_LIBRARY)
-def _onednn_mm_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    @torch.library.register_fake("ncpvae::onednn_mm", lib=_LIBRARY)
+    def _onednn_mm_shape(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _onednn_mm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight.T + bias`` for a 2-D float32 ``x`` ``(n, in)`` and ``weight`` ``(out, in)``."""
-    if torch.compiler.is_compiling():
+    if _HAS_OPAQUE_OP and torch.compiler.is_compiling():
         return torch.ops.ncpvae.onednn_mm(x, weight, bias)
     return _raw_onednn_mm(x, weight, bias)
 
