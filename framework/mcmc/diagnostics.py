@@ -90,9 +90,9 @@ def _mean_autocovariance(x: Tensor, work: torch.dtype, chain_means: Tensor | Non
     # (D, S, C), contiguous: bmm on the permuted view copies every matrix (2.4x slower)
     centered = centered.permute(2, 0, 1).contiguous()
     gram = (centered @ centered.transpose(1, 2)).to(torch.float64)  # (D, S, S), sums over C
-    # lag t sums the t-th superdiagonal. Zero-padded to (D, S, 2S), row i of the padded matrix
-    # starts i (2S + 1) - i places into it, so a row stride of 2S + 1 puts gram[:, i, i + t] in
-    # column t (and padding zeros where i + t >= S): one strided sum instead of S diagonals.
+    # Lag t sums the t-th superdiagonal. In the zero-padded (D, S, 2S) copy, gram[:, i, i + t]
+    # sits at flat offset 2S i + i + t = (2S + 1) i + t, so a view with row stride 2S + 1 has
+    # it in column t (padding zeros where i + t >= S): one strided sum instead of S diagonals.
     d = gram.shape[0]
     padded = torch.nn.functional.pad(gram, (0, n)).contiguous()
     skewed = padded.as_strided((d, n, n), (2 * n * n, 2 * n + 1, 1))

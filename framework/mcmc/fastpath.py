@@ -114,8 +114,9 @@ class _FastLinear(torch.autograd.Function):
     - one output (``W`` ``(1, in)``): ``grad @ W`` is an outer product, computed as a broadcast
       multiply (the same single products, bit for bit);
     - a narrow input (``in < 16``, e.g. the latent layer of a prior's network): ``grad @ W``
-      as ``(W^T grad^T)^T``; MKL runs ``(N, out) @ (out, in)`` with a narrow result 3-4x slower
-      than its transpose (measured: 726 vs 228 us at N = 1024, out = 256, in = 10).
+      as ``(W^T grad^T)^T`` (``W^T`` a view); MKL runs ``(N, out) @ (out, in)`` with a narrow
+      result 3-4x slower than its transpose (measured: 726 vs 228 us at N = 1024, out = 256,
+      in = 10).
 
     Written with a separate ``setup_context`` so that ``torch.func.grad`` (CompiledEnergy) can
     trace it.
@@ -123,33 +124,48 @@ class _FastLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None,
-                weight_t: Tensor) -> Tensor:  # type: ignore[override]
+                weight_t: Tensor | None) -> Tensor:  # type: ignore[override]
         return _linear_kernel(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        ctx.save_for_backward(inputs[1], inputs[3])
+        ctx.weight_t = inputs[3]  # contiguous W^T for a wide layer's oneDNN backward, else None
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        weight, weight_t = ctx.saved_tensors
+        (weight,) = ctx.saved_tensors
         n_out, n_in = weight.shape
         if n_out == 1:
             grad_x = grad * weight
         elif n_in < _NARROW:
-            grad_x = torch.mm(weight_t, grad.t()).t().contiguous()
-        elif _wide(grad.shape[0], weight):
-            grad_x = _onednn_mm(grad.contiguous(), weight_t, None)
+            grad_x = torch.mm(weight.t(), grad.t()).t().contiguous()
+        elif ctx.weight_t is not None:
+            grad_x = _onednn_mm(grad.contiguous(), ctx.weight_t, None)
         else:
             grad_x = grad @ weight
         return grad_x, None, None, None
 
 
 _ORIGINAL_LINEAR = F.linear
-# W^T of the weights seen while the context is open, keyed by (data_ptr, version, shape);
+# W^T of the wide weights seen while the context is open, keyed by (data_ptr, version, shape);
 # None while no context is open. Compiled code transposes inside its graph instead.
 _transposed: dict[tuple[int, int, tuple[int, ...]], Tensor] | None = None
 _depth = 0
+
+
+def _backward_weight(weight: Tensor, rows: int, compiling: bool) -> Tensor | None:
+    """Contiguous ``W^T`` for a wide layer's oneDNN backward (cached while the context is open,
+    transposed in the graph when compiling); None for every other layer, which needs none."""
+    if not _wide(rows, weight):
+        return None
+    if compiling or _transposed is None:
+        return weight.t().contiguous()
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    weight_t = _transposed.get(key)
+    if weight_t is None:
+        weight_t = _transposed[key] = weight.t().contiguous()
+    return weight_t
 
 
 def _eligible(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
@@ -167,14 +183,9 @@ def _onednn_f_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) 
             not compiling and input.numel() < _MIN_ROUTED_ROWS * weight.shape[1]):
         return _ORIGINAL_LINEAR(input, weight, bias)
     flat = input.reshape(-1, input.shape[-1]).contiguous()
-    if compiling or _transposed is None:
-        out = _FastLinear.apply(flat, weight, bias, weight.t().contiguous())
-    elif input.requires_grad and torch.is_grad_enabled():
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-        weight_t = _transposed.get(key)
-        if weight_t is None:
-            weight_t = _transposed[key] = weight.t().contiguous()
-        out = _FastLinear.apply(flat, weight, bias, weight_t)
+    if compiling or (input.requires_grad and torch.is_grad_enabled()):
+        out = _FastLinear.apply(flat, weight, bias,
+                                _backward_weight(weight, flat.shape[0], compiling))
     else:
         out = _linear_kernel(flat, weight, bias)
     return out.reshape(*input.shape[:-1], weight.shape[0])
