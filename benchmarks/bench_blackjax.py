@@ -13,13 +13,18 @@ round, in rotating order, so load changes hit every column alike):
 - ``ncpvae lean``: the same with ``keep_info="summary"``, ``thin=steps``, ``diagnose=False``;
 - ``ncpvae oneDNN``: defaults plus ``fast_linear=True`` (the opt-in oneDNN linear layers);
 - ``ncpvae compiled``: defaults on a :class:`ncpvae.CompiledEnergy` (what ``compile_energy=True``
-  wraps; wrapped once per chain count, so compilation falls in the untimed warm-up round);
+  wraps; wrapped once per chain count, so compilation falls in the untimed warm-up round):
+  the whole MALA step compiled as one graph around the energy's gradient;
 - ``ncpvae compiled+oneDNN``: the same with ``CompiledEnergy(energy, fast_linear=True)`` (what
   ``compile_energy=True, fast_linear=True`` wraps): oneDNN matrix products inside the compiled
   function, Inductor's fused kernels between them;
 - ``bare torch``: a hand-written autograd MALA loop (no checks, no info, final state only);
 - ``blackjax``: ``blackjax.mala`` vmapped over chains inside ``lax.scan`` under ``jit``
   (positions and acceptance of every step returned, like ``run()``), compile time excluded.
+
+(The compiled columns' first compilation, in the untimed warm-up round, calls
+:func:`ncpvae.mcmc.fastpath.retain_freed_memory`, which fixes glibc's malloc thresholds for the
+process: every torch column's timed rounds run with them.)
 
 JAX and BlackJAX are not project dependencies: they live in a separate environment, e.g.::
 

@@ -238,7 +238,11 @@ class Sampler(Component, ABC):
         ``compile_energy = True`` evaluates the energy and its gradient through one
         ``torch.compile``-d function (:class:`ncpvae.mcmc.fastpath.CompiledEnergy`): the first
         call compiles (counted in ``wall_time_s``), later steps run fused kernels; float32 with
-        other rounding; falls back to eager, with one warning, where compilation fails. (Each
+        other rounding; falls back to eager, with one warning, where compilation fails. A
+        sampler whose step is a pure tensor function compiles that step whole around the
+        energy's gradient (:meth:`~ncpvae.mcmc.fastpath.CompiledEnergy.compile_transition`; the
+        ``langevin`` sampler's MALA step does: proposal, acceptance and row selection in one
+        graph with the energy, the random draws still eager from ``generator``). (Each
         call wraps anew; to reuse one compilation across calls pass ``CompiledEnergy(energy)``,
         or ``CompiledEnergy(energy, fast_linear=True)``, as the energy.) The fastest CPU path
         at >= 1,024 chains of an MLP energy is both flags (``benchmarks/bench_blackjax.py``).

@@ -29,11 +29,17 @@ Divergence (ULA): a chain whose energy, gradient or position becomes non-finite 
 proposals are ordinary rejections (counted in ``info.nonfinite``).
 
 A step size of 0 is a no-op: every state stays where it is.
+
+The MALA step is the pure function :func:`mala_transition` (its random draws made first, from
+the run's generator, and passed in); with ``compile_energy`` it is compiled whole around the
+energy's gradient, so the sampler's arithmetic costs no separate kernel launches per step.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
@@ -94,6 +100,40 @@ def _ula_divergence(bad: Tensor, eps: Tensor) -> str:
             f"(e.g. {worst / 10:g}), metropolis=true, or on_nonfinite='reset'")
 
 
+def mala_transition(value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor]], z: Tensor,
+                    u: Tensor, g: Tensor, noise: Tensor, uniform: Tensor,
+                    constants: LangevinConstants, correct_proposal: bool = True
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One MALA step of every chain as a pure tensor function (random draws passed in), so
+    that ``compile_energy`` can compile it whole (:meth:`ncpvae.CompiledEnergy.
+    compile_transition`).
+
+    Chains at ``z`` ``(C, D)`` with energy ``u`` ``(C,)`` and gradient ``g`` ``(C, D)``
+    propose ``z - eps g + sqrt(2 eps) noise`` (``noise`` ``(C, D)`` standard normal), evaluate
+    ``value_and_grad`` there, and accept where ``log(uniform) < log alpha`` (``uniform``
+    ``(C,)`` on [0, 1)). Returns the new position, energy and gradient, the acceptance
+    probability, the accept decisions and the non-finite-proposal mask (``(C,)`` each).
+    ``correct_proposal = False`` is the deliberately wrong sampler of the tests.
+    """
+    proposal = langevin_move(z, g, constants.step_size, noise, constants=constants)
+    new_u, new_g = value_and_grad(proposal)
+    log_alpha = langevin_log_accept(z, u, proposal, new_u, new_g, noise, constants.step_size,
+                                    correct_proposal=correct_proposal, constants=constants)
+    # log_alpha involves U(z'), z' and ∇U(z') (through the backward residual), so it is finite
+    # iff they are (barring overflow, a divergence anyway): a cheaper test than finite_rows,
+    # and `s - s == 0` is cheaper than isfinite
+    ok = ((log_alpha - log_alpha) == 0 if correct_proposal
+          else finite_rows(proposal, new_u, new_g))
+    nonfinite = ~ok
+    # A non-finite proposal is a rejection (NaN ratios would compare False anyway).
+    log_alpha = log_alpha.masked_fill(nonfinite, -math.inf)
+    alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
+    accept = torch.log(uniform) < log_alpha  # never for a non-finite proposal (-inf)
+    column = accept.unsqueeze(-1)
+    return (torch.where(column, proposal, z), torch.where(accept, new_u, u),
+            torch.where(column, new_g, g), alpha, accept, nonfinite)
+
+
 class LangevinSampler(Sampler):
     """ULA (``metropolis = false``) or MALA (``metropolis = true``); see the module docstring."""
 
@@ -147,40 +187,34 @@ class LangevinSampler(Sampler):
         check_generator(generator, z)
         xi = self._randn(z, generator)
         consts = self._constants(eps)
+        if self.config.metropolis:
+            uniform = self._rand(u, generator)
+            compile_transition = getattr(energy, "compile_transition", None)
+            if compile_transition is not None:  # compile_energy: the whole step in one graph
+                transition = compile_transition(mala_transition)
+            else:
+                transition = partial(mala_transition, partial(energy_and_grad, energy))
+            z, u, g, alpha, accept, nonfinite = transition(
+                z, u, g, xi, uniform, consts, self._correct_proposal)
+            new_state = LangevinState(z, u, g, eps)
+            return new_state, LangevinInfo(alpha, accept, u, eps, nonfinite)
         proposal = langevin_move(z, g, eps, xi, constants=consts)
         new_u, new_g = energy_and_grad(energy, proposal)
-        # The MH ratio: MALA needs it; adaptive ULA tunes eps by it. Plain ULA skips its cost.
-        if self.config.metropolis or self.config.adapt_step_size:
+        ok = finite_rows(proposal, new_u, new_g)
+        nonfinite = ~ok
+        if self.config.adapt_step_size:  # adaptive ULA tunes eps by the MH acceptance
             log_alpha = langevin_log_accept(z, u, proposal, new_u, new_g, xi, eps,
                                             correct_proposal=self._correct_proposal,
                                             constants=consts)
-            # log_alpha involves U(z'), z' and ∇U(z') (through the backward residual), so it is
-            # finite iff they are (barring overflow, a divergence anyway): a cheaper test than
-            # finite_rows, and `s - s == 0` is cheaper than isfinite
-            ok = ((log_alpha - log_alpha) == 0 if self._correct_proposal
-                  else finite_rows(proposal, new_u, new_g))
-            nonfinite = ~ok
-            # A non-finite proposal is a rejection (NaN ratios would compare False anyway).
-            log_alpha = log_alpha.masked_fill_(nonfinite, -math.inf)
-            alpha = torch.exp(torch.clamp(log_alpha, max=0.0))
-        else:
-            ok = finite_rows(proposal, new_u, new_g)
-            nonfinite = ~ok
+            alpha = torch.exp(torch.clamp(log_alpha.masked_fill(nonfinite, -math.inf),
+                                          max=0.0))
+        else:  # plain ULA skips its cost
             alpha = ok.to(u.dtype)  # every finite ULA move is taken
-        if self.config.metropolis:
-            log_uniform = torch.log(self._rand(u, generator))
-            accept = log_uniform < log_alpha  # never for a non-finite proposal (-inf)
-            column = accept.unsqueeze(-1)
-            new_state = LangevinState(torch.where(column, proposal, z),
-                                      torch.where(accept, new_u, u),
-                                      torch.where(column, new_g, g), eps)
-        else:  # ULA: the shared divergence policy (raise, or reset non-finite chains)
-            accept = ok
-            new_state = LangevinState(*apply_divergence_policy(
-                ok, (proposal, new_u, new_g), (z, u, g), on_nonfinite=self.config.on_nonfinite,
-                message=lambda bad: _ula_divergence(bad, eps)), eps)
-        info = LangevinInfo(alpha, accept, new_state.energy, eps, nonfinite)
-        return new_state, info
+        # the shared divergence policy (raise, or reset non-finite chains)
+        new_state = LangevinState(*apply_divergence_policy(
+            ok, (proposal, new_u, new_g), (z, u, g), on_nonfinite=self.config.on_nonfinite,
+            message=lambda bad: _ula_divergence(bad, eps)), eps)
+        return new_state, LangevinInfo(alpha, ok, new_state.energy, eps, nonfinite)
 
     def _constants(self, eps: Tensor) -> LangevinConstants:
         """The step size's derived constants, recomputed only when the step-size tensor changes

@@ -166,3 +166,73 @@ def test_sampler_config_fast_paths_reach_sample_prior_and_leave_the_prior_traina
     assert all(p.requires_grad for p in prior.parameters())
     assert torch.equal(a.info["is_accepted"], b.info["is_accepted"])
     torch.testing.assert_close(b.samples, a.samples, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_energy_compiles_the_whole_mala_step_and_follows_the_eager_chains():
+    energy = _mlp_energy()
+    compiled = CompiledEnergy(energy)
+    fast = _mala().run(compiled, _start(), 15, generator=torch.Generator().manual_seed(2))
+    eager = _mala().run(energy, _start(), 15, generator=torch.Generator().manual_seed(2))
+    (transition,) = compiled._transitions.values()  # the MALA step, compiled around the energy
+    assert transition.failure is None and transition._compiled is not None
+    assert torch.equal(fast.info["is_accepted"], eager.info["is_accepted"])
+    torch.testing.assert_close(fast.samples, eager.samples, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.info["acceptance_rate"], eager.info["acceptance_rate"],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_a_step_that_does_not_compile_runs_eagerly_with_one_warning(monkeypatch):
+    real_compile = torch.compile
+    compiled_functions = []
+
+    def energy_only(fn, *args, **kwargs):  # compiles the energy, refuses the sampler's step
+        compiled_functions.append(fn)
+        if len(compiled_functions) > 1:
+            raise RuntimeError("cannot trace the step")
+        return real_compile(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", energy_only)
+    energy = _mlp_energy()
+    compiled = CompiledEnergy(energy)
+    with pytest.warns(RuntimeWarning, match=r"compile_energy: torch.compile could not compile "
+                      r"the sampler's step .*cannot trace the step\); its step runs eagerly"
+                      ) as record:
+        fast = _mala().run(compiled, _start(), 12, generator=torch.Generator().manual_seed(2))
+    assert len([w for w in record if "compile_energy" in str(w.message)]) == 1
+    assert compiled.failure is None  # the energy itself stays compiled
+    eager = _mala().run(energy, _start(), 12, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(fast.info["is_accepted"], eager.info["is_accepted"])
+    torch.testing.assert_close(fast.samples, eager.samples, rtol=1e-4, atol=1e-4)
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, option: int, value: int) -> int:
+        self.calls.append((option, value))
+        return 1
+
+
+@pytest.mark.parametrize("env", [None, "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"])
+def test_retain_freed_memory_sets_glibc_thresholds_once_unless_the_user_did(monkeypatch, env):
+    import ctypes
+    import platform
+
+    from ncpvae.mcmc import fastpath
+
+    libc = _FakeLibc()
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(fastpath, "_heap_retained", None)
+    for name in fastpath._MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    if env is not None:
+        monkeypatch.setenv(env, "131072")
+    assert fastpath.retain_freed_memory() is (env is None)
+    assert fastpath.retain_freed_memory() is (env is None)  # decided once per process
+    # M_TRIM_THRESHOLD (-1) 256 MB and M_MMAP_THRESHOLD (-3) 32 MB, once; nothing when set
+    assert libc.calls == ([] if env else [(-1, 256 << 20), (-3, 32 << 20)])
+    monkeypatch.setattr(fastpath, "_heap_retained", None)
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # musl, macOS, Windows
+    assert fastpath.retain_freed_memory() is False
