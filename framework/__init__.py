@@ -50,6 +50,7 @@ from ncpvae.mcmc.kernels import (
 from ncpvae.mcmc.targets import posterior_energy
 from ncpvae.model import LatentModel, reparameterize
 from ncpvae.objective import Objective
+from ncpvae.optim import adam
 from ncpvae.plugin_manager import get_registry
 from ncpvae.prior import FitOptions, LearnedPrior, Prior, check_encodings
 from ncpvae.sampler import Callback, MarkovChainConfig, Sampler, SampleResult
@@ -68,6 +69,7 @@ __version__ = "0.1.0"
 
 
 __all__ = [
+    "adam",
     "ConfigError",
     "DataError",
     "DatasetSection",

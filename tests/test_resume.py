@@ -100,14 +100,26 @@ def test_killed_everywhere_then_resumed_matches_an_uninterrupted_run(tmp_path):
                                    "finished": True}
 
 
+def _fused_adam_available() -> bool:
+    try:
+        torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+_FUSED_ADAM_ON_CPU = _fused_adam_available()
+
 #: the end-to-end stages only (the evaluation is covered above), a short run
 ZOO = ["smoke", "--set", "evaluate.enabled=false", "--set", "train.epochs=2"]
 
 
 def test_a_jointly_trained_vamp_prior_resumes_to_the_uninterrupted_weights(tmp_path):
     """The VampPrior's pseudo-inputs are trained with the VAE: killed after epoch 1 and
-    resumed, the run ends with the uninterrupted run's numbers and pseudo-inputs."""
-    config = [*ZOO, "--set", "prior=vamp", "--set", "prior.components=4"]
+    resumed, the run ends with the uninterrupted run's numbers and pseudo-inputs (with the
+    fused Adam kernel, whose state resumes like the default one's)."""
+    config = [*ZOO, "--set", "prior=vamp", "--set", "prior.components=4",
+              "--set", "train.fused_adam=true"]
     reference, run = tmp_path / "reference", tmp_path / "killed"
     assert cli("train", *config, "--out", str(reference)).returncode == 0
     assert cli("train", *config, "--out", str(run), kill="1@epoch").returncode == -signal.SIGKILL
@@ -117,6 +129,9 @@ def test_a_jointly_trained_vamp_prior_resumes_to_the_uninterrupted_weights(tmp_p
     weights = [torch.load(r / "checkpoint.pt", weights_only=True) for r in (reference, run)]
     prior_keys = [k for k in weights[0]["prior"] if "pseudo" in k]
     assert prior_keys
+    # train.fused_adam = true: the fused kernel where torch has it, resumed bit for bit
+    assert weights[0]["optimizer"]["param_groups"][0]["fused"] is _FUSED_ADAM_ON_CPU
+    assert weights[1]["optimizer"]["param_groups"][0]["fused"] is _FUSED_ADAM_ON_CPU
     for key in prior_keys:
         assert torch.equal(weights[0]["prior"][key], weights[1]["prior"][key]), key
 

@@ -14,6 +14,7 @@ from ncpvae import plots
 from ncpvae.errors import ConfigError, NonFiniteError
 from ncpvae.io import to_plain_json
 from ncpvae.metrics._common import eval_mode
+from ncpvae.optim import adam
 from ncpvae.run import directory as files
 from ncpvae.run import distributed, faults, progress, rng, seeds
 from ncpvae.run.build import Run, encode_source
@@ -120,7 +121,7 @@ def train_vae(run: Run) -> dict[str, Any]:
     cfg = run.config.train
     model, prior = run.model, run.prior.base_prior
     params = list(model.parameters()) + [p for p in prior.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = adam(params, lr=cfg.lr, fused=cfg.fused_adam)
     order_generator = torch.Generator().manual_seed(run.config.seed)
     n_train = len(run.data.train)
     if n_train < 1:
