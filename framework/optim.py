@@ -3,8 +3,8 @@
 With ``fused=True``, torch's fused Adam kernel (one pass over each parameter tensor for the
 whole update) is used where this torch build has it for the parameters' device (CPU from torch
 2.4, CUDA): the same float32 algorithm as the default multi-tensor ("foreach") implementation,
-in other rounding, and ~10 % faster VAE training on a 2-core CPU at the default config
-(1.10-1.13x in ``benchmarks/bench_training.py``'s interleaved rounds). Elsewhere, or with
+in other rounding, and faster VAE training on a 2-core CPU at the default config (1.02-1.13x
+in three runs of ``benchmarks/bench_training.py``, interleaved rounds). Elsewhere, or with
 ``fused=False``, it is torch's default Adam. Other rounding means another training trajectory:
 the default run with it reached shape recovery 0.64 and NCP Delta 0.42 nats instead of 0.91 and
 0.80 (test ELBO -45.39 instead of -46.16), one more draw of the seed lottery the README's
