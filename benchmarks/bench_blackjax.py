@@ -59,10 +59,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ncpvae_plugins.langevin import LangevinSampler
 from torch import Tensor, nn
 
 from ncpvae import CompiledEnergy
-from ncpvae.plugins.langevin import LangevinSampler
 
 DEFAULT_JAX_PYTHON = "/work/bench-venv/bin/python"
 

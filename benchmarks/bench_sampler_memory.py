@@ -52,7 +52,7 @@ CHILD = r'''
 import json, resource, sys, time
 import torch
 from torch import nn
-from ncpvae.plugins.langevin import LangevinSampler
+from ncpvae_plugins.langevin import LangevinSampler
 chains, steps, mode, threads = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 thin, device = int(sys.argv[5]), torch.device(sys.argv[6])
 cuda = device.type == "cuda"

@@ -37,9 +37,8 @@ import time
 from collections.abc import Callable
 
 import torch
+from ncpvae_plugins.langevin import LangevinSampler
 from torch import Tensor, nn
-
-from ncpvae.plugins.langevin import LangevinSampler
 
 STEP_SIZE = 0.01
 

@@ -530,7 +530,7 @@ BOOM_PLUGIN = '''
 from typing import Literal
 
 from ncpvae import ComponentConfig, hookimpl
-from ncpvae.plugins.gaussian import GaussianPrior
+from ncpvae_plugins.gaussian import GaussianPrior
 
 
 class BoomPrior(GaussianPrior):
@@ -573,7 +573,7 @@ def ncpvae_register_samplers():
 
 DUPLICATE = '''
 from ncpvae import hookimpl
-from ncpvae.plugins.gaussian import GaussianPrior
+from ncpvae_plugins.gaussian import GaussianPrior
 
 
 class Another(GaussianPrior):
@@ -650,7 +650,7 @@ def test_plugin_hook_returns_a_string(capsys, install):
 def test_plugin_duplicate_name(capsys, install):
     install("twin", DUPLICATE)
     assert_one_line_error(run_cli(capsys, "list"), "prior 'gaussian'", "registered twice",
-                          "twin", "ncpvae.plugins.gaussian")
+                          "twin", "ncpvae_plugins.gaussian")
 
 
 def test_plugin_import_fails_under_strict(capsys, install):

@@ -37,7 +37,7 @@ def test_list_shows_every_kind():
 def test_plugins_lists_builtins_with_components():
     result = ncpvae("plugins")
     assert result.returncode == 0, result.stderr
-    assert "ncpvae.plugins.gaussian" in result.stdout and "prior:gaussian" in result.stdout
+    assert "ncpvae_plugins.gaussian" in result.stdout and "prior:gaussian" in result.stdout
 
 
 def test_describe_shows_fields_and_capabilities():

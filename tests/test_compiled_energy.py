@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ncpvae_plugins.langevin import LangevinSampler
 
 from ncpvae import CompiledEnergy, ConfigError, DataError, energy_and_grad
-from ncpvae.plugins.langevin import LangevinSampler
 
 
 def _mlp_energy():
@@ -139,8 +139,8 @@ def test_sampler_config_fast_paths_reach_sample_prior_and_leave_the_prior_traina
     # the fast paths as config fields: sample_prior freezes the prior's weights while sampling
     # (so fast_linear applies to them), follows the default chains up to float32 rounding, and
     # gives the weights back their requires_grad
-    from ncpvae.plugins.gaussian import GaussianPrior
-    from ncpvae.plugins.ncp import MLPClassifier, NCPPrior
+    from ncpvae_plugins.gaussian import GaussianPrior
+    from ncpvae_plugins.ncp import MLPClassifier, NCPPrior
 
     torch.manual_seed(0)
     prior = NCPPrior(GaussianPrior(3), MLPClassifier(3, hidden=(32, 32)), fitted=True)

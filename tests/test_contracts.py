@@ -16,15 +16,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ncpvae_plugins.beta_elbo import BetaELBO
+from ncpvae_plugins.gaussian import GaussianPrior
+from ncpvae_plugins.models import MLPVAE
 from pydantic import ValidationError
 
 import ncpvae
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, DataError
 from ncpvae.plugin_manager import PluginManager
-from ncpvae.plugins.beta_elbo import BetaELBO
-from ncpvae.plugins.gaussian import GaussianPrior
-from ncpvae.plugins.models import MLPVAE
 from ncpvae.testing import (
     check_component_class,
     check_dataset,

@@ -9,15 +9,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ncpvae_plugins.beta_elbo import BetaELBO
+from ncpvae_plugins.gaussian import GaussianPrior
+from ncpvae_plugins.models import MLPVAE, ConvVAE, num_halvings
 from torch import nn
 
 import ncpvae
 from ncpvae.data import TensorImageSource
 from ncpvae.errors import ConfigError, DataError, PluginError, UnknownComponentError
 from ncpvae.model import LatentModel
-from ncpvae.plugins.beta_elbo import BetaELBO
-from ncpvae.plugins.gaussian import GaussianPrior
-from ncpvae.plugins.models import MLPVAE, ConvVAE, num_halvings
 from ncpvae.registry import Registry
 
 Z_MAX = 5.0  # |z| bound on standardized Monte Carlo errors (MATH.md §3, testing method)

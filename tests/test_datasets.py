@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ncpvae_plugins import datasets as datasets_plugin
+from ncpvae_plugins.datasets import splits, sprites
+from ncpvae_plugins.datasets.digits import DigitsDataset
+from ncpvae_plugins.datasets.dsprites import DSpritesDataset
+from ncpvae_plugins.datasets.npz import NpzDataset
+from ncpvae_plugins.datasets.sprites import SpritesDataset
+from ncpvae_plugins.datasets.torchvision_sets import FashionMNISTDataset, MNISTDataset
 from pydantic import ValidationError
 
 from ncpvae.component import BuildContext
 from ncpvae.data import DataBundle, DatasetPlugin, GroundTruthData, ImageSource
 from ncpvae.errors import DataError
-from ncpvae.plugins import datasets as datasets_plugin
-from ncpvae.plugins.datasets import splits, sprites
-from ncpvae.plugins.datasets.digits import DigitsDataset
-from ncpvae.plugins.datasets.dsprites import DSpritesDataset
-from ncpvae.plugins.datasets.npz import NpzDataset
-from ncpvae.plugins.datasets.sprites import SpritesDataset
-from ncpvae.plugins.datasets.torchvision_sets import FashionMNISTDataset, MNISTDataset
 from ncpvae.registry import Registry
 
 
@@ -51,7 +51,7 @@ def test_hook_registers_all_dataset_classes():
     for cls in classes:
         assert issubclass(cls, DatasetPlugin)
         assert cls.Config.model_fields["name"].default == cls.name
-        registry.register("dataset", cls, "ncpvae.plugins.datasets")
+        registry.register("dataset", cls, "ncpvae_plugins.datasets")
     assert registry.names("dataset") == sorted(names)
 
 

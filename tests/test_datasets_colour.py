@@ -8,15 +8,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
-from ncpvae import DataError
-from ncpvae.component import BuildContext
-from ncpvae.plugins.datasets.colour import (
+from ncpvae_plugins.datasets.colour import (
     CelebADataset,
     CIFAR10Dataset,
     SVHNDataset,
     crop_and_resize,
 )
+
+from ncpvae import DataError
+from ncpvae.component import BuildContext
 
 
 def build(cls, seed: int = 0, **fields):

@@ -248,8 +248,9 @@ def _remedies(ctx: DistContext) -> dict:
     two ranks under DDP, against the whole batch in this process (float64, same noise)."""
     import copy
 
+    from ncpvae_plugins.beta_elbo import BetaELBO
+
     import ncpvae
-    from ncpvae.plugins.beta_elbo import BetaELBO
 
     batch = torch.rand(7, 1, 4, 4, generator=torch.Generator().manual_seed(1),
                        dtype=torch.float64)
@@ -295,8 +296,9 @@ def _remedies(ctx: DistContext) -> dict:
 def _sgld_minibatch(ctx: DistContext) -> dict:
     """SGLD with a per-chain minibatch energy (Gaussian mean model, 40 data rows): 9 chains
     split 5 + 4 over two ranks against the 9 chains run whole here."""
+    from ncpvae_plugins.sgld import MinibatchEnergy
+
     import ncpvae
-    from ncpvae.plugins.sgld import MinibatchEnergy
 
     data = torch.randn(40, 2, generator=torch.Generator().manual_seed(2)) + 1.0
 

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+from ncpvae_plugins.datasets.sprites import SpritesGroundTruth
 
 from ncpvae.config import load_config
 from ncpvae.errors import DataError
 from ncpvae.evaluation.pipeline import evaluate_stage
 from ncpvae.experiment import train
 from ncpvae.metrics import FeatureNetConfig, factor_recovery, feature_net_for_ground_truth
-from ncpvae.plugins.datasets.sprites import SpritesGroundTruth
 from ncpvae.run.stages import fit_prior
 from ncpvae.run.train import train_vae
 

@@ -15,15 +15,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ncpvae_plugins import gaussian, ncp
+from ncpvae_plugins.gaussian import GaussianPrior
+from ncpvae_plugins.ncp import MLPClassifier, NCPPrior, roc_auc
 from torch import Tensor, nn
 
 from ncpvae.errors import ConfigError, DataError, NotFittedError
 from ncpvae.factory import create
 from ncpvae.plots.prior_fit import plot_classifier_loss
 from ncpvae.plugin_manager import PluginManager
-from ncpvae.plugins import gaussian, ncp
-from ncpvae.plugins.gaussian import GaussianPrior
-from ncpvae.plugins.ncp import MLPClassifier, NCPPrior, roc_auc
 
 F64 = torch.float64
 

@@ -12,12 +12,12 @@ import math
 
 import pytest
 import torch
+from ncpvae_plugins.beta_elbo import BetaELBO
 from torch import Tensor, nn
 
 import ncpvae
 from ncpvae import ConfigError, LatentModel
 from ncpvae.config import validate_config
-from ncpvae.plugins.beta_elbo import BetaELBO
 
 PIXELS = 4  # images (B, 1, 2, 2)
 

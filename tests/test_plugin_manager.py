@@ -10,12 +10,12 @@ from typing import Literal
 
 import pytest
 import torch
+from ncpvae_plugins.gaussian import GaussianPrior
 
 import ncpvae
 from ncpvae.component import ComponentConfig
 from ncpvae.errors import PluginError
 from ncpvae.plugin_manager import PluginLoadWarning, PluginManager
-from ncpvae.plugins.gaussian import GaussianPrior
 
 ENV_VARS = ("NCPVAE_DISABLE_PLUGIN_AUTOLOAD", "NCPVAE_DISABLE_PLUGINS")
 
@@ -57,7 +57,7 @@ def test_throwaway_plugin_is_registered_and_buildable():
     assert info.source == "manual" and info.components == [("prior", "wide")]
     # built-ins are still there, listed as such
     assert "gaussian" in registry.names("prior")
-    assert {p.name: p for p in manager.plugins}["ncpvae.plugins.gaussian"].source == "builtin"
+    assert {p.name: p for p in manager.plugins}["ncpvae_plugins.gaussian"].source == "builtin"
 
 
 def test_module_plugin_with_a_version():
@@ -92,8 +92,8 @@ def test_shadowing_a_builtin_is_a_clash():
     class Impostor(GaussianPrior):
         name = "gaussian"
 
-    with pytest.raises(PluginError, match=r"ncpvae\.plugins\.gaussian.*impostor|"
-                                          r"impostor.*ncpvae\.plugins\.gaussian"):
+    with pytest.raises(PluginError, match=r"ncpvae_plugins\.gaussian.*impostor|"
+                                          r"impostor.*ncpvae_plugins\.gaussian"):
         PluginManager(entrypoints=False, plugins=[plugin("impostor", priors=[Impostor])])
 
 
@@ -130,7 +130,7 @@ def test_unknown_hook_is_rejected():
 
 
 def test_disable_a_builtin_by_name(monkeypatch):
-    monkeypatch.setenv("NCPVAE_DISABLE_PLUGINS", "gaussian, ncpvae.plugins.models")
+    monkeypatch.setenv("NCPVAE_DISABLE_PLUGINS", "gaussian, ncpvae_plugins.models")
     manager = PluginManager(entrypoints=False)
     assert "gaussian" not in manager.registry.names("prior")
     assert manager.registry.names("model") == []
@@ -295,4 +295,4 @@ def test_entry_point_clashing_with_a_builtin_names_both(installed):
     install_testplugin(installed, prior="gaussian")
     with pytest.raises(PluginError) as info:
         PluginManager()
-    assert "testplugin" in str(info.value) and "ncpvae.plugins.gaussian" in str(info.value)
+    assert "testplugin" in str(info.value) and "ncpvae_plugins.gaussian" in str(info.value)

@@ -11,15 +11,15 @@ import math
 
 import pytest
 import torch
+from ncpvae_plugins.ebm import EBMPrior
+from ncpvae_plugins.flow import FlowPrior
+from ncpvae_plugins.gaussian import GaussianPrior
+from ncpvae_plugins.gmm import GMMPrior
+from ncpvae_plugins.ncp import NCPPrior
 from torch import Tensor, nn
 
 import ncpvae
 from ncpvae.errors import ConfigError, NotFittedError
-from ncpvae.plugins.ebm import EBMPrior
-from ncpvae.plugins.flow import FlowPrior
-from ncpvae.plugins.gaussian import GaussianPrior
-from ncpvae.plugins.gmm import GMMPrior
-from ncpvae.plugins.ncp import NCPPrior
 from ncpvae.testing import check_prior
 
 LOG_2PI = math.log(2 * math.pi)

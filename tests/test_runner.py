@@ -54,7 +54,7 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
                 "active_units", "kl_per_dim"):
         assert key in train_records[-1], key
     plugins = json.loads((smoke_run / "plugins.json").read_text())
-    assert any(p["name"] == "ncpvae.plugins.gaussian" for p in plugins)
+    assert any(p["name"] == "ncpvae_plugins.gaussian" for p in plugins)
 
 
 @pytest.mark.slow

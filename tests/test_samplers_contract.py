@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import math
 
+import ncpvae_plugins.langevin as langevin_mod
+import ncpvae_plugins.sgld as sgld_mod
+import ncpvae_plugins.sir as sir_mod
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ncpvae_plugins.langevin import LangevinSampler
+from ncpvae_plugins.sgld import MinibatchEnergy, SGLDSampler
+from ncpvae_plugins.sir import SIRSampler
 from pydantic import ValidationError
 from torch import Tensor
 
-import ncpvae.plugins.langevin as langevin_mod
-import ncpvae.plugins.sgld as sgld_mod
-import ncpvae.plugins.sir as sir_mod
 from ncpvae import (
     Sampler,
     SampleResult,
@@ -25,9 +28,6 @@ from ncpvae import (
 )
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
-from ncpvae.plugins.langevin import LangevinSampler
-from ncpvae.plugins.sgld import MinibatchEnergy, SGLDSampler
-from ncpvae.plugins.sir import SIRSampler
 from ncpvae.prior import Prior
 
 

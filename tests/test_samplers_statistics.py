@@ -14,14 +14,14 @@ import math
 
 import pytest
 import torch
+from ncpvae_plugins.langevin import LangevinSampler
+from ncpvae_plugins.sgld import MinibatchEnergy, SGLDSampler
+from ncpvae_plugins.sir import SIRSampler
 from torch import Tensor
 
 from ncpvae.component import BuildContext
 from ncpvae.mcmc.targets import posterior_energy
 from ncpvae.model import LatentModel
-from ncpvae.plugins.langevin import LangevinSampler
-from ncpvae.plugins.sgld import MinibatchEnergy, SGLDSampler
-from ncpvae.plugins.sir import SIRSampler
 from ncpvae.prior import Prior
 
 N = 20000

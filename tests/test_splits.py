@@ -14,15 +14,15 @@ import struct
 import numpy as np
 import pytest
 import torch
+from ncpvae_plugins.datasets.digits import DigitsDataset
+from ncpvae_plugins.datasets.dsprites import DSpritesDataset
+from ncpvae_plugins.datasets.npz import NpzDataset
+from ncpvae_plugins.datasets.sprites import NUM_IMAGES, SpritesDataset
+from ncpvae_plugins.datasets.torchvision_sets import FashionMNISTDataset, MNISTDataset
 
 from ncpvae.component import BuildContext
 from ncpvae.data import DataBundle, DatasetPlugin
 from ncpvae.plugin_manager import PluginManager
-from ncpvae.plugins.datasets.digits import DigitsDataset
-from ncpvae.plugins.datasets.dsprites import DSpritesDataset
-from ncpvae.plugins.datasets.npz import NpzDataset
-from ncpvae.plugins.datasets.sprites import NUM_IMAGES, SpritesDataset
-from ncpvae.plugins.datasets.torchvision_sets import FashionMNISTDataset, MNISTDataset
 
 RUN_SEEDS = (0, 1, 7, 123456)
 

@@ -58,6 +58,16 @@ EVAL_CHUNK = 65_536
 SIR_POOL = 1 << 20
 
 
+__all__ = [
+    "MLPClassifier",
+    "TiltedConfig",
+    "TiltedPrior",
+    "build_tilt_network",
+    "log_mean_exp",
+    "split_heldout",
+]
+
+
 class TiltedConfig(ComponentConfig):
     """The config fields every tilted prior shares: the base ``b`` and the MLP for ``f``
     (:class:`MLPClassifier`). A subclass narrows ``name`` and adds its fitting settings."""

@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ncpvae import BuildContext, DataBundle, DataError, DatasetPlugin, TensorImageSource, atomic_write
-from ncpvae.plugins.datasets.splits import SubsetFields, seeded_permutation
+from ncpvae.splits import SubsetFields, seeded_permutation
 
 RAW_FILES: tuple[str, ...] = (
     "train-images-idx3-ubyte",

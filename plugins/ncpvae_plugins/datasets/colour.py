@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ncpvae import BuildContext, DataBundle, DataError, DatasetPlugin, TensorImageSource, atomic_write
-from ncpvae.plugins.datasets.splits import SubsetFields, seeded_permutation
+from ncpvae.splits import SubsetFields, seeded_permutation
 
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))

@@ -53,7 +53,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from ncpvae import BuildContext, ComponentConfig, DataBundle, DataError, DatasetPlugin, ImageSource
-from ncpvae.plugins.datasets.splits import split_by_count
+from ncpvae.splits import split_by_count
 
 FACTOR_NAMES: tuple[str, ...] = ("shape", "scale", "orientation", "posX", "posY")
 FACTOR_SIZES: tuple[int, ...] = (3, 6, 40, 32, 32)

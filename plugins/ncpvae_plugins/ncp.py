@@ -24,7 +24,7 @@ Conventions:
   a third-party prior). A learned base is fitted first, on the same encodings; the classifier
   then tells ``q(z)`` from the fitted base's draws, and ``log Z``, SIR and the energy use it.
   The density, ``log Z``, the gains and SIR are shared with the latent EBM prior
-  (:class:`ncpvae.plugins.tilted.TiltedPrior`); only :meth:`NCPPrior.fit` is NCP's own.
+  (:class:`ncpvae.tilted.TiltedPrior`); only :meth:`NCPPrior.fit` is NCP's own.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from ncpvae import (
     hookimpl,
     minibatch_step,
 )
-from ncpvae.plugins.tilted import (
+from ncpvae.tilted import (
     MLPClassifier,
     TiltedConfig,
     TiltedPrior,

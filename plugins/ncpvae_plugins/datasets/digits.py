@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from ncpvae import BuildContext, ComponentConfig, DataBundle, DatasetPlugin, TensorImageSource
-from ncpvae.plugins.datasets.splits import split_by_fraction
+from ncpvae.splits import split_by_fraction
 
 
 class DigitsDataset(DatasetPlugin):

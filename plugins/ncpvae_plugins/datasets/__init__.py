@@ -3,7 +3,7 @@
 
 This package is a plugin module like any third-party one: :func:`ncpvae_register_datasets` returns
 the classes. The dataset modules are imported lazily by the hook, so importing the package stays cheap; their
-shared split helpers live in :mod:`ncpvae.plugins.datasets.splits`.
+shared split helpers live in :mod:`ncpvae.splits`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from ncpvae import hookimpl
 @hookimpl
 def ncpvae_register_datasets() -> list[type]:
     """The built-in dataset plugin classes."""
-    from ncpvae.plugins.datasets.colour import CelebADataset, CIFAR10Dataset, SVHNDataset
-    from ncpvae.plugins.datasets.digits import DigitsDataset
-    from ncpvae.plugins.datasets.dsprites import DSpritesDataset
-    from ncpvae.plugins.datasets.npz import NpzDataset
-    from ncpvae.plugins.datasets.sprites import SpritesDataset
-    from ncpvae.plugins.datasets.torchvision_sets import FashionMNISTDataset, MNISTDataset
+    from ncpvae_plugins.datasets.colour import CelebADataset, CIFAR10Dataset, SVHNDataset
+    from ncpvae_plugins.datasets.digits import DigitsDataset
+    from ncpvae_plugins.datasets.dsprites import DSpritesDataset
+    from ncpvae_plugins.datasets.npz import NpzDataset
+    from ncpvae_plugins.datasets.sprites import SpritesDataset
+    from ncpvae_plugins.datasets.torchvision_sets import FashionMNISTDataset, MNISTDataset
 
     return [
         SpritesDataset,

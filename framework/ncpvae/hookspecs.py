@@ -9,7 +9,7 @@ A plugin is a module with functions named after these specs and decorated with
     def ncpvae_register_priors():
         return [MoGPrior]
 
-Built-in plugins (``ncpvae.plugins.*``) register through exactly the same hooks; which hook
+Built-in plugins (``ncpvae_plugins.*``) register through exactly the same hooks; which hook
 registers which kind is listed once, in :mod:`ncpvae.kinds`.
 """
 

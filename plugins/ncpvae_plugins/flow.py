@@ -38,8 +38,8 @@ from ncpvae import (
     hookimpl,
     minibatch_step,
 )
-from ncpvae.plugins.gmm import aggregate_posterior_draws
-from ncpvae.plugins.tilted import split_heldout
+from ncpvae.tilted import split_heldout
+from ncpvae_plugins.gmm import aggregate_posterior_draws
 
 if TYPE_CHECKING:
     from ncpvae import LatentModel

@@ -24,8 +24,8 @@ from pydantic import Field
 from torch import Tensor
 
 from ncpvae import BuildContext, ComponentConfig, DataBundle, DataError, DatasetPlugin, ImageSource
-from ncpvae.plugins.datasets.npz import read_npz
-from ncpvae.plugins.datasets.splits import split_by_count
+from ncpvae.splits import split_by_count
+from ncpvae_plugins.datasets.npz import read_npz
 
 DEFAULT_PATH = "data/dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 LATENT_NAMES: tuple[str, ...] = ("color", "shape", "scale", "orientation", "posX", "posY")

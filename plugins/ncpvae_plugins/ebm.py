@@ -12,7 +12,7 @@ with the second expectation over negatives made by short-run Langevin dynamics o
 which restarts from the base each step). The chains run with the project's own ``langevin``
 sampler (ULA, or MALA with ``metropolis = true``) through the Sampler API.
 
-Everything after fitting is shared with NCP (:class:`ncpvae.plugins.tilted.TiltedPrior`):
+Everything after fitting is shared with NCP (:class:`ncpvae.tilted.TiltedPrior`):
 ``log_prob`` (unnormalized), ``energy``, the Monte Carlo ``log Z`` with its SE, the gain
 ``kl_gain`` and SIR sampling. Early stopping keeps the weights with the best held-out
 log-likelihood gain ``E_q[f] - log Z`` (``log Z`` from ``heldout_log_z_samples`` base draws).
@@ -39,7 +39,7 @@ from ncpvae import (
     create,
     hookimpl,
 )
-from ncpvae.plugins.tilted import (
+from ncpvae.tilted import (
     TiltedConfig,
     TiltedPrior,
     build_tilt_network,

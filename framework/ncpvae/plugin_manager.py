@@ -1,6 +1,6 @@
 """Loading plugins and building the component registry.
 
-Built-in plugins (``ncpvae.plugins.*``) and third-party plugins (entry-point group ``ncpvae``)
+Built-in plugins (``ncpvae_plugins.*``) and third-party plugins (entry-point group ``ncpvae``)
 register through the same hooks (see :mod:`ncpvae.hookspecs`). Each third-party plugin is loaded
 on its own: one that fails to import, or whose ``ncpvae_register_*`` hook raises, becomes a
 warning naming it and its error (an error when ``strict``), and everything else keeps working.
@@ -9,7 +9,7 @@ registering the same name, stay errors: those are contract violations, not runti
 
 Environment switches: ``NCPVAE_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points;
 ``NCPVAE_DISABLE_PLUGINS=a,b`` skips the named plugins (entry-point names, or built-in module
-names such as ``ncpvae.plugins.sgld``).
+names such as ``ncpvae_plugins.sgld``).
 """
 
 from __future__ import annotations
@@ -34,18 +34,18 @@ ENTRY_POINT_GROUP = "ncpvae"
 
 #: Modules of the plugins that ship with ncpvae; the only place the framework names them.
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "ncpvae.plugins.datasets",
-    "ncpvae.plugins.models",
-    "ncpvae.plugins.gaussian",
-    "ncpvae.plugins.beta_elbo",
-    "ncpvae.plugins.ncp",
-    "ncpvae.plugins.langevin",
-    "ncpvae.plugins.sgld",
-    "ncpvae.plugins.sir",
-    "ncpvae.plugins.gmm",
-    "ncpvae.plugins.flow",
-    "ncpvae.plugins.ebm",
-    "ncpvae.plugins.vamp",
+    "ncpvae_plugins.datasets",
+    "ncpvae_plugins.models",
+    "ncpvae_plugins.gaussian",
+    "ncpvae_plugins.beta_elbo",
+    "ncpvae_plugins.ncp",
+    "ncpvae_plugins.langevin",
+    "ncpvae_plugins.sgld",
+    "ncpvae_plugins.sir",
+    "ncpvae_plugins.gmm",
+    "ncpvae_plugins.flow",
+    "ncpvae_plugins.ebm",
+    "ncpvae_plugins.vamp",
 )
 
 

@@ -29,7 +29,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ncpvae import BuildContext, ComponentConfig, DataBundle, DataError, DatasetPlugin, TensorImageSource
-from ncpvae.plugins.datasets.splits import split_by_fraction
+from ncpvae.splits import split_by_fraction
 
 _READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, pickle.PickleError)
 

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from ncpvae import ComponentConfig, DataError
 
+__all__ = ["SubsetFields", "seeded_permutation", "split_by_count", "split_by_fraction"]
+
 
 class SubsetFields(ComponentConfig):
     """Config fields of a dataset read from files with an official train/test split, optionally
