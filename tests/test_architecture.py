@@ -109,7 +109,7 @@ def test_import_graph_is_read_from_the_source():
     graph = import_graph()
     # spot checks: module-level imports are seen, type-checking-only imports are not
     assert "ncpvae.registry" in graph["ncpvae.plugin_manager"]
-    assert "ncpvae.config" in graph["ncpvae.factory"]
+    assert "ncpvae.sections" in graph["ncpvae.factory"]
     assert "ncpvae.registry" not in graph["ncpvae.component"]
     assert len(graph) > 40
 

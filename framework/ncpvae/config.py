@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from ncpvae.component import ComponentConfig, StrictModel
+from ncpvae.component import StrictModel
 from ncpvae.errors import ConfigError, did_you_mean, format_validation_error
 from ncpvae.evaluation.config import EvaluateConfig
 from ncpvae.registry import Registry
@@ -98,17 +98,6 @@ def validate_config(raw: Mapping[str, Any], registry: Registry | None = None,
         return RunConfig.model_validate(dict(raw), context={"registry": registry})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, what)) from None
-
-
-def validate_component(kind: str, raw: Mapping[str, Any],
-                       registry: Registry | None = None) -> ComponentConfig:
-    """Validate one component's config (what ``ncpvae.create`` does)."""
-    registry = registry if registry is not None else registry_from(None)
-    cls = registry.get(kind, str(raw.get("name")))
-    try:
-        return cls.Config.model_validate(dict(raw), context={"registry": registry})
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, f"{kind} '{cls.name}' config")) from None
 
 
 # --------------------------------------------------------------------------------------------

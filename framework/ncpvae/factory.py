@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from ncpvae.component import BuildContext, Component
-from ncpvae.config import validate_component
 from ncpvae.errors import NcpvaeError, PluginError
 from ncpvae.plugin_manager import get_registry
 from ncpvae.registry import Registry
+from ncpvae.sections import validate_component
 
 
 def create(

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, SerializeAsAny, ValidationInfo
+from pydantic import BeforeValidator, SerializeAsAny, ValidationError, ValidationInfo
 
 from ncpvae.component import ComponentConfig
+from ncpvae.errors import ConfigError, format_validation_error
 from ncpvae.plugin_manager import get_registry
 from ncpvae.registry import Registry
 
@@ -53,3 +54,15 @@ ModelSection = component_section("model")
 PriorSection = component_section("prior")
 ObjectiveSection = component_section("objective")
 SamplerSection = component_section("sampler")
+
+
+def validate_component(kind: str, raw: Mapping[str, Any],
+                       registry: Registry | None = None) -> ComponentConfig:
+    """Validate one component's config (what ``ncpvae.create`` does); raise
+    :class:`~ncpvae.errors.ConfigError` with a one-line message."""
+    registry = registry if registry is not None else registry_from(None)
+    cls = registry.get(kind, str(raw.get("name")))
+    try:
+        return cls.Config.model_validate(dict(raw), context={"registry": registry})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, f"{kind} '{cls.name}' config")) from None

@@ -61,7 +61,6 @@ from torch import Tensor
 
 from ncpvae import metrics as M
 from ncpvae.component import ComponentConfig
-from ncpvae.config import validate_component
 from ncpvae.errors import ConfigError
 from ncpvae.evaluation.report import COMPARE_TABLE
 from ncpvae.factory import build_component
@@ -77,6 +76,7 @@ from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.registry import Registry
 from ncpvae.run import seeds
 from ncpvae.run.build import Run, encode_source, heldout_latents, open_run
+from ncpvae.sections import validate_component
 
 DEFAULT_PRIORS = ("gaussian", "gmm", "flow", "ncp", "ebm", "ncp:gmm")
 #: where the comparison goes inside a run (the report looks there)
