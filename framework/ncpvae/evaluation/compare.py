@@ -62,7 +62,6 @@ from torch import Tensor
 from ncpvae import metrics as M
 from ncpvae.component import ComponentConfig
 from ncpvae.errors import ConfigError
-from ncpvae.evaluation.report import COMPARE_TABLE
 from ncpvae.factory import build_component
 from ncpvae.io import to_plain_json, write_json, write_text
 from ncpvae.metrics.likelihood import (
@@ -74,13 +73,13 @@ from ncpvae.metrics.likelihood import (
 from ncpvae.metrics.sample_quality import kid_blocks
 from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.registry import Registry
+from ncpvae.run import directory as files
 from ncpvae.run import seeds
 from ncpvae.run.build import Run, encode_source, heldout_latents, open_run
+from ncpvae.run.directory import COMPARE_DIR, RunDirectory
 from ncpvae.sections import validate_component
 
 DEFAULT_PRIORS = ("gaussian", "gmm", "flow", "ncp", "ebm", "ncp:gmm")
-#: where the comparison goes inside a run (the report looks there)
-COMPARE_DIR = COMPARE_TABLE[0]
 #: version of the table.json layout
 FORMAT = 2
 #: seeds of the comparison's random streams (fits, held-out draws, log Z, sampling speed, the
@@ -301,7 +300,7 @@ def _reusable_rows(target: Path, settings: dict[str, Any]) -> dict[str, dict[str
     by spec; {} if there is none or its settings differ."""
     import json
 
-    path = target / "table.json"
+    path = target / files.COMPARE_TABLE
     if not path.is_file():
         return {}
     try:
@@ -378,7 +377,7 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
                 "kid": {"num_samples": kid_samples, "num_subsets": kid_subsets,
                         "reference": kid_reference}
                 if kid_samples else None}
-    target = Path(out) if out is not None else (Path(run_dir) / COMPARE_DIR)
+    target = Path(out) if out is not None else RunDirectory(Path(run_dir)).compare_priors
     target.mkdir(parents=True, exist_ok=True)
     previous = {} if fresh else _reusable_rows(target, settings)
     done: dict[str, dict[str, Any]] = {
@@ -516,10 +515,10 @@ def _plot_grid(images: Tensor, path: Path, title: str) -> None:
 def _write_outputs(run: Run, target: Path, result: dict[str, Any], registry: Registry) -> None:
     """table.json, table.md, gains.png; and the run's report when ``target`` is its
     ``compare_priors`` folder and it has one."""
-    write_json(target / "table.json", result)
-    write_text(target / "table.md", format_table(result))
+    write_json(target / files.COMPARE_TABLE, result)
+    write_text(target / files.COMPARE_TABLE_MD, format_table(result))
     if result["rows"]:
-        plot_gains(result, target / "gains.png")
+        plot_gains(result, target / files.COMPARE_GAINS)
     directory = run.directory
     if directory is None or target.resolve() != (directory.path / COMPARE_DIR).resolve():
         return

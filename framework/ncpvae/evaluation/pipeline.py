@@ -51,7 +51,7 @@ from ncpvae.evaluation.config import EvaluateConfig, without_switch
 from ncpvae.evaluation.metrics_table import DISENTANGLEMENT
 from ncpvae.evaluation.report import write_report
 from ncpvae.io import to_plain_json, write_json
-from ncpvae.metrics._common import eval_mode
+from ncpvae.modes import eval_mode
 from ncpvae.prior import LearnedPrior
 from ncpvae.registry import Registry
 from ncpvae.run import faults, seeds

@@ -204,16 +204,12 @@ def fit_table(fit: Mapping[str, Any], per_row: int = 3) -> Block:
     return table(["quantity", "value"] * min(per_row, max(len(items), 1)), rows)
 
 
-#: where ``ncpvae compare-priors`` writes its table inside a run
-COMPARE_TABLE = ("compare_priors", "table.json")
-
-
 def compare_blocks(run: RunDirectory) -> list[Block]:
     """The table and figure of ``ncpvae compare-priors`` (``compare_priors/table.json`` and
     ``gains.png``), when the run has them; its finished rows only if it was interrupted."""
     import json
 
-    path = run.path.joinpath(*COMPARE_TABLE)
+    path = run.compare_priors / files.COMPARE_TABLE
     if not path.is_file():
         return []
     try:
@@ -262,7 +258,7 @@ def compare_blocks(run: RunDirectory) -> list[Block]:
     blocks = [heading("Prior comparison"), paragraph(text), table(header, rows)]
     if result.get("pending"):
         blocks.append(paragraph("Not finished: " + ", ".join(result["pending"]) + "."))
-    figure_path = path.with_name("gains.png")
+    figure_path = path.with_name(files.COMPARE_GAINS)
     if figure_path.is_file():
         blocks.append(figure(run.relative(figure_path), "Paired differences against N(0, I), "
                              "±2 SE"))

@@ -8,7 +8,6 @@ than ``batch_size`` images, so memory stays bounded however many points a metric
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
 from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData
@@ -167,16 +166,3 @@ def group_chunks(num_groups: int, group_size: int, batch_size: int) -> Iterator[
     per_chunk = max(1, batch_size // group_size)
     for start in range(0, num_groups, per_chunk):
         yield slice(start, start + per_chunk)
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: nn.Module) -> Iterator[None]:
-    """Put ``modules`` in eval mode for the block; restore each one's training flag after."""
-    states = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, s in zip(modules, states):
-            m.train(s)

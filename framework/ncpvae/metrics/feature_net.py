@@ -36,7 +36,7 @@ from ncpvae.component import StrictModel
 from ncpvae.data import GroundTruthData, ImageSource
 from ncpvae.errors import DataError
 from ncpvae.io import save_torch
-from ncpvae.metrics._common import eval_mode
+from ncpvae.modes import eval_mode
 
 FORMAT = "ncpvae-feature-net"
 FORMAT_VERSION = 1

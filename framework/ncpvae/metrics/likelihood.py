@@ -25,8 +25,9 @@ from torch import Tensor
 
 from ncpvae.data import ImageSource
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
-from ncpvae.metrics._common import MetricResult, eval_mode
+from ncpvae.metrics._common import MetricResult
 from ncpvae.model import LatentModel
+from ncpvae.modes import eval_mode
 from ncpvae.prior import Prior
 
 #: importance samples per example (Burda et al. evaluate with 5000; cost grows linearly in K)

@@ -16,8 +16,8 @@ from ncpvae.data import DataBundle, ImageSource
 from ncpvae.errors import ConfigError, DataError
 from ncpvae.factory import build_component
 from ncpvae.io import write_json
-from ncpvae.metrics._common import eval_mode
 from ncpvae.model import LatentModel, reparameterize
+from ncpvae.modes import eval_mode
 from ncpvae.objective import Objective
 from ncpvae.plugin_manager import PluginManager, get_plugin_manager
 from ncpvae.prior import Prior

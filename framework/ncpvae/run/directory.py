@@ -12,6 +12,8 @@
                              prior_fit (a learned prior's fit records), eval_samples_<row> (.png)
       sampling/              `ncpvae sample`: samples.png, latents.pt, diagnostics.json,
                              energy_trace.png, trajectories.png
+      compare_priors/        `ncpvae compare-priors`: table.json, table.md, gains.png,
+                             samples_<prior>.png
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ SAMPLING_LATENTS = "latents.pt"
 SAMPLING_DIAGNOSTICS = "diagnostics.json"
 SAMPLING_ENERGY = "energy_trace.png"
 SAMPLING_TRAJECTORIES = "trajectories.png"
+
+#: The files ``ncpvae compare-priors`` writes (into ``<run>/compare_priors`` unless ``--out``
+#: says otherwise; the report reads the table and the figure from there).
+COMPARE_DIR = "compare_priors"
+COMPARE_TABLE = "table.json"
+COMPARE_TABLE_MD = "table.md"
+COMPARE_GAINS = "gains.png"
 
 
 def slug(label: str) -> str:
@@ -107,6 +116,11 @@ class RunDirectory:
     def eval_samples_plot(self, label: str) -> Path:
         """The decoded-sample grid of one evaluation table row."""
         return self.plots / f"eval_samples_{slug(label)}.png"
+
+    @property
+    def compare_priors(self) -> Path:
+        """Default output folder of ``ncpvae compare-priors``."""
+        return self.path / COMPARE_DIR
 
     @property
     def sampling(self) -> Path:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ncpvae import plots
 from ncpvae.io import save_torch, to_plain_json
-from ncpvae.metrics._common import eval_mode
+from ncpvae.modes import eval_mode
 from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.run import directory as files
 from ncpvae.run import distributed, seeds

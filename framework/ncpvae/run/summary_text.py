@@ -12,10 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_run_summary", "repeat_directory"]
+from ncpvae.run.directory import RunDirectory
 
-SUMMARY_FILE = "summary.json"
-EVALUATION_FILE = "evaluation.json"
+__all__ = ["format_run_summary", "repeat_directory"]
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -58,8 +57,9 @@ def _sampler_table(rows: list[dict[str, Any]]) -> list[str]:
 def format_run_summary(run_dir: str | Path) -> str:
     """The end-of-run summary of ``run_dir`` (several lines, no trailing newline)."""
     run_dir = Path(run_dir)
-    summary = _read(run_dir / SUMMARY_FILE)
-    evaluation = _read(run_dir / EVALUATION_FILE)
+    files = RunDirectory(run_dir)
+    summary = _read(files.summary)
+    evaluation = _read(files.evaluation)
     vae = {**summary.get("vae", {}), **evaluation.get("vae", {})}
     rows: list[tuple[str, str]] = []
     if "test_elbo" in vae:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ncpvae import plots
 from ncpvae.errors import ConfigError, NonFiniteError
 from ncpvae.io import to_plain_json
-from ncpvae.metrics._common import eval_mode
+from ncpvae.modes import eval_mode
 from ncpvae.optim import adam
 from ncpvae.run import directory as files
 from ncpvae.run import distributed, faults, progress, rng, seeds
