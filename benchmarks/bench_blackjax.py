@@ -62,7 +62,7 @@ import torch
 from ncpvae_plugins.langevin import LangevinSampler
 from torch import Tensor, nn
 
-from ncpvae import CompiledEnergy
+from ncpvae.mcmc.fastpath import CompiledEnergy
 
 DEFAULT_JAX_PYTHON = "/work/bench-venv/bin/python"
 

@@ -3,13 +3,22 @@
 - No import cycles among ncpvae's modules, counting function-level imports too. (The plugin
   manager names the built-in plugins as strings for ``importlib``; that list is not an import
   and so is not part of the graph.)
-- Built-in plugins use only ``ncpvae``'s public top level, exactly as a third-party plugin must:
-  ``from ncpvae import ...`` (names in ``ncpvae.__all__``) and their own modules.
+- Layers: the core (interfaces, registry, components, MCMC building blocks) imports no run
+  config, runner, evaluation or metric module, and ``import ncpvae`` loads none of them.
+- Import path = file path: every module's file path ends with its dotted name.
+- Built-in plugins use only the public namespaces, exactly as a third-party plugin must:
+  ``from ncpvae import ...``, ``from ncpvae.mcmc import ...`` (names in that namespace's
+  ``__all__``) and their own modules.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +119,7 @@ def test_import_graph_is_read_from_the_source():
     # spot checks: module-level imports are seen, type-checking-only imports are not
     assert "ncpvae.registry" in graph["ncpvae.plugin_manager"]
     assert "ncpvae.sections" in graph["ncpvae.factory"]
+    assert "ncpvae.metrics.likelihood" in graph["ncpvae.evaluation.compare"]
     assert "ncpvae.registry" not in graph["ncpvae.component"]
     assert len(graph) > 40
 
@@ -124,15 +134,102 @@ def test_no_import_cycles():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+#: The core: what a component needs to be written, registered, built and sampled. The
+#: ``ncpvae.mcmc`` package counts with all its modules.
+CORE = ("ncpvae", "ncpvae.component", "ncpvae.data", "ncpvae.errors", "ncpvae.factory",
+        "ncpvae.fitting", "ncpvae.hookspecs", "ncpvae.io", "ncpvae.kinds", "ncpvae.model",
+        "ncpvae.modes", "ncpvae.objective", "ncpvae.optim", "ncpvae.plugin_manager",
+        "ncpvae.prior", "ncpvae.registry", "ncpvae.sampler", "ncpvae.sections",
+        "ncpvae.sharding", "ncpvae.splits", "ncpvae.testing", "ncpvae.tilted", "ncpvae.units")
+#: What the core must not reach, directly or through another module.
+OUTER_LAYERS = ("ncpvae.config", "ncpvae.experiment", "ncpvae.cli", "ncpvae.run",
+                "ncpvae.evaluation", "ncpvae.metrics", "ncpvae.plots")
+
+
+def in_layer(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> dict[str, str]:
+    """Every module ``start`` imports, directly or not, each with the module that imports it."""
+    via: dict[str, str] = {}
+    pending = [start]
+    while pending:
+        node = pending.pop()
+        for child in sorted(graph.get(node, ())):
+            if child not in via and child != start:
+                via[child] = node
+                pending.append(child)
+    return via
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """``core -> ... -> outer`` import chains, one per core module that has one."""
+    core = [m for m in graph if in_layer(m, CORE[1:]) or m == "ncpvae" or in_layer(m, ("ncpvae.mcmc",))]
+    bad = []
+    for module in sorted(core):
+        via = reachable(graph, module)
+        outer = sorted(m for m in via if in_layer(m, OUTER_LAYERS))
+        if outer:
+            chain = [outer[0]]
+            while chain[-1] != module:
+                chain.append(via[chain[-1]])
+            bad.append(" -> ".join(reversed(chain)))
+    return bad
+
+
+def test_core_modules_exist():
+    graph = import_graph()
+    assert [m for m in CORE if m not in graph] == []
+
+
+def test_core_imports_no_config_run_evaluation_or_metric_module():
+    bad = layer_violations(import_graph())
+    assert not bad, "core reaches an outer layer: " + "; ".join(bad)
+
+
+def test_layer_check_flags_an_indirect_import():
+    graph = {"ncpvae.factory": {"ncpvae.sections"}, "ncpvae.sections": {"ncpvae.config"},
+             "ncpvae.config": {"ncpvae.evaluation.config"}, "ncpvae.evaluation.config": set()}
+    assert layer_violations(graph) == ["ncpvae.factory -> ncpvae.sections -> ncpvae.config",
+                                       "ncpvae.sections -> ncpvae.config"]
+
+
+def test_import_ncpvae_loads_no_evaluation_metric_config_or_run_module():
+    # a fresh interpreter: this process has imported everything already
+    code = "import sys, ncpvae; print(' '.join(m for m in sys.modules if m.startswith('ncpvae')))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FRAMEWORK), str(PLUGINS),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert "ncpvae.sampler" in out and "ncpvae.mcmc.kernels" in out  # the probe sees modules
+    assert [m for m in out if in_layer(m, OUTER_LAYERS)] == []
+
+
+@pytest.mark.parametrize("name", sorted(n for n in source_modules() if not n.endswith("__main__")))
+def test_module_file_path_ends_with_its_dotted_name(name: str):
+    path = source_modules()[name]
+    parts = path.with_suffix("").parts
+    parts = parts[:-1] if parts[-1] == "__init__" else parts
+    assert parts[-len(name.split(".")):] == tuple(name.split("."))
+    # and the import system finds that very file under that name (no import hook in between)
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin is not None
+    assert Path(spec.origin).resolve() == path.resolve()
+
+
 #: The namespaces a plugin author may import from, each with its own ``__all__``.
-PUBLIC_NAMESPACES = ("ncpvae", "ncpvae.tilted", "ncpvae.splits")
+PUBLIC_NAMESPACES = ("ncpvae", "ncpvae.mcmc", "ncpvae.mcmc.fastpath", "ncpvae.testing",
+                     "ncpvae.tilted", "ncpvae.splits", "ncpvae.modes")
+
+
+def public_names() -> dict[str, set[str]]:
+    return {ns: set(getattr(importlib.import_module(ns), "__all__", ())) for ns in PUBLIC_NAMESPACES}
 
 
 def plugin_import_violations(path: Path) -> list[str]:
     """Imports in a built-in plugin module that a third-party plugin could not write."""
-    import importlib
-
-    public = {ns: set(importlib.import_module(ns).__all__) for ns in PUBLIC_NAMESPACES}
+    public = public_names()
     bad = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom) and not node.level:
@@ -143,7 +240,8 @@ def plugin_import_violations(path: Path) -> list[str]:
             elif module.startswith("ncpvae."):
                 bad.append(f"from {module} import ...")
         elif isinstance(node, ast.Import):
-            bad += [f"import {a.name}" for a in node.names if a.name.startswith("ncpvae.")]
+            bad += [f"import {a.name}" for a in node.names
+                    if a.name.startswith("ncpvae.") and a.name not in public]
     return bad
 
 
@@ -153,13 +251,36 @@ def test_builtin_plugins_use_only_the_public_api(path: Path):
     assert not bad, f"{path.relative_to(ROOT)} reaches into framework internals: {bad}"
 
 
-def test_public_api_names_exist():
-    missing = [name for name in ncpvae.__all__ if not hasattr(ncpvae, name)]
-    assert not missing
+@pytest.mark.parametrize("namespace", PUBLIC_NAMESPACES)
+def test_public_namespace_all_is_exact(namespace: str):
+    module = importlib.import_module(namespace)
+    assert hasattr(module, "__all__"), f"{namespace} has no __all__"
+    names = list(module.__all__)
+    assert len(names) == len(set(names)), f"{namespace}.__all__ repeats a name"
+    assert [n for n in names if not hasattr(module, n)] == []
+    # each public name has one home: no namespace re-exports another one's names
+    others = set().union(*(v for k, v in public_names().items() if k != namespace))
+    assert sorted(set(names) & others) == []
+
+
+def test_top_level_all_is_what_plugins_and_the_readme_need():
+    """Every top-level name is imported by a built-in plugin or shown in the README: the top
+    level holds what a plugin author needs, not every helper."""
+    used: set[str] = set()
+    for path in PLUGINS.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "ncpvae" and not node.level:
+                used |= {a.name for a in node.names}
+    readme = (ROOT / "README.md").read_text()
+    unused = [n for n in ncpvae.__all__ if n not in used and f"`{n}`" not in readme
+              and f"ncpvae.{n}" not in readme]
+    assert unused == []
 
 
 def test_plugin_import_check_flags_internal_imports(tmp_path: Path):
     module = tmp_path / "plugin.py"
-    module.write_text("from ncpvae.config import PriorSection\nfrom ncpvae import Prior, nope\n")
+    module.write_text("from ncpvae.config import PriorSection\nfrom ncpvae import Prior, nope\n"
+                      "from ncpvae.mcmc import langevin_move, select_rows\nimport ncpvae.run\n")
     assert plugin_import_violations(module) == [
-        "from ncpvae.config import ...", "from ncpvae import nope (not in ncpvae.__all__)"]
+        "from ncpvae.config import ...", "from ncpvae import nope (not in ncpvae.__all__)",
+        "from ncpvae.mcmc import select_rows (not in ncpvae.mcmc.__all__)", "import ncpvae.run"]

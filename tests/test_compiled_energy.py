@@ -9,7 +9,9 @@ import pytest
 import torch
 from ncpvae_plugins.langevin import LangevinSampler
 
-from ncpvae import CompiledEnergy, ConfigError, DataError, energy_and_grad
+from ncpvae import ConfigError, DataError
+from ncpvae.mcmc import energy_and_grad
+from ncpvae.mcmc.fastpath import CompiledEnergy
 
 
 def _mlp_energy():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ncpvae import adam
+from ncpvae.optim import adam
 
 
 def _quadratic_steps(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter,

@@ -19,15 +19,10 @@ from ncpvae_plugins.sir import SIRSampler
 from pydantic import ValidationError
 from torch import Tensor
 
-from ncpvae import (
-    Sampler,
-    SampleResult,
-    apply_divergence_policy,
-    energy_and_grad,
-    langevin_move,
-)
+from ncpvae import Sampler, SampleResult
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NonFiniteError
+from ncpvae.mcmc import apply_divergence_policy, energy_and_grad, langevin_move
 from ncpvae.prior import Prior
 
 
@@ -692,7 +687,7 @@ def test_run_rejects_bad_new_options():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_steps_do_not_synchronise_with_the_device():
-    from ncpvae import deferred_divergence
+    from ncpvae.mcmc import deferred_divergence
 
     z0 = torch.randn(64, 3, device="cuda", dtype=torch.float64)
     g = torch.Generator(device="cuda").manual_seed(0)

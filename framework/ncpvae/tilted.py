@@ -36,9 +36,8 @@ from ncpvae import (
     Prior,
     PriorSection,
     build_component,
-    ess_fraction,
-    sampling_importance_resampling,
 )
+from ncpvae.mcmc import ess_fraction, sampling_importance_resampling
 
 if TYPE_CHECKING:
     from ncpvae import LatentModel

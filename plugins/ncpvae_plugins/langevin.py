@@ -46,19 +46,15 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae import (
-    BuildContext,
-    ConfigError,
+from ncpvae import BuildContext, ConfigError, MarkovChainConfig, Sampler, hookimpl
+from ncpvae.mcmc import (
     Energy,
     LangevinConstants,
-    MarkovChainConfig,
-    Sampler,
     adapt_log_step,
     apply_divergence_policy,
     check_generator,
     energy_and_grad,
     finite_rows,
-    hookimpl,
     initial_energy_and_grad,
     langevin_constants,
     langevin_log_accept,

@@ -35,21 +35,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from ncpvae import (
-    BuildContext,
-    ConfigError,
-    DataError,
+from ncpvae import BuildContext, ConfigError, DataError, MarkovChainConfig, Sampler, hookimpl, randint_rows
+from ncpvae.mcmc import (
     Energy,
-    MarkovChainConfig,
-    Sampler,
     apply_divergence_policy,
     check_generator,
     energy_and_grad,
     finite_rows,
-    hookimpl,
     initial_energy_and_grad,
     langevin_move,
-    randint_rows,
 )
 
 

@@ -36,15 +36,17 @@ from ncpvae import (
     ComponentConfig,
     ConfigError,
     DataError,
-    Energy,
     NonFiniteError,
     Sampler,
     SampleResult,
+    hookimpl,
+)
+from ncpvae.mcmc import (
+    Energy,
     check_generator,
     check_positions,
     ess_fraction,
     evaluate_energy,
-    hookimpl,
     sampling_importance_resampling,
 )
 
