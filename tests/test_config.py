@@ -422,3 +422,39 @@ def test_top_level_name_override_renames_the_run_only(registry):
     assert config.name == "renamed"
     assert config.model_dump(exclude={"name"}) == load_config(
         "smoke", registry=registry).model_dump(exclude={"name"})
+
+
+# ------------------------------------------------------------------------------------------
+# defaults that name built-in plugins are data (ncpvae/configs/defaults.toml)
+
+
+def test_the_defaults_file_is_not_a_run_config():
+    from ncpvae.defaults import DEFAULTS_FILE
+
+    assert DEFAULTS_FILE == "defaults.toml"
+    assert "defaults" not in builtin_config_names()
+    with pytest.raises(ConfigError, match="no built-in config of that name"):
+        read_toml("defaults")
+
+
+def test_a_config_that_omits_components_gets_the_shipped_defaults(registry):
+    from ncpvae.defaults import shipped_default
+
+    config = validate_config({}, registry)
+    for section in ("data", "model", "prior", "objective"):
+        assert getattr(config, section).name == shipped_default("run", section)["name"]
+    samplers = shipped_default("run", "evaluate", "samplers")
+    assert [s.name for s in config.evaluate.samplers] == [
+        s["name"] for s in samplers]
+    assert config.evaluate.samplers[0].num_candidates == samplers[0]["num_candidates"]
+    # a section the user gives replaces the default whole
+    assert validate_config({"prior": "ncp"}, registry).prior.name == "ncp"
+
+
+def test_shipped_default_returns_a_copy_and_names_a_missing_key():
+    from ncpvae.defaults import shipped_default
+
+    shipped_default("run", "prior")["name"] = "changed"
+    assert shipped_default("run", "prior") == {"name": "gaussian"}
+    with pytest.raises(KeyError, match="defaults.toml has no 'run.nope'"):
+        shipped_default("run", "nope", "deeper")

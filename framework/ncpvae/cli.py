@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ncpvae.defaults import shipped_default
 from ncpvae.errors import NcpvaeError
 
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--priors", default=None,
                    help="comma-separated prior specs: names, 'tilted:base' (e.g. ncp:gmm) or "
-                        "'run' (default: gaussian,gmm,flow,ncp,ebm,ncp:gmm)")
+                        f"'run' (default: {','.join(shipped_default('compare-priors', 'priors'))})")
     p.add_argument("--heldout", type=int, default=None,
                    help="held-out test images for the cross-entropy (default: all)")
     p.add_argument("--train", type=int, default=None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from ncpvae.component import StrictModel
+from ncpvae.defaults import DEFAULTS_FILE, shipped_default, tomllib
 from ncpvae.errors import ConfigError, did_you_mean, format_validation_error
 from ncpvae.evaluation.config import EvaluateConfig
 from ncpvae.registry import Registry
@@ -30,11 +30,6 @@ from ncpvae.sections import (
     SamplerSection,
     registry_from,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser, as the `tomli` package (a declared dependency there)
-    import tomli as tomllib
 
 
 class TrainConfig(StrictModel):
@@ -75,10 +70,10 @@ class RunConfig(StrictModel):
     seed: int = Field(0, ge=0, description="seed for every random number of the run")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda if present")
     latent_dim: int = Field(10, ge=1, description="latent size D")
-    data: DatasetSection = Field(default_factory=lambda: {"name": "sprites"})
-    model: ModelSection = Field(default_factory=lambda: {"name": "conv"})
-    prior: PriorSection = Field(default_factory=lambda: {"name": "gaussian"})
-    objective: ObjectiveSection = Field(default_factory=lambda: {"name": "beta_elbo"})
+    data: DatasetSection = Field(default_factory=lambda: shipped_default("run", "data"))
+    model: ModelSection = Field(default_factory=lambda: shipped_default("run", "model"))
+    prior: PriorSection = Field(default_factory=lambda: shipped_default("run", "prior"))
+    objective: ObjectiveSection = Field(default_factory=lambda: shipped_default("run", "objective"))
     sampler: SamplerSection | None = Field(
         None, description="sampler for the learned prior (None: the prior's own sampling)"
     )
@@ -107,7 +102,8 @@ def validate_config(raw: Mapping[str, Any], registry: Registry | None = None,
 def builtin_config_names() -> list[str]:
     """Names of the configs shipped in ``ncpvae/configs`` (without ``.toml``)."""
     files = resources.files("ncpvae.configs").iterdir()
-    return sorted(f.name.removesuffix(".toml") for f in files if f.name.endswith(".toml"))
+    return sorted(f.name.removesuffix(".toml") for f in files
+                  if f.name.endswith(".toml") and f.name != DEFAULTS_FILE)
 
 
 def read_toml(source: str | Path | None) -> dict[str, Any]:

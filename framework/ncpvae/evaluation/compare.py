@@ -61,6 +61,7 @@ from torch import Tensor
 
 from ncpvae import metrics as M
 from ncpvae.component import ComponentConfig
+from ncpvae.defaults import shipped_default
 from ncpvae.errors import ConfigError
 from ncpvae.factory import build_component
 from ncpvae.io import to_plain_json, write_json, write_text
@@ -79,7 +80,8 @@ from ncpvae.run.build import Run, encode_source, heldout_latents, open_run
 from ncpvae.run.directory import COMPARE_DIR, RunDirectory
 from ncpvae.sections import validate_component
 
-DEFAULT_PRIORS = ("gaussian", "gmm", "flow", "ncp", "ebm", "ncp:gmm")
+#: the priors compared when none are named (the shipped configs/defaults.toml)
+DEFAULT_PRIORS: tuple[str, ...] = tuple(shipped_default("compare-priors", "priors"))
 #: version of the table.json layout
 FORMAT = 2
 #: seeds of the comparison's random streams (fits, held-out draws, log Z, sampling speed, the

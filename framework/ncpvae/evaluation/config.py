@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, create_model
 
 from ncpvae.component import StrictModel
+from ncpvae.defaults import shipped_default
 from ncpvae.evaluation.metrics_table import DISENTANGLEMENT, DISENTANGLEMENT_METRICS
 from ncpvae.metrics import FeatureNetConfig, PriorFitConfig, SampleQualityConfig
 from ncpvae.sections import SamplerSection
@@ -106,13 +107,7 @@ class EvaluateConfig(_EvaluateMetrics):  # type: ignore[misc, valid-type]
                              "encodings) each row is compared with")
     grid_size: int = Field(64, ge=1, description="decoded samples shown per row")
     samplers: list[SamplerTable] = Field(
-        default_factory=lambda: [
-            {"name": "sir", "num_candidates": 100},
-            {"name": "langevin", "metropolis": False, "step_size": 0.02, "num_steps": 300,
-             "burn_in": 150, "thin": 10},
-            {"name": "langevin", "metropolis": True, "step_size": 0.05, "num_steps": 300,
-             "burn_in": 150, "thin": 10, "adapt_step_size": True},
-        ],
+        default_factory=lambda: shipped_default("run", "evaluate", "samplers"),
         description="samplers of the learned prior, one table row each (rows omitted when "
         "the run's prior is not a learned one)")
     include_run_sampler: bool = Field(True, description="add the run's [sampler] as a row when "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ncpvae import plots
+from ncpvae.defaults import shipped_default
 from ncpvae.errors import ConfigError
 from ncpvae.io import save_torch, write_json
 from ncpvae.registry import Registry
@@ -13,7 +14,8 @@ from ncpvae.run import seeds
 from ncpvae.run.build import open_run
 from ncpvae.run.sample import sample_images
 
-DEFAULT_SAMPLER = "langevin"
+#: the sampler suggested when a run has none (the shipped configs/defaults.toml)
+DEFAULT_SAMPLER: str = shipped_default("sample", "sampler")
 
 
 def sample_command(run_path: str | Path, overrides: list[str], *, chains: int | None = None,
