@@ -284,3 +284,39 @@ def test_plugin_import_check_flags_internal_imports(tmp_path: Path):
     assert plugin_import_violations(module) == [
         "from ncpvae.config import ...", "from ncpvae import nope (not in ncpvae.__all__)",
         "from ncpvae.mcmc import select_rows (not in ncpvae.mcmc.__all__)", "import ncpvae.run"]
+
+
+#: The modules that hold a run's defaults; the defaults that name built-in plugins are data
+#: (ncpvae/configs/defaults.toml), so none of these spells a built-in component's name.
+DEFAULTS_MODULES = ("ncpvae.config", "ncpvae.evaluation.config", "ncpvae.evaluation.compare",
+                    "ncpvae.run.sample_command", "ncpvae.cli", "ncpvae.experiment")
+
+
+def builtin_names_in_code(path: Path, names: set[str]) -> list[str]:
+    """String literals of ``path`` (docstrings aside) that equal one of ``names``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                       ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [f"{path.name}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings and node.value in names]
+
+
+def test_framework_code_names_no_builtin_plugin_as_a_default(registry):
+    from ncpvae.kinds import KINDS
+
+    names = {name for kind in KINDS for name in registry.names(kind)}
+    assert {"gaussian", "langevin", "sprites"} <= names  # the probe sees the built-ins
+    modules = source_modules()
+    found = [hit for m in DEFAULTS_MODULES for hit in builtin_names_in_code(modules[m], names)]
+    assert found == []
+
+
+def test_builtin_name_check_flags_a_default_in_code(tmp_path: Path):
+    module = tmp_path / "config.py"
+    module.write_text('"""Mentions "gaussian" in a docstring."""\n'
+                      'PRIOR = {"name": "gaussian"}\n')
+    assert builtin_names_in_code(module, {"gaussian"}) == ["config.py:2 'gaussian'"]

@@ -14,7 +14,7 @@ from ncpvae.cli import main
 from ncpvae.config import load_config
 from ncpvae.errors import ConfigError
 from ncpvae.evaluation import compare
-from ncpvae.evaluation.compare import compare_priors, parse_spec
+from ncpvae.evaluation.compare import CompareSettings, compare_priors, parse_spec
 from ncpvae.evaluation.format import pm
 from ncpvae.evaluation.report import fit_table, write_report
 from ncpvae.experiment import train
@@ -43,12 +43,19 @@ def test_parse_spec():
     with pytest.raises(ConfigError, match="bad prior spec"):
         parse_spec("ncp:")
     with pytest.raises(ConfigError, match="kid_reference must be 'test' or 'train'"):
-        compare_priors("nowhere", ["gaussian"], kid_reference="validation")
+        CompareSettings(["gaussian"], kid_reference="validation")
+    with pytest.raises(ConfigError, match="no priors listed"):
+        CompareSettings([])
+    with pytest.raises(ConfigError, match="kid_subsets >= 2"):
+        CompareSettings(kid_samples=10, kid_subsets=1)
+    settings = CompareSettings(["gmm"], overrides=["seed=1"], options=None)
+    assert settings.priors == ("gmm",) and settings.overrides == ("seed=1",)
+    assert settings.options == {}
 
 
 def test_compare_priors_pairs_every_row_with_the_same_draws(smoke_gaussian_run, tmp_path):
-    result = compare_priors(smoke_gaussian_run, ["gaussian", "gmm", "ncp:gmm", "run"],
-                            out=tmp_path, **SIZES, **FITS)
+    result = compare_priors(smoke_gaussian_run, CompareSettings(
+        ["gaussian", "gmm", "ncp:gmm", "run"], out=tmp_path, **SIZES, **FITS))
     assert result["complete"] and not result["pending"]
     assert result["iw"] == {"num_examples": 32, "num_samples": 8}
     assert result["kid"]["num_real"] == 128 and result["kid"]["real_per_subset"] == 32
@@ -90,8 +97,8 @@ def test_the_reference_iw_bound_is_the_evaluations(smoke_gaussian_run, tmp_path)
     from ncpvae.evaluation.pipeline import likelihood
     from ncpvae.run.build import open_run
 
-    result = compare_priors(smoke_gaussian_run, ["gaussian"], out=tmp_path,
-                            **{**SIZES, "kid_samples": 0})
+    result = compare_priors(smoke_gaussian_run, CompareSettings(
+        ["gaussian"], out=tmp_path, **{**SIZES, "kid_samples": 0}))
     assert result["kid"] is None and "kid" not in result["rows"][0]
     expected = likelihood(open_run(smoke_gaussian_run, quiet=True), None, [])["base"]["iw"]
     row = result["rows"][0]
@@ -104,8 +111,8 @@ def test_pairing_shrinks_the_se_of_a_coupled_difference(smoke_gaussian_run, tmp_
     small function of its draws while the bounds themselves spread over images by whole nats;
     the KID samples are coupled (z' = 1.1 z from the same generator) and the real subsets are
     the same. Both paired SEs must be below the unpaired ones."""
-    result = compare_priors(smoke_gaussian_run, ["gaussian"], out=tmp_path,
-                            options={"gaussian": {"scale": 1.1}}, **SIZES)
+    result = compare_priors(smoke_gaussian_run, CompareSettings(
+        ["gaussian"], out=tmp_path, options={"gaussian": {"scale": 1.1}}, **SIZES))
     row = result["rows"][0]
     assert row["label"] == "gaussian" and row["gain"] != 0.0
     assert row["iw_gain_se"] < 0.5 * row["iw_gain_se_unpaired"]
@@ -125,8 +132,8 @@ def test_rows_are_written_as_they_finish_and_reused(smoke_gaussian_run, tmp_path
 
     monkeypatch.setattr(compare, "score_prior", failing)
     with pytest.raises(RuntimeError, match="the GMM broke"):
-        compare_priors(smoke_gaussian_run, ["gaussian", "gmm", "run"], out=tmp_path, **SIZES,
-                       **FITS)
+        compare_priors(smoke_gaussian_run, CompareSettings(["gaussian", "gmm", "run"],
+                                                           out=tmp_path, **SIZES, **FITS))
     saved = json.loads((tmp_path / "table.json").read_text())
     assert [r["prior"] for r in saved["rows"]] == ["gaussian"]
     assert saved["pending"] == ["gmm", "run"] and saved["complete"] is False
@@ -138,20 +145,20 @@ def test_rows_are_written_as_they_finish_and_reused(smoke_gaussian_run, tmp_path
 
     calls.clear()
     monkeypatch.setattr(compare, "score_prior", counting)
-    result = compare_priors(smoke_gaussian_run, ["gaussian", "gmm", "run"], out=tmp_path,
-                            **SIZES, **FITS)
+    result = compare_priors(smoke_gaussian_run, CompareSettings(["gaussian", "gmm", "run"],
+                                                                out=tmp_path, **SIZES, **FITS))
     assert result["complete"] and result["reused"] == ["gaussian"]
     assert calls == ["GMM (K=10, full)", "N(0, I)"]  # the finished row was not recomputed
     assert result["rows"][0] == saved["rows"][0]
     # other settings: nothing is reused
-    other = compare_priors(smoke_gaussian_run, ["gaussian"], out=tmp_path,
-                           **{**SIZES, "num_heldout": 32}, **FITS)
+    other = compare_priors(smoke_gaussian_run, CompareSettings(
+        ["gaussian"], out=tmp_path, **{**SIZES, "num_heldout": 32}, **FITS))
     assert other["reused"] == []
 
 
 def test_the_report_shows_the_comparison(smoke_gaussian_run, tmp_path):
     run = shutil.copytree(smoke_gaussian_run, tmp_path / "run")
-    compare_priors(run, ["gaussian", "gmm"], **SIZES, **FITS)
+    compare_priors(run, CompareSettings(["gaussian", "gmm"], **SIZES, **FITS))
     config = json.loads(json.dumps(load_config(run / "config.toml").model_dump(mode="json")))
     page = write_report(run, {}, config).read_text()
     assert "Prior comparison" in page and "GMM (K=10, full) (gmm)" in page

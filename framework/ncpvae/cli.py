@@ -283,6 +283,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare_priors(args: argparse.Namespace) -> int:
     from ncpvae.evaluation.compare import (
         DEFAULT_PRIORS,
+        CompareSettings,
         compare_priors,
         format_table,
         parse_options,
@@ -292,12 +293,13 @@ def cmd_compare_priors(args: argparse.Namespace) -> int:
         p.strip() for p in args.priors.split(",") if p.strip())
     sizes = {k: v for k, v in (("kid_samples", args.kid_samples),
                                 ("kid_subsets", args.kid_subsets)) if v is not None}
-    result = compare_priors(args.run, priors, overrides=args.overrides,
-                            num_heldout=args.heldout, num_train=args.train,
-                            iw_images=args.iw_images, iw_samples=args.iw_samples, **sizes,
-                            kid_reference=args.kid_reference,
-                            options=parse_options(args.prior_options), fresh=args.fresh,
-                            out=args.out, registry=_manager(args).registry, quiet=args.quiet)
+    settings = CompareSettings(priors, overrides=args.overrides, num_heldout=args.heldout,
+                               num_train=args.train, iw_images=args.iw_images,
+                               iw_samples=args.iw_samples, **sizes,
+                               kid_reference=args.kid_reference,
+                               options=parse_options(args.prior_options), fresh=args.fresh,
+                               out=args.out, quiet=args.quiet)
+    result = compare_priors(args.run, settings, registry=_manager(args).registry)
     print(format_table(result), end="")
     return 0
 

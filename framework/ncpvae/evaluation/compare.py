@@ -51,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,8 @@ from ncpvae.sections import validate_component
 
 #: the priors compared when none are named (the shipped configs/defaults.toml)
 DEFAULT_PRIORS: tuple[str, ...] = tuple(shipped_default("compare-priors", "priors"))
+#: the N(0, I) prior every row is paired with (its spec, from the same file)
+REFERENCE_PRIOR: str = shipped_default("compare-priors", "reference")
 #: version of the table.json layout
 FORMAT = 2
 #: seeds of the comparison's random streams (fits, held-out draws, log Z, sampling speed, the
@@ -318,183 +320,338 @@ def _slug(spec: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in spec)
 
 
-def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DEFAULT_PRIORS, *,
-                   overrides: list[str] | tuple[str, ...] = (), num_heldout: int | None = None,
-                   num_train: int | None = None, options: dict[str, dict[str, Any]] | None = None,
-                   num_speed_samples: int = 2000, log_z_samples: int | None = None,
-                   iw_images: int | None = None, iw_samples: int | None = None,
-                   kid_samples: int = KID_SAMPLES, kid_subsets: int = KID_SUBSETS,
-                   kid_reference: str = "test",
-                   fresh: bool = False, out: str | Path | None = None,
-                   registry: Registry | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Fit and score ``priors`` on the frozen VAE of ``run_dir`` (see the module docstring);
-    write ``table.json``, ``table.md``, ``gains.png`` and ``samples_<prior>.png`` into ``out``
-    (default ``RUN/compare_priors``) after every prior, and return the table (plain data:
-    ``{"rows": [...], "complete": True, ...}``).
+@dataclass(frozen=True)
+class CompareSettings:
+    """What ``ncpvae compare-priors`` compares and at which sizes (one field per CLI flag).
 
-    Sizes: ``num_heldout`` test images' draws for the cross-entropy (default all); learned priors
-    are fitted on ``num_train`` training encodings (a seeded subset; default all); the IW bound
-    on ``iw_images`` test images with ``iw_samples`` importance draws each (default: the run's
-    ``[evaluate.likelihood]`` sizes; 0 images: skipped); KID on ``kid_samples`` decoded samples
-    per prior and as many test images (at most the test set; ``kid_reference="train"``:
-    training images) in ``kid_subsets`` subsets (0
+    ``priors``: prior specs (:func:`parse_spec`; ``run``: the run's own); ``overrides``:
+    ``--set`` overrides of the run's config. Sizes: ``num_heldout`` test images' draws for the
+    cross-entropy (default all); learned priors are fitted on ``num_train`` training encodings (a
+    seeded subset; default all); the IW bound on ``iw_images`` test images with ``iw_samples``
+    importance draws each (default: the run's ``[evaluate.likelihood]`` sizes; 0 images:
+    skipped); KID on ``kid_samples`` decoded samples per prior and as many test images (at most
+    the test set; ``kid_reference="train"``: training images) in ``kid_subsets`` subsets (0
     samples: skipped; skipped with a note when the data has neither factors nor labels for a
-    feature net). ``options`` (see :func:`parse_options`) override config fields per prior
-    name. Rows of an earlier comparison in ``out`` with the same settings are reused unless
-    ``fresh``.
+    feature net); ``num_speed_samples`` draws time ``prior.sample``; ``log_z_samples`` base draws
+    for a learned prior's log Z (None: its default). ``options`` (see :func:`parse_options`)
+    override config fields per prior name. Rows of an earlier comparison in ``out`` (default
+    ``RUN/compare_priors``) with the same settings are reused unless ``fresh``.
+
+    Bad settings raise :class:`ConfigError` when the object is made, before any run is opened.
     """
-    from ncpvae.plugin_manager import get_plugin_manager
 
-    registry = registry if registry is not None else get_plugin_manager().registry
-    if not priors:
-        raise ConfigError("compare-priors: no priors listed")
-    if kid_samples < 0 or (kid_samples and kid_subsets < 2):
-        raise ConfigError(f"compare-priors: need kid_samples >= 0 and kid_subsets >= 2, got "
-                          f"{kid_samples} and {kid_subsets}")
-    if kid_reference not in ("test", "train"):
-        raise ConfigError(f"compare-priors: kid_reference must be 'test' or 'train', got "
-                          f"'{kid_reference}'")
-    run = open_run(run_dir, list(overrides), registry=registry, quiet=quiet)
-    run.model.eval()
-    for p in run.model.parameters():
-        p.requires_grad_(False)
-    configs = {spec: prior_config(spec, run, registry, options) for spec in priors}  # fail early
-    n_test, n_train_all = len(run.data.test), len(run.data.train)
-    n_held = n_test if num_heldout is None else min(int(num_heldout), n_test)
-    if n_held < 2:
-        raise ConfigError(f"compare-priors: need at least 2 held-out images, got {n_held}")
-    lik = run.config.evaluate.likelihood
-    n_iw = min(lik.num_examples if iw_images is None else int(iw_images), n_test)
-    k_iw = lik.num_samples if iw_samples is None else int(iw_samples)
-    if n_iw == 1 or (n_iw and k_iw < 1):
-        raise ConfigError(f"compare-priors: the IW bound needs at least 2 test images and 1 "
-                          f"importance sample, got {n_iw} and {k_iw} (0 images: skip it)")
-    n_fit = n_train_all if num_train is None else max(2, min(int(num_train), n_train_all))
-    settings = {"format": FORMAT, "checkpoint_sha256": _checkpoint_digest(run),
-                "overrides": list(overrides), "seed": run.config.seed, "num_heldout": n_held,
-                "num_train": n_fit, "log_z_samples": log_z_samples,
-                "num_speed_samples": num_speed_samples,
-                "iw": {"num_examples": n_iw, "num_samples": k_iw,
-                       "batch_size": lik.batch_size} if n_iw else None,
-                "kid": {"num_samples": kid_samples, "num_subsets": kid_subsets,
-                        "reference": kid_reference}
-                if kid_samples else None}
-    target = Path(out) if out is not None else RunDirectory(Path(run_dir)).compare_priors
-    target.mkdir(parents=True, exist_ok=True)
-    previous = {} if fresh else _reusable_rows(target, settings)
-    done: dict[str, dict[str, Any]] = {
-        spec: previous[spec] for spec in priors if spec in previous
-        and previous[spec].get("config") == configs[spec].model_dump(mode="json")}
-    notes: list[str] = []
-    result: dict[str, Any] = {
-        "format": FORMAT,
-        "run": str(run.directory.path) if run.directory is not None else str(run_dir),
-        "num_heldout": n_held, "num_train": n_fit, "latent_dim": run.config.latent_dim,
-        "reference": "N(0, I)", "rows": [], "pending": list(priors), "complete": False,
-        "reused": sorted(done), "options": options or {}, "settings": settings,
-        "iw": None, "kid": None, "notes": notes}
+    priors: tuple[str, ...] = DEFAULT_PRIORS
+    overrides: tuple[str, ...] = ()
+    num_heldout: int | None = None
+    num_train: int | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_speed_samples: int = 2000
+    log_z_samples: int | None = None
+    iw_images: int | None = None
+    iw_samples: int | None = None
+    kid_samples: int = KID_SAMPLES
+    kid_subsets: int = KID_SUBSETS
+    kid_reference: str = "test"
+    fresh: bool = False
+    out: str | Path | None = None
+    quiet: bool = False
 
-    def write(current: str | None = None) -> None:
-        result["rows"] = [done[s] for s in priors if s in done]
-        result["pending"] = [s for s in priors if s not in done]
-        result["complete"] = not result["pending"]
-        _write_outputs(run, target, to_plain_json(result), registry)
+    def __post_init__(self) -> None:
+        # sequences given as lists are kept as tuples (the settings are a value)
+        object.__setattr__(self, "priors", tuple(self.priors))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "options", dict(self.options or {}))
+        if not self.priors:
+            raise ConfigError("compare-priors: no priors listed")
+        if self.kid_samples < 0 or (self.kid_samples and self.kid_subsets < 2):
+            raise ConfigError(f"compare-priors: need kid_samples >= 0 and kid_subsets >= 2, got "
+                              f"{self.kid_samples} and {self.kid_subsets}")
+        if self.kid_reference not in ("test", "train"):
+            raise ConfigError(f"compare-priors: kid_reference must be 'test' or 'train', got "
+                              f"'{self.kid_reference}'")
 
-    write()
-    if not result["pending"]:
-        return to_plain_json(result)
 
-    heldout = heldout_latents(run, n_held, run.generator(_HELDOUT_SEED))
-    gaussian_config = prior_config("gaussian", run, registry).model_dump(mode="json")
-    reference_prior = build_prior("gaussian", run, registry)
-    reference = Reference(reference_prior.log_prob(heldout), None, 0.0, None, 0.0)
-    draws = ImportanceDraws.draw(run, n_iw, k_iw, lik.batch_size) if n_iw else None
-    reference_bounds = None
-    if draws is not None:
-        reference_bounds = draws.bounds(reference_prior, None)
-        reference.iw = reference_bounds[0]
-        reference.iw_se = M.summarize_bound(reference.iw, k_iw).se_data
-        result["iw"] = {"num_examples": n_iw, "num_samples": k_iw}
-    quality = (SampleQuality.prepare(run, kid_samples, kid_subsets, notes,
-                                     reference=kid_reference)
-               if kid_samples else None)
-    reference_quality = None
-    if quality is not None:
-        reference_quality = quality.measure(reference_prior, run)
-        reference.kid_blocks = reference_quality[1]
-        reference.kid_se = reference_quality[0]["kid_se"]
-        b = kid_subsets
-        result["kid"] = {"num_real": int(quality.real.shape[0]), "num_fake": kid_samples,
-                         "reference": kid_reference,
-                         "num_subsets": b, "real_per_subset": int(quality.real.shape[0]) // b,
-                         "fake_per_subset": kid_samples // b, "feature_scale": quality.scale}
-    encodings: tuple[Tensor, Tensor] | None = None
+@dataclass(frozen=True)
+class Sizes:
+    """The settings' sizes resolved on one run (``None`` -> the whole split or the run's
+    ``[evaluate.likelihood]`` sizes): held-out draws, fit encodings, IW images, draws, batch."""
 
-    for spec in priors:
-        if spec in done:
-            continue
-        config = configs[spec].model_dump(mode="json")
-        as_reference = config == gaussian_config  # N(0, I) itself: reuse its measurements
-        prior = reference_prior if as_reference and spec != "run" else build_prior(
-            spec, run, registry, options)
-        fit_seconds = 0.0
-        fit_summary: dict[str, Any] = {}
-        if isinstance(prior, LearnedPrior) and (spec != "run" or not prior.is_fitted):
-            if encodings is None:
-                encodings = _train_encodings(run, n_fit)
-            started = time.perf_counter()
-            fit_summary = dict(prior.fit(*encodings, generator=run.generator(_FIT_SEED),
-                                         progress=not quiet))
-            fit_seconds = time.perf_counter() - started
-        row: dict[str, Any] = {"prior": spec, "label": prior.label, "config": config,
+    heldout: int
+    train: int
+    iw_images: int
+    iw_samples: int
+    iw_batch: int
+
+    @classmethod
+    def resolve(cls, run: Run, settings: CompareSettings) -> Sizes:
+        n_test, n_train_all = len(run.data.test), len(run.data.train)
+        n_held = n_test if settings.num_heldout is None else min(int(settings.num_heldout), n_test)
+        if n_held < 2:
+            raise ConfigError(f"compare-priors: need at least 2 held-out images, got {n_held}")
+        lik = run.config.evaluate.likelihood
+        n_iw = min(lik.num_examples if settings.iw_images is None else int(settings.iw_images),
+                   n_test)
+        k_iw = lik.num_samples if settings.iw_samples is None else int(settings.iw_samples)
+        if n_iw == 1 or (n_iw and k_iw < 1):
+            raise ConfigError(f"compare-priors: the IW bound needs at least 2 test images and 1 "
+                              f"importance sample, got {n_iw} and {k_iw} (0 images: skip it)")
+        n_fit = (n_train_all if settings.num_train is None
+                 else max(2, min(int(settings.num_train), n_train_all)))
+        return cls(n_held, n_fit, n_iw, k_iw, lik.batch_size)
+
+
+def _table_settings(run: Run, settings: CompareSettings, sizes: Sizes) -> dict[str, Any]:
+    """What an earlier table must match for its rows to be reused."""
+    kid = settings.kid_samples
+    return {"format": FORMAT, "checkpoint_sha256": _checkpoint_digest(run),
+            "overrides": list(settings.overrides), "seed": run.config.seed,
+            "num_heldout": sizes.heldout, "num_train": sizes.train,
+            "log_z_samples": settings.log_z_samples,
+            "num_speed_samples": settings.num_speed_samples,
+            "iw": {"num_examples": sizes.iw_images, "num_samples": sizes.iw_samples,
+                   "batch_size": sizes.iw_batch} if sizes.iw_images else None,
+            "kid": {"num_samples": kid, "num_subsets": settings.kid_subsets,
+                    "reference": settings.kid_reference} if kid else None}
+
+
+class ComparisonTable:
+    """The comparison as it is built: reused and finished rows in ``settings.priors`` order,
+    written to ``target`` (table.json, table.md, gains.png, the run's report) after each row."""
+
+    def __init__(self, run: Run, run_dir: str | Path, settings: CompareSettings, sizes: Sizes,
+                 configs: dict[str, ComponentConfig], registry: Registry) -> None:
+        self.run, self.registry, self.priors = run, registry, settings.priors
+        self.target = (Path(settings.out) if settings.out is not None
+                       else RunDirectory(Path(run_dir)).compare_priors)
+        self.target.mkdir(parents=True, exist_ok=True)
+        table_settings = _table_settings(run, settings, sizes)
+        previous = {} if settings.fresh else _reusable_rows(self.target, table_settings)
+        self.done: dict[str, dict[str, Any]] = {
+            spec: previous[spec] for spec in self.priors if spec in previous
+            and previous[spec].get("config") == configs[spec].model_dump(mode="json")}
+        #: the notes of the table (skipped columns and rows), shown under it
+        self.notes: list[str] = []
+        self.result: dict[str, Any] = {
+            "format": FORMAT,
+            "run": str(run.directory.path) if run.directory is not None else str(run_dir),
+            "num_heldout": sizes.heldout, "num_train": sizes.train,
+            "latent_dim": run.config.latent_dim, "reference": "N(0, I)", "rows": [],
+            "pending": list(self.priors), "complete": False, "reused": sorted(self.done),
+            "options": settings.options, "settings": table_settings, "iw": None, "kid": None,
+            "notes": self.notes}
+
+    @property
+    def pending(self) -> list[str]:
+        return [s for s in self.priors if s not in self.done]
+
+    def add(self, spec: str, row: dict[str, Any]) -> None:
+        self.done[spec] = to_plain_json(row)
+        self.write()
+
+    def write(self) -> None:
+        self.result["rows"] = [self.done[s] for s in self.priors if s in self.done]
+        self.result["pending"] = self.pending
+        self.result["complete"] = not self.result["pending"]
+        _write_outputs(self.run, self.target, to_plain_json(self.result), self.registry)
+
+
+@dataclass
+class Baseline:
+    """What every row is scored on and paired with: the held-out draws ``(N, D)``, the N(0, I)
+    prior with its config and measurements, the shared IW draws and the KID features."""
+
+    heldout: Tensor
+    prior: Prior
+    config: dict[str, Any]
+    reference: Reference
+    draws: ImportanceDraws | None
+    bounds: tuple[Tensor, Tensor] | None  # N(0, I)'s per-image IW bound and ELBO
+    quality: SampleQuality | None
+    measured: tuple[dict[str, Any], np.ndarray, Tensor] | None  # N(0, I)'s SampleQuality.measure
+
+    @classmethod
+    def measure(cls, run: Run, settings: CompareSettings, sizes: Sizes, registry: Registry,
+                table: ComparisonTable) -> Baseline:
+        """Draw the held-out latents and the IW draws, prepare the KID features, and measure
+        N(0, I) on them; records the IW and KID sizes in ``table``."""
+        heldout = heldout_latents(run, sizes.heldout, run.generator(_HELDOUT_SEED))
+        config = prior_config(REFERENCE_PRIOR, run, registry).model_dump(mode="json")
+        prior = build_prior(REFERENCE_PRIOR, run, registry)
+        reference = Reference(prior.log_prob(heldout), None, 0.0, None, 0.0)
+        draws = (ImportanceDraws.draw(run, sizes.iw_images, sizes.iw_samples, sizes.iw_batch)
+                 if sizes.iw_images else None)
+        bounds = None
+        if draws is not None:
+            bounds = draws.bounds(prior, None)
+            reference.iw = bounds[0]
+            reference.iw_se = M.summarize_bound(reference.iw, sizes.iw_samples).se_data
+            table.result["iw"] = {"num_examples": sizes.iw_images, "num_samples": sizes.iw_samples}
+        kid, b = settings.kid_samples, settings.kid_subsets
+        quality = (SampleQuality.prepare(run, kid, b, table.notes,
+                                         reference=settings.kid_reference) if kid else None)
+        measured = None
+        if quality is not None:
+            measured = quality.measure(prior, run)
+            reference.kid_blocks = measured[1]
+            reference.kid_se = measured[0]["kid_se"]
+            n_real = int(quality.real.shape[0])
+            table.result["kid"] = {"num_real": n_real, "num_fake": kid,
+                                   "reference": settings.kid_reference, "num_subsets": b,
+                                   "real_per_subset": n_real // b, "fake_per_subset": kid // b,
+                                   "feature_scale": quality.scale}
+        return cls(heldout, prior, config, reference, draws, bounds, quality, measured)
+
+
+class _LazyEncodings:
+    """The training encodings, computed on the first learned prior's fit and kept."""
+
+    def __init__(self, run: Run, n: int) -> None:
+        self.run, self.n = run, n
+        self.value: tuple[Tensor, Tensor] | None = None
+
+    def get(self) -> tuple[Tensor, Tensor]:
+        if self.value is None:
+            self.value = _train_encodings(self.run, self.n)
+        return self.value
+
+
+def _fit_prior(prior: Prior, spec: str, run: Run, encodings: _LazyEncodings,
+               quiet: bool) -> tuple[float, dict[str, Any]]:
+    """Fit a learned prior (``run``: only when its checkpoint holds no fit): seconds, summary."""
+    if not isinstance(prior, LearnedPrior) or (spec == "run" and prior.is_fitted):
+        return 0.0, {}
+    mu, logvar = encodings.get()
+    started = time.perf_counter()
+    summary = dict(prior.fit(mu, logvar, generator=run.generator(_FIT_SEED), progress=not quiet))
+    return time.perf_counter() - started, summary
+
+
+def _iw_columns(prior: Prior, spec: str, normalizer: LogNormalizer | None, base: Baseline,
+                as_reference: bool, num_samples: int, notes: list[str]) -> dict[str, float]:
+    """The IW bound, ELBO and paired IW gain over N(0, I) (empty when skipped)."""
+    if base.draws is None or base.reference.iw is None:
+        return {}
+    if not prior.normalized and not isinstance(prior, LearnedPrior):
+        notes.append(f"{spec}: IW bound skipped (an unnormalized prior without log Z)")
+        return {}
+    iw, elbo = (base.bounds if as_reference and base.bounds is not None
+                else base.draws.bounds(prior, normalizer))
+    own = M.summarize_bound(iw, num_samples, normalizer)
+    gain = M.summarize_bound(iw - base.reference.iw, num_samples, normalizer)
+    return {"iw_bound": own.mean, "iw_bound_se": own.se,
+            "elbo": M.summarize_bound(elbo, num_samples, normalizer).mean,
+            "iw_gain": gain.mean, "iw_gain_se": gain.se,
+            "iw_gain_se_unpaired": math.hypot(own.se_data, base.reference.iw_se,
+                                              own.se_log_normalizer)}
+
+
+def _kid_columns(prior: Prior, spec: str, run: Run, base: Baseline, as_reference: bool,
+                 target: Path) -> dict[str, Any]:
+    """KID (with SE), Fréchet distance, precision/recall and the paired ΔKID over N(0, I); the
+    decoded grid is plotted to ``target/samples_<spec>.png`` (empty when KID is skipped)."""
+    if base.quality is None or base.reference.kid_blocks is None:
+        return {}
+    sq, values, grid = (base.measured if as_reference and base.measured is not None
+                        else base.quality.measure(prior, run))
+    diff, diff_se = _paired(values - base.reference.kid_blocks)
+    plot = target / f"samples_{_slug(spec)}.png"
+    _plot_grid(grid, plot, f"{prior.label} ({spec})")
+    return {**sq, "kid_diff": diff, "kid_diff_se": diff_se,
+            "kid_diff_se_unpaired": math.hypot(sq["kid_se"], base.reference.kid_se),
+            "samples_plot": plot.name}
+
+
+def _over_base_columns(prior: Prior, heldout: Tensor, log_z_samples: int | None,
+                       run: Run) -> dict[str, float]:
+    """A tilted prior over a learned base: its gain over that base (``ncp:gmm``)."""
+    over_base = getattr(prior, "kl_gain_over_base", None)
+    if not callable(over_base) or getattr(prior, "base", None) is prior.base_prior:
+        return {}
+    delta, delta_se = over_base(heldout, num_samples=log_z_samples,
+                                generator=run.generator(_LOG_Z_SEED))
+    return {"gain_over_base": delta, "gain_over_base_se": delta_se}
+
+
+def _samples_per_second(prior: Prior, num_samples: int, run: Run) -> float:
+    started = time.perf_counter()
+    with torch.no_grad():
+        prior.sample(num_samples, generator=run.generator(_SAMPLE_SEED))
+    return num_samples / max(time.perf_counter() - started, 1e-9)
+
+
+@dataclass
+class RowScorer:
+    """Scores one prior spec after another on the same run, baseline and settings."""
+
+    run: Run
+    settings: CompareSettings
+    sizes: Sizes
+    base: Baseline
+    registry: Registry
+    table: ComparisonTable
+    encodings: _LazyEncodings
+
+    def row(self, spec: str, config: ComponentConfig) -> dict[str, Any]:
+        """Build (and fit) the prior of ``spec`` and score it: one row of the table."""
+        run, settings, base = self.run, self.settings, self.base
+        plain = config.model_dump(mode="json")
+        as_reference = plain == base.config  # N(0, I) itself: reuse its measurements
+        prior = base.prior if as_reference and spec != "run" else build_prior(
+            spec, run, self.registry, settings.options)
+        fit_seconds, fit_summary = _fit_prior(prior, spec, run, self.encodings, settings.quiet)
+        row: dict[str, Any] = {"prior": spec, "label": prior.label, "config": plain,
                                "normalized": prior.normalized,
-                               "sampling": prior.sampling_method,
-                               "fit_seconds": fit_seconds}
-        row.update(score_prior(prior, heldout, reference.log_prob, log_z_samples=log_z_samples,
+                               "sampling": prior.sampling_method, "fit_seconds": fit_seconds}
+        row.update(score_prior(prior, base.heldout, base.reference.log_prob,
+                               log_z_samples=settings.log_z_samples,
                                generator=run.generator(_LOG_Z_SEED)))
-        normalizer: LogNormalizer | None = None
-        if not prior.normalized:
-            normalizer = (row["log_z"], row["log_z_se"])
-        if draws is not None and reference.iw is not None:
-            if not prior.normalized and not isinstance(prior, LearnedPrior):
-                notes.append(f"{spec}: IW bound skipped (an unnormalized prior without log Z)")
-            else:
-                iw, elbo = (reference_bounds if as_reference and reference_bounds is not None
-                            else draws.bounds(prior, normalizer))
-                own = M.summarize_bound(iw, k_iw, normalizer)
-                gain = M.summarize_bound(iw - reference.iw, k_iw, normalizer)
-                row.update(iw_bound=own.mean, iw_bound_se=own.se,
-                           elbo=M.summarize_bound(elbo, k_iw, normalizer).mean,
-                           iw_gain=gain.mean, iw_gain_se=gain.se,
-                           iw_gain_se_unpaired=math.hypot(own.se_data, reference.iw_se,
-                                                          own.se_log_normalizer))
-        if quality is not None and reference.kid_blocks is not None:
-            measured = (reference_quality if as_reference and reference_quality is not None
-                        else quality.measure(prior, run))
-            sq, values, grid = measured
-            diff, diff_se = _paired(values - reference.kid_blocks)
-            row.update(sq)
-            row.update(kid_diff=diff, kid_diff_se=diff_se,
-                       kid_diff_se_unpaired=math.hypot(sq["kid_se"], reference.kid_se))
-            plot = target / f"samples_{_slug(spec)}.png"
-            _plot_grid(grid, plot, f"{prior.label} ({spec})")
-            row["samples_plot"] = plot.name
-        over_base = getattr(prior, "kl_gain_over_base", None)
-        if callable(over_base) and getattr(prior, "base", None) is not prior.base_prior:
-            delta, delta_se = over_base(heldout, num_samples=log_z_samples,
-                                        generator=run.generator(_LOG_Z_SEED))
-            row.update(gain_over_base=delta, gain_over_base_se=delta_se)
-        started = time.perf_counter()
-        with torch.no_grad():
-            prior.sample(num_speed_samples, generator=run.generator(_SAMPLE_SEED))
-        row["samples_per_second"] = num_speed_samples / max(time.perf_counter() - started, 1e-9)
+        normalizer = None if prior.normalized else (row["log_z"], row["log_z_se"])
+        row.update(_iw_columns(prior, spec, normalizer, base, as_reference,
+                               self.sizes.iw_samples, self.table.notes))
+        row.update(_kid_columns(prior, spec, run, base, as_reference, self.table.target))
+        row.update(_over_base_columns(prior, base.heldout, settings.log_z_samples, run))
+        row["samples_per_second"] = _samples_per_second(prior, settings.num_speed_samples, run)
         if isinstance(prior, LearnedPrior):
             row.update({f"sampling_{k}": v for k, v in prior.sampling_info().items()})
         if fit_summary:
             row["fit"] = fit_summary
-        done[spec] = to_plain_json(row)
-        write()
-    return to_plain_json(result)
+        return row
+
+
+def compare_priors(run_dir: str | Path, settings: CompareSettings | None = None, *,
+                   registry: Registry | None = None) -> dict[str, Any]:
+    """Fit and score ``settings.priors`` on the frozen VAE of ``run_dir`` (see the module
+    docstring and :class:`CompareSettings`); write ``table.json``, ``table.md``, ``gains.png``
+    and ``samples_<prior>.png`` into ``settings.out`` (default ``RUN/compare_priors``) after
+    every prior, and return the table (plain data: ``{"rows": [...], "complete": True, ...}``).
+    """
+    from ncpvae.plugin_manager import get_plugin_manager
+
+    settings = settings if settings is not None else CompareSettings()
+    registry = registry if registry is not None else get_plugin_manager().registry
+    run = _open_frozen(run_dir, settings, registry)
+    configs = {spec: prior_config(spec, run, registry, settings.options)  # fail early
+               for spec in settings.priors}
+    sizes = Sizes.resolve(run, settings)
+    table = ComparisonTable(run, run_dir, settings, sizes, configs, registry)
+    table.write()
+    if not table.pending:
+        return to_plain_json(table.result)
+    base = Baseline.measure(run, settings, sizes, registry, table)
+    scorer = RowScorer(run, settings, sizes, base, registry, table, _LazyEncodings(run, sizes.train))
+    for spec in settings.priors:
+        if spec not in table.done:
+            table.add(spec, scorer.row(spec, configs[spec]))
+    return to_plain_json(table.result)
+
+
+def _open_frozen(run_dir: str | Path, settings: CompareSettings, registry: Registry) -> Run:
+    """The run with its VAE in eval mode and without gradients (only priors are fitted)."""
+    run = open_run(run_dir, list(settings.overrides), registry=registry, quiet=settings.quiet)
+    run.model.eval()
+    for p in run.model.parameters():
+        p.requires_grad_(False)
+    return run
 
 
 def _train_encodings(run: Run, n: int) -> tuple[Tensor, Tensor]:
