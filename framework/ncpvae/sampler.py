@@ -1,6 +1,6 @@
 """The latent sampler interface and the shared run loop (BlackJAX-style kernels).
 
-Convention (MATH.md §3): the target is ``pi(z) ∝ exp(-U(z))``. An ``energy`` is any callable
+Convention (docs/samplers.md §1): the target is ``pi(z) ∝ exp(-U(z))``. An ``energy`` is any callable
 mapping chains ``(C, D)`` to ``(C,)``; it must be *batch-separable* (row i depends on ``z[i]``
 only), because every gradient is ``autograd.grad(U(z).sum(), z)``: one backward pass gives each
 chain its own gradient. (An energy that returns ``U(z).mean()`` is rejected by the shape check;

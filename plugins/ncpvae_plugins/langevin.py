@@ -1,6 +1,6 @@
 """The ``langevin`` sampler: unadjusted Langevin (ULA) and, with ``metropolis = true``, MALA.
 
-Convention (MATH.md §3), step size ``eps``::
+Convention (docs/samplers.md §2), step size ``eps``::
 
     z' = z - eps ∇U(z) + sqrt(2 eps) xi,        xi ~ N(0, I)
 

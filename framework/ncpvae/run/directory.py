@@ -1,4 +1,4 @@
-"""The run directory: every file a run writes, named in this one place (ARCHITECTURE.md §5).
+"""The run directory: every file a run writes, named in this one place (docs/architecture.md §6).
 
 ::
 
