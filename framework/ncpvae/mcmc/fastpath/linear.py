@@ -241,8 +241,7 @@ class _FastLinearMode(TorchFunctionMode):
 
 
 @contextmanager
-def onednn_linear(enabled: bool = True, *, _cache: _TransposeCache | None = None
-                  ) -> Iterator[bool]:
+def onednn_linear(enabled: bool = True) -> Iterator[bool]:
     """Route eligible ``F.linear`` calls made in this thread through the shape-aware kernels
     while the context is open (see the module docstring); yields whether the fast path is
     active (False when ``enabled`` is False or this torch build lacks oneDNN, in which case
@@ -251,7 +250,7 @@ def onednn_linear(enabled: bool = True, *, _cache: _TransposeCache | None = None
     if not enabled or not onednn_available():
         yield False
         return
-    with _FastLinearMode(_TransposeCache() if _cache is None else _cache):
+    with _FastLinearMode(_TransposeCache()):
         yield True
 
 
