@@ -105,7 +105,7 @@ def mala_transition(value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor]], z
                     constants: LangevinConstants, correct_proposal: bool = True
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One MALA step of every chain as a pure tensor function (random draws passed in), so
-    that ``compile_energy`` can compile it whole (:meth:`ncpvae.CompiledEnergy.
+    that ``compile_energy`` can compile it whole (:meth:`ncpvae.mcmc.fastpath.CompiledEnergy.
     compile_transition`).
 
     Chains at ``z`` ``(C, D)`` with energy ``u`` ``(C,)`` and gradient ``g`` ``(C, D)``
