@@ -78,14 +78,14 @@ def command_line(argv: Sequence[str]) -> str:
 def read_holder(fd: int) -> Holder | None:
     """The holder recorded in an open lock file (None: not written yet, or unreadable)."""
     try:
-        data = json.loads(os.pread(fd, 4096, 0).decode())
+        data = json.loads(os.pread(fd, 1 << 16, 0).decode())
         return Holder(pid=int(data["pid"]), command=str(data["command"]),
                       host=str(data["host"]), started=str(data["started"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def refusal(run: Path, holder: Holder | None) -> RunLockedError:
+def _refusal(run: Path, holder: Holder | None) -> RunLockedError:
     """The one-line error of a refused writer: the run, its holder and what to do."""
     if holder is None:
         return RunLockedError(
@@ -157,7 +157,7 @@ def _acquire(lock: Path, run: Path, *, create: bool) -> int | None:
     assert fcntl is not None
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # not inherited (PEP 446)
         except FileNotFoundError:  # the folder went away (another train removed what it made)
             if not create:
                 return None
@@ -172,7 +172,7 @@ def _acquire(lock: Path, run: Path, *, create: bool) -> int | None:
         except BlockingIOError:
             holder = read_holder(fd)
             os.close(fd)
-            raise refusal(run, holder) from None
+            raise _refusal(run, holder) from None
         except OSError as exc:  # a file system without flock (some network mounts)
             os.close(fd)
             warnings.warn(f"cannot lock '{lock}' ({exc.strerror}); another process writing this "
@@ -202,7 +202,7 @@ def _hold_portable(run: Path) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
-        raise refusal(run, None) from None
+        raise _refusal(run, None) from None
     try:
         yield
     finally:
