@@ -12,6 +12,7 @@
                              prior_fit (a learned prior's fit records), eval_samples_<row> (.png)
       sampling/              `ncpvae sample`: samples.png, latents.pt, diagnostics.json,
                              energy_trace.png, trajectories.png
+      .lock                  while a command writes the run: its writer lock (ncpvae.run.lock)
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from ncpvae.io import append_jsonl, read_json, read_jsonl, to_plain_json, write_
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "metrics.jsonl", "summary.json")
 #: Further files of a run, removed with the markers when a run is overwritten.
 RUN_OUTPUTS = ("plugins.json", "samples.pt", "evaluation.json", "report.html", "report.md")
+#: The writer lock of :mod:`ncpvae.run.lock` (removed by its holder when it is done).
+LOCK_FILE = ".lock"
 
 #: The figures of ``plots/``.
 PLOT_TRAINING_CURVES = "training_curves.png"
