@@ -12,8 +12,9 @@ round, in rotating order, so load changes hit every column alike):
   default settings (every draw kept, per-step info, ESS/R-hat at the end);
 - ``ncpvae lean``: the same with ``keep_info="summary"``, ``thin=steps``, ``diagnose=False``;
 - ``ncpvae oneDNN``: defaults plus ``fast_linear=True`` (the opt-in oneDNN linear layers);
-- ``ncpvae compiled``: defaults on a :class:`ncpvae.CompiledEnergy` (what ``compile_energy=True``
-  wraps; wrapped once per chain count, so compilation falls in the untimed warm-up round):
+- ``ncpvae compiled``: defaults on a :class:`ncpvae.mcmc.fastpath.CompiledEnergy` (what
+  ``compile_energy=True`` wraps; wrapped once per chain count, so compilation falls in the
+  untimed warm-up round):
   the whole MALA step compiled as one graph around the energy's gradient;
 - ``ncpvae compiled+oneDNN``: the same with ``CompiledEnergy(energy, fast_linear=True)`` (what
   ``compile_energy=True, fast_linear=True`` wraps): oneDNN matrix products inside the compiled
@@ -22,9 +23,10 @@ round, in rotating order, so load changes hit every column alike):
 - ``blackjax``: ``blackjax.mala`` vmapped over chains inside ``lax.scan`` under ``jit``
   (positions and acceptance of every step returned, like ``run()``), compile time excluded.
 
-(The compiled columns' first compilation, in the untimed warm-up round, calls
-:func:`ncpvae.mcmc.fastpath.retain_freed_memory`, which fixes glibc's malloc thresholds for the
-process: every torch column's timed rounds run with them.)
+``--retain-freed-memory`` calls :func:`ncpvae.mcmc.fastpath.retain_freed_memory` first, which
+fixes glibc's malloc thresholds for this process (every torch column then runs with them; the
+compiled columns gain most). ncpvae never makes that call itself; without the flag every column
+runs with glibc's defaults, as a user's process does.
 
 JAX and BlackJAX are not project dependencies: they live in a separate environment, e.g.::
 
@@ -62,7 +64,7 @@ import torch
 from ncpvae_plugins.langevin import LangevinSampler
 from torch import Tensor, nn
 
-from ncpvae.mcmc.fastpath import CompiledEnergy
+from ncpvae.mcmc.fastpath import CompiledEnergy, retain_freed_memory
 
 DEFAULT_JAX_PYTHON = "/work/bench-venv/bin/python"
 
@@ -298,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="device of the torch columns: cpu or "
                         "cuda[:N] (cuda skips the BlackJAX column)")
     parser.add_argument("--no-jax", action="store_true", help="skip the BlackJAX column")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="call ncpvae.mcmc.fastpath.retain_freed_memory() first "
+                             "(process-wide glibc malloc thresholds)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -307,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         args.chains, args.steps, args.steps_one, args.repeats = "1,256", 10, 20, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retain_freed_memory and not retain_freed_memory():
+        parser.error("--retain-freed-memory: not glibc, or a MALLOC_*_ variable is set")
 
     net, energy = build_energy(args.dim, args.hidden, args.seed, args.device)
     python = args.jax_python or (DEFAULT_JAX_PYTHON if Path(DEFAULT_JAX_PYTHON).exists()
@@ -343,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"MALA on U(z) = |z|^2/2 - MLP(z) (D={args.dim}, {args.dim}-{args.hidden}-"
               f"{args.hidden}-1 SiLU, float32), step size {args.step_size}; median of "
               f"{args.repeats} interleaved rounds; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, {platform.machine()}, load average "
+              f"{torch.get_num_threads()} threads, {platform.machine()}, malloc thresholds "
+              f"{'retained' if args.retain_freed_memory else 'glibc default'}, load average "
               f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}.")
     lines = [header, *notes, "",
              "| chains | steps | ncpvae run() | run() lean | run() oneDNN | run() compiled "

@@ -1,17 +1,45 @@
-"""``compile_energy`` / :class:`CompiledEnergy` and the ``value_and_grad`` energy protocol: the
-compiled value and gradient agree with autograd to float32 rounding, MALA chains follow the
-eager ones, a failed compilation falls back to the eager numbers with one warning, and any
-energy object with its own ``value_and_grad`` is used as given (and checked)."""
+"""``compile_energy`` / :class:`CompiledEnergy`, ``fast_linear`` and the ``value_and_grad``
+energy protocol: the compiled value and gradient agree with autograd to float32 rounding, MALA
+chains follow the eager ones, a failed compilation falls back to the eager numbers with one
+warning, any energy object with its own ``value_and_grad`` is used as given (and checked), and
+the fast paths have no process-wide side effect: importing ncpvae changes nothing in torch or
+the allocator, a fast-linear energy reroutes its own linear layers only, and the allocator is
+tuned only when the user calls ``retain_freed_memory``."""
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+import sys
+import threading
+
 import pytest
 import torch
+import torch.nn.functional as F
 from ncpvae_plugins.langevin import LangevinSampler
 
-from ncpvae import ConfigError, DataError
-from ncpvae.mcmc import energy_and_grad
-from ncpvae.mcmc.fastpath import CompiledEnergy
+from ncpvae.errors import ConfigError, DataError
+from ncpvae.mcmc.fastpath import CompiledEnergy, linear, memory
+from ncpvae.mcmc.kernels import energy_and_grad
+
+onednn = pytest.mark.skipif(not linear.onednn_available(), reason="torch without oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def allocator_untouched(monkeypatch):
+    """Every test here: nothing but an explicit ``retain_freed_memory()`` reaches glibc's
+    ``mallopt`` (``ctypes.CDLL(None)``, the process's own C library), compilations included."""
+    opened = []
+    real_cdll = ctypes.CDLL
+
+    def spy(name, *args, **kwargs):
+        opened.append(name)
+        return real_cdll(name, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", spy)
+    monkeypatch.setattr(memory, "_heap_retained", None)
+    yield
+    assert None not in opened and memory._heap_retained is None
 
 
 def _mlp_energy():
@@ -50,13 +78,10 @@ def test_compiled_energy_matches_autograd_and_eager_chains():
     torch.testing.assert_close(fast.samples, eager.samples, rtol=1e-4, atol=1e-4)
 
 
+@onednn
 def test_compiled_energy_with_fast_linear_matches_autograd_and_eager_chains(recwarn):
-    from ncpvae.mcmc import fastpath
-
-    if not fastpath.onednn_available():
-        pytest.skip("torch without oneDNN")
-    # a wide layer with enough rows for the oneDNN operator inside the compiled graph, a
-    # narrow input and a single output for the two transposed/broadcast gradient rules
+    # a wide layer with enough rows (one block) for the oneDNN operator inside the compiled
+    # graph, a narrow input and a single output for the two transposed/broadcast gradient rules
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.SiLU(), torch.nn.Linear(32, 32),
                               torch.nn.SiLU(), torch.nn.Linear(32, 1)).requires_grad_(False)
@@ -64,11 +89,12 @@ def test_compiled_energy_with_fast_linear_matches_autograd_and_eager_chains(recw
     def energy(z: torch.Tensor) -> torch.Tensor:
         return 0.5 * (z * z).sum(-1) - net(z).squeeze(-1)
 
-    z = torch.randn(fastpath._MIN_ONEDNN_ROWS, 4, generator=torch.Generator().manual_seed(1))
-    compiled = CompiledEnergy(energy, fast_linear=True)
+    z = torch.randn(linear._MIN_ONEDNN_ROWS, 4, generator=torch.Generator().manual_seed(1))
+    compiled = CompiledEnergy(energy, fast_linear=True, block_rows=None)
     u, g = compiled.value_and_grad(z)
     u_ref, g_ref = energy_and_grad(energy, z)
-    assert compiled.failure is None
+    # the opaque operator exists once a fast-linear energy has compiled (registered then)
+    assert compiled.failure is None and hasattr(torch.ops.ncpvae, "onednn_mm")
     torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
     start = torch.randn(128, 4, generator=torch.Generator().manual_seed(3))
@@ -218,23 +244,110 @@ class _FakeLibc:
 
 @pytest.mark.parametrize("env", [None, "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"])
 def test_retain_freed_memory_sets_glibc_thresholds_once_unless_the_user_did(monkeypatch, env):
-    import ctypes
     import platform
 
-    from ncpvae.mcmc import fastpath
+    from ncpvae.mcmc.fastpath import retain_freed_memory
 
     libc = _FakeLibc()
     monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
     monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
-    monkeypatch.setattr(fastpath, "_heap_retained", None)
-    for name in fastpath._MALLOC_ENV:
+    for name in memory._MALLOC_ENV:
         monkeypatch.delenv(name, raising=False)
     if env is not None:
         monkeypatch.setenv(env, "131072")
-    assert fastpath.retain_freed_memory() is (env is None)
-    assert fastpath.retain_freed_memory() is (env is None)  # decided once per process
+    assert retain_freed_memory() is (env is None)
+    assert retain_freed_memory() is (env is None)  # decided once per process
     # M_TRIM_THRESHOLD (-1) 256 MB and M_MMAP_THRESHOLD (-3) 32 MB, once; nothing when set
     assert libc.calls == ([] if env else [(-1, 256 << 20), (-3, 32 << 20)])
-    monkeypatch.setattr(fastpath, "_heap_retained", None)
+    monkeypatch.setattr(memory, "_heap_retained", None)
     monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # musl, macOS, Windows
-    assert fastpath.retain_freed_memory() is False
+    assert retain_freed_memory() is False
+    monkeypatch.setattr(memory, "_heap_retained", None)  # for the fixture: the process's own
+
+
+_IMPORT_CHECK = """
+import ctypes, sys
+import torch
+import torch.nn.functional as F
+opened = []
+real_cdll = ctypes.CDLL
+ctypes.CDLL = lambda name, *a, **k: opened.append(name) or real_cdll(name, *a, **k)
+torch_before, f_before = dict(vars(torch)), dict(vars(F))
+import ncpvae, ncpvae.mcmc.fastpath, ncpvae_plugins.langevin
+changed = sorted(k for k, v in f_before.items() if vars(F).get(k) is not v)
+changed += sorted(k for k, v in torch_before.items()
+                  if callable(v) and vars(torch).get(k) is not v)
+assert not changed, changed
+assert not hasattr(torch.ops.ncpvae, "onednn_mm"), "operator registered at import"
+assert None not in opened, "the C library opened at import (mallopt)"
+from ncpvae.mcmc.fastpath import memory, register_onednn_op
+assert memory._heap_retained is None
+if register_onednn_op():  # where oneDNN exists: registered on demand, twice harmlessly
+    assert register_onednn_op() and hasattr(torch.ops.ncpvae, "onednn_mm")
+print("ok")
+"""
+
+
+def test_import_changes_nothing_in_torch_or_the_allocator():
+    # a fresh interpreter: `import ncpvae` (and the fast-path module, and a plugin) leaves every
+    # function of torch and torch.nn.functional as it was, registers no torch.library operator
+    # and never opens the C library for mallopt
+    out = subprocess.run([sys.executable, "-c", _IMPORT_CHECK], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@onednn
+def test_registering_the_operator_again_is_harmless(monkeypatch):
+    assert linear.register_onednn_op() and linear.register_onednn_op()
+    monkeypatch.setattr(linear, "_op_ready", False)  # as for a second copy of the module
+    assert linear.register_onednn_op() and hasattr(torch.ops.ncpvae, "onednn_mm")
+
+
+@onednn
+def test_fast_linear_reroutes_only_the_energy_that_asked_for_it(monkeypatch):
+    # While a fast-linear MALA run evaluates its energy, another frozen model (wide, many rows:
+    # eligible for oneDNN) runs in another thread, and the same model runs in this thread
+    # between steps (a callback): both go through torch's own F.linear, bit for bit, and only
+    # the energy's own layers are routed; the chains follow the default ones.
+    routed = []  # (thread, weight) of every linear call the fast path took over
+    real = linear._fast_f_linear
+
+    def spy(cache, x, weight, bias=None):
+        routed.append((threading.get_ident(), weight))
+        return real(cache, x, weight, bias)
+
+    monkeypatch.setattr(linear, "_fast_f_linear", spy)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.SiLU(),
+                              torch.nn.Linear(32, 1)).requires_grad_(False)
+    other = torch.nn.Linear(64, 64).requires_grad_(False)
+    x = torch.randn(linear._MIN_ONEDNN_ROWS, 64, generator=torch.Generator().manual_seed(7))
+    expected = F.linear(x, other.weight, other.bias)
+    in_thread, between_steps = [], []
+
+    def energy(z: torch.Tensor) -> torch.Tensor:
+        u = 0.5 * (z * z).sum(-1) - net(z).squeeze(-1)
+        worker = threading.Thread(target=lambda: in_thread.append(other(x)))
+        worker.start()
+        worker.join()
+        return u
+
+    def callback(step, state, info):
+        between_steps.append((F.linear is expected_linear, other(x)))
+
+    expected_linear = F.linear
+    start = torch.randn(256, 3, generator=torch.Generator().manual_seed(3))
+    fast = _mala().run(energy, start, 5, generator=torch.Generator().manual_seed(2),
+                       fast_linear=True, callback=callback)
+    main = threading.get_ident()
+    assert routed and all(t == main for t, _ in routed)
+    assert {id(w) for _, w in routed} == {id(net[0].weight), id(net[2].weight)}
+    assert len(in_thread) == 6 and all(torch.equal(out, expected) for out in in_thread)
+    assert len(between_steps) == 5
+    assert all(same and torch.equal(out, expected) for same, out in between_steps)
+    routed.clear()
+    eager = _mala().run(energy, start, 5, generator=torch.Generator().manual_seed(2))
+    assert not routed  # the default run routes nothing
+    assert torch.equal(fast.info["is_accepted"], eager.info["is_accepted"])
+    torch.testing.assert_close(fast.samples, eager.samples, rtol=1e-4, atol=1e-4)

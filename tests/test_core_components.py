@@ -20,7 +20,7 @@ from ncpvae.errors import ConfigError, DataError, PluginError, UnknownComponentE
 from ncpvae.model import LatentModel
 from ncpvae.registry import Registry
 
-Z_MAX = 5.0  # |z| bound on standardized Monte Carlo errors (MATH.md §3, testing method)
+Z_MAX = 5.0  # |z| bound on standardized Monte Carlo errors (docs/samplers.md §10, testing method)
 F64 = torch.float64
 
 

@@ -1,4 +1,4 @@
-"""Tests of the ``ncp`` prior (MATH.md §2) and of the classifier-loss plot.
+"""Tests of the ``ncp`` prior (docs/math.md §2) and of the classifier-loss plot.
 
 Statistical checks compare against closed forms with |z| < 5 on standard errors, fixed seeds and
 float64. SIR draws from one candidate pool are conditionally i.i.d. given the pool; the pool's
@@ -176,7 +176,7 @@ def test_unfitted_use_raises(registry):
 
 
 # ---------------------------------------------------------------------------------------------
-# exact cases (MATH.md §2)
+# exact cases (docs/math.md §4)
 
 
 def test_zero_logit_is_the_base_prior():

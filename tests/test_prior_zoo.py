@@ -205,7 +205,7 @@ EBM_VAR = torch.tensor([0.5, 1.25])
 
 
 def tilted_gaussian_log_z(b: Tensor, a: Tensor) -> float:
-    """MATH.md §2 for a diagonal A on base N(0, I)."""
+    """docs/math.md §4 for a diagonal A on base N(0, I)."""
     precision = 1 + a.double()
     return float((-0.5 * precision.log() + 0.5 * b.double() ** 2 / precision).sum())
 

@@ -1,4 +1,4 @@
-"""Statistical tests of the samplers against the closed forms of MATH.md §2–3.
+"""Statistical tests of the samplers against the closed forms of docs/math.md §4 and docs/samplers.md §8.
 
 Method: N = 20000 independent chains in float64 (the chains are the batch dimension), fixed
 generator seeds; the final states are i.i.d. draws of the sampler's law after T steps, so moments

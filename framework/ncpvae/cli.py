@@ -181,8 +181,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out, note = repeat_directory(args.config, config.name, args.out, args.overwrite)
     if note is not None:
         print(f"ncpvae train: {note}", file=sys.stderr)
-    path = train(config, out if out is not None else args.out, overwrite=args.overwrite,
-                 quiet=args.quiet, manager=manager)
+    if out is None:  # create_run's default, named here to lock it
+        out = args.out if args.out is not None else os.path.join("runs", config.name)
+    with _writer_lock(args, out, create=True):  # the new-run check and creation under the lock
+        path = train(config, out, overwrite=args.overwrite, quiet=args.quiet, manager=manager)
     print(format_run_summary(path))
     return 0
 
@@ -401,6 +403,25 @@ def _quiet_rank() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+#: commands that write the run directory named by their RUN argument (train: see cmd_train)
+_RUN_WRITERS = ("resume", "fit-prior", "sample", "evaluate", "compare-priors")
+
+
+def _writer_lock(args: argparse.Namespace, run: str | None = None, *,
+                 create: bool = False) -> contextlib.AbstractContextManager:
+    """Hold the writer lock of the run a command writes (:mod:`ncpvae.run.lock`; a second writer
+    is refused), in the process that writes it: under torchrun rank 0 alone."""
+    run = run if run is not None else args.run if args.command in _RUN_WRITERS else None
+    if run is None:
+        return contextlib.nullcontext()
+    from ncpvae.run.distributed import env_rank
+    from ncpvae.run.lock import command_line, hold
+
+    if env_rank() != 0:
+        return contextlib.nullcontext()
+    return hold(run, command=command_line(args.argv), create=create)
+
+
 def _report(exc: BaseException) -> bool:
     """False on a rank > 0 for an error every rank raised (rank 0 prints it once)."""
     module = sys.modules.get("ncpvae.run.distributed")
@@ -409,12 +430,13 @@ def _report(exc: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the lock names its holder by it
     import warnings
 
     previous_showwarning = warnings.showwarning
     warnings.showwarning = _one_line_warning
     try:
-        with _quiet_rank():
+        with _quiet_rank(), _writer_lock(args):
             return COMMANDS[args.command](args)
     except NcpvaeError as exc:
         if args.debug:

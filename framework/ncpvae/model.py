@@ -10,7 +10,7 @@ Likelihoods (``LatentModel.likelihood``):
     logits; for binary or [0, 1] grey images (not a normalized likelihood of 8-bit data).
 ``gaussian``
     means; scale ``exp(log_scale)``, fixed or learned, one scalar or one per pixel. A density
-    on [0, 1]: its bound converts to bits/dim with ``+ 8`` (MATH.md section 1).
+    on [0, 1]: its bound converts to bits/dim with ``+ 8`` (docs/math.md §1).
 ``discretized_logistic``
     for 8-bit images stored as ``k / 255``: each value gets the mass of the logistic
     ``Logistic(m, s)`` on its bin ``[x - 1/510, x + 1/510]``, with the two edge bins extended to

@@ -1,6 +1,6 @@
 """The latent sampler interface and the shared run loop (BlackJAX-style kernels).
 
-Convention (MATH.md §3): the target is ``pi(z) ∝ exp(-U(z))``. An ``energy`` is any callable
+Convention (docs/samplers.md §1): the target is ``pi(z) ∝ exp(-U(z))``. An ``energy`` is any callable
 mapping chains ``(C, D)`` to ``(C,)``; it must be *batch-separable* (row i depends on ``z[i]``
 only), because every gradient is ``autograd.grad(U(z).sum(), z)``: one backward pass gives each
 chain its own gradient. (An energy that returns ``U(z).mean()`` is rejected by the shape check;
@@ -39,7 +39,7 @@ from torch import Tensor
 from ncpvae.component import BuildContext, Component, ComponentConfig
 from ncpvae.errors import ConfigError, NonFiniteError, format_validation_error
 from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
-from ncpvae.mcmc.fastpath import CompiledEnergy, onednn_linear
+from ncpvae.mcmc.fastpath import prepare_energy
 from ncpvae.mcmc.kernels import (
     Energy,
     OnNonfinite,
@@ -231,7 +231,7 @@ class Sampler(Component, ABC):
         the error still names the first bad step. Results do not depend on ``check_every``.
 
         ``fast_linear = True`` runs the energy's frozen float32 CPU linear layers through
-        shape-aware kernels (:func:`ncpvae.mcmc.fastpath.onednn_linear`: oneDNN for wide
+        shape-aware kernels (:class:`ncpvae.mcmc.fastpath.FastLinearEnergy`: oneDNN for wide
         products, a transposed product for a narrow layer's input gradient; any energy, same
         float32 precision, other rounding, so chains are not bit-identical to the default; off
         by default). With ``compile_energy`` too, the compiled function calls those kernels.
@@ -291,11 +291,8 @@ class Sampler(Component, ABC):
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{self.name} sampling", unit="step")
-        if compile_energy and not isinstance(energy, CompiledEnergy):
-            energy = CompiledEnergy(energy)
+        energy = prepare_energy(energy, fast_linear=fast_linear, compile_energy=compile_energy)
         with contextlib.ExitStack() as stack:
-            if fast_linear:
-                stack.enter_context(onednn_linear())
             state = self.init(init_position, energy, **options)
             log = stack.enter_context(deferred_divergence()) if check_every > 1 else None
             for t in steps:

@@ -1,4 +1,4 @@
-"""Tilted priors ``p(z) = b(z) exp f(z) / Z`` over a base prior ``b`` (MATH.md §2 and §7).
+"""Tilted priors ``p(z) = b(z) exp f(z) / Z`` over a base prior ``b`` (docs/priors.md §3).
 
 The shared part of the NCP prior (``f`` from a noise-contrastive classifier) and the latent EBM
 prior (``f`` fitted by maximum likelihood with Langevin negatives): the MLP for ``f``, the density

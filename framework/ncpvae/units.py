@@ -1,4 +1,4 @@
-"""Units of likelihood bounds: nats per image to bits per dimension (MATH.md section 1).
+"""Units of likelihood bounds: nats per image to bits per dimension (docs/math.md §1).
 
 For ``D``-dimensional 8-bit data under a likelihood that is discrete over the 256 values of each
 dimension (e.g. the discretized logistic), a bound of ``L`` nats per image (``L = -ELBO``) is

@@ -1,4 +1,4 @@
-"""The ``ebm`` prior: a latent energy-based prior fitted by maximum likelihood (MATH.md §7).
+"""The ``ebm`` prior: a latent energy-based prior fitted by maximum likelihood (docs/priors.md §5).
 
 The same tilted form as NCP, ``p(z) = b(z) exp f(z) / Z`` over a base ``b`` (N(0, I) by default;
 Pang et al., NeurIPS 2020, "Learning Latent Space Energy-Based Prior Model"), but ``f`` is fitted

@@ -1,4 +1,4 @@
-"""The ``flow`` prior: a normalizing flow fitted ex post to the aggregate posterior (MATH.md §7).
+"""The ``flow`` prior: a normalizing flow fitted ex post to the aggregate posterior (docs/priors.md §7).
 
 A masked autoregressive flow (MAF, Papamakarios et al. 2017) or a neural spline flow (NSF,
 Durkan et al. 2019), both from **zuko**, fitted by maximum likelihood on fresh draws

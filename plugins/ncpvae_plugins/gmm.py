@@ -1,4 +1,4 @@
-"""The ``gmm`` prior: a Gaussian mixture fitted ex post to the aggregate posterior (MATH.md §7).
+"""The ``gmm`` prior: a Gaussian mixture fitted ex post to the aggregate posterior (docs/priors.md §6).
 
 ``log p(z) = logsumexp_k [log pi_k + log N(z; m_k, S_k)]`` with ``K`` components and full or
 diagonal covariances, fitted by EM (scikit-learn's ``GaussianMixture``) on draws

@@ -1,6 +1,6 @@
 """The ``langevin`` sampler: unadjusted Langevin (ULA) and, with ``metropolis = true``, MALA.
 
-Convention (MATH.md §3), step size ``eps``::
+Convention (docs/samplers.md §2), step size ``eps``::
 
     z' = z - eps ∇U(z) + sqrt(2 eps) xi,        xi ~ N(0, I)
 
@@ -101,7 +101,7 @@ def mala_transition(value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor]], z
                     constants: LangevinConstants, correct_proposal: bool = True
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One MALA step of every chain as a pure tensor function (random draws passed in), so
-    that ``compile_energy`` can compile it whole (:meth:`ncpvae.CompiledEnergy.
+    that ``compile_energy`` can compile it whole (:meth:`ncpvae.mcmc.fastpath.CompiledEnergy.
     compile_transition`).
 
     Chains at ``z`` ``(C, D)`` with energy ``u`` ``(C,)`` and gradient ``g`` ``(C, D)``

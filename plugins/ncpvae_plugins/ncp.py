@@ -1,4 +1,4 @@
-"""The ``ncp`` prior: a Noise-Contrastive Prior (Aneja et al., NeurIPS 2021; MATH.md §2).
+"""The ``ncp`` prior: a Noise-Contrastive Prior (Aneja et al., NeurIPS 2021; docs/math.md §2).
 
 A binary classifier with logit ``f(z)`` is trained, with the VAE frozen, to tell draws of the
 aggregate posterior ``q(z)`` (label 1) from draws of a tractable base prior ``p(z)`` (label 0).

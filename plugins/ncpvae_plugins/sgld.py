@@ -1,6 +1,6 @@
 """The ``sgld`` sampler: stochastic-gradient Langevin dynamics (Welling & Teh, 2011).
 
-The ULA move of MATH.md §3 with a decreasing step size and an optional temperature::
+The ULA move of docs/samplers.md §2 with a decreasing step size and an optional temperature::
 
     eps_t = a (b + t)^(-gamma),   t = 0, 1, 2, ...
     z' = z - eps_t ∇U(z) + sqrt(2 eps_t T) xi,    xi ~ N(0, I)

@@ -1,6 +1,6 @@
 """The ``sir`` sampler: sampling-importance-resampling from a proposal.
 
-:meth:`SIRSampler.sample_prior` (the usual way to sample an NCP prior, MATH.md §2): draw
+:meth:`SIRSampler.sample_prior` (the usual way to sample an NCP prior, docs/math.md §2): draw
 ``M = num_candidates * num_samples`` candidates from the proposal (the target prior's
 ``base_prior`` unless ``proposal=`` is given), weight them by
 ``w ∝ exp(-U(z) - log q(z))`` with ``U = prior.energy`` and ``q`` the proposal, and resample

@@ -1,4 +1,4 @@
-"""The ``vamp`` prior: the VampPrior (Tomczak & Welling, AISTATS 2018; MATH.md §7).
+"""The ``vamp`` prior: the VampPrior (Tomczak & Welling, AISTATS 2018; docs/priors.md §8).
 
 ``p(z) = 1/K sum_k q(z | u_k)``: a uniform mixture of the encoder's Gaussian posteriors at ``K``
 learned pseudo-inputs ``u_k`` (images, ``(K, C, H, W)``). It is trained jointly with the VAE: the

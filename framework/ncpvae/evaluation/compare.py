@@ -1,4 +1,4 @@
-"""``ncpvae compare-priors RUN``: fit several priors on one frozen VAE and compare them (MATH.md §7).
+"""``ncpvae compare-priors RUN``: fit several priors on one frozen VAE and compare them (docs/metrics.md §6).
 
 Every listed prior is built with the run's latent size, fitted (if it is a learned prior) on the
 frozen encoder's outputs for the whole training set, and scored against N(0, I) on the **same**

@@ -4,7 +4,7 @@ The metric sub-tables are the metrics' own config classes plus a switch: ``[eval
 :class:`ncpvae.metrics.MIGConfig` with ``enabled``, composed here from the metric table
 (:mod:`ncpvae.evaluation.metrics_table`), so a metric's fields, defaults and bounds are declared
 once, by the metric. Python defaults are the reference sizes: the disentanglement metrics use
-disentanglement_lib's defaults (MATH.md §4), which take many minutes on a CPU; the shipped configs
+disentanglement_lib's defaults (docs/metrics.md §5), which take many minutes on a CPU; the shipped configs
 (``default.toml``, ``smoke.toml``) set smaller sizes in their ``[evaluate]`` tables.
 
 The prior x sampler table: one row for the base prior (exact samples), and, when the run's

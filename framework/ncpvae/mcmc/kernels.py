@@ -1,6 +1,6 @@
 """Kernel building blocks shared by every Markov-chain sampler (built-in or third-party).
 
-Convention (MATH.md §3): the target is ``pi(z) ∝ exp(-U(z))``; an :data:`Energy` maps chains
+Convention (docs/samplers.md §1): the target is ``pi(z) ∝ exp(-U(z))``; an :data:`Energy` maps chains
 ``(C, D)`` to ``(C,)`` and must be batch-separable (row i depends on ``z[i]`` only), because
 every gradient is ``autograd.grad(U(z).sum(), z)``.
 

@@ -1,6 +1,6 @@
 """Evaluation metrics: disentanglement, prior fit, sample quality, likelihood bounds.
 
-Disentanglement (disentanglement_lib semantics and defaults; MATH.md §4). Each takes a
+Disentanglement (disentanglement_lib semantics and defaults; docs/metrics.md §5). Each takes a
 :class:`~ncpvae.data.GroundTruthData`, a representation function ``images (n, C, H, W) ->
 codes (n, D)`` (the encoder means), ``config=`` (defaults as in disentanglement_lib),
 ``seed=`` (int or ``numpy.random.Generator``) and ``batch_size=`` (images per encoder call):

@@ -304,10 +304,18 @@ def feature_net_cache_key(dataset_name: str, dataset_config: Mapping[str, Any] |
 
 def cached_feature_net(cache_dir: str | os.PathLike, key: str, build: Callable[[], FeatureNet],
                        *, device: torch.device | str = "cpu") -> FeatureNet:
-    """Load ``<cache_dir>/<key>.pt`` if present, else ``build()`` it and save it there."""
+    """Load ``<cache_dir>/<key>.pt`` if present, else ``build()`` it and save it there.
+
+    Safe for caches shared between runs: an entry is written whole under a unique temporary name
+    and renamed over ``<key>.pt`` (:func:`save_feature_net`), so a reader sees a complete entry or
+    none; two processes that miss at once both build and the last rename wins (one key, one
+    net). An entry that does not load (truncated, foreign, another format) is rebuilt over."""
     path = Path(cache_dir) / f"{key}.pt"
     if path.is_file():
-        return load_feature_net(path, device=device)
+        try:
+            return load_feature_net(path, device=device)
+        except (DataError, KeyError, TypeError, ValueError, RuntimeError):
+            pass  # a corrupt or outdated entry: rebuilt below
     net = build()
     save_feature_net(net, path)
     return net.to(device).eval()

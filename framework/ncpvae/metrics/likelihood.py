@@ -9,7 +9,7 @@ the bounds per example are ``ELBO = mean_s log w_s`` and ``L_K = logsumexp_s log
 Both are computed from the same draws, so ``L_K >= ELBO`` holds per example by Jensen.
 
 Unnormalized priors (NCP: ``prior.normalized`` is False, ``log_prob = log p_base + f``) need
-``log_normalizer = (log Z, se)`` (MATH.md §2), which is subtracted from every log weight. Its
+``log_normalizer = (log Z, se)`` (docs/math.md §3), which is subtracted from every log weight. Its
 error is shared by every example (one estimate), so the reported standard error of a mean bound
 is ``sqrt(se_data^2 + se_logZ^2)``; and as ``log Z``'s Monte Carlo estimate is biased low, the
 bound is then an estimate, not a strict lower bound. Units: nats per example.

@@ -1,4 +1,4 @@
-"""The run directory: every file a run writes, named in this one place (ARCHITECTURE.md §5).
+"""The run directory: every file a run writes, named in this one place (docs/architecture.md §6).
 
 ::
 
@@ -14,6 +14,7 @@
                              energy_trace.png, trajectories.png
       compare_priors/        `ncpvae compare-priors`: table.json, table.md, gains.png,
                              samples_<prior>.png
+      .lock                  while a command writes the run: its writer lock (ncpvae.run.lock)
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from ncpvae.io import append_jsonl, read_json, read_jsonl, to_plain_json, write_
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "metrics.jsonl", "summary.json")
 #: Further files of a run, removed with the markers when a run is overwritten.
 RUN_OUTPUTS = ("plugins.json", "samples.pt", "evaluation.json", "report.html", "report.md")
+#: The writer lock of :mod:`ncpvae.run.lock` (removed by its holder when it is done).
+LOCK_FILE = ".lock"
 
 #: The figures of ``plots/``.
 PLOT_TRAINING_CURVES = "training_curves.png"

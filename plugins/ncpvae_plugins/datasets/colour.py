@@ -368,10 +368,10 @@ class CelebADataset(_ColourDataset):
         if cfg.cache and os.path.isfile(cache):
             try:
                 images = np.load(cache, allow_pickle=False)
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError):
                 images = None  # a broken cache is rebuilt
-            if images is not None and images.shape != (len(files), 3, cfg.image_size,
-                                                       cfg.image_size):
+            if images is not None and (images.dtype != np.uint8 or images.shape != (
+                    len(files), 3, cfg.image_size, cfg.image_size)):
                 images = None
         if images is None:
             images = self._decode(folder, files)

@@ -1,4 +1,4 @@
-"""``sprites``: a procedural, dSprites-like dataset (the project's default data; MATH.md §5).
+"""``sprites``: a procedural, dSprites-like dataset (the project's default data; docs/math.md §5).
 
 Factor grid as in dSprites (Matthey et al. 2017), last factor fastest::
 
