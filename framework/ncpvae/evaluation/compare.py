@@ -48,9 +48,11 @@ too, with the comparison table and figure.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,25 +504,13 @@ class Baseline:
         return cls(heldout, prior, config, reference, draws, bounds, quality, measured)
 
 
-class _LazyEncodings:
-    """The training encodings, computed on the first learned prior's fit and kept."""
-
-    def __init__(self, run: Run, n: int) -> None:
-        self.run, self.n = run, n
-        self.value: tuple[Tensor, Tensor] | None = None
-
-    def get(self) -> tuple[Tensor, Tensor]:
-        if self.value is None:
-            self.value = _train_encodings(self.run, self.n)
-        return self.value
-
-
-def _fit_prior(prior: Prior, spec: str, run: Run, encodings: _LazyEncodings,
+def _fit_prior(prior: Prior, spec: str, run: Run, encodings: Callable[[], tuple[Tensor, Tensor]],
                quiet: bool) -> tuple[float, dict[str, Any]]:
-    """Fit a learned prior (``run``: only when its checkpoint holds no fit): seconds, summary."""
+    """Fit a learned prior (``run``: only when its checkpoint holds no fit) on
+    ``encodings()``: seconds, summary."""
     if not isinstance(prior, LearnedPrior) or (spec == "run" and prior.is_fitted):
         return 0.0, {}
-    mu, logvar = encodings.get()
+    mu, logvar = encodings()
     started = time.perf_counter()
     summary = dict(prior.fit(mu, logvar, generator=run.generator(_FIT_SEED), progress=not quiet))
     return time.perf_counter() - started, summary
@@ -589,7 +579,11 @@ class RowScorer:
     base: Baseline
     registry: Registry
     table: ComparisonTable
-    encodings: _LazyEncodings
+
+    @functools.cached_property
+    def encodings(self) -> tuple[Tensor, Tensor]:
+        """The training encodings, computed at the first learned prior's fit and kept."""
+        return _train_encodings(self.run, self.sizes.train)
 
     def row(self, spec: str, config: ComponentConfig) -> dict[str, Any]:
         """Build (and fit) the prior of ``spec`` and score it: one row of the table."""
@@ -598,7 +592,8 @@ class RowScorer:
         as_reference = plain == base.config  # N(0, I) itself: reuse its measurements
         prior = base.prior if as_reference and spec != "run" else build_prior(
             spec, run, self.registry, settings.options)
-        fit_seconds, fit_summary = _fit_prior(prior, spec, run, self.encodings, settings.quiet)
+        fit_seconds, fit_summary = _fit_prior(prior, spec, run, lambda: self.encodings,
+                                               settings.quiet)
         row: dict[str, Any] = {"prior": spec, "label": prior.label, "config": plain,
                                "normalized": prior.normalized,
                                "sampling": prior.sampling_method, "fit_seconds": fit_seconds}
@@ -638,7 +633,7 @@ def compare_priors(run_dir: str | Path, settings: CompareSettings | None = None,
     if not table.pending:
         return to_plain_json(table.result)
     base = Baseline.measure(run, settings, sizes, registry, table)
-    scorer = RowScorer(run, settings, sizes, base, registry, table, _LazyEncodings(run, sizes.train))
+    scorer = RowScorer(run, settings, sizes, base, registry, table)
     for spec in settings.priors:
         if spec not in table.done:
             table.add(spec, scorer.row(spec, configs[spec]))
