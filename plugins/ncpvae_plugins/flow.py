@@ -70,11 +70,7 @@ class FlowPrior(PriorOverBase):
     """
 
     name = "flow"
-    normalized = True
-    requires_fit = True
     shardable_fit = True
-    exact_sampling = True
-    sampling_method = "exact"
     fitted_part = "a fitted flow"
 
     class Config(PriorOverBaseConfig):

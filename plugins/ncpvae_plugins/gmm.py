@@ -34,14 +34,10 @@ class GMMPrior(PriorOverBase):
     ``scale_tril`` ``(K, D, D)`` (lower Cholesky factor of ``S_k``) and ``precision_tril``
     ``(K, D, D)`` (``L_k^{-T}``, so ``(z - m)^T S_k^{-1} (z - m) = |(z - m) @ precision_tril_k|^2``);
     for ``"diag"`` ``log_scale`` ``(K, D)``. Unfitted until :meth:`fit` or a fitted state dict.
-    Built from ``base`` and its :class:`GMMPrior.Config` (the settings read from ``config``).
+    Built from ``base`` and a :class:`GMMPrior.Config` (its defaults when None), kept as ``config``.
     """
 
     name = "gmm"
-    normalized = True
-    requires_fit = True
-    exact_sampling = True
-    sampling_method = "exact"
     fitted_part = "a fitted mixture"
 
     class Config(PriorOverBaseConfig):

@@ -88,11 +88,7 @@ class NCPPrior(TiltedPrior):
     """
 
     name = "ncp"
-    normalized = False
-    requires_fit = True
     shardable_fit = True
-    exact_sampling = False
-    sampling_method = "SIR"
     net_role = "classifier"
     net_output = "logits"
 

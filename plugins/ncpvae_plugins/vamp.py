@@ -39,10 +39,6 @@ class VampPrior(Prior):
     """
 
     name = "vamp"
-    normalized = True
-    requires_fit = False
-    exact_sampling = True
-    sampling_method = "exact"
 
     class Config(ComponentConfig):
         name: Literal["vamp"] = "vamp"
