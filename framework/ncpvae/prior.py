@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ncpvae.component import Component
-from ncpvae.errors import DataError, NotFittedError
+from ncpvae.component import Component, ComponentConfig
+from ncpvae.errors import ConfigError, DataError, NotFittedError
 from ncpvae.fitting import ShardGroup
 
 if TYPE_CHECKING:
@@ -31,6 +31,10 @@ class Prior(nn.Module, Component, metaclass=ABCMeta):
     Capability flags (class attributes): ``normalized`` (``log_prob`` includes the normalizer),
     ``requires_fit`` (learned after the VAE is trained, with the VAE frozen), ``exact_sampling``
     (``sample`` draws exactly from the prior rather than approximately).
+
+    ``config`` holds the validated settings the prior reads its hyperparameters from, as a
+    sampler does (see :meth:`checked_config`); the built-in priors always have one (their
+    ``Config`` defaults when none is given). It is None for a prior built without one.
     """
 
     kind: ClassVar[str] = "prior"
@@ -40,11 +44,28 @@ class Prior(nn.Module, Component, metaclass=ABCMeta):
     #: how ``sample`` draws, for figure titles and reports (e.g. "SIR" for the NCP prior)
     sampling_method: ClassVar[str] = "exact"
 
-    def __init__(self, latent_dim: int):
+    def __init__(self, latent_dim: int, config: ComponentConfig | None = None):
         super().__init__()
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        if config is not None and not isinstance(config, ComponentConfig):
+            raise ConfigError(f"{type(self).__name__}: config must be a ComponentConfig, got "
+                              f"{type(config).__name__}")
         self.latent_dim = int(latent_dim)
+        self.config = config
+
+    @classmethod
+    def checked_config(cls, config: ComponentConfig | None) -> ComponentConfig:
+        """``config`` if it is a ``cls.Config``, or ``cls.Config()`` (its defaults) when None;
+        a class whose ``__init__`` reads its settings calls it on itself, e.g.
+        ``GaussianPrior.checked_config(config)``, so that a subclass with its own ``Config``
+        still gets the settings its parent reads."""
+        if config is None:
+            config = cls.Config()
+        if not isinstance(config, cls.Config):
+            raise ConfigError(f"{cls.__name__} needs a {cls.__name__}.Config, got "
+                              f"{type(config).__name__}")
+        return config
 
     @abstractmethod
     def log_prob(self, z: Tensor) -> Tensor:
