@@ -153,7 +153,10 @@ class Sampler(Component, ABC):
     - :attr:`acceptance_note`: what its ``acceptance_rate`` diagnostic means when that is not
       the acceptance probability of an exact Metropolis–Hastings step (ULA's is the would-be
       MALA acceptance of its unadjusted moves), or None (the default) when there is nothing to
-      add or the sampler reports no acceptance.
+      add or the sampler reports no acceptance;
+    - :attr:`shardable_chains`: whether its chains may be split across the ranks of a
+      ``torchrun`` launch (independent chains whose per-chain noise comes from :meth:`_randn`
+      and :meth:`_rand`); False by default.
     """
 
     kind: ClassVar[str] = "sampler"
