@@ -203,8 +203,8 @@ def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
                            {"metropolis": False}):
                 sampler = ncpvae.create("sampler", "langevin", latent_dim=3, num_steps=12,
                                         burn_in=4, thin=2, step_size=0.3, **fields)
-                split = distributed.sample_chains(ctx, sampler, prior, 9,
-                                                  torch.Generator().manual_seed(4))
+                split = sampler.sample_prior(prior, 9, generator=torch.Generator().manual_seed(4),
+                                             shards=ctx.shards)
                 whole = sampler.sample_prior(prior, 9, generator=torch.Generator().manual_seed(4))
                 record.setdefault("equal", []).append(
                     torch.equal(split.samples, whole.samples)
@@ -212,7 +212,7 @@ def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
                     and split.diagnostics["ess"] == whole.diagnostics["ess"]
                     and split.diagnostics["acceptance"] == whole.diagnostics["acceptance"])
                 record.setdefault("shape", []).append(list(split.samples.shape))
-            record["split"] = distributed.chains_split_supported(sampler)
+            record["split"] = sampler.shardable_chains and ctx.shards.world_size == 2
         elif scenario == "remedies":
             record.update(_remedies(ctx))
         elif scenario == "sgld_minibatch":
@@ -310,14 +310,16 @@ def _sgld_minibatch(ctx: DistContext) -> dict:
     sampler = ncpvae.create("sampler", "sgld", latent_dim=2, num_steps=15, burn_in=3, thin=2,
                             a=0.01)
     start = torch.randn(9, 2, generator=torch.Generator().manual_seed(3))
-    split = distributed.run_chains(ctx, sampler, energy(7), start, 15, burn_in=3, thin=2,
-                                   generator=torch.Generator().manual_seed(4))
+    block: set[int] = set()  # the chains this rank stepped (its block of the 9)
+    split = sampler.run(energy(7), start, 15, burn_in=3, thin=2,
+                        generator=torch.Generator().manual_seed(4), shards=ctx.shards,
+                        callback=lambda t, state, info: block.add(state.position.shape[0]))
     whole = sampler.run(energy(7), start, 15, burn_in=3, thin=2,
                         generator=torch.Generator().manual_seed(4))
     return {"equal": torch.equal(split.samples, whole.samples)
             and all(torch.equal(split.info[k], whole.info[k]) for k in whole.info)
             and split.diagnostics["ess"] == whole.diagnostics["ess"],
-            "shape": list(split.samples.shape)}
+            "shape": list(split.samples.shape), "block": sorted(block)}
 
 
 #: the folder where every rank of :func:`_spawn` writes its records
@@ -415,6 +417,7 @@ def test_sgld_minibatch_chains_split_across_ranks_equal_one_process(
     for record in two_ranks["sgld_minibatch"]:
         assert "error" not in record, record.get("message")
         assert record["equal"] and record["shape"] == [6, 9, 2]
+    assert [r["block"] for r in two_ranks["sgld_minibatch"]] == [[5], [4]]  # really split
 
 
 def test_an_error_on_rank_1_stops_both_ranks_with_one_message(two_ranks: dict[str, list[dict]]):

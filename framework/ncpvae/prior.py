@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ncpvae.component import Component, ComponentConfig
 from ncpvae.errors import ConfigError, DataError, NotFittedError
-from ncpvae.fitting import ShardGroup
+from ncpvae.sharding import ONE_PROCESS, ShardGroup
 
 if TYPE_CHECKING:
     from ncpvae.model import LatentModel
@@ -132,14 +132,14 @@ class FitOptions:
 
     ``generator``: the source of every random draw; ``progress``: show a progress bar; ``log``:
     receives one plain-data record per epoch (or None); ``shards``: the data-parallel ranks
-    (a :class:`~ncpvae.ShardGroup` of world size > 1) or None for one process; ``started``:
-    ``time.perf_counter()`` at the call, for ``fit_seconds``.
+    (a :class:`~ncpvae.ShardGroup`; world size 1 for one process or a prior that fits whole on
+    every rank); ``started``: ``time.perf_counter()`` at the call, for ``fit_seconds``.
     """
 
     generator: torch.Generator
     progress: bool = False
     log: Callable[[dict[str, Any]], None] | None = None
-    shards: ShardGroup | None = None
+    shards: ShardGroup = ONE_PROCESS
     started: float = 0.0
 
 
@@ -248,8 +248,7 @@ class LearnedPrior(Prior):
         check_encodings(self.name, mu, logvar, self.latent_dim)
         started = time.perf_counter()
         gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
-        use = shards if (self.shardable_fit and shards is not None and shards.world_size > 1) \
-            else None
+        use = shards if (self.shardable_fit and shards is not None) else ONE_PROCESS
         return self._fit(mu, logvar, FitOptions(gen, progress, log, use, started))
 
     def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:

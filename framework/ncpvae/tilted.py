@@ -234,8 +234,8 @@ class TiltedPrior(PriorOverBase):
         if not self.base_is_learned:
             return {}
         assert isinstance(self.base, LearnedPrior)
-        sharded = {"shards": options.shards} if (
-            options.shards is not None and self.base.shardable_fit) else {}
+        # only a shardable base takes the group (a prior overriding ``fit`` may not accept it)
+        sharded = {"shards": options.shards} if self.base.shardable_fit else {}
         return dict(self.base.fit(mu, logvar, generator=options.generator,
                                   progress=options.progress, **sharded))
 

@@ -21,7 +21,6 @@ log-likelihood gain ``E_q[f] - log Z`` (``log Z`` from ``heldout_log_z_samples``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -60,8 +59,9 @@ class EBMPrior(TiltedPrior):
     fit's draws; each runs its contiguous block of the negative chains (persistent chains
     included) with the one-process noise of those chains, evaluates ``f`` on its rows of the
     positives and negatives, and the gradients, logged losses and held-out values are summed
-    over the ranks. The sampler must draw its noise through ``Sampler._randn``/``_rand``
-    (the built-in ``langevin`` does) and treat chains independently.
+    over the ranks. The sampler must draw its per-chain noise through ``Sampler._randn``/
+    ``_rand`` (the built-in ``langevin`` does; :mod:`ncpvae.sharding`) and treat chains
+    independently.
     """
 
     name = "ebm"
@@ -122,37 +122,23 @@ class EBMPrior(TiltedPrior):
         """``U(z) = -log b(z) - f(z)`` without the fitted check (used while fitting)."""
         return -self.base.log_prob(z) - self.logit(z)
 
-    def negatives(self, start: Tensor, generator: torch.Generator | None, *,
-                  rows_of: tuple[int, int] | None = None) -> Tensor:
+    def negatives(self, start: Tensor, generator: torch.Generator | None) -> Tensor:
         """``langevin_steps`` sampler steps on the current energy from ``start`` ``(C, D)``;
         the network's parameters get no gradient from this.
 
-        ``rows_of = (offset, total)``: ``start`` holds chains ``[offset, offset + C)`` of
-        ``total`` (a rank's block under torchrun); the sampler's noise is then the one-process
-        noise of those chains (the full ``(total, ...)`` draw, sliced), so the block's chains
-        are the one-process chains."""
+        Inside a row block (:meth:`ncpvae.ShardGroup.rows`: ``start`` is a rank's block of
+        the chains under torchrun) the sampler's per-chain noise is the one-process noise of
+        those chains, so the block's chains are the one-process chains."""
+        if not len(start):  # more ranks than chains: no chains here
+            return start
         flags = [p.requires_grad for p in self.classifier.parameters()]
         for p in self.classifier.parameters():
             p.requires_grad_(False)
-        if rows_of is not None:
-            offset, total = rows_of
-
-            def block(draw: Callable[..., Tensor]) -> Callable[[Tensor, Any], Tensor]:
-                def noise(like: Tensor, gen: torch.Generator | None) -> Tensor:
-                    full = draw((total, *like.shape[1:]), generator=gen, dtype=like.dtype,
-                                device=like.device)
-                    return full[offset:offset + len(like)]
-                return noise
-
-            # the sampler's designated noise seam (Sampler._randn/_rand)
-            self.sampler._randn, self.sampler._rand = block(torch.randn), block(torch.rand)
         try:
             state = self.sampler.init(start.detach(), self._tilted_energy)
             for _ in range(self.config.langevin_steps):
                 state, _ = self.sampler.step(state, self._tilted_energy, generator=generator)
         finally:
-            if rows_of is not None:
-                del self.sampler._randn, self.sampler._rand
             for p, flag in zip(self.classifier.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
         return state.position.detach()
@@ -199,9 +185,10 @@ class EBMPrior(TiltedPrior):
             cfg.persistent) else None
         # data parallel: each rank runs its block of the negative chains and evaluates f on
         # its rows of positives and negatives; gradients and losses are summed over the ranks
+        # (one process: a group of world size 1, where all of this is the whole batch)
         shards = options.shards
         n_chains = 0 if chains is None else len(chains)
-        if shards is not None and chains is not None:
+        if chains is not None:
             chains = shards.shard(chains)
 
         # early stopping on the held-out loss -gain: the best epoch is the one of highest gain
@@ -213,43 +200,30 @@ class EBMPrior(TiltedPrior):
             perm = train[torch.randperm(n_train, generator=gen, device=gen.device).to(device)]
             losses = EpochLosses()
             for rows in perm.tensor_split(num_batches):
-                positives = draws(rows)
+                positives = shards.shard(draws(rows))
                 if chains is not None:
                     restart = torch.rand(n_chains, generator=gen, device=gen.device).to(
                         device) < cfg.reinit_fraction
                     fresh = self.base.sample(n_chains, generator=gen)
-                    if shards is not None:
-                        restart, fresh = shards.shard(restart), shards.shard(fresh)
-                    start = torch.where(restart.unsqueeze(-1), fresh, chains)
+                    start = torch.where(shards.shard(restart).unsqueeze(-1), shards.shard(fresh),
+                                        chains)
+                    n_neg = n_chains
                 else:
-                    start = self.base.sample(len(rows), generator=gen)
-                if shards is None:
+                    start = shards.shard(self.base.sample(len(rows), generator=gen))
+                    n_neg = len(rows)
+                with shards.rows(n_neg):  # this rank's chains draw the one-process noise rows
                     negatives = self.negatives(start, chain_gen)
-                else:
-                    n_neg = len(start) if chains is None else n_chains
-                    if chains is None:
-                        start = shards.shard(start)
-                    offset = shards.bounds(n_neg)[0]
-                    negatives = self.negatives(start, chain_gen, rows_of=(offset, n_neg)) if (
-                        len(start)) else start
-                    positives = shards.shard(positives)
                 if chains is not None:
                     chains = negatives
                 f_pos, f_neg = self.logit(positives), self.logit(negatives)
-                if shards is None:
-                    loss = f_neg.mean() - f_pos.mean()
-                    if cfg.energy_l2:
-                        loss = loss + cfg.energy_l2 * (f_pos.pow(2).mean() +
-                                                        f_neg.pow(2).mean())
-                else:  # this rank's part of the global means
-                    loss = f_neg.sum() / n_neg - f_pos.sum() / len(rows)
-                    if cfg.energy_l2:
-                        loss = loss + cfg.energy_l2 * (f_pos.pow(2).sum() / len(rows) +
-                                                        f_neg.pow(2).sum() / n_neg)
+                # this rank's part of the global means (the means themselves in one process)
+                loss = shards.mean_part(f_neg, n_neg) - shards.mean_part(f_pos, len(rows))
+                if cfg.energy_l2:
+                    loss = loss + cfg.energy_l2 * (shards.mean_part(f_pos.pow(2), len(rows)) +
+                                                    shards.mean_part(f_neg.pow(2), n_neg))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if shards is not None:
-                    shards.sum_gradients(trainable)
+                shards.sum_gradients(trainable)
                 optimizer.step()
                 losses.add(loss, len(rows))
             train_losses = losses.summary(
@@ -257,11 +231,8 @@ class EBMPrior(TiltedPrior):
             self.classifier.eval()
             with torch.no_grad():
                 f_base = self.base.sample(cfg.heldout_log_z_samples, generator=gen)
-                if shards is None:
-                    f_base, f_ho = self._logit_nograd(f_base), self._logit_nograd(z_ho)
-                else:
-                    f_base = shards.map_rows(self._logit_nograd, f_base)
-                    f_ho = shards.map_rows(self._logit_nograd, z_ho)
+                f_base = shards.map_rows(self._logit_nograd, f_base)
+                f_ho = shards.map_rows(self._logit_nograd, z_ho)
                 log_z, _ = log_mean_exp(f_base)
                 gain = float(f_ho.double().mean()) - log_z
             record = {"epoch": float(epoch), **train_losses,

@@ -211,13 +211,13 @@ class FlowPrior(PriorOverBase):
         }
         return dict(self.fit_summary)
 
-    def _heldout_nll(self, z: Tensor, shards: ShardGroup | None) -> Tensor:
-        """``-log p(z)`` ``(n,)`` for held-out draws ``z`` ``(n, D)``, in chunks; with ``shards``
-        each rank evaluates its rows and every rank gets all of them."""
+    def _heldout_nll(self, z: Tensor, shards: ShardGroup) -> Tensor:
+        """``-log p(z)`` ``(n,)`` for held-out draws ``z`` ``(n, D)``, in chunks; over several
+        ranks (``shards``) each rank evaluates its rows and every rank gets all of them."""
         def nll(part: Tensor) -> Tensor:
             return torch.cat([-self._log_prob(chunk) for chunk in part.split(65_536)])
 
-        return nll(z) if shards is None else shards.map_rows(nll, z)
+        return shards.map_rows(nll, z)
 
 
 @hookimpl

@@ -223,14 +223,13 @@ class NCPPrior(TiltedPrior):
 
     @torch.no_grad()
     def _heldout_metrics(self, positives: Tensor, negatives: Tensor, labels: Tensor,
-                         shards: ShardGroup | None = None) -> dict[str, float]:
+                         shards: ShardGroup) -> dict[str, float]:
         """BCE, accuracy and ROC-AUC of the classifier on ``positives`` and ``negatives``
-        ``(n, D)`` each; with ``shards`` each rank computes its rows' logits and every rank
-        gets all of them (so every rank computes the same metrics)."""
+        ``(n, D)`` each; over several ranks (``shards``) each rank computes its rows' logits and
+        every rank gets all of them (so every rank computes the same metrics)."""
         self.classifier.eval()
         inputs = torch.cat([positives, negatives])
-        logits = (self._logit_nograd(inputs) if shards is None
-                  else shards.map_rows(self._logit_nograd, inputs))
+        logits = shards.map_rows(self._logit_nograd, inputs)
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         accuracy = ((logits > 0) == (labels > 0.5)).to(torch.float64).mean()
         return {"heldout_loss": float(loss), "heldout_accuracy": float(accuracy),

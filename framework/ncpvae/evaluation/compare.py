@@ -287,7 +287,7 @@ def _paired(values: np.ndarray | Tensor, extra_se: float = 0.0) -> tuple[float, 
 
 
 def _checkpoint_digest(run: Run) -> str | None:
-    if run.directory is None or not run.directory.checkpoint.is_file():
+    if not run.is_writer or not run.directory.checkpoint.is_file():
         return None
     digest = hashlib.sha256()
     with open(run.directory.checkpoint, "rb") as f:
@@ -387,7 +387,7 @@ def compare_priors(run_dir: str | Path, priors: list[str] | tuple[str, ...] = DE
     notes: list[str] = []
     result: dict[str, Any] = {
         "format": FORMAT,
-        "run": str(run.directory.path) if run.directory is not None else str(run_dir),
+        "run": str(run.directory.path) if run.is_writer else str(run_dir),
         "num_heldout": n_held, "num_train": n_fit, "latent_dim": run.config.latent_dim,
         "reference": "N(0, I)", "rows": [], "pending": list(priors), "complete": False,
         "reused": sorted(done), "options": options or {}, "settings": settings,
@@ -521,7 +521,7 @@ def _write_outputs(run: Run, target: Path, result: dict[str, Any], registry: Reg
     if result["rows"]:
         plot_gains(result, target / "gains.png")
     directory = run.directory
-    if directory is None or target.resolve() != (directory.path / COMPARE_DIR).resolve():
+    if not run.is_writer or target.resolve() != (directory.path / COMPARE_DIR).resolve():
         return
     from ncpvae.config import load_config
     from ncpvae.evaluation.report import write_report

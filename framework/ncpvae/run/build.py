@@ -62,8 +62,16 @@ class Run:
         return torch.Generator(device=self.device).manual_seed(
             seeds.torch_seed(self.config.seed, offset))
 
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the run's files and prints its report: the only
+        process, or rank 0 of a torchrun launch (:attr:`DistContext.is_writer`), when the run
+        has a directory (a run built without one writes nothing). When True, ``directory`` is
+        set."""
+        return self.dist.is_writer and self.directory is not None
+
     def log(self, record: dict[str, Any]) -> None:
-        if self.directory is not None:
+        if self.is_writer:
             self.directory.log(record)
 
     def build_context(self) -> BuildContext:

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from ncpvae import plots
-from ncpvae.fitting import ShardGroup
 from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.run import directory as files
 from ncpvae.run import faults, seeds
@@ -63,15 +62,14 @@ def fit_prior(run: Run) -> dict[str, Any]:
         run.log({"stage": "fit_prior", **record})
 
     # under torchrun a prior that can (``shardable_fit``) splits its minibatches over the ranks
-    shards = ShardGroup.from_process_group() if run.dist.active and prior.shardable_fit else None
-    sharded = {} if shards is None else {"shards": shards}
+    sharded = {"shards": run.dist.shards} if prior.shardable_fit else {}
     summary = dict(prior.fit(mu, logvar, generator=run.generator(seeds.PRIOR_FIT),
                              progress=not run.quiet, log=log, **sharded))
     heldout = heldout_latents(run, run.config.train.eval_size,
                               run.generator(seeds.FIT_HELDOUT))
     summary.update(learned_prior_summary(prior, heldout,
                                          lambda: run.generator(seeds.FIT_LOG_Z)))
-    if run.directory is not None:
+    if run.is_writer:
         save_checkpoint(run.directory.checkpoint, run.model, run.prior, "prior_fitted",
                         keep_previous=True)
         faults.boundary("fit")

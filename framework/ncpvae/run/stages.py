@@ -46,7 +46,7 @@ def run_stages(config: RunConfig, stages: Sequence[Stage], out: str | Path | Non
     Under ``torchrun`` the stages of this package run on every rank (each shards its work);
     any other stage (the evaluation) runs on rank 0 alone while the others wait."""
     run = create_run(config, out, overwrite=overwrite, quiet=quiet, manager=manager)
-    if run.directory is not None:  # rank 0 of a torchrun launch, or the only process
+    if run.is_writer:  # rank 0 of a torchrun launch, or the only process
         progress.write(run.directory, [progress.stage_name(s) for s in stages], [])
     return _run_remaining(run, stages, [])
 
@@ -79,15 +79,15 @@ def resume_stages(path: str | Path, stages: Sequence[Stage], *, quiet: bool = Fa
         # at a stage boundary, the prior as it was there (a fit killed after writing its own
         # checkpoint must start again from the unfitted prior: fits continue from the weights)
         load_prior_state(run.prior, state["boundary_prior"] if completed else state["prior"])
-        if run.directory is not None:
+        if run.is_writer:
             progress.truncate_metrics(directory, int(state.get("metrics_lines", 0)))
         if completed:  # resume at a stage boundary: the RNG as the next stage would find it
             rng.restore(state["rng"], what=f"checkpoint '{directory.checkpoint}'")
         else:
             run.resume_from = state
-    elif run.directory is not None:  # killed before the first checkpoint: train again
+    elif run.is_writer:  # killed before the first checkpoint: train again
         progress.truncate_metrics(directory, 0)
-    if run.directory is not None:
+    if run.is_writer:
         progress.write(directory, planned, completed)
     return _run_remaining(run, stages, completed)
 
@@ -107,7 +107,7 @@ def _run_remaining(run: Run, stages: Sequence[Stage], completed: list[str]) -> P
                 run.dist.main_only(lambda stage=stage: stage(run))
             run.resume_from = None
             completed = [*completed, name]
-            if directory is not None:
+            if run.is_writer:
                 save_checkpoint(directory.checkpoint, run.model, run.prior, f"after_{name}",
                                 keep_previous=True, completed=completed, rng=rng.capture(),
                                 metrics_lines=progress.metrics_lines(directory),
@@ -115,10 +115,10 @@ def _run_remaining(run: Run, stages: Sequence[Stage], completed: list[str]) -> P
                 progress.write(directory, planned, completed)
             faults.boundary("stage")
     except KeyboardInterrupt:
-        if directory is None:
+        if not run.is_writer:
             raise
         raise RunInterrupted(directory) from None
-    path = directory.path if directory is not None else None
+    path = directory.path if run.is_writer else None
     return Path(run.dist.broadcast_object(path))
 
 

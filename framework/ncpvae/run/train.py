@@ -197,7 +197,7 @@ def train_vae(run: Run) -> dict[str, Any]:
         run.log(record)
         epoch_bar.set_postfix(elbo=f"{record.get('test_elbo', float('nan')):.1f}",
                               active=record["active_units"])
-        if run.directory is not None:
+        if run.is_writer:
             save_checkpoint(run.directory.checkpoint, run.model, run.prior, "vae", epoch=epoch,
                             step=step, optimizer=optimizer.state_dict(),
                             world_size=dist.world_size,
@@ -210,7 +210,7 @@ def train_vae(run: Run) -> dict[str, Any]:
     summary = {key: value for key, value in record.items() if key not in ("stage",)}
     summary["train_seconds"] = time.perf_counter() - start
     summary["images_seen"] = images_seen
-    if run.directory is not None:
+    if run.is_writer:
         run.directory.update_summary("vae", summary)
         vae_plots(run, record.get("kl_per_dim"))
     return summary
