@@ -250,13 +250,12 @@ def table_rows(run: Run) -> list[Row]:
 
 @dataclass
 class Heldout:
-    """The first ``n`` test images' encoder outputs ``mu``, ``logvar`` ``(n, D)`` (one pass, in
-    batches of ``evaluate.batch_size``) and draws ``z ~ q(z|x)`` ``(n, D)`` of them, which every
-    table row is compared with. The reconstruction terms and the factor recovery reuse the
-    means where they encode the same images in the same batches."""
+    """The first ``n`` test images' encoder means ``mu`` ``(n, D)`` (one pass, in batches of
+    ``batch_size`` = ``evaluate.batch_size``) and draws ``z ~ q(z|x)`` ``(n, D)`` of them,
+    which every table row is compared with. The reconstruction terms and the factor recovery
+    reuse the means where they encode the same images in the same batches."""
 
     mu: Tensor
-    logvar: Tensor
     z: Tensor
     batch_size: int
 
@@ -273,7 +272,7 @@ def heldout_encodings(run: Run, n: int) -> Heldout:
     mu, logvar = encode_source(run.model, run.data.test, run.device, limit=n,
                                batch_size=batch_size)
     z = reparameterize(mu, logvar, generator=run.generator(seeds.EVAL_HELDOUT))
-    return Heldout(mu, logvar, z, batch_size)
+    return Heldout(mu, z, batch_size)
 
 
 def check_kid_sizes(cfg: EvaluateConfig, n_real: int) -> None:
