@@ -1,4 +1,11 @@
-"""Stage 1: train the VAE with the objective against the prior's tractable base."""
+"""Stage 1: train the VAE with the objective against the prior's tractable base.
+
+:func:`train_vae` runs four steps with one concern each: :func:`start_training` (optimizer, data
+order, and the states of a run resumed inside this stage), :func:`train_epochs` (the epoch loop:
+:func:`train_epoch`, then each of :data:`EPOCH_CALLBACKS`, the metrics record and the epoch's
+checkpoint), :func:`training_summary`, and :func:`write_vae_outputs` (the summary section and
+the plots). :func:`evaluate_vae` gives the test-set terms of each epoch's record.
+"""
 
 from __future__ import annotations
 
