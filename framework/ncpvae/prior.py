@@ -274,11 +274,14 @@ class LearnedPrior(Prior):
         *,
         num_samples: int | None = None,
         generator: torch.Generator | None = None,
+        log_normalizer: tuple[float, float] | None = None,
     ) -> tuple[float, float]:
         """``Delta = E_q[log_ratio(z)] - log Z`` on held-out draws ``latents`` ``(N, D)`` of
         ``q(z|x)``, and its standard error (the SE of the mean and that of ``log Z`` add in
         quadrature). Delta estimates ``KL(q || base) - KL(q || self)``: positive means this prior
-        fits the aggregate posterior better than its base. Plain floats."""
+        fits the aggregate posterior better than its base. ``log_normalizer``: a ``(log Z, SE)``
+        already estimated (by :meth:`log_normalizer`); None estimates it here from
+        ``num_samples`` draws of ``generator``. Plain floats."""
         if latents.ndim != 2 or latents.shape[1] != self.latent_dim or latents.shape[0] < 2:
             raise DataError(
                 f"kl_gain: expected held-out latents of shape (N, {self.latent_dim}) with N >= 2, "
@@ -293,7 +296,8 @@ class LearnedPrior(Prior):
         ratio = ratio.to(torch.float64)
         mean = float(ratio.mean())
         se_mean = float(ratio.std() / math.sqrt(ratio.numel()))
-        log_z, se_z = self.log_normalizer(num_samples, generator=generator)
+        log_z, se_z = (log_normalizer if log_normalizer is not None
+                       else self.log_normalizer(num_samples, generator=generator))
         return mean - log_z, math.sqrt(se_mean**2 + se_z**2)
 
     def sampling_info(self) -> dict[str, float]:
