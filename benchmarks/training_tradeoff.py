@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ncpvae.config import config_to_toml, load_config
 from ncpvae.experiment import resume, train
-from ncpvae.run import faults
+from ncpvae.run import hooks
 
 #: evaluation switched off for the sweep (what the rows do not report)
 LEAN_EVALUATION = (
@@ -43,10 +43,8 @@ FACTORS_SHOWN = ("shape", "scale", "orientation", "posX", "posY")
 
 def snapshot_after_epochs(milestones: set[int], base: Path, out: Path
                           ) -> Callable[[str], None]:
-    """A wrapper of the runner's checkpoint-boundary hook (:func:`ncpvae.run.faults.boundary`)
-    that copies the run directory (cache excepted) after the checkpoint of each milestone
-    epoch."""
-    original = faults.boundary
+    """A boundary callback (:func:`ncpvae.run.hooks.boundary_callback`) that copies the run
+    directory (cache excepted) after the checkpoint of each milestone epoch."""
     epochs_done = 0
 
     def boundary(label: str) -> None:
@@ -57,7 +55,6 @@ def snapshot_after_epochs(milestones: set[int], base: Path, out: Path
                 copy = out / f"epochs{epochs_done}"
                 shutil.rmtree(copy, ignore_errors=True)
                 shutil.copytree(base, copy, ignore=shutil.ignore_patterns("cache"))
-        original(label)
 
     return boundary
 
@@ -114,12 +111,8 @@ def main() -> None:
     config = load_config(args.config, [*overrides, f"train.epochs={milestones[-1]}"])
     base = out / f"epochs{milestones[-1]}"
     start = time.perf_counter()
-    original_boundary = faults.boundary
-    faults.boundary = snapshot_after_epochs(set(milestones[:-1]), base, out)
-    try:
+    with hooks.boundary_callback(snapshot_after_epochs(set(milestones[:-1]), base, out)):
         train(config, base, overwrite=True, quiet=args.quiet)
-    finally:
-        faults.boundary = original_boundary
     rows = []
     for epochs in milestones[:-1]:
         path = out / f"epochs{epochs}"

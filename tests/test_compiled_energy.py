@@ -171,7 +171,7 @@ def test_sampler_config_fast_paths_reach_sample_prior_and_leave_the_prior_traina
     from ncpvae_plugins.ncp import MLPClassifier, NCPPrior
 
     torch.manual_seed(0)
-    prior = NCPPrior(GaussianPrior(3), MLPClassifier(3, hidden=(32, 32)), fitted=True)
+    prior = NCPPrior(GaussianPrior(3), classifier=MLPClassifier(3, hidden=(32, 32)), fitted=True)
     config = {"step_size": 0.2, "metropolis": True, "num_steps": 12, "burn_in": 2, "thin": 5}
     plain = LangevinSampler(LangevinSampler.Config(**config))
     fast = LangevinSampler(LangevinSampler.Config(**config, fast_linear=True,

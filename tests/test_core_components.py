@@ -29,7 +29,7 @@ def zscore(estimate: float, expected: float, se: float) -> float:
 
 
 def gaussian_prior(d: int, mean: float = 0.0, scale: float = 1.0, **kw) -> GaussianPrior:
-    return GaussianPrior(d, mean=mean, scale=scale, **kw).to(F64)
+    return GaussianPrior(d, GaussianPrior.Config(mean=mean, scale=scale, **kw)).to(F64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_gaussian_learnable_mean_and_scale_get_gradients():
 
 
 def test_gaussian_only_learnable_mean():
-    prior = GaussianPrior(2, learn_mean=True)
+    prior = GaussianPrior(2, GaussianPrior.Config(learn_mean=True))
     assert [name for name, _ in prior.named_parameters()] == ["loc"]
 
 
@@ -263,7 +263,7 @@ class NoClosedFormPrior(GaussianPrior):
 @pytest.mark.slow
 def test_monte_carlo_kl_agrees_with_the_closed_form_in_expectation():
     closed_prior = gaussian_prior(3, 0.3, 1.2)
-    mc_prior = NoClosedFormPrior(3, mean=0.3, scale=1.2).to(F64)
+    mc_prior = NoClosedFormPrior(3, GaussianPrior.Config(mean=0.3, scale=1.2)).to(F64)
     objective = BetaELBO(beta=1.0)
     x = binary_images(64, seed=1)
     logvar = math.log(0.3)

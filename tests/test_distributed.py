@@ -203,8 +203,8 @@ def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
                            {"metropolis": False}):
                 sampler = ncpvae.create("sampler", "langevin", latent_dim=3, num_steps=12,
                                         burn_in=4, thin=2, step_size=0.3, **fields)
-                split = distributed.sample_chains(ctx, sampler, prior, 9,
-                                                  torch.Generator().manual_seed(4))
+                split = sampler.sample_prior(prior, 9, generator=torch.Generator().manual_seed(4),
+                                             shards=ctx.shards)
                 whole = sampler.sample_prior(prior, 9, generator=torch.Generator().manual_seed(4))
                 record.setdefault("equal", []).append(
                     torch.equal(split.samples, whole.samples)
@@ -212,7 +212,7 @@ def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
                     and split.diagnostics["ess"] == whole.diagnostics["ess"]
                     and split.diagnostics["acceptance"] == whole.diagnostics["acceptance"])
                 record.setdefault("shape", []).append(list(split.samples.shape))
-            record["split"] = distributed.chains_split_supported(sampler)
+            record["split"] = sampler.shardable_chains and ctx.shards.world_size == 2
         elif scenario == "remedies":
             record.update(_remedies(ctx))
         elif scenario == "sgld_minibatch":
@@ -310,14 +310,16 @@ def _sgld_minibatch(ctx: DistContext) -> dict:
     sampler = ncpvae.create("sampler", "sgld", latent_dim=2, num_steps=15, burn_in=3, thin=2,
                             a=0.01)
     start = torch.randn(9, 2, generator=torch.Generator().manual_seed(3))
-    split = distributed.run_chains(ctx, sampler, energy(7), start, 15, burn_in=3, thin=2,
-                                   generator=torch.Generator().manual_seed(4))
+    block: set[int] = set()  # the chains this rank stepped (its block of the 9)
+    split = sampler.run(energy(7), start, 15, burn_in=3, thin=2,
+                        generator=torch.Generator().manual_seed(4), shards=ctx.shards,
+                        callback=lambda t, state, info: block.add(state.position.shape[0]))
     whole = sampler.run(energy(7), start, 15, burn_in=3, thin=2,
                         generator=torch.Generator().manual_seed(4))
     return {"equal": torch.equal(split.samples, whole.samples)
             and all(torch.equal(split.info[k], whole.info[k]) for k in whole.info)
             and split.diagnostics["ess"] == whole.diagnostics["ess"],
-            "shape": list(split.samples.shape)}
+            "shape": list(split.samples.shape), "block": sorted(block)}
 
 
 #: the folder where every rank of :func:`_spawn` writes its records
@@ -415,6 +417,7 @@ def test_sgld_minibatch_chains_split_across_ranks_equal_one_process(
     for record in two_ranks["sgld_minibatch"]:
         assert "error" not in record, record.get("message")
         assert record["equal"] and record["shape"] == [6, 9, 2]
+    assert [r["block"] for r in two_ranks["sgld_minibatch"]] == [[5], [4]]  # really split
 
 
 def test_an_error_on_rank_1_stops_both_ranks_with_one_message(two_ranks: dict[str, list[dict]]):
@@ -478,14 +481,12 @@ def _in_process(args: list[str], *, env: dict[str, str] | None = None
     torch's global RNG state restored): the code of ``python -m ncpvae ARGS`` without the
     interpreter start-up and imports (~10 s each on the shared 2-core CPU)."""
     from ncpvae.cli import main
-    from ncpvae.run import faults
 
     out, err = io.StringIO(), io.StringIO()
     saved = {key: os.environ.get(key) for key in (env or {})}
     threads = torch.get_num_threads()
     os.environ.update(env or {})
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in the launched processes
-    faults.reset()
     try:
         with torch.random.fork_rng(), contextlib.redirect_stdout(out), \
                 contextlib.redirect_stderr(err):
@@ -501,10 +502,13 @@ def _in_process(args: list[str], *, env: dict[str, str] | None = None
 
 
 def _forked_rank(rank: int, world: int, port: int, args: list[str], env: dict[str, str],
-                 folder: str) -> None:
-    """One rank of :func:`_forked_ranks`: torchrun's variables, then ``ncpvae.cli.main``."""
+                 folder: str, kill: str | None) -> None:
+    """One rank of :func:`_forked_ranks`: torchrun's variables, then ``ncpvae.cli.main`` (killed
+    at the boundary ``kill``, see tests/helpers/kill_at.py)."""
+    from helpers.kill_at import KillAt
+
     from ncpvae.cli import main
-    from ncpvae.run import faults
+    from ncpvae.run import hooks
 
     code = 1
     try:
@@ -512,12 +516,12 @@ def _forked_rank(rank: int, world: int, port: int, args: list[str], env: dict[st
                            "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         torch.set_num_threads(1)  # torchrun's OMP_NUM_THREADS=1
-        faults.reset()
         with open(Path(folder, f"rank{rank}.out"), "w") as out, \
                 open(Path(folder, f"rank{rank}.err"), "w") as err, \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = main(args)
+                with hooks.boundary_callback(KillAt(kill)):
+                    code = main(args)
             except BaseException:  # noqa: BLE001 - an unhandled error, as torchrun reports it
                 import traceback
 
@@ -528,7 +532,7 @@ def _forked_rank(rank: int, world: int, port: int, args: list[str], env: dict[st
 
 
 def _forked_ranks(args: list[str], *, nproc: int = 2, env: dict[str, str] | None = None,
-                  timeout: float = 300) -> subprocess.CompletedProcess:
+                  kill: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """What ``torchrun --nproc_per_node=NPROC -m ncpvae ARGS`` runs, with the ranks forked from
     this process (torch.multiprocessing's fork context) with torchrun's environment (``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) instead of started fresh:
@@ -542,7 +546,7 @@ def _forked_ranks(args: list[str], *, nproc: int = 2, env: dict[str, str] | None
     context = mp.get_context("fork")
     port = _free_port()
     procs = [context.Process(target=_forked_rank,
-                             args=(rank, nproc, port, args, env or {}, folder))
+                             args=(rank, nproc, port, args, env or {}, folder, kill))
              for rank in range(nproc)]
     for proc in procs:
         proc.start()
@@ -744,7 +748,7 @@ def test_a_killed_two_process_run_resumes_on_two_processes_only(smoke_runs: Path
     bit. (The ranks are forked with torchrun's environment, one thread each as under torchrun.)
     """
     killed = _forked_ranks(["train", "smoke", "--out", str(tmp_path / "run"), *SMOKE],
-                           env={"NCPVAE_KILL_AFTER": "1@epoch"})
+                           kill="1@epoch")
     assert killed.returncode != 0
     assert [r["epoch"] for r in _train_records(tmp_path / "run")] == [1]
     refused = _in_process(["resume", str(tmp_path / "run")])

@@ -145,6 +145,36 @@ def test_plain_makes_strict_json():
     json.dumps(data, allow_nan=False)
 
 
+def test_the_learned_prior_summary_estimates_log_z_once_for_kl_gain():
+    """One ``log Z`` estimate serves the summary's ``log_z`` and ``Delta``: the numbers of
+    ``kl_gain`` estimating it again from the same seed, with half the base draws."""
+    from ncpvae_plugins.gaussian import GaussianPrior
+    from ncpvae_plugins.ncp import NCPPrior
+
+    from ncpvae.run.fit import learned_prior_summary
+
+    logit = torch.nn.Linear(2, 1, dtype=torch.float64)
+    prior = NCPPrior(GaussianPrior(2), torch.nn.Sequential(logit, torch.nn.Flatten(0)),
+                     fitted=True).to(torch.float64)
+    latents = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    calls = []
+    estimate = prior.log_normalizer_over_base
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return estimate(*args, **kwargs)
+
+    prior.log_normalizer_over_base = counted
+    summary = learned_prior_summary(prior, latents, torch.Generator().manual_seed(7),
+                                    num_samples=500)
+    assert len(calls) == 1
+    log_z = prior.log_normalizer(500, generator=torch.Generator().manual_seed(7))
+    delta = prior.kl_gain(latents, num_samples=500, generator=torch.Generator().manual_seed(7))
+    assert (summary["log_z"], summary["log_z_se"]) == log_z
+    assert (summary["delta"], summary["delta_se"]) == delta
+    assert summary["num_encodings"] == 64 and summary["log_z_samples"] == 500
+
+
 # ---------------------------------------------------------------------------------------------
 # a trained NCP run
 

@@ -91,7 +91,7 @@ I2 = torch.eye(2, dtype=F64)
 
 
 def quadratic_prior() -> NCPPrior:
-    return NCPPrior(GaussianPrior(2), QuadraticLogit(B, A), fitted=True).to(F64)
+    return NCPPrior(GaussianPrior(2), classifier=QuadraticLogit(B, A), fitted=True).to(F64)
 
 
 def z_quadratic(k: float) -> float:
@@ -180,8 +180,9 @@ def test_unfitted_use_raises(registry):
 
 
 def test_zero_logit_is_the_base_prior():
-    base = GaussianPrior(3, mean=0.3, scale=1.5)
-    prior = NCPPrior(base, ConstantLogit(0.0), fitted=True, sir_candidates=20).to(F64)
+    base = GaussianPrior(3, GaussianPrior.Config(mean=0.3, scale=1.5))
+    prior = NCPPrior(base, NCPPrior.Config(sir_candidates=20), classifier=ConstantLogit(0.0),
+                     fitted=True).to(F64)
     z = torch.randn(10, 3, generator=gen(0), dtype=F64)
     assert torch.equal(prior.log_prob(z), prior.base.log_prob(z))
     assert prior.log_normalizer(10_000, generator=gen(1)) == (0.0, 0.0)
@@ -255,7 +256,7 @@ def test_quadratic_kl_gain_matches_closed_form():
 def test_log_cosh_logit_gives_the_two_mode_mixture():
     mu = torch.tensor([0.9, 1.2, 0.0], dtype=F64)  # |mu| = 1.5
     a2 = float(mu @ mu)
-    prior = NCPPrior(GaussianPrior(3), LogCoshLogit(mu), fitted=True).to(F64)
+    prior = NCPPrior(GaussianPrior(3), classifier=LogCoshLogit(mu), fitted=True).to(F64)
     log_z, se = prior.log_normalizer(200_000, generator=gen(0))
     assert abs(log_z) / se < 5  # Z = 1
     n, m = 4000, 100
@@ -276,7 +277,7 @@ def test_log_cosh_logit_gives_the_two_mode_mixture():
 
 def test_energy_sums_the_base_log_density_over_dims():
     d = 5
-    prior = NCPPrior(GaussianPrior(d), ConstantLogit(0.0), fitted=True).to(F64)
+    prior = NCPPrior(GaussianPrior(d), classifier=ConstantLogit(0.0), fitted=True).to(F64)
     z = torch.randn(6, d, generator=gen(0), dtype=F64, requires_grad=True)
     expected = 0.5 * (z**2).sum(-1) + 0.5 * d * math.log(2 * math.pi)
     energy = prior.energy(z)
@@ -292,7 +293,7 @@ def test_energy_sums_the_base_log_density_over_dims():
 
 
 def test_log_prob_uses_the_logit_not_log_odds_of_the_probability():
-    prior = NCPPrior(GaussianPrior(3), ConstantLogit(40.0), fitted=True)
+    prior = NCPPrior(GaussianPrior(3), classifier=ConstantLogit(40.0), fitted=True)
     z = torch.randn(8, 3, generator=gen(0))
     assert torch.equal(prior.log_prob(z) - prior.base.log_prob(z), torch.full((8,), 40.0))
     d = torch.sigmoid(torch.tensor(40.0))
@@ -313,10 +314,10 @@ class WrongShape(nn.Module):
 
 
 def test_classifier_with_wrong_output_shape_is_a_clear_error():
-    prior = NCPPrior(GaussianPrior(2), WrongShape(), fitted=True)
+    prior = NCPPrior(GaussianPrior(2), classifier=WrongShape(), fitted=True)
     with pytest.raises(DataError, match=r"logits \(n,\).*returned \(4, 1\)"):
         prior.log_prob(torch.zeros(4, 2))
-    fresh = NCPPrior(GaussianPrior(2), WrongShape())
+    fresh = NCPPrior(GaussianPrior(2), classifier=WrongShape())
     with pytest.raises(DataError, match=r"logits \(n,\)"):
         fresh.fit(torch.zeros(50, 2), torch.zeros(50, 2))
 
@@ -340,7 +341,8 @@ def test_bad_fit_inputs_are_clear_errors(registry):
         prior.logit(torch.zeros(4, 2))
     assert not prior.is_fitted
     with pytest.raises(ConfigError, match="exactly"):
-        NCPPrior(NCPPrior(GaussianPrior(2), ConstantLogit(0.0)), ConstantLogit(0.0))
+        NCPPrior(NCPPrior(GaussianPrior(2), classifier=ConstantLogit(0.0)),
+                 classifier=ConstantLogit(0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,5 +480,5 @@ def plt_imread(path) -> np.ndarray:
 
 def test_classifier_type_is_checked():
     with pytest.raises(ConfigError, match="nn.Module"):
-        NCPPrior(GaussianPrior(2), lambda z: z.sum(-1))
+        NCPPrior(GaussianPrior(2), classifier=lambda z: z.sum(-1))
     assert MLPClassifier(2, hidden=[])(torch.zeros(3, 2)).shape == (3,)

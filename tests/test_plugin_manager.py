@@ -35,7 +35,7 @@ class WidePrior(GaussianPrior):
 
     @classmethod
     def from_config(cls, config, ctx):
-        return cls(ctx.require_latent_dim("wide"), scale=config.scale)
+        return cls(ctx.require_latent_dim("wide"), GaussianPrior.Config(scale=config.scale))
 
 
 def plugin(name: str, **hooks) -> types.SimpleNamespace:

@@ -87,7 +87,7 @@ class ThreeComponents:
 
 @pytest.fixture(scope="module")
 def fitted_gmm() -> GMMPrior:
-    prior = GMMPrior(GaussianPrior(2), 3, seed=0)
+    prior = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=3), seed=0)
     points = ThreeComponents.sample(20_000, gen(0)).float()
     prior.fit(*exact_latents(points), generator=gen(1))
     return prior
@@ -106,15 +106,17 @@ def test_gmm_recovers_the_cross_entropy_of_a_known_mixture(fitted_gmm):
 
 def test_gmm_diag_and_means_options_and_labels():
     points = ThreeComponents.sample(3000, gen(3)).float()
-    diag = GMMPrior(GaussianPrior(2), 3, covariance="diag", seed=0)
+    diag = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=3, covariance="diag"),
+                    seed=0)
     diag.fit(*exact_latents(points), generator=gen(4))
     assert diag.label == "GMM (K=3, diag)"
     check_prior(diag)
     # fitted on the means of wide posteriors, the mixture ignores the posterior spread
-    on_means = GMMPrior(GaussianPrior(2), 1, fit_on="means", seed=0)
+    on_means = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1, fit_on="means"),
+                        seed=0)
     on_means.fit(torch.zeros(500, 2), torch.zeros(500, 2), generator=gen(5))
     assert float(on_means.scale_tril.diagonal(dim1=-2, dim2=-1).max()) < 1e-2
-    on_draws = GMMPrior(GaussianPrior(2), 1, seed=0)
+    on_draws = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1), seed=0)
     on_draws.fit(torch.zeros(4000, 2), torch.zeros(4000, 2), generator=gen(5))
     scale = on_draws.scale_tril.diagonal(dim1=-2, dim2=-1)
     assert torch.allclose(scale, torch.ones(2), atol=5 * 0.5 / math.sqrt(4000) * 2)
@@ -138,7 +140,8 @@ def test_gmm_contract_state_dict_and_errors(fitted_gmm):
     expected = fitted_gmm.log_prob(z) - GaussianPrior(2).log_prob(z)
     assert delta == pytest.approx(float(expected.double().mean()), rel=1e-6)
     with pytest.raises(ConfigError, match="components"):
-        GMMPrior(GaussianPrior(2), 50).fit(torch.zeros(10, 2), torch.zeros(10, 2))
+        GMMPrior(GaussianPrior(2), GMMPrior.Config(components=50)).fit(torch.zeros(10, 2),
+                                                                       torch.zeros(10, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +181,11 @@ def test_flow_reaches_the_entropy_of_a_correlated_gaussian(fitted_flow):
 def test_flow_contract_and_state_dict(fitted_flow):
     check_prior(fitted_flow)
     z = torch.randn(5, 2, generator=gen(11))
-    fresh = ncpvae.create("prior", "flow", latent_dim=2, flow_type=fitted_flow.flow_type, transforms=2,
+    fresh = ncpvae.create("prior", "flow", latent_dim=2, flow_type=fitted_flow.config.flow_type,
+                          transforms=2,
                           hidden=[32, 32], seed=1)
     assert_round_trip(fitted_flow, fresh, z)
-    assert fresh.label == f"flow ({fitted_flow.flow_type.upper()})"
+    assert fresh.label == f"flow ({fitted_flow.config.flow_type.upper()})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +217,11 @@ def tilted_gaussian_log_z(b: Tensor, a: Tensor) -> float:
 @pytest.fixture(scope="module")
 def fitted_ebm() -> EBMPrior:
     # persistent MALA chains (PCD): a few steps per update suffice once the chains are mixed
-    prior = EBMPrior(GaussianPrior(2), QuadraticTilt(2), epochs=25, batch_size=1000, lr=2e-2,
-                     langevin_steps=10, step_size=0.1, metropolis=True, persistent=True,
-                     reinit_fraction=0.0, patience=25, heldout_log_z_samples=20_000,
-                     log_z_samples=200_000, seed=0)
+    config = EBMPrior.Config(epochs=25, batch_size=1000, lr=2e-2, langevin_steps=10,
+                             step_size=0.1, metropolis=True, persistent=True,
+                             reinit_fraction=0.0, patience=25, heldout_log_z_samples=20_000,
+                             log_z_samples=200_000)
+    prior = EBMPrior(GaussianPrior(2), config, energy_net=QuadraticTilt(2), seed=0)
     n = 20_000
     mu = EBM_MEAN.expand(n, 2).clone()
     logvar = EBM_VAR.log().expand(n, 2).clone()
@@ -241,7 +246,7 @@ def test_ebm_recovers_log_z_and_the_tilted_moments(fitted_ebm):
     assert ((fit_b.double() * fit_var - EBM_MEAN.double()).abs() < EBM_FIT_SLACK).all()
     draws = fitted_ebm.sample(20_000, generator=gen(14)).double()
     ess = fitted_ebm.sampling_info()["ess_fraction"]
-    n_eff = len(draws) / (1 + 1 / (fitted_ebm.sir_candidates * ess))
+    n_eff = len(draws) / (1 + 1 / (fitted_ebm.config.sir_candidates * ess))
     mean_se_ = (EBM_VAR.double() / n_eff).sqrt()
     var_se = EBM_VAR.double() * math.sqrt(2 / n_eff)
     # SIR draws have the fitted prior's moments (5 SE) and so nearly the data's
@@ -254,7 +259,7 @@ def test_ebm_recovers_log_z_and_the_tilted_moments(fitted_ebm):
 def test_ebm_contract_state_dict_and_config(fitted_ebm):
     check_prior(fitted_ebm)
     z = torch.randn(5, 2, generator=gen(15))
-    fresh = EBMPrior(GaussianPrior(2), QuadraticTilt(2))
+    fresh = EBMPrior(GaussianPrior(2), energy_net=QuadraticTilt(2))
     assert_round_trip(fitted_ebm, fresh, z)
     built = ncpvae.create("prior", "ebm", latent_dim=3, hidden=[16], epochs=2, batch_size=64,
                           langevin_steps=3, persistent=True)
@@ -278,7 +283,8 @@ class ZeroLogit(nn.Module):
 
 
 def test_ncp_over_a_gmm_base_with_zero_logit_is_the_gmm(fitted_gmm):
-    prior = NCPPrior(fitted_gmm, ZeroLogit(), fitted=True, fit_base=False)
+    prior = NCPPrior(fitted_gmm, NCPPrior.Config(fit_base=False), classifier=ZeroLogit(),
+                     fitted=True)
     z = torch.randn(300, 2, generator=gen(18))
     assert torch.equal(prior.log_prob(z), fitted_gmm.log_prob(z))
     assert prior.log_normalizer(1000, generator=gen(19)) == (0.0, 0.0)
@@ -291,7 +297,7 @@ def test_ncp_over_a_gmm_base_with_zero_logit_is_the_gmm(fitted_gmm):
 def test_ncp_over_a_fitted_gaussian_base_keeps_the_closed_forms():
     # a fitted Gaussian base: a one-component GMM N(m0, S0)
     m0, s0 = torch.tensor([0.5, -1.0]), torch.tensor([[1.5, 0.4], [0.4, 0.8]])
-    base = GMMPrior(GaussianPrior(2), 1)
+    base = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1))
     base.load_mixture(torch.ones(1), m0[None], s0[None])
     b, a_mat = torch.tensor([0.3, 0.6]), torch.tensor([[0.8, 0.2], [0.2, 0.5]])
 
@@ -299,7 +305,8 @@ def test_ncp_over_a_fitted_gaussian_base_keeps_the_closed_forms():
         def forward(self, z: Tensor) -> Tensor:
             return z @ b - 0.5 * ((z @ a_mat) * z).sum(-1)
 
-    prior = NCPPrior(base, Quadratic(), fitted=True, log_z_samples=200_000)
+    prior = NCPPrior(base, NCPPrior.Config(log_z_samples=200_000), classifier=Quadratic(),
+                     fitted=True)
     p0 = torch.linalg.inv(s0.double())
     precision = p0 + a_mat.double()
     h = p0 @ m0.double() + b.double()
@@ -315,7 +322,7 @@ def test_ncp_over_a_fitted_gaussian_base_keeps_the_closed_forms():
                           atol=1e-4)
     draws = prior.sample(20_000, generator=gen(22)).double()
     ess = prior.sampling_info()["ess_fraction"]
-    n_eff = len(draws) / (1 + 1 / (prior.sir_candidates * ess))
+    n_eff = len(draws) / (1 + 1 / (prior.config.sir_candidates * ess))
     assert ((draws.mean(0) - mean).abs() < 5 * (cov.diagonal() / n_eff).sqrt()).all()
     # with q = the NCP prior itself, the gain over N(0, I) is KL(q || N(0, I))
     with torch.random.fork_rng():
@@ -338,7 +345,7 @@ def test_ncp_fits_a_learned_base_first():
                           hidden=[16])
     assert_round_trip(prior, fresh, torch.randn(4, 2, generator=gen(27)))
     with pytest.raises(ConfigError, match="sample exactly"):
-        NCPPrior(prior, ZeroLogit())
+        NCPPrior(prior, classifier=ZeroLogit())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,12 +459,12 @@ def test_epoch_losses_weight_by_batch_size_and_name_the_bad_step():
 
 
 def test_learned_prior_fitted_flag_and_error():
-    prior = GMMPrior(GaussianPrior(2), 2)
+    prior = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=2))
     assert not prior.is_fitted and "fitted" in prior.state_dict()
     with pytest.raises(NotFittedError, match="the gmm prior's sample needs a fitted mixture"):
         prior.sample(3)
     prior.mark_fitted()
     assert prior.is_fitted
-    ncp_prior = NCPPrior(GaussianPrior(2), nn.Linear(2, 1))
+    ncp_prior = NCPPrior(GaussianPrior(2), classifier=nn.Linear(2, 1))
     with pytest.raises(NotFittedError, match="needs a trained classifier"):
         ncp_prior.log_prob(torch.zeros(1, 2))

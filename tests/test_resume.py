@@ -5,7 +5,6 @@ numbers of a run never interrupted (timings aside)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,17 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from ncpvae.run import faults
-
 pytestmark = pytest.mark.slow
 
 CONFIG = ["smoke", "--set", "prior=ncp", "--set", "train.epochs=3"]
-#: (what the process does, NCPVAE_KILL_AFTER): a chain of kills of ONE run, every stage covered
+#: the kill helper: ``ncpvae`` with a boundary callback that SIGKILLs at the n-th boundary
+KILL_AT = Path(__file__).parent / "helpers" / "kill_at.py"
+#: (what the process does, kill point N@LABEL): a chain of kills of ONE run, every stage covered
 KILLS = [
     ("train", "1@epoch"),  # after the checkpoint of epoch 1
     ("resume", "2@epoch"),  # after epoch 3 (the last), before the train stage is marked done
     ("resume", "1@stage"),  # after the train stage
-    ("resume", "1@fit"),  # inside the fit stage, after it wrote its own checkpoint
+    ("resume", "1@fit"),  # inside the fit stage, after the fit, before its outputs
     ("resume", "1@stage"),  # after the fit stage
     ("resume", "1@stage"),  # after the sample stage
 ]
@@ -33,13 +32,10 @@ TIMING = ("seconds", "per_second", "per_s", "wall_time", "runtime", "elapsed")
 
 def cli(*args: str, kill: str | None = None, kill_log: Path | None = None,
         timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ}
-    env.pop(faults.ENV_KILL_AFTER, None)
-    if kill:
-        env[faults.ENV_KILL_AFTER] = kill
-    if kill_log:
-        env[faults.ENV_KILL_LOG] = str(kill_log)
-    return subprocess.run([sys.executable, "-m", "ncpvae.cli", *args, "--quiet"], env=env,
+    """``ncpvae ARGS --quiet`` in a fresh process, killed at ``kill`` (``N@LABEL``, see
+    tests/helpers/kill_at.py), logging every boundary's label to ``kill_log``."""
+    options = [*(["--kill", kill] if kill else []), *(["--log", str(kill_log)] if kill_log else [])]
+    return subprocess.run([sys.executable, str(KILL_AT), *options, "--", *args, "--quiet"],
                           capture_output=True, text=True, timeout=timeout)
 
 

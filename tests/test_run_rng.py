@@ -1,20 +1,21 @@
-"""Random-number snapshots (ncpvae.run.rng) and deterministic kill points (ncpvae.run.faults)."""
+"""Random-number snapshots (ncpvae.run.rng), the boundary callbacks (ncpvae.run.hooks) and the
+tests' deterministic kill points (tests/helpers/kill_at.py)."""
 
 from __future__ import annotations
 
 import io
-import os
 import random
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ncpvae.errors import DataError
-from ncpvae.run import faults, rng
+from ncpvae.run import hooks, rng
 
 
 def draws(gen: torch.Generator) -> tuple:
@@ -62,14 +63,24 @@ def test_capture_is_small():
     assert len(buffer.getvalue()) < 40_000
 
 
+HELPERS = Path(__file__).parent / "helpers"
+#: boundaries reached in a child process, with the kill helper's callback installed (if any)
 KILLER = """
 import sys
-from ncpvae.run import faults
-for label in ["epoch", "stage", "epoch", "epoch"]:
-    print(label, flush=True)
-    faults.boundary(label)
+sys.path.insert(0, sys.argv[1])
+from kill_at import KillAt
+from ncpvae.run import hooks
+with hooks.boundary_callback(KillAt(sys.argv[2], sys.argv[3])):
+    for label in ["epoch", "stage", "epoch", "epoch"]:
+        print(label, flush=True)
+        hooks.boundary(label)
 print("survived", flush=True)
 """
+
+
+def _killer(setting: str, log: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILLER, str(HELPERS), setting, str(log)],
+                          capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize(("setting", "printed"), [
@@ -80,10 +91,8 @@ print("survived", flush=True)
 ])
 def test_kill_after_the_nth_boundary(tmp_path, setting, printed):
     log = tmp_path / "boundaries.txt"
-    env = {**os.environ, faults.ENV_KILL_AFTER: setting, faults.ENV_KILL_LOG: str(log)}
-    proc = subprocess.run([sys.executable, "-c", KILLER], env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.stdout.split() == printed
+    proc = _killer(setting, log)
+    assert proc.stdout.split() == printed, proc.stderr
     if setting:
         assert proc.returncode == -signal.SIGKILL
         assert log.read_text().split() == printed
@@ -92,9 +101,22 @@ def test_kill_after_the_nth_boundary(tmp_path, setting, printed):
         assert log.read_text().split() == printed[:-1]
 
 
-def test_no_environment_no_kill(monkeypatch):
-    monkeypatch.delenv(faults.ENV_KILL_AFTER, raising=False)
-    monkeypatch.delenv(faults.ENV_KILL_LOG, raising=False)
-    faults.reset()
-    for _ in range(3):
-        faults.boundary("epoch")
+def test_no_callback_no_kill():
+    """Without a callback a boundary does nothing (in a child process: a kill there fails this
+    test instead of taking pytest down)."""
+    script = ("from ncpvae.run import hooks\n"
+              "for _ in range(3):\n    hooks.boundary('epoch')\n"
+              "print('survived', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert (proc.returncode, proc.stdout.split()) == (0, ["survived"]), proc.stderr
+
+
+def test_a_callback_sees_the_boundaries_of_its_block_only():
+    seen: list[str] = []
+    hooks.boundary("before")
+    with hooks.boundary_callback(seen.append):
+        hooks.boundary("epoch")
+        hooks.boundary("stage")
+    hooks.boundary("after")
+    assert seen == ["epoch", "stage"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import types
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -34,11 +36,43 @@ def _without_timing(record):
     return record
 
 
+#: files written (atomically) and read back while the smoke run is made, by file name
+SMOKE_IO: dict[str, collections.Counter] = {"written": collections.Counter(),
+                                            "read": collections.Counter()}
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    import ncpvae.io
+    import ncpvae.run.checkpoint
+
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    train(load_config("smoke"), out, quiet=True)
+    write, load = ncpvae.io.atomic_write, ncpvae.run.checkpoint.load_torch
+
+    def counted_write(path, *args, **kwargs):
+        SMOKE_IO["written"][Path(path).name] += 1
+        return write(path, *args, **kwargs)
+
+    def counted_load(path, *args, **kwargs):
+        SMOKE_IO["read"][Path(path).name] += 1
+        return load(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ncpvae.io, "atomic_write", counted_write)
+        patch.setattr(ncpvae.run.checkpoint, "load_torch", counted_load)
+        train(load_config("smoke"), out, quiet=True)
     return out
+
+
+@pytest.mark.slow
+def test_each_epoch_and_stage_writes_the_checkpoint_and_summary_once(smoke_run):
+    """2 epochs, 4 stages (train, fit_prior, sample, evaluate): a checkpoint per epoch and per
+    stage, never read back; summary.json once at the start and once per stage."""
+    stages = json.loads((smoke_run / "summary.json").read_text())["progress"]["completed"]
+    assert len(stages) == 4
+    assert SMOKE_IO["written"]["checkpoint.pt"] == 2 + 4
+    assert SMOKE_IO["written"]["summary.json"] == 1 + 4
+    assert SMOKE_IO["read"]["checkpoint.pt"] == 0
 
 
 @pytest.mark.slow

@@ -235,8 +235,8 @@ class TableNoise:
 
 def with_table_noise(sampler: Sampler, rows: list[int]) -> Sampler:
     noise = TableNoise(rows)
-    sampler._randn = lambda like, generator: noise._table(like, uniform=False)
-    sampler._rand = lambda like, generator: noise._table(like, uniform=True)
+    sampler._randn = lambda like, generator, dim=0: noise._table(like, uniform=False)
+    sampler._rand = lambda like, generator, dim=0: noise._table(like, uniform=True)
     return sampler
 
 

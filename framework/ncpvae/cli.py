@@ -211,14 +211,14 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
     if not isinstance(run.prior, LearnedPrior):
         raise NcpvaeError(f"the run's prior '{run.prior.name}' has nothing to fit; "
                           "use --set prior=ncp")
-    if run.directory is not None and args.overrides:  # keep the refitted run's config true
+    if run.is_writer and args.overrides:  # keep the refitted run's config true
         from ncpvae.config import config_to_toml
 
         run.directory.write_config(config_to_toml(run.config))
     summary = fit_prior(run)  # under torchrun: every rank fits, only rank 0 writes
-    removed = invalidate_after_refit(run.directory) if run.directory is not None else []
+    removed = invalidate_after_refit(run.directory) if run.is_writer else []
     sample_stage(run)
-    if run.directory is None:  # a rank > 0 of a torchrun launch: rank 0 reports
+    if not run.is_writer:  # a rank > 0 of a torchrun launch: rank 0 reports
         return 0
     print(json.dumps(to_plain_json(summary), indent=2))
     note = (f"removed what depended on the old prior: {', '.join(removed)}; " if removed else "")

@@ -5,14 +5,15 @@
   ``patience`` epochs without improvement and restores the best weights.
 - :class:`EpochLosses`: the minibatch losses of one epoch, kept on the device and read once at
   the epoch's end (a non-finite loss raises :class:`~ncpvae.NonFiniteError` naming the step).
-- :func:`minibatch_step` and :class:`ShardGroup`: one optimizer step on a global minibatch,
-  in one process or data parallel under ``torchrun``.
+- :func:`minibatch_step`: one optimizer step on a global minibatch, in one process or data
+  parallel under ``torchrun`` (over a :class:`~ncpvae.sharding.ShardGroup`).
 
 None of them draws random numbers, so a fit that uses them consumes its generator exactly as a
 hand-written loop would.
 
-Data-parallel fits (``LearnedPrior.fit(..., shards=ShardGroup)``), what is sharded and what not:
-every rank holds all encodings and an identically seeded generator, and makes every random draw
+Data-parallel fits (``LearnedPrior.fit(..., shards=ShardGroup)``; a fit always receives a group,
+of world size 1 in one process, where every collective is the identity), what is sharded and
+what not: every rank holds all encodings and an identically seeded generator, and makes every random draw
 of the fit in full (the epoch's positives, negatives and permutation, the held-out draws), so
 the generator advances exactly as in one process. The network's forward and backward passes,
 the expensive part, are sharded: each rank evaluates its contiguous rows of every minibatch
@@ -27,14 +28,13 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ncpvae.errors import NonFiniteError
-from ncpvae.sharding import contiguous_bounds
+from ncpvae.sharding import ONE_PROCESS, ShardGroup
 
 __all__ = ["EarlyStopping", "EpochLosses", "ShardGroup", "minibatch_step"]
 
@@ -52,19 +52,18 @@ class EpochLosses:
         self.sizes.append(int(size))
 
     def summary(self, who: str, epoch: int, remedy: str,
-                shards: ShardGroup | None = None) -> dict[str, float]:
+                shards: ShardGroup = ONE_PROCESS) -> dict[str, float]:
         """``train_loss_mean`` (weighted by the batch sizes) and ``train_loss_min`` in float64:
         one host read. Raises :class:`NonFiniteError` ``"<who> fit: the loss became NaN or inf
         in epoch E, step S of N; <remedy>"`` if any step's loss is not finite.
 
-        With ``shards`` each recorded loss is this rank's part of its batch mean (see
-        :func:`minibatch_step`): the parts are summed over the ranks first (one all-reduce per
-        epoch), so every rank logs, and checks, the global batch means."""
+        Over several ranks (``shards``) each recorded loss is this rank's part of its batch mean
+        (see :func:`minibatch_step`): the parts are summed over the ranks first (one all-reduce
+        per epoch), so every rank logs, and checks, the global batch means."""
         if not self.losses:
             raise ValueError(f"{who} fit: epoch {epoch} took no steps")
         batch_losses = torch.stack(self.losses).to(torch.float64)
-        if shards is not None:
-            batch_losses = shards.all_reduce_sum(batch_losses)
+        batch_losses = shards.all_reduce_sum(batch_losses)
         bad = ~torch.isfinite(batch_losses)
         if bad.any():
             first = int(torch.nonzero(bad)[0, 0]) + 1
@@ -77,18 +76,18 @@ class EpochLosses:
 
 def minibatch_step(optimizer: torch.optim.Optimizer, params: list[Tensor],
                    loss: Callable[[Tensor, str], Tensor], index: Tensor,
-                   shards: ShardGroup | None = None) -> Tensor:
+                   shards: ShardGroup = ONE_PROCESS) -> Tensor:
     """One optimizer step on the mean loss over the global minibatch ``index`` ``(B,)``.
 
     ``loss(rows, reduction)`` is the loss over the examples ``rows`` reduced by ``"mean"`` or
-    ``"sum"``. One process: a step on ``loss(index, "mean")``. With ``shards`` (data parallel)
-    each rank takes its contiguous rows of ``index`` and back-propagates
+    ``"sum"``. One process (``shards`` of world size 1): a step on ``loss(index, "mean")``.
+    Data parallel, each rank takes its contiguous rows of ``index`` and back-propagates
     ``loss(rows, "sum") / B``; the gradients of ``params`` are then summed over the ranks
     (:meth:`ShardGroup.sum_gradients`), which gives every rank the gradient of the global batch
-    mean, and every rank takes the same step. Returns the detached loss: the batch mean, or with
-    ``shards`` this rank's part of it (the parts sum to the batch mean over the ranks)."""
+    mean, and every rank takes the same step. Returns the detached loss: the batch mean, or on
+    several ranks this rank's part of it (the parts sum to the batch mean over the ranks)."""
     optimizer.zero_grad(set_to_none=True)
-    if shards is None:
+    if shards.world_size == 1:
         value = loss(index, "mean")
         value.backward()
     else:
@@ -184,99 +183,3 @@ class EarlyStopping:
                 "fit_seconds": time.perf_counter() - started,
                 "num_train": int(num_train),
                 "num_heldout": int(num_heldout)}
-
-
-# ---------------------------------------------------------------------------------------------
-# data-parallel fits: every rank draws the whole batch, computes its rows, gradients summed
-
-
-@dataclass(frozen=True)
-class ShardGroup:
-    """The ranks of a data-parallel computation: this process is ``rank`` of ``world_size``,
-    talking over a ``torch.distributed`` process ``group`` (None: the default group).
-
-    The fits of learned priors use it (``LearnedPrior.fit(..., shards=...)``) the way VAE
-    training uses DDP: every rank draws the whole global minibatch from an identically seeded
-    generator (so the generator advances as in one process), takes its contiguous rows
-    (:meth:`bounds`, the same split as the training's ``DistContext.shard_bounds``), and the
-    per-rank gradients of ``sum(loss over its rows) / total`` are summed over ranks
-    (:meth:`sum_gradients`): the gradient of the global batch mean. Sums travel in float64, so
-    they are the same on every rank; only the float reduction order differs from one process.
-    """
-
-    rank: int
-    world_size: int
-    group: Any = None
-
-    def __post_init__(self) -> None:
-        if not (self.world_size >= 1 and 0 <= self.rank < self.world_size):
-            raise ValueError(f"invalid shard group: rank {self.rank} of {self.world_size}")
-
-    @classmethod
-    def from_process_group(cls, group: Any = None) -> ShardGroup | None:
-        """The group of the initialized ``torch.distributed`` process group (``group`` or the
-        default one); None when none is initialized or it has one rank."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        world = dist.get_world_size(group)
-        if world < 2:
-            return None
-        return cls(dist.get_rank(group), world, group)
-
-    def bounds(self, total: int) -> tuple[int, int]:
-        """``(offset, rows)`` of this rank's contiguous part of ``total`` rows: the first
-        ``total % world_size`` ranks get one row more."""
-        return contiguous_bounds(total, self.rank, self.world_size)
-
-    def shard(self, rows: Tensor) -> Tensor:
-        """This rank's contiguous part of ``rows`` ``(B, ...)``: ``(rows_r, ...)``."""
-        offset, count = self.bounds(len(rows))
-        return rows[offset:offset + count]
-
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        """Sum of ``tensor`` (same shape on every rank) over the ranks, summed in float64 and
-        returned in ``tensor``'s dtype and device (a new tensor)."""
-        import torch.distributed as dist
-
-        wire = tensor.detach().to(self._wire_device(tensor), torch.float64).clone()
-        dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=self.group)
-        return wire.to(device=tensor.device, dtype=tensor.dtype)
-
-    def gather_rows(self, local: Tensor, total: int) -> Tensor:
-        """The ``(total, ...)`` tensor whose rows :meth:`bounds` are each rank's ``local`` rows,
-        on every rank (a zero-padded sum, so every row is exactly its rank's value)."""
-        offset, count = self.bounds(total)
-        if len(local) != count:
-            raise ValueError(f"rank {self.rank} holds {len(local)} rows, its shard of {total} "
-                             f"has {count}")
-        full = local.new_zeros((int(total), *local.shape[1:]))
-        full[offset:offset + count] = local.detach()
-        return self.all_reduce_sum(full)
-
-    def map_rows(self, fn: Callable[[Tensor], Tensor], rows: Tensor) -> Tensor:
-        """``fn`` ``(n, ...) -> (n,)`` over ``rows`` ``(B, ...)``, each rank evaluating its
-        contiguous part; the whole ``(B,)`` result on every rank (in ``fn``'s dtype)."""
-        local = self.shard(rows)
-        out = fn(local) if len(local) else rows.new_zeros(0)
-        return self.gather_rows(out, len(rows))
-
-    def sum_gradients(self, params: list[Tensor]) -> None:
-        """Replace each parameter's ``.grad`` by its sum over the ranks (one all-reduce of all
-        of them; a missing gradient counts as zeros)."""
-        if not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        total = self.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
-        start = 0
-        for p, g in zip(params, grads, strict=True):
-            p.grad = total[start:start + g.numel()].view_as(g).to(g.dtype)
-            start += g.numel()
-
-    def _wire_device(self, tensor: Tensor) -> torch.device:
-        """Where a collective's buffer lives: the tensor's device under NCCL, else the CPU."""
-        import torch.distributed as dist
-
-        backend = dist.get_backend(self.group)
-        return tensor.device if backend == "nccl" else torch.device("cpu")

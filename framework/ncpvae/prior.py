@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ncpvae.component import Component
-from ncpvae.errors import DataError, NotFittedError
-from ncpvae.fitting import ShardGroup
+from ncpvae.component import Component, ComponentConfig
+from ncpvae.errors import ConfigError, DataError, NotFittedError
+from ncpvae.sharding import ONE_PROCESS, ShardGroup
 
 if TYPE_CHECKING:
     from ncpvae.model import LatentModel
@@ -31,6 +31,10 @@ class Prior(nn.Module, Component, metaclass=ABCMeta):
     Capability flags (class attributes): ``normalized`` (``log_prob`` includes the normalizer),
     ``requires_fit`` (learned after the VAE is trained, with the VAE frozen), ``exact_sampling``
     (``sample`` draws exactly from the prior rather than approximately).
+
+    ``config`` holds the validated settings the prior reads its hyperparameters from, as a
+    sampler does (see :meth:`checked_config`); the built-in priors always have one (their
+    ``Config`` defaults when none is given). It is None for a prior built without one.
     """
 
     kind: ClassVar[str] = "prior"
@@ -40,11 +44,28 @@ class Prior(nn.Module, Component, metaclass=ABCMeta):
     #: how ``sample`` draws, for figure titles and reports (e.g. "SIR" for the NCP prior)
     sampling_method: ClassVar[str] = "exact"
 
-    def __init__(self, latent_dim: int):
+    def __init__(self, latent_dim: int, config: ComponentConfig | None = None):
         super().__init__()
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        if config is not None and not isinstance(config, ComponentConfig):
+            raise ConfigError(f"{type(self).__name__}: config must be a ComponentConfig, got "
+                              f"{type(config).__name__}")
         self.latent_dim = int(latent_dim)
+        self.config = config
+
+    @classmethod
+    def checked_config(cls, config: ComponentConfig | None) -> ComponentConfig:
+        """``config`` if it is a ``cls.Config``, or ``cls.Config()`` (its defaults) when None;
+        a class whose ``__init__`` reads its settings calls it on itself, e.g.
+        ``GaussianPrior.checked_config(config)``, so that a subclass with its own ``Config``
+        still gets the settings its parent reads."""
+        if config is None:
+            config = cls.Config()
+        if not isinstance(config, cls.Config):
+            raise ConfigError(f"{cls.__name__} needs a {cls.__name__}.Config, got "
+                              f"{type(config).__name__}")
+        return config
 
     @abstractmethod
     def log_prob(self, z: Tensor) -> Tensor:
@@ -111,14 +132,14 @@ class FitOptions:
 
     ``generator``: the source of every random draw; ``progress``: show a progress bar; ``log``:
     receives one plain-data record per epoch (or None); ``shards``: the data-parallel ranks
-    (a :class:`~ncpvae.ShardGroup` of world size > 1) or None for one process; ``started``:
-    ``time.perf_counter()`` at the call, for ``fit_seconds``.
+    (a :class:`~ncpvae.ShardGroup`; world size 1 for one process or a prior that fits whole on
+    every rank); ``started``: ``time.perf_counter()`` at the call, for ``fit_seconds``.
     """
 
     generator: torch.Generator
     progress: bool = False
     log: Callable[[dict[str, Any]], None] | None = None
-    shards: ShardGroup | None = None
+    shards: ShardGroup = ONE_PROCESS
     started: float = 0.0
 
 
@@ -227,8 +248,7 @@ class LearnedPrior(Prior):
         check_encodings(self.name, mu, logvar, self.latent_dim)
         started = time.perf_counter()
         gen = generator if generator is not None else torch.Generator().manual_seed(self.seed)
-        use = shards if (self.shardable_fit and shards is not None and shards.world_size > 1) \
-            else None
+        use = shards if (self.shardable_fit and shards is not None) else ONE_PROCESS
         return self._fit(mu, logvar, FitOptions(gen, progress, log, use, started))
 
     def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
@@ -254,11 +274,14 @@ class LearnedPrior(Prior):
         *,
         num_samples: int | None = None,
         generator: torch.Generator | None = None,
+        log_normalizer: tuple[float, float] | None = None,
     ) -> tuple[float, float]:
         """``Delta = E_q[log_ratio(z)] - log Z`` on held-out draws ``latents`` ``(N, D)`` of
         ``q(z|x)``, and its standard error (the SE of the mean and that of ``log Z`` add in
         quadrature). Delta estimates ``KL(q || base) - KL(q || self)``: positive means this prior
-        fits the aggregate posterior better than its base. Plain floats."""
+        fits the aggregate posterior better than its base. ``log_normalizer``: a ``(log Z, SE)``
+        already estimated (by :meth:`log_normalizer`); None estimates it here from
+        ``num_samples`` draws of ``generator``. Plain floats."""
         if latents.ndim != 2 or latents.shape[1] != self.latent_dim or latents.shape[0] < 2:
             raise DataError(
                 f"kl_gain: expected held-out latents of shape (N, {self.latent_dim}) with N >= 2, "
@@ -273,7 +296,8 @@ class LearnedPrior(Prior):
         ratio = ratio.to(torch.float64)
         mean = float(ratio.mean())
         se_mean = float(ratio.std() / math.sqrt(ratio.numel()))
-        log_z, se_z = self.log_normalizer(num_samples, generator=generator)
+        log_z, se_z = (log_normalizer if log_normalizer is not None
+                       else self.log_normalizer(num_samples, generator=generator))
         return mean - log_z, math.sqrt(se_mean**2 + se_z**2)
 
     def sampling_info(self) -> dict[str, float]:

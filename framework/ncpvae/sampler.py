@@ -13,11 +13,16 @@ A :class:`Sampler` holds hyperparameters only, never chain state:
   step costs exactly one energy-and-gradient evaluation);
 - ``state, info = sampler.step(state, energy, generator=g)``: one transition of every chain;
   ``info`` is a NamedTuple of ``(C,)`` tensors;
-- ``sampler.run(...)`` (shared, final): loops ``step``, keeps draws, stacks infos, diagnoses.
+- ``sampler.run(...)`` (shared, final): checks its arguments into a :class:`RunSettings`,
+  loops ``step`` with per-step callbacks (one keeps the draws and infos), diagnoses; with a
+  :class:`~ncpvae.ShardGroup` of several ranks it splits the chains over them.
 
 Chains are the batch dimension: nothing loops over chains in Python. All randomness comes from
 the ``generator`` (which must live on the positions' device), so a seeded run is bit-for-bit
-reproducible. States and infos are detached: no autograd graph survives a step.
+reproducible; per-chain noise is drawn through :meth:`Sampler._randn`/:meth:`Sampler._rand`
+(the row draws of :mod:`ncpvae.sharding`), so a rank running a block of the chains draws the
+one-process noise of its chains. States and infos are detached: no autograd graph survives a
+step.
 
 The helpers a kernel needs (energy and gradient evaluation, input checks, row selection, the
 Langevin move, the divergence policy, importance resampling, diagnostics) live in
@@ -27,9 +32,10 @@ Langevin move, the divergence policy, importance resampling, diagnostics) live i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Literal, NamedTuple, final
 
 import torch
@@ -47,6 +53,7 @@ from ncpvae.mcmc.kernels import (
     check_positions,
     deferred_divergence,
 )
+from ncpvae.sharding import ONE_PROCESS, ShardGroup, rand_rows, randn_rows
 
 #: ``callback(step, state, info)``, called after every step (``step`` counts from 1).
 Callback = Callable[[int, NamedTuple, NamedTuple], None]
@@ -64,6 +71,46 @@ class SampleResult(NamedTuple):
     samples: Tensor
     info: dict[str, Tensor]
     diagnostics: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The checked arguments of one :meth:`Sampler.run` call (see there); raises
+    :class:`ConfigError` on a bad one. ``options`` are the sampler's run options."""
+
+    num_steps: int
+    burn_in: int = 0
+    thin: int = 1
+    keep_info: Literal["full", "summary"] = "full"
+    diagnose: bool = True
+    check_every: int | None = None  # None: every step on the CPU, every 100 on accelerators
+    fast_linear: bool = False
+    compile_energy: bool = False
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for label, value, low in (("num_steps", self.num_steps, 0),
+                                  ("burn_in", self.burn_in, 0), ("thin", self.thin, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
+        if self.num_steps > 0 and self.burn_in >= self.num_steps:
+            raise ConfigError(
+                f"burn_in ({self.burn_in}) must be smaller than num_steps ({self.num_steps}) so "
+                f"that some draws are kept"
+            )
+        if self.num_steps == 0 and self.burn_in:
+            raise ConfigError(f"burn_in ({self.burn_in}) needs num_steps > 0")
+        if self.keep_info not in ("full", "summary"):
+            raise ConfigError(f"keep_info must be 'full' or 'summary', got {self.keep_info!r}")
+        every = self.check_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int)
+                                  or every < 1):
+            raise ConfigError(f"check_every must be a positive integer or None, got {every!r}")
+
+    def keeps(self, t: int) -> bool:
+        """Whether the state after step ``t`` is a kept draw (after burn-in, every ``thin``-th
+        counted back from the last step)."""
+        return t > self.burn_in and (self.num_steps - t) % self.thin == 0
 
 
 class MarkovChainConfig(ComponentConfig):
@@ -106,7 +153,10 @@ class Sampler(Component, ABC):
     - :attr:`acceptance_note`: what its ``acceptance_rate`` diagnostic means when that is not
       the acceptance probability of an exact Metropolis–Hastings step (ULA's is the would-be
       MALA acceptance of its unadjusted moves), or None (the default) when there is nothing to
-      add or the sampler reports no acceptance.
+      add or the sampler reports no acceptance;
+    - :attr:`shardable_chains`: whether its chains may be split across the ranks of a
+      ``torchrun`` launch (independent chains whose per-chain noise comes from :meth:`_randn`
+      and :meth:`_rand`); False by default.
     """
 
     kind: ClassVar[str] = "sampler"
@@ -172,12 +222,30 @@ class Sampler(Component, ABC):
     def check_run(self, num_steps: int, burn_in: int, thin: int) -> None:
         """Raise :class:`ConfigError` if this sampler cannot run with these arguments."""
 
-    # Randomness goes through these two methods so tests can inject per-chain noise.
-    def _randn(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    @property
+    def shardable_chains(self) -> bool:
+        """Whether :meth:`run` may split this sampler's chains across the ranks of a
+        :class:`~ncpvae.ShardGroup` and still give the one-process chains: every chain evolves
+        on its own (no information pooled across chains, e.g. a step size adapted on the mean
+        acceptance of all chains) and draws its per-chain noise through :meth:`_randn`/
+        :meth:`_rand` (or :mod:`ncpvae.sharding`'s row draws). False by default (the chains then
+        run whole on every rank: the same numbers, no speed-up); a sampler opts in."""
+        return False
 
-    def _rand(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
-        return torch.rand(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    # -- per-chain noise -----------------------------------------------------------------------
+    # The one way a kernel draws per-chain noise. The draws go through ncpvae.sharding's row
+    # block: in one process they are plain torch.randn/rand, and in a rank's block of a split
+    # run (opened by run()) they are the one-process draws' rows of that rank's chains.
+
+    def _randn(self, like: Tensor, generator: torch.Generator | None, dim: int = 0) -> Tensor:
+        """Standard normal noise shaped like ``like`` whose dimension ``dim`` is the chains."""
+        return randn_rows(like.shape, dim=dim, generator=generator, dtype=like.dtype,
+                          device=like.device)
+
+    def _rand(self, like: Tensor, generator: torch.Generator | None, dim: int = 0) -> Tensor:
+        """Uniform ``[0, 1)`` noise shaped like ``like`` whose dimension ``dim`` is the chains."""
+        return rand_rows(like.shape, dim=dim, generator=generator, dtype=like.dtype,
+                         device=like.device)
 
     # -- the shared loop -----------------------------------------------------------------------
 
@@ -198,6 +266,7 @@ class Sampler(Component, ABC):
         check_every: int | None = None,
         fast_linear: bool = False,
         compile_energy: bool = False,
+        shards: ShardGroup = ONE_PROCESS,
         **options: Any,
     ) -> SampleResult:
         """Run ``num_steps`` transitions of every chain from ``init_position`` ``(C, D)``.
@@ -247,53 +316,117 @@ class Sampler(Component, ABC):
         or ``CompiledEnergy(energy, fast_linear=True)``, as the energy.) The fastest CPU path
         at >= 1,024 chains of an MLP energy is both flags (``benchmarks/bench_blackjax.py``).
 
-        ``callback(step, state, info)`` runs after each step; ``progress`` shows a tqdm bar;
-        ``options`` are forwarded to ``init`` and ``step`` (names in ``run_options``).
+        ``shards`` (under torchrun, the run's :class:`~ncpvae.ShardGroup`; every rank calls
+        ``run`` with the same arguments): when the sampler's chains can be split
+        (:attr:`shardable_chains`, ``keep_info = "full"``, at least one chain per rank), rank
+        ``r`` runs its contiguous block of the chains with the one-process noise rows of those
+        chains, and the draws and infos are all-gathered in chain order before the diagnostics:
+        the result equals one process's, on every rank. Otherwise every rank runs all chains.
+
+        ``callback(step, state, info)`` runs after each step (on a rank's block of the chains
+        in a split run); ``progress`` shows a tqdm bar; ``options`` are forwarded to ``init``
+        and ``step`` (names in ``run_options``).
         """
-        for label, value, low in (("num_steps", num_steps, 0), ("burn_in", burn_in, 0),
-                                  ("thin", thin, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
-        if num_steps > 0 and burn_in >= num_steps:
-            raise ConfigError(
-                f"burn_in ({burn_in}) must be smaller than num_steps ({num_steps}) so that some "
-                f"draws are kept"
-            )
-        if num_steps == 0 and burn_in:
-            raise ConfigError(f"burn_in ({burn_in}) needs num_steps > 0")
-        if keep_info not in ("full", "summary"):
-            raise ConfigError(f"keep_info must be 'full' or 'summary', got {keep_info!r}")
-        if check_every is not None and (isinstance(check_every, bool)
-                                        or not isinstance(check_every, int) or check_every < 1):
-            raise ConfigError(f"check_every must be a positive integer or None, got "
-                              f"{check_every!r}")
-        unknown = set(options) - set(self.run_options)
+        settings = RunSettings(num_steps, burn_in, thin, keep_info, diagnose, check_every,
+                               fast_linear, compile_energy, options)
+        self._check_settings(settings)
+        check_positions(init_position)
+        check_generator(generator, init_position)
+        chains = int(init_position.shape[0])
+        if not self._splits(settings, shards, chains):
+            shards = ONE_PROCESS
+        with shards.rows(chains) as (offset, rows):
+            draws = self._run_block(energy, shards.shard(init_position), settings, generator,
+                                    callback, progress)
+        # the chains of every rank, in chain order (a no-op in one process)
+        samples = shards.all_gather_rows(draws.samples, dim=1)
+        info = {key: shards.all_gather_rows(value, dim=1)
+                if value.ndim >= 2 and value.shape[1] == rows else value
+                for key, value in draws.info.items()}
+        wall = max(shards.all_gather_object(draws.wall))
+        summary = draws.summary if draws.summary is not None else _summarize_full_info(
+            info, settings.burn_in)
+        return SampleResult(samples, info,
+                            self._diagnostics(samples, summary, settings, chains, wall))
+
+    def sample_prior(self, prior, num_samples: int, *, generator: torch.Generator | None = None,
+                     progress: bool = False, shards: ShardGroup = ONE_PROCESS) -> SampleResult:
+        """Draw ``num_samples`` latents from ``prior`` with this sampler.
+
+        MCMC samplers start ``num_samples`` chains at ``prior.base_prior.sample(...)`` and run
+        ``config.num_steps`` steps (``config.burn_in``, ``config.thin``) on ``prior.energy``;
+        ``result.samples[-1]`` are the final states ``(num_samples, D)``. ``shards``: as in
+        :meth:`run` (every rank draws all starting points, then runs its block of the chains);
+        a sampler that overrides this method accepts ``shards`` and may ignore it (every rank
+        then draws everything).
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
+        cfg = self.config
+        if not hasattr(cfg, "num_steps"):
+            raise ConfigError(f"the {self.name} sampler has no num_steps setting; use run()")
+        start = prior.base_prior.sample(num_samples, generator=generator).detach()
+        with frozen_parameters(prior):
+            return self.run(prior.energy, start, cfg.num_steps,
+                            burn_in=getattr(cfg, "burn_in", 0), thin=getattr(cfg, "thin", 1),
+                            generator=generator, progress=progress, shards=shards,
+                            **self.fast_paths())
+
+    # -- the steps of run() --------------------------------------------------------------------
+
+    def _check_settings(self, settings: RunSettings) -> None:
+        """Refuse run options this sampler does not take, and settings it cannot run with."""
+        unknown = set(settings.options) - set(self.run_options)
         if unknown:
             allowed = ", ".join(sorted(self.run_options)) or "none"
             raise ConfigError(
                 f"{self.name} sampler: unknown run option(s) {', '.join(sorted(unknown))}; "
                 f"allowed: {allowed}"
             )
-        self.check_run(num_steps, burn_in, thin)
-        check_positions(init_position)
-        check_generator(generator, init_position)
-        if check_every is None:
-            check_every = 1 if init_position.device.type == "cpu" else 100
+        self.check_run(settings.num_steps, settings.burn_in, settings.thin)
 
-        if init_position.device.type == "cuda":
-            torch.cuda.synchronize(init_position.device)
+    def _splits(self, settings: RunSettings, shards: ShardGroup, chains: int) -> bool:
+        """Whether a run with these settings splits its ``chains`` over ``shards``."""
+        return (shards.world_size > 1 and self.shardable_chains
+                and settings.keep_info == "full" and chains >= shards.world_size)
+
+    def _run_block(self, energy: Energy, position: Tensor, settings: RunSettings,
+                   generator: torch.Generator | None, callback: Callback | None,
+                   progress: bool) -> _Draws:
+        """Run the chains at ``position`` ``(C, D)``: the kept draws, the per-step infos and
+        the wall time of the loop (this process's chains only)."""
+        energy = prepare_energy(energy, fast_linear=settings.fast_linear,
+                                compile_energy=settings.compile_energy)
+        recorder = _Recorder(settings)
+        callbacks = [recorder] if callback is None else [recorder, callback]
+        device = position.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        kept: list[Tensor] = []
-        stream = _InfoStream(burn_in) if keep_info == "summary" else None
-        infos: list[NamedTuple] = []
-        steps = range(1, num_steps + 1)
+        state = self._loop(energy, position, settings, generator, callbacks, progress)
+        if device.type == "cuda":  # kernels run asynchronously: time them all
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - start
+        return recorder.finish(state, wall)
+
+    def _loop(self, energy: Energy, position: Tensor, settings: RunSettings,
+              generator: torch.Generator | None, callbacks: list[Callback],
+              progress: bool) -> NamedTuple:
+        """``init``, then steps ``1..num_steps``: ``step``, ``adapt`` during burn-in, then each
+        of ``callbacks(t, state, info)`` in order; raises the first divergence (checked every
+        ``check_every`` steps). Returns the final state."""
+        num_steps, burn_in = settings.num_steps, settings.burn_in
+        check_every = settings.check_every
+        if check_every is None:
+            check_every = 1 if position.device.type == "cpu" else 100
+        steps: Any = range(1, num_steps + 1)
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{self.name} sampling", unit="step")
-        energy = prepare_energy(energy, fast_linear=fast_linear, compile_energy=compile_energy)
+        options = settings.options
         with contextlib.ExitStack() as stack:
-            state = self.init(init_position, energy, **options)
+            state = self.init(position, energy, **options)
             log = stack.enter_context(deferred_divergence()) if check_every > 1 else None
             for t in steps:
                 if log is not None:
@@ -305,43 +438,27 @@ class Sampler(Component, ABC):
                         f"{self.name} sampler, step {t} of {num_steps}: {exc}") from None
                 if t <= burn_in:
                     state = self.adapt(state, info, iteration=t, num_adapt=burn_in)
-                if stream is None:
-                    infos.append(info)
-                else:
-                    stream.add(t, info)
-                if t > burn_in and (num_steps - t) % thin == 0:
-                    kept.append(state.position)
-                if callback is not None:
+                for callback in callbacks:
                     callback(t, state, info)
                 if log is not None and (t % check_every == 0 or t == num_steps):
                     bad = log.first_divergence()
                     if bad is not None:
                         raise NonFiniteError(
                             f"{self.name} sampler, step {bad[0]} of {num_steps}: {bad[1]}")
-        if init_position.device.type == "cuda":  # kernels run asynchronously: time them all
-            torch.cuda.synchronize(init_position.device)
-        wall = time.perf_counter() - start
+        return state
 
-        if not kept:
-            kept = [state.position]
-        samples = torch.stack(kept)
-        if stream is None:
-            info_dict: dict[str, Tensor] = {}
-            if infos:
-                for field in infos[0]._fields:
-                    info_dict[field] = torch.stack([getattr(i, field) for i in infos])
-            summary = _summarize_full_info(info_dict, burn_in)
-        else:
-            info_dict, summary = stream.finish()
-
-        diagnostics = summarize(samples) if diagnose else {
+    def _diagnostics(self, samples: Tensor, summary: dict[str, Any], settings: RunSettings,
+                     chains: int, wall: float) -> dict[str, Any]:
+        """The run's diagnostics (see :meth:`run`) from the kept draws ``(S, C, D)`` of all
+        ``chains``, the run-level numbers of the infos and the loop's wall time."""
+        diagnostics = summarize(samples) if settings.diagnose else {
             "num_draws": int(samples.shape[0]), "num_chains": int(samples.shape[1])}
-        chains = int(init_position.shape[0])
+        num_steps = settings.num_steps
         diagnostics.update(
             sampler=self.name,
             num_steps=num_steps,
-            burn_in=burn_in,
-            thin=thin,
+            burn_in=settings.burn_in,
+            thin=settings.thin,
             num_nonfinite=summary.get("num_nonfinite", 0),
             wall_time_s=wall,
             chain_steps_per_s=(chains * num_steps / wall) if wall > 0 else float("nan"),
@@ -351,26 +468,7 @@ class Sampler(Component, ABC):
             diagnostics["acceptance_rate"] = diagnostics["acceptance"]["mean"]
         if "final_step_size" in summary:
             diagnostics["final_step_size"] = summary["final_step_size"]
-        return SampleResult(samples, info_dict, diagnostics)
-
-    def sample_prior(self, prior, num_samples: int, *, generator: torch.Generator | None = None,
-                     progress: bool = False) -> SampleResult:
-        """Draw ``num_samples`` latents from ``prior`` with this sampler.
-
-        MCMC samplers start ``num_samples`` chains at ``prior.base_prior.sample(...)`` and run
-        ``config.num_steps`` steps (``config.burn_in``, ``config.thin``) on ``prior.energy``;
-        ``result.samples[-1]`` are the final states ``(num_samples, D)``.
-        """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
-        cfg = self.config
-        if not hasattr(cfg, "num_steps"):
-            raise ConfigError(f"the {self.name} sampler has no num_steps setting; use run()")
-        start = prior.base_prior.sample(num_samples, generator=generator).detach()
-        with frozen_parameters(prior):
-            return self.run(prior.energy, start, cfg.num_steps,
-                            burn_in=getattr(cfg, "burn_in", 0), thin=getattr(cfg, "thin", 1),
-                            generator=generator, progress=progress, **self.fast_paths())
+        return diagnostics
 
     def fast_paths(self) -> dict[str, bool]:
         """The opt-in fast paths of :meth:`run` this sampler's config asks for
@@ -397,7 +495,49 @@ def frozen_parameters(module: Any) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# per-step info: stacked ("full") or streamed ("summary")
+# what a run keeps: the draws, and the per-step info stacked ("full") or streamed ("summary")
+
+
+class _Draws(NamedTuple):
+    """What one process's chains produced: kept draws ``(S, C, D)``, per-step infos, the
+    run-level numbers of a streamed info (None when stacked: computed from ``info``) and the
+    loop's wall time in seconds."""
+
+    samples: Tensor
+    info: dict[str, Tensor]
+    summary: dict[str, Any] | None
+    wall: float
+
+
+class _Recorder:
+    """A step callback of :meth:`Sampler._loop` that keeps the draws and the per-step infos."""
+
+    def __init__(self, settings: RunSettings):
+        self.settings = settings
+        self.kept: list[Tensor] = []
+        self.infos: list[NamedTuple] = []
+        self.stream = _InfoStream(settings.burn_in) if settings.keep_info == "summary" else None
+
+    def __call__(self, t: int, state: NamedTuple, info: NamedTuple) -> None:
+        if self.stream is None:
+            self.infos.append(info)
+        else:
+            self.stream.add(t, info)
+        if self.settings.keeps(t):
+            self.kept.append(state.position)  # type: ignore[attr-defined]
+
+    def finish(self, state: NamedTuple, wall: float) -> _Draws:
+        """The draws (the final state alone when no step ran) and the infos."""
+        kept = self.kept or [state.position]  # type: ignore[attr-defined]
+        samples = torch.stack(kept)
+        if self.stream is not None:
+            info, summary = self.stream.finish()
+            return _Draws(samples, info, summary, wall)
+        info_dict: dict[str, Tensor] = {}
+        if self.infos:
+            for name in self.infos[0]._fields:
+                info_dict[name] = torch.stack([getattr(i, name) for i in self.infos])
+        return _Draws(samples, info_dict, None, wall)
 
 
 def _summarize_full_info(info: dict[str, Tensor], burn_in: int) -> dict[str, Any]:

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from ncpvae import (
-    BuildContext,
-    ComponentConfig,
     ConfigError,
     DataError,
     FitOptions,
@@ -35,12 +33,9 @@ from ncpvae import (
     NonFiniteError,
     Prior,
     PriorSection,
-    build_component,
 )
 from ncpvae.mcmc import ess_fraction, sampling_importance_resampling
-
-if TYPE_CHECKING:
-    from ncpvae import LatentModel
+from ncpvae.prior_fitting import PriorOverBase, PriorOverBaseConfig, seeded_init
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -61,15 +56,15 @@ __all__ = [
     "MLPClassifier",
     "TiltedConfig",
     "TiltedPrior",
-    "build_tilt_network",
     "log_mean_exp",
     "split_heldout",
 ]
 
 
-class TiltedConfig(ComponentConfig):
-    """The config fields every tilted prior shares: the base ``b`` and the MLP for ``f``
-    (:class:`MLPClassifier`). A subclass narrows ``name`` and adds its fitting settings."""
+class TiltedConfig(PriorOverBaseConfig):
+    """The config fields every tilted prior shares: the base ``b``, the MLP for ``f``
+    (:class:`MLPClassifier`), and how SIR and ``log Z`` draw from the base. A subclass narrows
+    ``name`` and adds its fitting settings."""
 
     base: PriorSection = Field(
         default_factory=lambda: {"name": "gaussian"},
@@ -86,18 +81,12 @@ class TiltedConfig(ComponentConfig):
         "none", description="normalization after each hidden layer (batch norm is not offered: "
         "it would couple the rows of a batch)"
     )
-
-
-def build_tilt_network(config: TiltedConfig, ctx: BuildContext, who: str
-                       ) -> tuple[Prior, MLPClassifier]:
-    """The base prior and the MLP ``f`` of a tilted prior's config; ``f`` is initialized from
-    the run seed ``ctx.seed`` without touching the global (CPU) RNG."""
-    latent_dim = ctx.require_latent_dim(f"the {who} prior")
-    base = build_component(config.base, "prior", ctx)
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(ctx.seed)
-        net = MLPClassifier(latent_dim, config.hidden, config.activation, config.normalization)
-    return base, net
+    sir_candidates: int = Field(
+        100, ge=1, le=100_000, description="base-prior candidates per SIR sample"
+    )
+    log_z_samples: int = Field(
+        100_000, ge=2, description="base-prior draws for the Monte Carlo estimate of log Z"
+    )
 
 
 class MLPClassifier(nn.Module):
@@ -171,14 +160,19 @@ def split_heldout(n_total: int, fraction: float, generator: torch.Generator,
     return order[:n_held], order[n_held:]
 
 
-class TiltedPrior(LearnedPrior):
+class TiltedPrior(PriorOverBase):
     """``p(z) = b(z) exp f(z) / Z`` with ``Z = E_b[exp f]``: a base ``b`` tilted by a network ``f``.
 
-    ``base`` is any prior with exact sampling; ``net`` maps latents ``(n, D)`` to ``(n,)``. The
+    Built from ``base`` (any prior with exact sampling) and ``config`` (the subclass's
+    ``Config``, a :class:`TiltedConfig`; its defaults when None), which every setting is read
+    from.
+    ``net`` maps latents ``(n, D)`` to ``(n,)``; by default the config's
+    :class:`MLPClassifier`, initialized from ``seed`` without touching the global RNG. The
     prior is unfitted unless ``fitted=True`` (``net`` then taken as trained); loading a fitted
     state dict marks it fitted. ``log_prob`` is unnormalized (subtract :meth:`log_normalizer`);
-    ``sample`` is SIR from the base with weights ``exp f`` (``sir_candidates`` base draws per
-    sample); ``log_z_samples`` base draws estimate ``log Z``. Subclasses implement ``fit``.
+    ``sample`` is SIR from the base with weights ``exp f`` (``config.sir_candidates`` base
+    draws per sample); ``config.log_z_samples`` base draws estimate ``log Z``. Subclasses
+    implement ``_fit``.
     """
 
     normalized = False
@@ -196,63 +190,51 @@ class TiltedPrior(LearnedPrior):
         if "fitted_part" not in cls.__dict__:  # the not-fitted error names the network
             cls.fitted_part = f"a trained {cls.net_role}"
 
-    def __init__(self, base: Prior, net: nn.Module, *, sir_candidates: int = 100,
-                 log_z_samples: int = 100_000, seed: int = 0, fitted: bool = False,
-                 fit_base: bool = True):
-        if not isinstance(base, Prior):
-            raise ConfigError(f"the {self.name} base must be a Prior, got {type(base).__name__}")
-        if not base.exact_sampling:
+    Config = TiltedConfig
+    config: TiltedConfig
+
+    def __init__(self, base: Prior, config: TiltedConfig | None = None, *,
+                 net: nn.Module | None = None, seed: int = 0, fitted: bool = False):
+        if isinstance(base, Prior) and not base.exact_sampling:
             raise ConfigError(
                 f"the {self.name} base prior must sample exactly (it provides the negatives and "
                 f"the SIR proposals); '{base.name}' does not: use e.g. base = gaussian, gmm, flow "
                 f"or vamp"
             )
+        super().__init__(base, config, seed=seed)
+        if net is None:
+            cfg = self.config
+            net = seeded_init(self.seed, lambda: MLPClassifier(
+                self.latent_dim, cfg.hidden, cfg.activation, cfg.normalization))
         if not isinstance(net, nn.Module):
             raise ConfigError(
                 f"the {self.name} {self.net_role} must be a torch.nn.Module, got "
                 f"{type(net).__name__}"
             )
-        super().__init__(base.latent_dim)
-        self.base = base
         self.classifier = net
-        self.sir_candidates = int(sir_candidates)
-        self.log_z_samples = int(log_z_samples)
-        self.seed = int(seed)
-        self.fit_base_first = bool(fit_base)
-        # a buffer, so a fitted checkpoint's state dict carries the flag
-        self.register_fitted_flag(fitted)
+        if fitted:
+            self.mark_fitted()
         self.last_ess_fraction: float | None = None
         self.history: list[dict[str, float]] = []
-        self.fit_summary: dict[str, Any] = {}
         self.heldout_index: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------
     # the base
 
     @property
-    def base_prior(self) -> Prior:
-        """The tractable prior the VAE trains against: the base's own ``base_prior`` (the base
-        itself for N(0, I) or a VampPrior; N(0, I) under a fitted GMM or flow)."""
-        return self.base.base_prior
-
-    @property
     def base_is_learned(self) -> bool:
         return isinstance(self.base, LearnedPrior)
-
-    def bind_model(self, model: LatentModel) -> None:
-        """Pass the model on to the base (a VampPrior base needs the encoder)."""
-        self.base.bind_model(model)
 
     def fit_base(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
         """Fit a learned base on the same encodings (first, before ``f``), with the fit's
         generator, progress setting and shards; ``{}`` otherwise. The generator is only
         consumed when there is something to fit, so a fit over a fixed base (N(0, I)) draws
         exactly as before."""
-        if not (self.base_is_learned and self.fit_base_first):
+        if not self.base_is_learned:
             return {}
         assert isinstance(self.base, LearnedPrior)
-        sharded = {"shards": options.shards} if (
-            options.shards is not None and self.base.shardable_fit) else {}
+        # only a shardable base takes the group (a prior overriding ``fit`` may not accept it)
+        sharded = {"shards": options.shards} if self.base.shardable_fit else {}
         return dict(self.base.fit(mu, logvar, generator=options.generator,
                                   progress=options.progress, **sharded))
 
@@ -302,9 +284,10 @@ class TiltedPrior(LearnedPrior):
         self, num_samples: int | None = None, *, generator: torch.Generator | None = None
     ) -> tuple[float, float]:
         """Monte Carlo ``log E_b[exp f(z)]`` over ``num_samples`` base draws (default
-        ``log_z_samples``) and its delta-method SE; biased low by about half the squared SE."""
+        ``config.log_z_samples``) and its delta-method SE; biased low by about half the squared
+        SE."""
         self.require_fitted("log_normalizer")
-        m = self.log_z_samples if num_samples is None else int(num_samples)
+        m = self.config.log_z_samples if num_samples is None else int(num_samples)
         if m < 2:
             raise ConfigError(f"log_normalizer needs at least 2 samples, got {m}")
         values = []
@@ -375,8 +358,8 @@ class TiltedPrior(LearnedPrior):
     def sample_with_info(
         self, n: int, *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        """SIR: draw ``n * sir_candidates`` base candidates, weight them by ``exp f``, resample
-        (multinomial, with replacement, in pools of about a million candidates). Returns
+        """SIR: draw ``n * config.sir_candidates`` base candidates, weight them by ``exp f``,
+        resample (multinomial, with replacement, in pools of about a million candidates). Returns
         ``(z (n, D), {"ess_fraction": ...})``; the ESS fraction is also kept as
         ``self.last_ess_fraction``."""
         self.require_fitted("sample")
@@ -388,7 +371,7 @@ class TiltedPrior(LearnedPrior):
                 "ess_fraction": float("nan")}
         draws, log_weights = sampling_importance_resampling(
             lambda m: self.base.sample(m, generator=generator), self._logit_nograd, n,
-            self.sir_candidates, pool_size=SIR_POOL, generator=generator)
+            self.config.sir_candidates, pool_size=SIR_POOL, generator=generator)
         ess = ess_fraction(log_weights)
         self.last_ess_fraction = ess
         return draws, {"ess_fraction": ess}

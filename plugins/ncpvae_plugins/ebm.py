@@ -21,7 +21,6 @@ log-likelihood gain ``E_q[f] - log Z`` (``log Z`` from ``heldout_log_z_samples``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -42,7 +41,6 @@ from ncpvae import (
 from ncpvae.tilted import (
     TiltedConfig,
     TiltedPrior,
-    build_tilt_network,
     log_mean_exp,
     split_heldout,
 )
@@ -51,15 +49,19 @@ from ncpvae.tilted import (
 class EBMPrior(TiltedPrior):
     """``p(z) = b(z) exp f(z) / Z`` with ``f`` fitted by MLE with Langevin negatives.
 
-    ``base`` samples exactly; ``energy_net`` maps ``(n, D) -> (n,)`` (``f``, the negative
-    energy of the tilt). Fitting settings: see :class:`EBMPrior.Config`.
+    ``base`` samples exactly; ``config`` (an :class:`EBMPrior.Config`, its defaults when None)
+    holds every setting; ``energy_net`` maps ``(n, D) -> (n,)`` (``f``, the negative energy of
+    the tilt; default: the config's MLP, initialized from ``seed``); ``sampler`` makes the
+    negatives (default: the ``langevin`` sampler of the config's ``step_size`` and
+    ``metropolis``, see :func:`negatives_sampler`).
 
     Data parallel under torchrun (``fit(..., shards=...)``): every rank makes all of the
     fit's draws; each runs its contiguous block of the negative chains (persistent chains
     included) with the one-process noise of those chains, evaluates ``f`` on its rows of the
     positives and negatives, and the gradients, logged losses and held-out values are summed
-    over the ranks. The sampler must draw its noise through ``Sampler._randn``/``_rand``
-    (the built-in ``langevin`` does) and treat chains independently.
+    over the ranks. The sampler must draw its per-chain noise through ``Sampler._randn``/
+    ``_rand`` (the built-in ``langevin`` does; :mod:`ncpvae.sharding`) and treat chains
+    independently.
     """
 
     name = "ebm"
@@ -90,35 +92,15 @@ class EBMPrior(TiltedPrior):
                                         "encodings held out for early stopping")
         heldout_log_z_samples: int = Field(20_000, ge=2, description="base draws for log Z in "
                                            "the per-epoch held-out gain")
-        sir_candidates: int = Field(100, ge=1, le=100_000, description="base candidates per "
-                                    "SIR sample")
-        log_z_samples: int = Field(100_000, ge=2, description="base draws for log Z")
 
-    def __init__(self, base: Prior, energy_net: nn.Module, *, epochs: int = 50,
-                 batch_size: int = 256, lr: float = 3e-4, weight_decay: float = 0.0,
-                 langevin_steps: int = 20, step_size: float = 0.05, metropolis: bool = False,
-                 persistent: bool = False, reinit_fraction: float = 0.05, energy_l2: float = 0.0,
-                 patience: int = 10, heldout_fraction: float = 0.1,
-                 heldout_log_z_samples: int = 20_000, sir_candidates: int = 100,
-                 log_z_samples: int = 100_000, seed: int = 0, fitted: bool = False,
-                 sampler: Sampler | None = None):
-        super().__init__(base, energy_net, sir_candidates=sir_candidates,
-                         log_z_samples=log_z_samples, seed=seed, fitted=fitted)
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.langevin_steps = int(langevin_steps)
-        self.persistent = bool(persistent)
-        self.reinit_fraction = float(reinit_fraction)
-        self.energy_l2 = float(energy_l2)
-        self.patience = int(patience)
-        self.heldout_fraction = float(heldout_fraction)
-        self.heldout_log_z_samples = int(heldout_log_z_samples)
+    config: Config
+
+    def __init__(self, base: Prior, config: Config | None = None, *,
+                 energy_net: nn.Module | None = None, sampler: Sampler | None = None,
+                 seed: int = 0, fitted: bool = False):
+        super().__init__(base, config, net=energy_net, seed=seed, fitted=fitted)
         if sampler is None:
-            sampler = create("sampler", "langevin", step_size=float(step_size),
-                             metropolis=bool(metropolis), num_steps=self.langevin_steps,
-                             burn_in=0)
+            sampler = negatives_sampler(self.config)
         if not isinstance(sampler, Sampler):
             raise ConfigError(f"ebm: sampler must be an ncpvae Sampler, got "
                               f"{type(sampler).__name__}")
@@ -126,13 +108,8 @@ class EBMPrior(TiltedPrior):
 
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> EBMPrior:
-        base, net = build_tilt_network(config, ctx, "ebm")
-        fields = config.model_dump(exclude={"name", "base", "hidden", "activation",
-                                            "normalization"})
-        sampler = create("sampler", "langevin", step_size=config.step_size,
-                         metropolis=config.metropolis, num_steps=config.langevin_steps, burn_in=0,
-                         registry=ctx.registry)
-        return cls(base, net, seed=ctx.seed, sampler=sampler, **fields)
+        base = cls.build_base(config, ctx)
+        return cls(base, config, sampler=negatives_sampler(config, ctx), seed=ctx.seed)
 
     @property
     def label(self) -> str:
@@ -145,37 +122,23 @@ class EBMPrior(TiltedPrior):
         """``U(z) = -log b(z) - f(z)`` without the fitted check (used while fitting)."""
         return -self.base.log_prob(z) - self.logit(z)
 
-    def negatives(self, start: Tensor, generator: torch.Generator | None, *,
-                  rows_of: tuple[int, int] | None = None) -> Tensor:
+    def negatives(self, start: Tensor, generator: torch.Generator | None) -> Tensor:
         """``langevin_steps`` sampler steps on the current energy from ``start`` ``(C, D)``;
         the network's parameters get no gradient from this.
 
-        ``rows_of = (offset, total)``: ``start`` holds chains ``[offset, offset + C)`` of
-        ``total`` (a rank's block under torchrun); the sampler's noise is then the one-process
-        noise of those chains (the full ``(total, ...)`` draw, sliced), so the block's chains
-        are the one-process chains."""
+        Inside a row block (:meth:`ncpvae.ShardGroup.rows`: ``start`` is a rank's block of
+        the chains under torchrun) the sampler's per-chain noise is the one-process noise of
+        those chains, so the block's chains are the one-process chains."""
+        if not len(start):  # more ranks than chains: no chains here
+            return start
         flags = [p.requires_grad for p in self.classifier.parameters()]
         for p in self.classifier.parameters():
             p.requires_grad_(False)
-        if rows_of is not None:
-            offset, total = rows_of
-
-            def block(draw: Callable[..., Tensor]) -> Callable[[Tensor, Any], Tensor]:
-                def noise(like: Tensor, gen: torch.Generator | None) -> Tensor:
-                    full = draw((total, *like.shape[1:]), generator=gen, dtype=like.dtype,
-                                device=like.device)
-                    return full[offset:offset + len(like)]
-                return noise
-
-            # the sampler's designated noise seam (Sampler._randn/_rand)
-            self.sampler._randn, self.sampler._rand = block(torch.randn), block(torch.rand)
         try:
             state = self.sampler.init(start.detach(), self._tilted_energy)
-            for _ in range(self.langevin_steps):
+            for _ in range(self.config.langevin_steps):
                 state, _ = self.sampler.step(state, self._tilted_energy, generator=generator)
         finally:
-            if rows_of is not None:
-                del self.sampler._randn, self.sampler._rand
             for p, flag in zip(self.classifier.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
         return state.position.detach()
@@ -195,7 +158,7 @@ class EBMPrior(TiltedPrior):
         ``fit_seconds``, ``num_train``, ``num_heldout`` (and ``base_fit``).
         """
 
-        gen = options.generator
+        gen, cfg = options.generator, self.config
         base_summary = self.fit_base(mu, logvar, options)
         ref = self._param_like()
         device, dtype = ref.device, ref.dtype
@@ -204,7 +167,7 @@ class EBMPrior(TiltedPrior):
             int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)))
         mu = mu.detach().to(device=device, dtype=dtype)
         std = torch.exp(0.5 * logvar.detach().to(device=device, dtype=dtype))
-        held, train = split_heldout(len(mu), self.heldout_fraction, gen, device, "ebm")
+        held, train = split_heldout(len(mu), cfg.heldout_fraction, gen, device, "ebm")
         n_train = len(train)
 
         def draws(rows: Tensor) -> Tensor:
@@ -216,19 +179,20 @@ class EBMPrior(TiltedPrior):
         trainable = [p for p in self.classifier.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError("ebm fit: the energy network has no trainable parameters")
-        optimizer = torch.optim.Adam(trainable, lr=self.lr, weight_decay=self.weight_decay)
-        num_batches = max(1, math.ceil(n_train / self.batch_size))
-        chains = self.base.sample(min(self.batch_size, n_train), generator=gen).detach() if (
-            self.persistent) else None
+        optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        num_batches = max(1, math.ceil(n_train / cfg.batch_size))
+        chains = self.base.sample(min(cfg.batch_size, n_train), generator=gen).detach() if (
+            cfg.persistent) else None
         # data parallel: each rank runs its block of the negative chains and evaluates f on
         # its rows of positives and negatives; gradients and losses are summed over the ranks
+        # (one process: a group of world size 1, where all of this is the whole batch)
         shards = options.shards
         n_chains = 0 if chains is None else len(chains)
-        if shards is not None and chains is not None:
+        if chains is not None:
             chains = shards.shard(chains)
 
         # early stopping on the held-out loss -gain: the best epoch is the one of highest gain
-        stopper = EarlyStopping(self.classifier, epochs=self.epochs, patience=self.patience,
+        stopper = EarlyStopping(self.classifier, epochs=cfg.epochs, patience=cfg.patience,
                                 desc="fit ebm", progress=options.progress,
                                 log=options.log)
         for epoch in stopper:
@@ -236,55 +200,39 @@ class EBMPrior(TiltedPrior):
             perm = train[torch.randperm(n_train, generator=gen, device=gen.device).to(device)]
             losses = EpochLosses()
             for rows in perm.tensor_split(num_batches):
-                positives = draws(rows)
+                positives = shards.shard(draws(rows))
                 if chains is not None:
                     restart = torch.rand(n_chains, generator=gen, device=gen.device).to(
-                        device) < self.reinit_fraction
+                        device) < cfg.reinit_fraction
                     fresh = self.base.sample(n_chains, generator=gen)
-                    if shards is not None:
-                        restart, fresh = shards.shard(restart), shards.shard(fresh)
-                    start = torch.where(restart.unsqueeze(-1), fresh, chains)
+                    start = torch.where(shards.shard(restart).unsqueeze(-1), shards.shard(fresh),
+                                        chains)
+                    n_neg = n_chains
                 else:
-                    start = self.base.sample(len(rows), generator=gen)
-                if shards is None:
+                    start = shards.shard(self.base.sample(len(rows), generator=gen))
+                    n_neg = len(rows)
+                with shards.rows(n_neg):  # this rank's chains draw the one-process noise rows
                     negatives = self.negatives(start, chain_gen)
-                else:
-                    n_neg = len(start) if chains is None else n_chains
-                    if chains is None:
-                        start = shards.shard(start)
-                    offset = shards.bounds(n_neg)[0]
-                    negatives = self.negatives(start, chain_gen, rows_of=(offset, n_neg)) if (
-                        len(start)) else start
-                    positives = shards.shard(positives)
                 if chains is not None:
                     chains = negatives
                 f_pos, f_neg = self.logit(positives), self.logit(negatives)
-                if shards is None:
-                    loss = f_neg.mean() - f_pos.mean()
-                    if self.energy_l2:
-                        loss = loss + self.energy_l2 * (f_pos.pow(2).mean() +
-                                                        f_neg.pow(2).mean())
-                else:  # this rank's part of the global means
-                    loss = f_neg.sum() / n_neg - f_pos.sum() / len(rows)
-                    if self.energy_l2:
-                        loss = loss + self.energy_l2 * (f_pos.pow(2).sum() / len(rows) +
-                                                        f_neg.pow(2).sum() / n_neg)
+                # this rank's part of the global means (the means themselves in one process)
+                loss = shards.mean_part(f_neg, n_neg) - shards.mean_part(f_pos, len(rows))
+                if cfg.energy_l2:
+                    loss = loss + cfg.energy_l2 * (shards.mean_part(f_pos.pow(2), len(rows)) +
+                                                    shards.mean_part(f_neg.pow(2), n_neg))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if shards is not None:
-                    shards.sum_gradients(trainable)
+                shards.sum_gradients(trainable)
                 optimizer.step()
                 losses.add(loss, len(rows))
             train_losses = losses.summary(
-                "ebm", epoch, f"lower lr (now {self.lr}) or step_size, or set energy_l2", shards)
+                "ebm", epoch, f"lower lr (now {cfg.lr}) or step_size, or set energy_l2", shards)
             self.classifier.eval()
             with torch.no_grad():
-                f_base = self.base.sample(self.heldout_log_z_samples, generator=gen)
-                if shards is None:
-                    f_base, f_ho = self._logit_nograd(f_base), self._logit_nograd(z_ho)
-                else:
-                    f_base = shards.map_rows(self._logit_nograd, f_base)
-                    f_ho = shards.map_rows(self._logit_nograd, z_ho)
+                f_base = self.base.sample(cfg.heldout_log_z_samples, generator=gen)
+                f_base = shards.map_rows(self._logit_nograd, f_base)
+                f_ho = shards.map_rows(self._logit_nograd, z_ho)
                 log_z, _ = log_mean_exp(f_base)
                 gain = float(f_ho.double().mean()) - log_z
             record = {"epoch": float(epoch), **train_losses,
@@ -303,6 +251,17 @@ class EBMPrior(TiltedPrior):
         if base_summary:
             self.fit_summary["base_fit"] = base_summary
         return dict(self.fit_summary)
+
+
+def negatives_sampler(config: EBMPrior.Config, ctx: BuildContext | None = None) -> Sampler:
+    """The ``langevin`` sampler (ULA, or MALA with ``metropolis``) that makes the EBM's
+    negatives: ``config.langevin_steps`` steps of ``config.step_size``, no burn-in; from the
+    registry of ``ctx`` when given."""
+    sampler = create("sampler", "langevin", step_size=config.step_size,
+                     metropolis=config.metropolis, num_steps=config.langevin_steps, burn_in=0,
+                     registry=ctx.registry if ctx is not None else None)
+    assert isinstance(sampler, Sampler)
+    return sampler
 
 
 @hookimpl

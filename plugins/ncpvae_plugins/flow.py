@@ -16,33 +16,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
 from ncpvae import (
-    BuildContext,
-    ComponentConfig,
     ConfigError,
     DataError,
     EarlyStopping,
     EpochLosses,
     FitOptions,
-    LearnedPrior,
     Prior,
-    PriorSection,
     ShardGroup,
-    build_component,
     hookimpl,
     minibatch_step,
 )
+from ncpvae.prior_fitting import (
+    PriorOverBase,
+    PriorOverBaseConfig,
+    aggregate_posterior_draws,
+    seeded_init,
+)
 from ncpvae.tilted import split_heldout
-from ncpvae_plugins.gmm import aggregate_posterior_draws
-
-if TYPE_CHECKING:
-    from ncpvae import LatentModel
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -62,28 +59,22 @@ def build_zuko_flow(flow_type: str, latent_dim: int, transforms: int, hidden: Se
     raise ConfigError(f"flow_type must be 'maf' or 'nsf', got '{flow_type}'")
 
 
-class FlowPrior(LearnedPrior):
+class FlowPrior(PriorOverBase):
     """A zuko normalizing flow over standardized latents; normalized, exact sampling.
 
-    ``flow`` is a zuko ``Flow`` (calling it gives the distribution); buffers ``shift`` and
-    ``log_sigma`` ``(D,)`` hold the standardization. Unfitted until :meth:`fit` or a fitted
-    state dict.
+    Built from ``base`` and its :class:`FlowPrior.Config`, which it reads its settings from.
+    ``flow`` is a zuko ``Flow`` (calling it gives the distribution): the config's
+    ``flow_type``, ``transforms``, ``hidden`` and ``bins``, initialized from ``seed``, unless
+    one is passed. Buffers ``shift`` and ``log_sigma`` ``(D,)`` hold the standardization.
+    Unfitted until :meth:`fit` or a fitted state dict.
     """
 
     name = "flow"
-    normalized = True
-    requires_fit = True
     shardable_fit = True
-    exact_sampling = True
-    sampling_method = "exact"
     fitted_part = "a fitted flow"
 
-    class Config(ComponentConfig):
+    class Config(PriorOverBaseConfig):
         name: Literal["flow"] = "flow"
-        base: PriorSection = Field(
-            default_factory=lambda: {"name": "gaussian"},
-            description="the tractable prior the VAE trains against (a prior table)",
-        )
         flow_type: Literal["maf", "nsf"] = Field("nsf", description="masked autoregressive "
                                                  "flow or neural spline flow (zuko)")
         transforms: int = Field(4, ge=1, le=64, description="number of flow transforms")
@@ -100,56 +91,27 @@ class FlowPrior(LearnedPrior):
         heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of the "
                                         "encodings held out for early stopping")
 
-    def __init__(self, base: Prior, flow: nn.Module, *, flow_type: str = "custom", epochs: int = 200,
-                 batch_size: int = 512, lr: float = 1e-3, weight_decay: float = 0.0,
-                 patience: int = 10, heldout_fraction: float = 0.1, seed: int = 0):
-        if not isinstance(base, Prior):
-            raise ConfigError(f"the flow base must be a Prior, got {type(base).__name__}")
+    config: Config
+
+    def __init__(self, base: Prior, config: Config | None = None, *,
+                 flow: nn.Module | None = None, seed: int = 0):
+        super().__init__(base, config, seed=seed)
+        cfg = self.config
+        if flow is None:
+            flow = seeded_init(self.seed, lambda: build_zuko_flow(
+                cfg.flow_type, self.latent_dim, cfg.transforms, cfg.hidden, cfg.bins))
         if not isinstance(flow, nn.Module) or not callable(flow):
             raise ConfigError("the flow must be a zuko Flow (an nn.Module returning a "
                               "distribution when called)")
-        super().__init__(base.latent_dim)
-        self.base = base
         self.flow = flow
-        self.flow_type = flow_type
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.patience = int(patience)
-        self.heldout_fraction = float(heldout_fraction)
-        self.seed = int(seed)
         dtype = torch.get_default_dtype()
-        self.register_fitted_flag()
         self.register_buffer("shift", torch.zeros(self.latent_dim, dtype=dtype))
         self.register_buffer("log_sigma", torch.zeros(self.latent_dim, dtype=dtype))
         self.history: list[dict[str, float]] = []
-        self.fit_summary: dict[str, Any] = {}
-
-    @classmethod
-    def from_config(cls, config: Config, ctx: BuildContext) -> FlowPrior:
-        latent_dim = ctx.require_latent_dim("the flow prior")
-        base = build_component(config.base, "prior", ctx)
-        # Seed the initialization from the run seed without disturbing the global (CPU) RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(ctx.seed)
-            flow = build_zuko_flow(config.flow_type, latent_dim, config.transforms, config.hidden,
-                                   config.bins)
-        return cls(base, flow, flow_type=config.flow_type, epochs=config.epochs,
-                   batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
-                   patience=config.patience, heldout_fraction=config.heldout_fraction,
-                   seed=ctx.seed)
-
-    @property
-    def base_prior(self) -> Prior:
-        return self.base.base_prior
-
-    def bind_model(self, model: LatentModel) -> None:
-        self.base.bind_model(model)
 
     @property
     def label(self) -> str:
-        return f"flow ({self.flow_type.upper()})" if self.flow_type in ("maf", "nsf") else "flow"
+        return f"flow ({self.config.flow_type.upper()})"
 
     # ------------------------------------------------------------------------------------------
     # density and sampling
@@ -198,12 +160,12 @@ class FlowPrior(LearnedPrior):
         standardization is computed whole on every rank.
         """
 
-        gen = options.generator
+        gen, cfg = options.generator, self.config
         ref = self.shift
         device, dtype = ref.device, ref.dtype
         mu = mu.detach().to(device=device, dtype=dtype)
         logvar = logvar.detach().to(device=device, dtype=dtype)
-        held, train = split_heldout(len(mu), self.heldout_fraction, gen, device, "flow")
+        held, train = split_heldout(len(mu), cfg.heldout_fraction, gen, device, "flow")
         mu_tr, lv_tr = mu[train], logvar[train]
         z_ho = aggregate_posterior_draws(mu[held], logvar[held], 1, gen)
         with torch.no_grad():
@@ -213,16 +175,16 @@ class FlowPrior(LearnedPrior):
         trainable = [p for p in self.flow.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError("flow fit: the flow has no trainable parameters")
-        optimizer = torch.optim.Adam(trainable, lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_train = len(train)
-        num_batches = max(1, math.ceil(n_train / self.batch_size))
+        num_batches = max(1, math.ceil(n_train / cfg.batch_size))
         shards = options.shards  # data parallel: each rank its rows of every minibatch
 
         def nll(rows: Tensor, reduction: str) -> Tensor:
             values = -self._log_prob(z[rows])
             return values.mean() if reduction == "mean" else values.sum()
 
-        stopper = EarlyStopping(self.flow, epochs=self.epochs, patience=self.patience,
+        stopper = EarlyStopping(self.flow, epochs=cfg.epochs, patience=cfg.patience,
                                 desc="fit flow", progress=options.progress,
                                 log=options.log)
         for epoch in stopper:
@@ -232,7 +194,7 @@ class FlowPrior(LearnedPrior):
             losses = EpochLosses()
             for index in perm.tensor_split(num_batches):
                 losses.add(minibatch_step(optimizer, trainable, nll, index, shards), len(index))
-            train_losses = losses.summary("flow", epoch, f"lower lr (now {self.lr})", shards)
+            train_losses = losses.summary("flow", epoch, f"lower lr (now {cfg.lr})", shards)
             self.flow.eval()
             with torch.no_grad():
                 heldout = float(self._heldout_nll(z_ho, shards).double().mean())
@@ -249,13 +211,13 @@ class FlowPrior(LearnedPrior):
         }
         return dict(self.fit_summary)
 
-    def _heldout_nll(self, z: Tensor, shards: ShardGroup | None) -> Tensor:
-        """``-log p(z)`` ``(n,)`` for held-out draws ``z`` ``(n, D)``, in chunks; with ``shards``
-        each rank evaluates its rows and every rank gets all of them."""
+    def _heldout_nll(self, z: Tensor, shards: ShardGroup) -> Tensor:
+        """``-log p(z)`` ``(n,)`` for held-out draws ``z`` ``(n, D)``, in chunks; over several
+        ranks (``shards``) each rank evaluates its rows and every rank gets all of them."""
         def nll(part: Tensor) -> Tensor:
             return torch.cat([-self._log_prob(chunk) for chunk in part.split(65_536)])
 
-        return nll(z) if shards is None else shards.map_rows(nll, z)
+        return shards.map_rows(nll, z)
 
 
 @hookimpl

@@ -19,7 +19,11 @@ _LOG_2PI = math.log(2 * math.pi)
 
 
 class GaussianPrior(Prior):
-    """``p(z) = N(z; mean, diag(scale^2))``; ``mean`` and ``scale`` are ``(D,)``."""
+    """``p(z) = N(z; mean, diag(scale^2))``; ``mean`` and ``scale`` are ``(D,)``.
+
+    Built from ``latent_dim`` and a :class:`GaussianPrior.Config` (N(0, I) when None, also for
+    a subclass with a ``Config`` of its own), in ``dtype`` (default: torch's default dtype).
+    """
 
     name = "gaussian"
 
@@ -30,28 +34,28 @@ class GaussianPrior(Prior):
         learn_mean: bool = Field(False, description="train the mean with the VAE")
         learn_scale: bool = Field(False, description="train the log-scale with the VAE")
 
-    def __init__(self, latent_dim: int, *, mean: float = 0.0, scale: float = 1.0,
-                 learn_mean: bool = False, learn_scale: bool = False,
+    config: Config
+
+    def __init__(self, latent_dim: int, config: Config | None = None, *,
                  dtype: torch.dtype | None = None):
-        super().__init__(latent_dim)
+        super().__init__(latent_dim, GaussianPrior.checked_config(config))
+        cfg = self.config
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         # computed in float64, then cast once: a float64 prior holds exact log(scale)
-        loc = torch.full((latent_dim,), float(mean), dtype=torch.float64).to(dtype)
-        log_scale = torch.full((latent_dim,), math.log(scale), dtype=torch.float64).to(dtype)
-        if learn_mean:
+        loc = torch.full((latent_dim,), cfg.mean, dtype=torch.float64).to(dtype)
+        log_scale = torch.full((latent_dim,), math.log(cfg.scale), dtype=torch.float64).to(dtype)
+        if cfg.learn_mean:
             self.loc = nn.Parameter(loc)
         else:
             self.register_buffer("loc", loc)
-        if learn_scale:
+        if cfg.learn_scale:
             self.log_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_scale", log_scale)
 
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> GaussianPrior:
-        return cls(ctx.require_latent_dim("the gaussian prior"), mean=config.mean,
-                   scale=config.scale, learn_mean=config.learn_mean,
-                   learn_scale=config.learn_scale, dtype=ctx.dtype)
+        return cls(ctx.require_latent_dim("the gaussian prior"), config, dtype=ctx.dtype)
 
     @property
     def label(self) -> str:

@@ -15,64 +15,33 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae import (
-    BuildContext,
-    ComponentConfig,
-    ConfigError,
-    DataError,
-    FitOptions,
-    LearnedPrior,
-    Prior,
-    PriorSection,
-    build_component,
-    hookimpl,
-)
-
-if TYPE_CHECKING:
-    from ncpvae import LatentModel
+from ncpvae import ConfigError, DataError, FitOptions, Prior, hookimpl
+from ncpvae.prior_fitting import PriorOverBase, PriorOverBaseConfig, aggregate_posterior_draws
 
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def aggregate_posterior_draws(mu: Tensor, logvar: Tensor, draws_per_input: int,
-                              generator: torch.Generator) -> Tensor:
-    """``draws_per_input`` fresh draws ``mu + exp(logvar / 2) * eps`` per row:
-    ``(N, D) -> (draws_per_input * N, D)``, noise from ``generator`` (drawn on its device)."""
-    out = []
-    for _ in range(draws_per_input):
-        eps = torch.randn(mu.shape, generator=generator, device=generator.device, dtype=mu.dtype)
-        out.append(mu + torch.exp(0.5 * logvar) * eps.to(mu.device))
-    return torch.cat(out)
-
-
-class GMMPrior(LearnedPrior):
+class GMMPrior(PriorOverBase):
     """A ``K``-component Gaussian mixture over ``D`` latents, fitted with the VAE frozen.
 
     Buffers: ``log_weights`` ``(K,)``; ``means`` ``(K, D)``; for ``covariance = "full"``
     ``scale_tril`` ``(K, D, D)`` (lower Cholesky factor of ``S_k``) and ``precision_tril``
     ``(K, D, D)`` (``L_k^{-T}``, so ``(z - m)^T S_k^{-1} (z - m) = |(z - m) @ precision_tril_k|^2``);
     for ``"diag"`` ``log_scale`` ``(K, D)``. Unfitted until :meth:`fit` or a fitted state dict.
+    Built from ``base`` and a :class:`GMMPrior.Config` (its defaults when None), kept as ``config``.
     """
 
     name = "gmm"
-    normalized = True
-    requires_fit = True
-    exact_sampling = True
-    sampling_method = "exact"
     fitted_part = "a fitted mixture"
 
-    class Config(ComponentConfig):
+    class Config(PriorOverBaseConfig):
         name: Literal["gmm"] = "gmm"
-        base: PriorSection = Field(
-            default_factory=lambda: {"name": "gaussian"},
-            description="the tractable prior the VAE trains against (a prior table)",
-        )
         components: int = Field(10, ge=1, le=10_000, description="number of mixture components K")
         covariance: Literal["full", "diag"] = Field("full", description="covariance of each "
                                                     "component")
@@ -87,61 +56,26 @@ class GMMPrior(LearnedPrior):
         tol: float = Field(1e-4, gt=0, description="EM stops when the mean log-likelihood "
                            "improves by less")
 
-    def __init__(self, base: Prior, components: int = 10, *, covariance: str = "full",
-                 fit_on: str = "draws", draws_per_input: int = 1, reg_covar: float = 1e-6,
-                 max_iter: int = 500, n_init: int = 1, tol: float = 1e-4, seed: int = 0):
-        if not isinstance(base, Prior):
-            raise ConfigError(f"the gmm base must be a Prior, got {type(base).__name__}")
-        if covariance not in ("full", "diag"):
-            raise ConfigError(f"gmm covariance must be 'full' or 'diag', got '{covariance}'")
-        if fit_on not in ("draws", "means"):
-            raise ConfigError(f"gmm fit_on must be 'draws' or 'means', got '{fit_on}'")
-        if components < 1:
-            raise ConfigError(f"gmm components must be >= 1, got {components}")
-        super().__init__(base.latent_dim)
-        self.base = base
-        self.components = int(components)
-        self.covariance = covariance
-        self.fit_on = fit_on
-        self.draws_per_input = int(draws_per_input)
-        self.reg_covar = float(reg_covar)
-        self.max_iter = int(max_iter)
-        self.n_init = int(n_init)
-        self.tol = float(tol)
-        self.seed = int(seed)
-        k, d = self.components, self.latent_dim
+    config: Config
+
+    def __init__(self, base: Prior, config: Config | None = None, *, seed: int = 0):
+        super().__init__(base, config, seed=seed)
+        k, d = self.config.components, self.latent_dim
         dtype = torch.get_default_dtype()
-        self.register_fitted_flag()
         self.register_buffer("log_weights", torch.full((k,), -math.log(k), dtype=dtype))
         self.register_buffer("means", torch.zeros(k, d, dtype=dtype))
-        if covariance == "full":
+        if self.config.covariance == "full":
             eye = torch.eye(d, dtype=dtype).expand(k, d, d).clone()
             self.register_buffer("scale_tril", eye)
             self.register_buffer("precision_tril", eye.clone())
         else:
             self.register_buffer("log_scale", torch.zeros(k, d, dtype=dtype))
-        self.fit_summary: dict[str, Any] = {}
-
-    @classmethod
-    def from_config(cls, config: Config, ctx: BuildContext) -> GMMPrior:
-        ctx.require_latent_dim("the gmm prior")
-        base = build_component(config.base, "prior", ctx)
-        return cls(base, config.components, covariance=config.covariance, fit_on=config.fit_on,
-                   draws_per_input=config.draws_per_input, reg_covar=config.reg_covar,
-                   max_iter=config.max_iter, n_init=config.n_init, tol=config.tol,
-                   seed=ctx.seed)
-
-    @property
-    def base_prior(self) -> Prior:
-        return self.base.base_prior
-
-    def bind_model(self, model: LatentModel) -> None:
-        self.base.bind_model(model)
 
     @property
     def label(self) -> str:
-        on = ", on means" if self.fit_on == "means" else ""
-        return f"GMM (K={self.components}, {self.covariance}{on})"
+        cfg = self.config
+        on = ", on means" if cfg.fit_on == "means" else ""
+        return f"GMM (K={cfg.components}, {cfg.covariance}{on})"
 
     # ------------------------------------------------------------------------------------------
     # density and sampling
@@ -154,14 +88,14 @@ class GMMPrior(LearnedPrior):
                             f"{self.latent_dim}-dim gmm prior, got {tuple(z.shape)}")
         flat = z.reshape(-1, self.latent_dim)
         diff = flat.unsqueeze(1) - self.means  # (n, K, D)
-        if self.covariance == "full":
+        if self.config.covariance == "full":
             y = torch.einsum("nkd,kde->nke", diff, self.precision_tril)
             log_det = torch.diagonal(self.precision_tril, dim1=-2, dim2=-1).log().sum(-1)  # (K,)
         else:
             y = diff * torch.exp(-self.log_scale)
             log_det = -self.log_scale.sum(-1)
         log_n = -0.5 * (y**2).sum(-1) + log_det - 0.5 * self.latent_dim * _LOG_2PI
-        return (self.log_weights + log_n).reshape(*z.shape[:-1], self.components)
+        return (self.log_weights + log_n).reshape(*z.shape[:-1], self.config.components)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """``(..., D) -> (...)``: the mixture's normalized log density."""
@@ -177,7 +111,7 @@ class GMMPrior(LearnedPrior):
         eps = torch.randn(n, self.latent_dim, generator=generator, device=device,
                           dtype=self.means.dtype)
         which, eps = which.to(self.means.device), eps.to(self.means.device)
-        if self.covariance == "full":
+        if self.config.covariance == "full":
             offset = (self.scale_tril[which] @ eps.unsqueeze(-1)).squeeze(-1)
         else:
             offset = eps * torch.exp(self.log_scale[which])
@@ -195,20 +129,20 @@ class GMMPrior(LearnedPrior):
         ``log`` is not called (EM has no epochs)."""
         from sklearn.mixture import GaussianMixture
 
-        gen = options.generator
+        gen, cfg = options.generator, self.config
         mu64, logvar64 = mu.detach().to(torch.float64), logvar.detach().to(torch.float64)
-        if self.fit_on == "means":
+        if cfg.fit_on == "means":
             points = mu64
         else:
-            points = aggregate_posterior_draws(mu64, logvar64, self.draws_per_input, gen)
-        if len(points) < self.components:
-            raise ConfigError(f"gmm fit: {len(points)} points cannot fit {self.components} "
+            points = aggregate_posterior_draws(mu64, logvar64, cfg.draws_per_input, gen)
+        if len(points) < cfg.components:
+            raise ConfigError(f"gmm fit: {len(points)} points cannot fit {cfg.components} "
                               f"components; lower components")
         random_state = int(torch.randint(0, 2**31 - 1, (1,), generator=gen,
                                          device=gen.device).item())
         mixture = GaussianMixture(
-            n_components=self.components, covariance_type=self.covariance,
-            reg_covar=self.reg_covar, max_iter=self.max_iter, n_init=self.n_init, tol=self.tol,
+            n_components=cfg.components, covariance_type=cfg.covariance,
+            reg_covar=cfg.reg_covar, max_iter=cfg.max_iter, n_init=cfg.n_init, tol=cfg.tol,
             random_state=random_state)
         data = points.cpu().numpy()
         mixture.fit(data)
@@ -227,7 +161,7 @@ class GMMPrior(LearnedPrior):
     def load_mixture(self, weights: Tensor, means: Tensor, covariances: Tensor) -> None:
         """Set the mixture from ``weights`` ``(K,)``, ``means`` ``(K, D)`` and covariances
         ``(K, D, D)`` (full) or variances ``(K, D)`` (diag); marks the prior fitted."""
-        k, d = self.components, self.latent_dim
+        k, d = self.config.components, self.latent_dim
         weights, means = weights.to(torch.float64), means.to(torch.float64)
         covariances = covariances.to(torch.float64)
         if weights.shape != (k,) or means.shape != (k, d):
@@ -236,7 +170,7 @@ class GMMPrior(LearnedPrior):
         dtype, device = self.means.dtype, self.means.device
         self.log_weights.copy_((weights / weights.sum()).log().to(device, dtype))
         self.means.copy_(means.to(device, dtype))
-        if self.covariance == "full":
+        if self.config.covariance == "full":
             if covariances.shape != (k, d, d):
                 raise ConfigError(f"gmm: expected covariances ({k}, {d}, {d}), got "
                                   f"{tuple(covariances.shape)}")

@@ -158,6 +158,11 @@ class LangevinSampler(Sampler):
         return "MALA" if self.config.metropolis else "ULA"
 
     @property
+    def shardable_chains(self) -> bool:
+        # chains are independent unless one step size is adapted on all chains' acceptance
+        return not (self.config.adapt_step_size and not self.config.adapt_per_chain)
+
+    @property
     def acceptance_note(self) -> str | None:
         if self.config.metropolis:
             return None

@@ -38,7 +38,6 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ncpvae import (
-    BuildContext,
     ConfigError,
     EarlyStopping,
     EpochLosses,
@@ -52,7 +51,6 @@ from ncpvae.tilted import (
     MLPClassifier,
     TiltedConfig,
     TiltedPrior,
-    build_tilt_network,
     split_heldout,
 )
 
@@ -80,23 +78,17 @@ def roc_auc(scores: Tensor, labels: Tensor) -> float:
 class NCPPrior(TiltedPrior):
     """``p_NCP(z) = p(z) exp f(z) / Z``: a base prior reweighted by a classifier's logit.
 
-    ``base`` is any prior with exact sampling (usually the VAE's N(0, I)); ``classifier`` maps
-    latents ``(n, D)`` to logits ``(n,)``. Built in code the prior is unfitted unless
-    ``fitted=True`` (the classifier is then taken as already trained); :meth:`fit` trains the
-    classifier, and loading a fitted state dict marks the prior fitted.
-
-    Fitting settings (see :class:`NCPPrior.Config`): ``epochs``, ``batch_size``, ``lr``,
-    ``weight_decay``, ``patience``, ``heldout_fraction``; ``seed`` seeds :meth:`fit` when no
-    generator is given. ``sir_candidates`` base draws are made per SIR sample and
-    ``log_z_samples`` base draws estimate ``log Z`` when no count is given.
+    ``base`` is any prior with exact sampling (usually the VAE's N(0, I)); ``config`` (an
+    :class:`NCPPrior.Config`, its defaults when None) holds every setting; ``classifier`` maps
+    latents ``(n, D)`` to logits ``(n,)`` (default: the config's MLP, initialized from
+    ``seed``). Built in code the prior is unfitted unless ``fitted=True`` (the classifier is
+    then taken as already trained); :meth:`fit` trains the classifier, and loading a fitted
+    state dict marks the prior fitted. ``seed`` also seeds :meth:`fit` when no generator is
+    given.
     """
 
     name = "ncp"
-    normalized = False
-    requires_fit = True
     shardable_fit = True
-    exact_sampling = False
-    sampling_method = "SIR"
     net_role = "classifier"
     net_output = "logits"
 
@@ -112,52 +104,16 @@ class NCPPrior(TiltedPrior):
         heldout_fraction: float = Field(
             0.1, gt=0, lt=0.5, description="fraction of the encodings held out for early stopping"
         )
-        sir_candidates: int = Field(
-            100, ge=1, le=100_000, description="base-prior candidates per SIR sample"
-        )
-        log_z_samples: int = Field(
-            100_000, ge=2, description="base-prior draws for the Monte Carlo estimate of log Z"
-        )
         fit_base: bool = Field(
             True, description="fit a learned base (gmm, flow, ...) on the same encodings before "
             "the classifier (False: keep its current, e.g. loaded, fit)"
         )
 
-    def __init__(
-        self,
-        base: Prior,
-        classifier: nn.Module,
-        *,
-        epochs: int = 100,
-        batch_size: int = 512,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        patience: int = 10,
-        heldout_fraction: float = 0.1,
-        sir_candidates: int = 100,
-        log_z_samples: int = 100_000,
-        seed: int = 0,
-        fitted: bool = False,
-        fit_base: bool = True,
-    ):
-        super().__init__(base, classifier, sir_candidates=sir_candidates,
-                         log_z_samples=log_z_samples, seed=seed, fitted=fitted,
-                         fit_base=fit_base)
-        self.epochs = int(epochs)
-        self.batch_size = int(batch_size)
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.patience = int(patience)
-        self.heldout_fraction = float(heldout_fraction)
+    config: Config
 
-    @classmethod
-    def from_config(cls, config: Config, ctx: BuildContext) -> NCPPrior:
-        base, classifier = build_tilt_network(config, ctx, "ncp")
-        return cls(base, classifier, epochs=config.epochs, batch_size=config.batch_size,
-                   lr=config.lr, weight_decay=config.weight_decay, patience=config.patience,
-                   heldout_fraction=config.heldout_fraction,
-                   sir_candidates=config.sir_candidates, log_z_samples=config.log_z_samples,
-                   seed=ctx.seed, fit_base=config.fit_base)
+    def __init__(self, base: Prior, config: Config | None = None, *,
+                 classifier: nn.Module | None = None, seed: int = 0, fitted: bool = False):
+        super().__init__(base, config, net=classifier, seed=seed, fitted=fitted)
 
     @property
     def label(self) -> str:
@@ -192,14 +148,14 @@ class NCPPrior(TiltedPrior):
         and the held-out ``heldout_loss``/``heldout_accuracy``/``heldout_auc`` there,
         ``epochs_run``, ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``.
         """
-        gen = options.generator
-        base_summary = self.fit_base(mu, logvar, options)
+        gen, cfg = options.generator, self.config
+        base_summary = self.fit_base(mu, logvar, options) if cfg.fit_base else {}
         ref = self._param_like()
         device, dtype = ref.device, ref.dtype
         mu = mu.detach().to(device=device, dtype=dtype)
         std = torch.exp(0.5 * logvar.detach().to(device=device, dtype=dtype))
 
-        held, train = split_heldout(mu.shape[0], self.heldout_fraction, gen, device, "ncp")
+        held, train = split_heldout(mu.shape[0], cfg.heldout_fraction, gen, device, "ncp")
         n_held, n_train = len(held), len(train)
         self.heldout_index = held
         mu_tr, std_tr, mu_ho, std_ho = mu[train], std[train], mu[held], std[held]
@@ -217,9 +173,8 @@ class NCPPrior(TiltedPrior):
                                torch.zeros(n_train, device=device, dtype=dtype)])
         labels_ho = torch.cat([torch.ones(n_held, device=device, dtype=dtype),
                                torch.zeros(n_held, device=device, dtype=dtype)])
-        num_batches = max(1, math.ceil(2 * n_train / self.batch_size))
-        optimizer = torch.optim.Adam(trainable, lr=self.lr,
-                                     weight_decay=self.weight_decay)
+        num_batches = max(1, math.ceil(2 * n_train / cfg.batch_size))
+        optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
         shards = options.shards  # data parallel: each rank its rows of every minibatch
 
@@ -227,7 +182,7 @@ class NCPPrior(TiltedPrior):
             return F.binary_cross_entropy_with_logits(self.logit(inputs[rows]), labels_tr[rows],
                                                       reduction=reduction)
 
-        stopper = EarlyStopping(self.classifier, epochs=self.epochs, patience=self.patience,
+        stopper = EarlyStopping(self.classifier, epochs=cfg.epochs, patience=cfg.patience,
                                 desc="fit ncp classifier", progress=options.progress,
                                 log=options.log)
         for epoch in stopper:
@@ -242,7 +197,7 @@ class NCPPrior(TiltedPrior):
             # the steps' losses stay on the device until here: one host read per epoch
             record = {
                 "epoch": float(epoch),
-                **losses.summary("ncp", epoch, f"lower lr (now {self.lr})", shards),
+                **losses.summary("ncp", epoch, f"lower lr (now {cfg.lr})", shards),
                 **self._heldout_metrics(posterior_draws(mu_ho, std_ho),
                                         self.base.sample(n_held, generator=gen), labels_ho,
                                         shards),
@@ -268,14 +223,13 @@ class NCPPrior(TiltedPrior):
 
     @torch.no_grad()
     def _heldout_metrics(self, positives: Tensor, negatives: Tensor, labels: Tensor,
-                         shards: ShardGroup | None = None) -> dict[str, float]:
+                         shards: ShardGroup) -> dict[str, float]:
         """BCE, accuracy and ROC-AUC of the classifier on ``positives`` and ``negatives``
-        ``(n, D)`` each; with ``shards`` each rank computes its rows' logits and every rank
-        gets all of them (so every rank computes the same metrics)."""
+        ``(n, D)`` each; over several ranks (``shards``) each rank computes its rows' logits and
+        every rank gets all of them (so every rank computes the same metrics)."""
         self.classifier.eval()
         inputs = torch.cat([positives, negatives])
-        logits = (self._logit_nograd(inputs) if shards is None
-                  else shards.map_rows(self._logit_nograd, inputs))
+        logits = shards.map_rows(self._logit_nograd, inputs)
         loss = F.binary_cross_entropy_with_logits(logits, labels)
         accuracy = ((logits > 0) == (labels > 0.5)).to(torch.float64).mean()
         return {"heldout_loss": float(loss), "heldout_accuracy": float(accuracy),

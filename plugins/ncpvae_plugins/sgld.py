@@ -18,8 +18,8 @@ rescales the likelihood part by ``N / n`` (unbiased for the full-data energy). S
 energy exactly once per step (at the new position; the state caches energy and gradient), so each
 step sees one fresh minibatch. The per-step energies in ``info`` are then minibatch estimates.
 
-Under ``torchrun`` the chains are split across ranks (:func:`ncpvae.run.distributed.run_chains`):
-the noise ``xi`` comes through the sampler's ``_randn`` seam and the minibatch indices through
+Under ``torchrun`` the chains are split across ranks (``Sampler.run(..., shards=...)``): the
+noise ``xi`` comes through the sampler's ``_randn`` and the minibatch indices through
 :func:`ncpvae.randint_rows`, both the single-process draws' rows, so a split run gives the
 one-process chains.
 
@@ -149,6 +149,10 @@ class SGLDSampler(Sampler):
     @property
     def label(self) -> str:
         return "SGLD"
+
+    @property
+    def shardable_chains(self) -> bool:
+        return True  # independent chains; noise and minibatch indices are per-chain row draws
 
     def step_size_at(self, t: int) -> float:
         """``eps_t = a (b + t)^-gamma`` (``a`` when ``gamma = 0``)."""

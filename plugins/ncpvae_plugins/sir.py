@@ -39,6 +39,7 @@ from ncpvae import (
     NonFiniteError,
     Sampler,
     SampleResult,
+    ShardGroup,
     hookimpl,
 )
 from ncpvae.mcmc import (
@@ -100,13 +101,16 @@ class SIRSampler(Sampler):
     # -- plain SIR for priors ------------------------------------------------------------------
 
     def sample_prior(self, prior, num_samples: int, *, generator: torch.Generator | None = None,
-                     progress: bool = False, proposal=None) -> SampleResult:
+                     progress: bool = False, shards: ShardGroup | None = None,
+                     proposal=None) -> SampleResult:
         """``num_samples`` SIR draws from ``prior`` (``samples`` is ``(1, num_samples, D)``).
 
-        ``proposal`` defaults to ``prior.base_prior``. Diagnostics: ``ess_fraction`` and ``ess``
-        of the M candidate weights, ``num_candidates`` (M), ``log_mean_weight`` (an estimate of
-        ``log E_q[exp(-U) / q]``, i.e. ``log Z`` when ``exp(-U)`` is the unnormalized target and
-        q is normalized), ``wall_time_s``, ``samples_per_s``.
+        ``proposal`` defaults to ``prior.base_prior``. ``shards`` is not used: the resampling
+        is global, so every rank of a split run draws all samples (the one-process draws).
+        Diagnostics: ``ess_fraction`` and ``ess`` of the M candidate weights,
+        ``num_candidates`` (M), ``log_mean_weight`` (an estimate of ``log E_q[exp(-U) / q]``,
+        i.e. ``log Z`` when ``exp(-U)`` is the unnormalized target and q is normalized),
+        ``wall_time_s``, ``samples_per_s``.
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -188,7 +192,7 @@ class SIRSampler(Sampler):
                 log_w.append(_log_weights(u_j, proposal.log_prob(fresh[j])))
         all_u = torch.stack(energies)  # (K + 1, C)
         all_lw = torch.stack(log_w)
-        gumbel = -torch.log(-torch.log(self._rand(all_lw, generator)))
+        gumbel = -torch.log(-torch.log(self._rand(all_lw, generator, dim=1)))  # chains: dim 1
         choice = torch.argmax(all_lw + gumbel, dim=0)  # (C,)
         positions = torch.cat([z.unsqueeze(0), fresh])  # (K + 1, C, D)
         rows = torch.arange(c, device=z.device)

@@ -31,15 +31,14 @@ _LOG_2PI = math.log(2 * math.pi)
 class VampPrior(Prior):
     """``p(z) = 1/K sum_k N(z; mu(u_k), diag exp logvar(u_k))`` with pseudo-inputs ``u_k``.
 
-    ``pseudo_inputs`` is a parameter ``(K, *image_shape)``; ``learn`` False makes it a buffer.
-    Normalized and exactly sampled (a component uniformly, then its Gaussian).
+    ``pseudo_inputs`` ``(K, *image_shape)`` is a parameter, or a buffer when ``config.learn``
+    is False; ``config`` (a :class:`VampPrior.Config`) defaults to K = ``len(pseudo_inputs)``
+    and must agree with it (:meth:`from_config` draws the pseudo-inputs from its
+    ``init_mean`` and ``init_std``). Normalized and exactly sampled (a component uniformly,
+    then its Gaussian).
     """
 
     name = "vamp"
-    normalized = True
-    requires_fit = False
-    exact_sampling = True
-    sampling_method = "exact"
 
     class Config(ComponentConfig):
         name: Literal["vamp"] = "vamp"
@@ -49,12 +48,19 @@ class VampPrior(Prior):
         init_std: float = Field(0.05, ge=0, description="spread of the initial pseudo-inputs")
         learn: bool = Field(True, description="train the pseudo-inputs with the VAE")
 
-    def __init__(self, latent_dim: int, pseudo_inputs: Tensor, *, learn: bool = True):
-        super().__init__(latent_dim)
+    config: Config
+
+    def __init__(self, latent_dim: int, pseudo_inputs: Tensor, config: Config | None = None):
         if not isinstance(pseudo_inputs, Tensor) or pseudo_inputs.ndim < 2:
             raise ConfigError("vamp: pseudo_inputs must be a tensor (K, *image_shape)")
+        if config is None:
+            config = VampPrior.Config(components=len(pseudo_inputs))
+        super().__init__(latent_dim, VampPrior.checked_config(config))
+        if self.config.components != len(pseudo_inputs):
+            raise ConfigError(f"vamp: {len(pseudo_inputs)} pseudo-inputs for a config of "
+                              f"components = {self.config.components}")
         data = pseudo_inputs.detach().clone()
-        if learn:
+        if self.config.learn:
             self.pseudo_inputs = nn.Parameter(data)
         else:
             self.register_buffer("pseudo_inputs", data)
@@ -70,7 +76,7 @@ class VampPrior(Prior):
         noise = torch.randn(config.components, *ctx.image_shape, generator=gen,
                             dtype=torch.float64)
         init = (config.init_mean + config.init_std * noise).to(ctx.dtype)
-        return cls(latent_dim, init, learn=config.learn)
+        return cls(latent_dim, init, config)
 
     @property
     def components(self) -> int:

@@ -292,7 +292,7 @@ def _paired(values: np.ndarray | Tensor, extra_se: float = 0.0) -> tuple[float, 
 
 
 def _checkpoint_digest(run: Run) -> str | None:
-    if run.directory is None or not run.directory.checkpoint.is_file():
+    if not run.is_writer or not run.directory.checkpoint.is_file():
         return None
     digest = hashlib.sha256()
     with open(run.directory.checkpoint, "rb") as f:
@@ -435,7 +435,7 @@ class ComparisonTable:
         self.notes: list[str] = []
         self.result: dict[str, Any] = {
             "format": FORMAT,
-            "run": str(run.directory.path) if run.directory is not None else str(run_dir),
+            "run": str(run.directory.path) if run.is_writer else str(run_dir),
             "num_heldout": sizes.heldout, "num_train": sizes.train,
             "latent_dim": run.config.latent_dim, "reference": "N(0, I)", "rows": [],
             "pending": list(self.priors), "complete": False, "reused": sorted(self.done),
@@ -674,7 +674,7 @@ def _write_outputs(run: Run, target: Path, result: dict[str, Any], registry: Reg
     if result["rows"]:
         plot_gains(result, target / files.COMPARE_GAINS)
     directory = run.directory
-    if directory is None or target.resolve() != (directory.path / COMPARE_DIR).resolve():
+    if not run.is_writer or target.resolve() != (directory.path / COMPARE_DIR).resolve():
         return
     from ncpvae.config import load_config
     from ncpvae.evaluation.report import write_report

@@ -51,15 +51,17 @@ from ncpvae.evaluation.config import EvaluateConfig, without_switch
 from ncpvae.evaluation.metrics_table import DISENTANGLEMENT
 from ncpvae.evaluation.report import write_report
 from ncpvae.io import to_plain_json, write_json
+from ncpvae.metrics.likelihood import ImportanceSample
+from ncpvae.model import reparameterize
 from ncpvae.modes import eval_mode
 from ncpvae.prior import LearnedPrior
 from ncpvae.registry import Registry
-from ncpvae.run import faults, seeds
-from ncpvae.run.build import Run, heldout_latents, open_run
+from ncpvae.run import hooks, seeds
+from ncpvae.run.build import Run, encode_source, open_run
 from ncpvae.run.directory import RunDirectory
 from ncpvae.run.fit import learned_prior_summary
 from ncpvae.run.sample import sample_images
-from ncpvae.run.train import evaluate_vae
+from ncpvae.run.train import EVAL_BATCH, evaluate_vae
 from ncpvae.sampler import Sampler
 
 #: version of the evaluation.json layout
@@ -246,10 +248,31 @@ def table_rows(run: Run) -> list[Row]:
     return rows
 
 
-def heldout_encodings(run: Run, n: int) -> Tensor:
-    """Draws ``z ~ q(z|x)`` ``(n, D)`` for the first ``n`` test images."""
-    return heldout_latents(run, n, run.generator(seeds.EVAL_HELDOUT),
-                           batch_size=run.config.evaluate.batch_size)
+@dataclass
+class Heldout:
+    """The first ``n`` test images' encoder means ``mu`` ``(n, D)`` (one pass, in batches of
+    ``batch_size`` = ``evaluate.batch_size``) and draws ``z ~ q(z|x)`` ``(n, D)`` of them,
+    which every table row is compared with. The reconstruction terms and the factor recovery
+    reuse the means where they encode the same images in the same batches."""
+
+    mu: Tensor
+    z: Tensor
+    batch_size: int
+
+    def means_in_batches_of(self, batch_size: int) -> Tensor | None:
+        """``mu`` for a caller that encodes these images in batches of ``batch_size``, or None
+        when it batches differently (an encoder may round differently per batch size)."""
+        return self.mu if batch_size == self.batch_size else None
+
+
+def heldout_encodings(run: Run, n: int) -> Heldout:
+    """The encodings and draws ``z ~ q(z|x)`` of the first ``n`` test images (see
+    :class:`Heldout`)."""
+    batch_size = run.config.evaluate.batch_size
+    mu, logvar = encode_source(run.model, run.data.test, run.device, limit=n,
+                               batch_size=batch_size)
+    z = reparameterize(mu, logvar, generator=run.generator(seeds.EVAL_HELDOUT))
+    return Heldout(mu, z, batch_size)
 
 
 def check_kid_sizes(cfg: EvaluateConfig, n_real: int) -> None:
@@ -275,11 +298,12 @@ def feature_scale(real: np.ndarray) -> float:
     return rms if rms > 0 else 1.0
 
 
-def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqdm,
-                  runtime: dict[str, Any], table: dict[str, Any]) -> list[dict[str, Any]]:
-    """Draw, decode, score and plot every row of the prior x sampler table. Puts the feature
-    scale and the factor coverage of as many held-out images (the ceiling of a row's coverage)
-    into ``table``."""
+def evaluate_rows(run: Run, rows: list[Row], net: Any, heldout_z: Tensor, clock: _Clock,
+                  bar: tqdm, runtime: dict[str, Any],
+                  table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Draw, decode, score and plot every row of the prior x sampler table (``rows``, of
+    :func:`table_rows`). Puts the feature scale and the factor coverage of as many held-out
+    images (the ceiling of a row's coverage) into ``table``."""
     cfg = run.config.evaluate
     directory = run.directory
     assert directory is not None
@@ -298,8 +322,8 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
             table["feature_scale"] = scale
     sq_cfg = without_switch(cfg.sample_quality, M.SampleQualityConfig)
     pf_cfg = without_switch(cfg.prior_fit, M.PriorFitConfig)
-    rows = []
-    for i, row in enumerate(table_rows(run)):
+    entries = []
+    for i, row in enumerate(rows):
         bar.set_postfix_str(row.label)
         entry: dict[str, Any] = {"label": row.label,
                                  "sampler": None if row.sampler_config is None
@@ -338,7 +362,7 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
                     predicted = M.predict_factors(net, images, batch_size=cfg.batch_size)
                     entry["coverage"] = to_plain_json(M.factor_coverage(
                         predicted, gt.factor_sizes, factor_names=gt.factor_names).to_dict())
-        rows.append(entry)
+        entries.append(entry)
         bar.update()
     if coverage_on and real_images is not None:
         # the same classifier on as many real images: what a perfect sampler would reach
@@ -347,31 +371,35 @@ def evaluate_rows(run: Run, net: Any, heldout_z: Tensor, clock: _Clock, bar: tqd
         reference = to_plain_json(M.factor_coverage(predicted, gt.factor_sizes,
                                                     factor_names=gt.factor_names).to_dict())
         table["coverage_reference"] = {**reference, "num_images": int(predicted.shape[0])}
-    return rows
+    return entries
 
 
 # ---------------------------------------------------------------------------------------------
 # factor recovery
 
 
-def heldout_factors(run: Run, n: int) -> tuple[Tensor, Tensor]:
-    """``n`` held-out images ``(n, C, H, W)`` and their true factor indices ``(n, K)``: the
-    first ``n`` test images when the test set knows its images' factors (``factors(index)``),
-    else ``n`` images rendered from factors drawn with the ``EVAL_FACTOR_RECOVERY`` seed."""
+def heldout_factors(run: Run, n: int) -> tuple[Tensor, Tensor, bool]:
+    """``n`` held-out images ``(n, C, H, W)``, their true factor indices ``(n, K)``, and
+    whether they are test images: the first ``n`` test images when the test set knows its
+    images' factors (``factors(index)``), else ``n`` images rendered from factors drawn with the
+    ``EVAL_FACTOR_RECOVERY`` seed."""
     test, gt = run.data.test, run.data.ground_truth
     assert gt is not None
     known = getattr(test, "factors", None)
     if callable(known):
         index = torch.arange(min(n, len(test)))
-        return test.get_batch(index), torch.as_tensor(known(index)).long()
+        return test.get_batch(index), torch.as_tensor(known(index)).long(), True
     factors = gt.sample_factors(n, run.generator(seeds.EVAL_FACTOR_RECOVERY)).long()
-    return gt.images_from_factors(factors), factors
+    return gt.images_from_factors(factors), factors, False
 
 
-def factor_recovery(run: Run, net: Any, notes: list[str]) -> dict[str, Any]:
+def factor_recovery(run: Run, net: Any, notes: list[str],
+                    heldout: Heldout | None = None) -> dict[str, Any]:
     """The feature net's per-factor accuracy on reconstructions (decoder means of the encoder
     means, no draws) of ``num_heldout`` held-out images relative to the originals
-    (:func:`ncpvae.metrics.factor_recovery`); {} (with a note) when it does not apply."""
+    (:func:`ncpvae.metrics.factor_recovery`); {} (with a note) when it does not apply. When
+    the held-out images are the test images of ``heldout``, its means are decoded (no second
+    encoder pass)."""
     cfg = run.config.evaluate
     gt = run.data.ground_truth
     if not cfg.factor_recovery.enabled:
@@ -382,12 +410,16 @@ def factor_recovery(run: Run, net: Any, notes: list[str]) -> dict[str, Any]:
         notes.append("factor recovery skipped: it needs the feature net of the data's factors "
                      "(evaluate.sample_quality.enabled = true)")
         return {}
-    images, factors = heldout_factors(run, cfg.num_heldout)
+    images, factors, are_test_images = heldout_factors(run, cfg.num_heldout)
     model = run.model
+    means = (heldout.means_in_batches_of(cfg.batch_size)
+             if heldout is not None and are_test_images and len(heldout.mu) == len(images)
+             else None)
     recon = []
     with eval_mode(model), torch.no_grad():
-        for part in images.split(cfg.batch_size):
-            mu, _ = model.encode(part.to(run.device))
+        for index in torch.arange(len(images)).split(cfg.batch_size):
+            mu = (means[index] if means is not None
+                  else model.encode(images[index].to(run.device))[0])
             recon.append(model.mean_image(model.decode(mu)).cpu())
     result = M.factor_recovery(net, images, torch.cat(recon), factors,
                                factor_sizes=gt.factor_sizes, batch_size=cfg.batch_size)
@@ -402,7 +434,7 @@ def learned_prior(run: Run, heldout_z: Tensor) -> dict[str, Any]:
     """A learned prior's ``log Z`` and ``Delta`` (with SEs) from one ``log Z`` estimate (see
     :func:`ncpvae.run.fit.learned_prior_summary`); {} for any other prior."""
     return to_plain_json(learned_prior_summary(
-        run.prior, heldout_z, lambda: run.generator(seeds.EVAL_LOG_Z),
+        run.prior, heldout_z, run.generator(seeds.EVAL_LOG_Z),
         num_samples=run.config.evaluate.log_z_samples))
 
 
@@ -441,19 +473,16 @@ def likelihood(run: Run, log_z: tuple[float, float] | None,
         else:
             notes.append(f"likelihood under the '{run.prior.name}' prior skipped: it is "
                          "unnormalized and has no log Z estimate")
-    per_example: dict[str, tuple[list[Tensor], list[Tensor]]] = {k: ([], []) for k in priors}
-    for key, (prior, normalizer) in priors.items():
-        # one generator per prior, seeded alike: both priors see the same z ~ q(z|x)
-        generator = run.generator(seeds.EVAL_LIKELIHOOD)
-        for index in torch.arange(n).split(cfg.batch_size):
-            x = run.data.test.get_batch(index).to(run.device)
-            iw, el = M.bounds(run.model, prior, x, cfg.num_samples, log_normalizer=normalizer,
-                              generator=generator)
-            per_example[key][0].append(iw.cpu())
-            per_example[key][1].append(el.cpu())
+    # one set of draws z ~ q(z|x), scored under every prior (paired differences)
+    draws = ImportanceSample.draw(
+        run.model, (run.data.test.get_batch(index).to(run.device)
+                    for index in torch.arange(n).split(cfg.batch_size)),
+        cfg.num_samples, generator=run.generator(seeds.EVAL_LIKELIHOOD))
+    per_example = {key: draws.bounds(prior, normalizer)
+                   for key, (prior, normalizer) in priors.items()}
     out: dict[str, Any] = {"num_examples": n, "num_samples": cfg.num_samples}
     for key, (prior, normalizer) in priors.items():
-        iw, el = (torch.cat(v) for v in per_example[key])
+        iw, el = per_example[key]
         out[key] = {"prior": prior.name,
                     "iw": to_plain_json(M.summarize_bound(iw, cfg.num_samples,
                                                           normalizer).to_dict()),
@@ -464,7 +493,7 @@ def likelihood(run: Run, log_z: tuple[float, float] | None,
             if bits is not None:
                 out[key][f"{bound}_bits_per_dim"] = to_plain_json(bits)
     if "prior" in priors:
-        gain = torch.cat(per_example["prior"][0]) - torch.cat(per_example["base"][0])
+        gain = per_example["prior"][0] - per_example["base"][0]
         out["iw_gain"] = to_plain_json(M.summarize_bound(gain, cfg.num_samples,
                                                          priors["prior"][1]).to_dict())
     return out
@@ -532,17 +561,20 @@ def evaluate_run(run: Run) -> dict[str, Any]:
     runtime: dict[str, Any] = {"torch_threads": torch.get_num_threads(),
                                "device": str(run.device)}
     metrics = requested_metrics(run, notes)
-    rows_count = len(table_rows(run))
-    bar = tqdm(total=len(metrics) + rows_count + 3, desc="evaluate", unit="part",
+    rows = table_rows(run)
+    bar = tqdm(total=len(metrics) + len(rows) + 3, desc="evaluate", unit="part",
                disable=run.quiet)
     evaluation: dict[str, Any] = {"format": FORMAT, "run": run.config.name,
                                   "dataset": run.config.data.name, "prior": run.prior.name,
                                   "config": cfg.model_dump(mode="json")}
     try:
         with eval_mode(run.model, run.prior):
+            # the held-out images' one encoder pass (the draws every row is compared with)
+            heldout = heldout_encodings(run, min(cfg.num_heldout, len(run.data.test)))
             bar.set_postfix_str("reconstruction")
             with clock("reconstruction"), _seeded_global_rng(run, seeds.EVAL_VAE):
-                vae = evaluate_vae(run, cfg.num_heldout)
+                vae = evaluate_vae(run, cfg.num_heldout,
+                                   means=heldout.means_in_batches_of(EVAL_BATCH))
             evaluation["vae"] = to_plain_json({k: v for k, v in vae.items()
                                                if k != "latent_activity"})
             if "test_elbo" in vae and bits_per_dim_of(run, -vae["test_elbo"]) is not None:
@@ -557,20 +589,20 @@ def evaluate_run(run: Run) -> dict[str, Any]:
             runtime["feature_net_cache_hit"] = hit
             evaluation["feature_net"] = net_info
             bar.update()
-            heldout_z = heldout_encodings(run, min(cfg.num_heldout, len(run.data.test)))
             with clock("learned prior"):
-                evaluation["learned_prior"] = learned_prior(run, heldout_z)
+                evaluation["learned_prior"] = learned_prior(run, heldout.z)
             table: dict[str, Any] = {"feature_scale": None, "coverage_reference": None}
-            evaluation["rows"] = evaluate_rows(run, net, heldout_z, clock, bar, runtime, table)
+            evaluation["rows"] = evaluate_rows(run, rows, net, heldout.z, clock, bar, runtime,
+                                               table)
             evaluation.update(table)
-            faults.boundary("evaluate")  # a kill point in the middle of the stage (tests)
+            hooks.boundary("evaluate")
             if net is None and cfg.factor_recovery.enabled and run.data.ground_truth is not None:
                 with clock("feature net"):  # factor recovery wants it even without KID
                     net, net_info, hit = feature_net(run, notes)
                 evaluation["feature_net"] = net_info
                 runtime["feature_net_cache_hit"] = hit
             with clock("factor recovery"):
-                evaluation["factor_recovery"] = factor_recovery(run, net, notes)
+                evaluation["factor_recovery"] = factor_recovery(run, net, notes, heldout)
             lp = evaluation["learned_prior"]
             if cfg.likelihood.enabled:
                 bar.set_postfix_str("likelihood")

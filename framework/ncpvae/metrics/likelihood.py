@@ -18,6 +18,7 @@ bound is then an estimate, not a strict lower bound. Units: nats per example.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,40 @@ def prior_log_weights(
 def bounds_from_log_weights(lw: Tensor) -> tuple[Tensor, Tensor]:
     """``(iw_bound, elbo)``, each ``(B,)``, from log weights ``(K, B)``."""
     return torch.logsumexp(lw, 0) - math.log(lw.shape[0]), lw.mean(0)
+
+
+@dataclass
+class ImportanceSample:
+    """Importance draws of a set of images, made once and scored under any number of priors:
+    per batch of images, the ``z`` ``(K, B, D)`` and the prior-free log weights ``(K, B)``
+    (float64) of :func:`importance_draws`. Every prior sees the same draws, so the encoder and
+    the decoder run once however many priors are compared, and per-image differences between
+    priors are paired."""
+
+    batches: list[tuple[Tensor, Tensor]]
+    num_samples: int
+
+    @classmethod
+    def draw(cls, model: LatentModel, images: Iterable[Tensor], num_samples: int, *,
+             generator: torch.Generator | None = None,
+             max_batch: int = MAX_BATCH) -> ImportanceSample:
+        """``num_samples`` draws per image of each batch ``(B, C, H, W)`` of ``images``, all
+        from the one ``generator`` stream in batch order."""
+        return cls([importance_draws(model, x, num_samples, generator=generator,
+                                     max_batch=max_batch) for x in images], num_samples)
+
+    @property
+    def num_examples(self) -> int:
+        return sum(z.shape[1] for z, _ in self.batches)
+
+    def bounds(self, prior: Prior, log_normalizer: LogNormalizer | None = None, *,
+               max_batch: int = MAX_BATCH) -> tuple[Tensor, Tensor]:
+        """Per-image ``(iw_bound, elbo)``, each ``(N,)`` float64 on the CPU, under ``prior``
+        (``log_normalizer`` as for :func:`prior_log_weights`)."""
+        iw, elbo = zip(*(bounds_from_log_weights(prior_log_weights(
+            prior, z, partial, log_normalizer=log_normalizer, max_batch=max_batch))
+            for z, partial in self.batches))
+        return torch.cat([v.cpu() for v in iw]), torch.cat([v.cpu() for v in elbo])
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from ncpvae.plugin_manager import PluginManager, get_plugin_manager
 from ncpvae.prior import Prior
 from ncpvae.registry import Registry
 from ncpvae.run import distributed, progress, seeds
-from ncpvae.run.checkpoint import load_checkpoint
+from ncpvae.run.checkpoint import CheckpointWriter, load_checkpoint
 from ncpvae.run.directory import RunDirectory
 from ncpvae.sampler import Sampler
 
@@ -55,6 +55,17 @@ class Run:
     dist: distributed.DistContext = field(default_factory=distributed.DistContext)
     #: the checkpoint an interrupted run continues from (``ncpvae resume``), else None
     resume_from: dict[str, Any] | None = None
+    _checkpoints: CheckpointWriter | None = field(default=None, init=False, repr=False)
+
+    @property
+    def checkpoints(self) -> CheckpointWriter:
+        """The writer of this run's checkpoint.pt (the writing process only): every write of a
+        run goes through it, so each keeps what the one before stored without re-reading it."""
+        if self.directory is None:
+            raise RuntimeError("this process writes no checkpoint (a rank > 0 under torchrun)")
+        if self._checkpoints is None or self._checkpoints.path != self.directory.checkpoint:
+            self._checkpoints = CheckpointWriter(self.directory.checkpoint)
+        return self._checkpoints
 
     def generator(self, offset: int) -> torch.Generator:
         """A fresh generator for one stage, seeded from the run seed and a named offset of
@@ -62,8 +73,16 @@ class Run:
         return torch.Generator(device=self.device).manual_seed(
             seeds.torch_seed(self.config.seed, offset))
 
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the run's files and prints its report: the only
+        process, or rank 0 of a torchrun launch (:attr:`DistContext.is_writer`), when the run
+        has a directory (a run built without one writes nothing). When True, ``directory`` is
+        set."""
+        return self.dist.is_writer and self.directory is not None
+
     def log(self, record: dict[str, Any]) -> None:
-        if self.directory is not None:
+        if self.is_writer:
             self.directory.log(record)
 
     def build_context(self) -> BuildContext:

@@ -24,17 +24,59 @@ from ncpvae.prior import Prior
 CHECKPOINT_FORMAT = 1
 
 
+class CheckpointWriter:
+    """The writer of one run's ``checkpoint.pt`` within a process.
+
+    It remembers what it last wrote beside the weights (or the state a resumed run read,
+    :attr:`last`), so a later write with ``keep_previous`` keeps what an earlier stage stored
+    (VAE training's epoch, step and optimizer state) without reading the file back; only a
+    writer that has seen no state yet reads the file (e.g. ``ncpvae fit-prior`` on a finished
+    run). What it remembers is a CPU copy, as a read-back would give: later in-place updates
+    of the live tensors (a fit changing the prior) do not reach it."""
+
+    def __init__(self, path: Path, last: dict[str, Any] | None = None) -> None:
+        self.path = path
+        #: the state last written or read (None: none yet in this process)
+        self.last = last
+
+    def write(self, model: nn.Module, prior: Prior, stage: str, *, keep_previous: bool = False,
+              **extra: Any) -> Path:
+        """Write the weights of ``model`` and ``prior`` as stage ``stage``, with the plain data
+        ``extra``; ``keep_previous`` keeps what an earlier write stored and ``extra`` does not
+        replace."""
+        state: dict[str, Any] = {}
+        if keep_previous:
+            if self.last is not None:
+                state = dict(self.last)
+            elif self.path.is_file():
+                state = load_torch(self.path)
+        state.update({"format": CHECKPOINT_FORMAT, "stage": stage, "model": model.state_dict(),
+                      "prior": prior.state_dict(), **extra})
+        save_torch(self.path, state)
+        # the weights are replaced by every write: only the rest is worth a copy
+        self.last = {key: _cpu_copy(value) for key, value in state.items()
+                     if key not in ("model", "prior")}
+        return self.path
+
+
+def _cpu_copy(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, lists, tuples) copied to the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
+
+
 def save_checkpoint(path: Path, model: nn.Module, prior: Prior, stage: str, *,
                     keep_previous: bool = False, **extra: Any) -> Path:
     """Write the weights of ``model`` and ``prior`` to ``path`` as stage ``stage``, with the plain
-    data ``extra``. ``keep_previous`` keeps what an earlier stage stored beside its weights (the
-    fit stage keeps the VAE's epoch, step and optimizer state)."""
-    state: dict[str, Any] = {}
-    if keep_previous and path.is_file():
-        state = load_torch(path)
-    state.update({"format": CHECKPOINT_FORMAT, "stage": stage, "model": model.state_dict(),
-                  "prior": prior.state_dict(), **extra})
-    return save_torch(path, state)
+    data ``extra`` (one write of a :class:`CheckpointWriter` that has seen nothing yet:
+    ``keep_previous`` reads what the file holds)."""
+    return CheckpointWriter(path).write(model, prior, stage, keep_previous=keep_previous,
+                                        **extra)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

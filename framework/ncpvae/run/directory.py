@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,9 @@ class RunDirectory:
     """Paths of one run directory (see the module docstring for the layout)."""
 
     path: Path
+    #: summary.json sections held back by :meth:`summary_batch` (innermost batch last)
+    _batches: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False,
+                                           compare=False)
 
     @property
     def config(self) -> Path:
@@ -176,12 +181,34 @@ class RunDirectory:
         return [r for r in rows if stage is None or r.get("stage") == stage]
 
     def read_summary(self) -> dict[str, Any]:
-        """summary.json, or {} before any stage wrote it."""
-        return read_json(self.summary, "summary") if self.summary.is_file() else {}
+        """summary.json (with the sections a :meth:`summary_batch` holds back), or {} before any
+        stage wrote it."""
+        summary = read_json(self.summary, "summary") if self.summary.is_file() else {}
+        for batch in self._batches:
+            summary.update(batch)
+        return summary
 
     def update_summary(self, section: str, values: dict[str, Any]) -> dict[str, Any]:
-        """Merge ``values`` under ``section`` of summary.json (rewritten atomically)."""
+        """Merge ``values`` under ``section`` of summary.json (rewritten atomically; inside a
+        :meth:`summary_batch`, at its end)."""
+        if self._batches:
+            self._batches[-1][section] = to_plain_json(values)
+            return self.read_summary()
         summary = self.read_summary()
         summary[section] = to_plain_json(values)
         write_json(self.summary, summary)
         return summary
+
+    @contextmanager
+    def summary_batch(self) -> Iterator[None]:
+        """Hold back the :meth:`update_summary` calls inside the block and write summary.json
+        once at its end (also when the block raises: what was recorded is kept)."""
+        self._batches.append({})
+        try:
+            yield
+        finally:
+            batch = self._batches.pop()
+            if batch and self._batches:  # a nested batch: the outer one writes
+                self._batches[-1].update(batch)
+            elif batch:
+                write_json(self.summary, {**self.read_summary(), **batch})

@@ -12,9 +12,12 @@ per rank. ``nccl`` on a CPU device is refused with a :class:`ConfigError`.
 
 What the helpers guarantee:
 
-- :meth:`DistContext.shard_bounds` / :meth:`DistContext.shard`: rank ``r`` takes the ``r``-th
-  contiguous part of every global batch (sizes differ by at most one row), so the parts are
-  disjoint, cover the batch and, concatenated in rank order, are the batch.
+- :attr:`DistContext.shards`: the run's one :class:`~ncpvae.ShardGroup` (rank, world size;
+  world size 1 in one process and while rank 0 works alone), which the stages hand to fits and
+  samplers; :meth:`DistContext.shard_bounds` / :meth:`DistContext.shard` /
+  :meth:`DistContext.sharded` are its split: rank ``r`` takes the ``r``-th contiguous part of
+  every global batch (sizes differ by at most one row), so the parts are disjoint, cover the
+  batch and, concatenated in rank order, are the batch.
 - :meth:`DistContext.all_reduce_sums`: sums of logged quantities over ranks (global numbers).
 - :meth:`DistContext.gather_rows`: per-rank row blocks concatenated on rank 0 in rank order, which
   is the global (chain) order because shards are contiguous.
@@ -44,7 +47,7 @@ from torch import Tensor, nn
 import ncpvae.errors as errors
 from ncpvae.component import StrictModel
 from ncpvae.errors import ConfigError, NcpvaeError
-from ncpvae.sharding import contiguous_bounds, rand_rows, randn_rows, row_shard
+from ncpvae.sharding import ONE_PROCESS, ShardGroup, contiguous_bounds
 
 T = TypeVar("T")
 
@@ -225,7 +228,19 @@ class DistContext:
         """Rank 0: the only rank that writes files, prints progress and evaluates."""
         return self.rank == 0
 
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes the run's files and prints its report (rank 0, or the
+        only process); the other ranks compute alongside and write nothing."""
+        return self.is_main
+
     # -- sharding -------------------------------------------------------------------------------
+
+    @property
+    def shards(self) -> ShardGroup:
+        """The ranks that split the work now: this rank of the process group while
+        :attr:`active`, else one process (world size 1: every collective the identity)."""
+        return ShardGroup(self.rank, self.world_size) if self.active else ONE_PROCESS
 
     def shard_bounds(self, total: int, rank: int | None = None) -> tuple[int, int]:
         """``(offset, rows)`` of rank ``rank``'s (default: this rank's) part of ``total`` rows:
@@ -245,14 +260,10 @@ class DistContext:
         """Within the block this rank holds its rows of a global batch of ``total`` rows:
         per-example noise (:func:`ncpvae.reparameterize`) is the single-process noise's rows, and
         :func:`ncpvae.global_batch_mean` is the mean over every rank's rows (through
-        :meth:`sum_over_ranks`; so every rank must run the same batch-level terms).
-        Yields ``(offset, rows)``."""
-        offset, rows = self.shard_bounds(total) if self.active else (0, int(total))
-        if not self.active:
-            yield offset, rows
-            return
-        with row_shard(offset, rows, total, sum_over_shards=self.sum_over_ranks):
-            yield offset, rows
+        :meth:`ShardGroup.sum_over_shards`; so every rank must run the same batch-level terms).
+        Yields ``(offset, rows)`` (see :meth:`ShardGroup.rows`)."""
+        with self.shards.rows(total) as bounds:
+            yield bounds
 
     # -- collectives ----------------------------------------------------------------------------
 
@@ -274,26 +285,9 @@ class DistContext:
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         return dict(zip(keys, buffer.cpu().tolist()))
 
-    def sum_over_ranks(self, tensor: Tensor) -> Tensor:
-        """Sum of ``tensor`` (same shape on every rank) over ranks, **differentiable**: the
-        backward pass sums the gradients arriving on every rank
-        (the gradient of ``y = sum_r x_r`` with respect to ``x_r`` is the sum over ranks of
-        the gradients arriving at ``y``), so a loss term of the sum, on
-        every rank and averaged by DDP with weights summing to the world size, has the
-        single-process gradient. Reduced in float64 (the result has ``tensor``'s dtype).
-        Without a process group: ``tensor`` itself."""
-        if not self.active:
-            return tensor
-        return _SumOverRanks.apply(tensor.to(torch.float64)).to(tensor.dtype)
-
     def all_reduce_tensor_sum(self, tensor: Tensor) -> Tensor:
         """Sum of ``tensor`` (same shape on every rank) over ranks; returns a new tensor."""
-        if not self.active:
-            return tensor.clone()
-        device = self.device if self.backend == "nccl" else torch.device("cpu")
-        out = tensor.detach().to(device=device, dtype=torch.float64).clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out.to(device=tensor.device, dtype=tensor.dtype)
+        return self.shards.all_reduce_sum(tensor) if self.active else tensor.clone()
 
     def gather_rows(self, block: Tensor, dim: int = 0) -> Tensor | None:
         """This rank's rows (its shard along ``dim``) gathered on rank 0 and concatenated in rank
@@ -307,13 +301,6 @@ class DistContext:
         if not self.is_main:
             return None
         assert parts is not None
-        return torch.cat([p.to(block.device) for p in parts], dim=dim)
-
-    def all_gather_rows(self, block: Tensor, dim: int = 0) -> Tensor:
-        """Like :meth:`gather_rows`, but every rank gets the whole tensor."""
-        if not self.active:
-            return block
-        parts = self._all_gather_object(block.detach().cpu())
         return torch.cat([p.to(block.device) for p in parts], dim=dim)
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
@@ -402,23 +389,6 @@ class DistContext:
             dist.destroy_process_group()
         self.backend = None
         self._wait_group = None
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """``y = sum over ranks of x`` (all-reduce) whose backward all-reduces the gradients: every
-    rank's ``y`` depends on every rank's ``x``, so ``dL/dx_r = sum_r' dL_r'/dy``."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        out = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
 
 
 _current: DistContext | None = None
@@ -539,120 +509,6 @@ def log_shard(ctx: DistContext, epoch: int, index: Tensor) -> None:
     with open(Path(folder) / f"rank{ctx.rank}.jsonl", "a") as handle:
         handle.write(json.dumps({"epoch": epoch, "world_size": ctx.world_size,
                                  "indices": index.tolist()}) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# sampling: chains split across ranks
-
-
-def chains_split_supported(sampler: Any) -> bool:
-    """Whether ``sampler.sample_prior`` may be split by chains: a Markov-chain sampler with the
-    base ``sample_prior`` (chains from the base prior, then ``run``) whose chains do not pool
-    information (step-size adaptation on the mean acceptance of all chains does). Others (SIR's
-    global resampling) run whole on every rank."""
-    from ncpvae.sampler import Sampler
-
-    if not isinstance(sampler, Sampler) or type(sampler).sample_prior is not Sampler.sample_prior:
-        return False
-    if not hasattr(sampler.config, "num_steps"):
-        return False
-    return not _pools_chains(sampler)
-
-
-def _pools_chains(sampler: Any) -> bool:
-    """Whether the sampler's chains share information (step-size adaptation on the mean
-    acceptance of all chains), so that a block of chains alone would run differently."""
-    cfg = getattr(sampler, "config", None)
-    return bool(getattr(cfg, "adapt_step_size", False) and
-                not getattr(cfg, "adapt_per_chain", True))
-
-
-def sample_chains(ctx: DistContext, sampler: Any, prior: Any, n: int,
-                  generator: torch.Generator | None, *, progress: bool = False) -> Any:
-    """``sampler.sample_prior(prior, n, generator=...)``, with the ``n`` chains split across
-    ranks when :func:`chains_split_supported`: every rank draws the ``n`` starting points, runs
-    its contiguous block of chains with the single-process noise rows (:func:`run_chains`), and
-    the chains are all-gathered in chain order; the diagnostics are computed on the gathered
-    draws. So the result equals one process's, for any world size. Returns a
-    :class:`~ncpvae.SampleResult` (the same on every rank)."""
-    if not ctx.active or not chains_split_supported(sampler) or n < ctx.world_size:
-        return sampler.sample_prior(prior, n, generator=generator, progress=progress)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"num_samples must be a positive integer, got {n!r}")
-    from ncpvae.sampler import frozen_parameters  # imported here, like Sampler above
-
-    cfg = sampler.config
-    start = prior.base_prior.sample(n, generator=generator).detach()
-    with frozen_parameters(prior):
-        return run_chains(ctx, sampler, prior.energy, start, cfg.num_steps,
-                          burn_in=getattr(cfg, "burn_in", 0), thin=getattr(cfg, "thin", 1),
-                          generator=generator, progress=progress, **sampler.fast_paths())
-
-
-def run_chains(ctx: DistContext, sampler: Any, energy: Any, start: Tensor, num_steps: int, *,
-               burn_in: int = 0, thin: int = 1, generator: torch.Generator | None = None,
-               progress: bool = False, fast_linear: bool = False,
-               compile_energy: bool = False) -> Any:
-    """``sampler.run(energy, start, num_steps, ...)`` with the chains (rows of ``start``
-    ``(C, D)``, the same on every rank) split across ranks: rank r runs its contiguous block
-    inside a row shard, where the sampler's noise seam (``_randn``/``_rand``) and any
-    per-chain draw through :func:`ncpvae.sharding.randn_rows`/``randint_rows`` (e.g. SGLD's
-    minibatch indices) give the rows of the full single-process draw; samples ``(S, C, D)`` and
-    per-chain info are all-gathered in chain order and the diagnostics recomputed on them.
-    Equals ``sampler.run`` in one process (without a process group, with fewer chains than
-    ranks, or for a sampler whose chains pool their adaptation it *is* that call, on every
-    rank)."""
-    n = int(start.shape[0])
-    if not ctx.active or n < ctx.world_size or _pools_chains(sampler):
-        return sampler.run(energy, start, num_steps, burn_in=burn_in, thin=thin,
-                           generator=generator, progress=progress, fast_linear=fast_linear,
-                           compile_energy=compile_energy)
-    offset, rows = ctx.shard_bounds(n)
-
-    def randn(like: Tensor, gen: torch.Generator | None) -> Tensor:
-        return randn_rows(like.shape, dim=0, generator=gen, device=like.device, dtype=like.dtype)
-
-    def rand(like: Tensor, gen: torch.Generator | None) -> Tensor:
-        return rand_rows(like.shape, dim=0, generator=gen, device=like.device, dtype=like.dtype)
-
-    sampler._randn, sampler._rand = randn, rand  # the sampler's designated noise seam
-    try:
-        with row_shard(offset, rows, n):
-            local = sampler.run(energy, start[offset:offset + rows], num_steps,
-                                burn_in=burn_in, thin=thin, generator=generator,
-                                progress=progress, fast_linear=fast_linear,
-                                compile_energy=compile_energy)
-    finally:
-        del sampler._randn, sampler._rand
-    samples = ctx.all_gather_rows(local.samples, dim=1)
-    info = {key: ctx.all_gather_rows(value, dim=1)
-            if value.ndim >= 2 and value.shape[1] == rows else value
-            for key, value in local.info.items()}
-    wall = max(self_wall for self_wall in ctx._all_gather_object(
-        float(local.diagnostics.get("wall_time_s", 0.0))))
-    diagnostics = _chain_diagnostics(samples, info, local.diagnostics, burn_in, wall)
-    return type(local)(samples, info, diagnostics)
-
-
-def _chain_diagnostics(samples: Tensor, info: dict[str, Tensor], local: dict[str, Any],
-                       burn_in: int, wall: float) -> dict[str, Any]:
-    """The diagnostics :meth:`Sampler.run` reports, recomputed on the gathered chains."""
-    from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
-
-    diagnostics = summarize(samples)
-    num_steps = int(local.get("num_steps", 0))
-    diagnostics.update(
-        sampler=local.get("sampler"), num_steps=num_steps, burn_in=local.get("burn_in"),
-        thin=local.get("thin"),
-        num_nonfinite=int(info["nonfinite"].sum()) if "nonfinite" in info else 0,
-        wall_time_s=wall,
-        chain_steps_per_s=(samples.shape[1] * num_steps / wall) if wall > 0 else float("nan"))
-    if "acceptance_rate" in info:
-        diagnostics["acceptance"] = acceptance_summary(info["acceptance_rate"][burn_in:])
-        diagnostics["acceptance_rate"] = diagnostics["acceptance"]["mean"]
-    if "step_size" in info:
-        diagnostics["final_step_size"] = float(info["step_size"][-1].double().mean())
-    return diagnostics
 
 
 def picklable(obj: Any) -> bool:

@@ -21,7 +21,7 @@ from ncpvae.io import save_torch, to_plain_json
 from ncpvae.modes import eval_mode
 from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.run import directory as files
-from ncpvae.run import distributed, seeds
+from ncpvae.run import seeds
 from ncpvae.run.build import Run
 from ncpvae.sampler import Sampler, SampleResult
 
@@ -48,8 +48,8 @@ def draw(run: Run, source: Prior | Sampler, n: int, generator: torch.Generator, 
         info = source.sampling_info() if isinstance(source, LearnedPrior) else {}
         return Draw(title, latents, to_plain_json(info))
     # under torchrun the chains are split across ranks and gathered in chain order
-    result = distributed.sample_chains(run.dist, source, run.prior, n, generator,
-                                       progress=not run.quiet)
+    result = source.sample_prior(run.prior, n, generator=generator, progress=not run.quiet,
+                                 shards=run.dist.shards)
     return Draw(title, result.samples[-1].detach(), to_plain_json(result.diagnostics), result)
 
 
@@ -89,7 +89,7 @@ def sample_stage(run: Run) -> dict[str, Any]:
                                    title=f"{prior.name} by {run.sampler.label}")
             draws.append(chains)
             info["sampler"] = chains.diagnostics
-    if run.directory is not None:
+    if run.is_writer:
         save_torch(run.directory.samples, {d.title: d.latents.detach().cpu() for d in draws})
         plots.plot_sample_panels({d.title: d.images for d in draws},
                                  run.directory.plot(files.PLOT_SAMPLES))

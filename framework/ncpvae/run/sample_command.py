@@ -36,7 +36,7 @@ def sample_command(run_path: str | Path, overrides: list[str], *, chains: int | 
     if chains is not None and chains < 1:
         raise ConfigError(f"--chains must be >= 1, got {chains}")
     num_chains = chains if chains is not None else run.config.sample.num_samples
-    if run.directory is not None:  # the process that writes: never over earlier samples
+    if run.is_writer:  # the process that writes: never over earlier samples
         out_dir = Path(out) if out is not None else run.directory.sampling
         outputs = (files.SAMPLING_GRID, files.SAMPLING_LATENTS, files.SAMPLING_DIAGNOSTICS,
                    files.SAMPLING_ENERGY, files.SAMPLING_TRAJECTORIES)
@@ -51,7 +51,7 @@ def sample_command(run_path: str | Path, overrides: list[str], *, chains: int | 
     title = f"{run.prior.name} prior by {run.sampler.name} ({num_chains} chains)"
     drawn = sample_images(run, run.sampler, num_chains, run.generator(seeds.SAMPLE_COMMAND),
                           title=title)  # under torchrun: chains split over ranks, gathered
-    if run.directory is None:  # a rank > 0 of a distributed run writes nothing
+    if not run.is_writer:  # a rank > 0 of a distributed run writes nothing
         return Path(out) if out is not None else Path(run_path) / "sampling"
     out_dir = Path(out) if out is not None else run.directory.sampling
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import numpy as np
 # --- training, fitting, sampling (run/) ------------------------------------------------------
 #: the learned prior's fit (its minibatches, noise draws, initialization)
 PRIOR_FIT = 2
-#: the learned-prior summary after the fit: ``log Z`` (and the same estimate inside ``kl_gain``)
+#: the learned-prior summary after the fit: its one ``log Z`` estimate (``kl_gain`` is given it)
 FIT_LOG_Z = 3
 #: the held-out draws ``z ~ q(z|x)`` of that summary
 FIT_HELDOUT = 4
@@ -32,7 +32,7 @@ TRAIN_EVAL = 9
 EVAL_METRICS = 100
 #: the held-out draws ``z ~ q(z|x)`` every row is compared with
 EVAL_HELDOUT = 110
-#: the learned prior's ``log Z`` (and the same estimate inside ``kl_gain``)
+#: the learned prior's one ``log Z`` estimate of the evaluation (``kl_gain`` is given it)
 EVAL_LOG_Z = 111
 #: the likelihood bounds' importance draws (the same for the base prior and the run's prior)
 EVAL_LIKELIHOOD = 112

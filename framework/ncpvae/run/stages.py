@@ -5,36 +5,45 @@ run directory (reopened with :func:`~ncpvae.run.build.open_run`):
 
 1. :func:`~ncpvae.run.train.train_vae` — train the model with the objective against the
    prior's tractable base (``ncpvae train``)
-2. :func:`~ncpvae.run.fit.fit_prior` — fit a :class:`~ncpvae.LearnedPrior` with the VAE frozen
-   (``ncpvae fit-prior``)
+2. :func:`~ncpvae.run.fit.fit_stage` — fit a :class:`~ncpvae.LearnedPrior` with the VAE frozen
+   (:func:`~ncpvae.run.fit.fit_prior`, ``ncpvae fit-prior``, also writes its checkpoint)
 3. :func:`~ncpvae.run.sample.sample_stage` — decode samples of the base prior, the learned prior
    and the sampler
 
 The evaluation stage (:func:`ncpvae.evaluation.pipeline.evaluate_stage`) builds on this package
 and is appended by the orchestrator (:mod:`ncpvae.experiment`), never imported here.
+
+The runner writes each stage's results once: the stage's sections of summary.json together with
+the progress (one write, :meth:`~ncpvae.run.directory.RunDirectory.summary_batch`), then one
+checkpoint (:class:`~ncpvae.run.checkpoint.CheckpointWriter`); VAE training adds one checkpoint
+per epoch. After each, :func:`ncpvae.run.hooks.boundary` lets tests act there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from ncpvae.config import RunConfig, load_config
 from ncpvae.errors import NcpvaeError
 from ncpvae.plugin_manager import PluginManager, get_plugin_manager
-from ncpvae.run import distributed, faults, progress, rng
+from ncpvae.run import distributed, hooks, progress, rng
 from ncpvae.run.build import Run, build_run, create_run
-from ncpvae.run.checkpoint import load_prior_state, read_checkpoint, save_checkpoint
+from ncpvae.run.checkpoint import load_prior_state, read_checkpoint
 from ncpvae.run.directory import RunDirectory
-from ncpvae.run.fit import fit_prior
+from ncpvae.run.fit import fit_prior, fit_stage
 from ncpvae.run.sample import sample_stage
 from ncpvae.run.train import train_vae
 
 Stage = Callable[[Run], Any]
 
 #: train, fit, sample: every stage of this package, in order
-TRAINING_STAGES: tuple[Stage, ...] = (train_vae, fit_prior, sample_stage)
+TRAINING_STAGES: tuple[Stage, ...] = (train_vae, fit_stage, sample_stage)
+#: the stages that run on every rank under torchrun (each shards its work); ``fit_prior`` is
+#: the fit stage that also writes its checkpoint (for stage lists that name it)
+_ON_EVERY_RANK: tuple[Stage, ...] = (*TRAINING_STAGES, fit_prior)
 
 
 def run_stages(config: RunConfig, stages: Sequence[Stage], out: str | Path | None = None, *,
@@ -46,7 +55,7 @@ def run_stages(config: RunConfig, stages: Sequence[Stage], out: str | Path | Non
     Under ``torchrun`` the stages of this package run on every rank (each shards its work);
     any other stage (the evaluation) runs on rank 0 alone while the others wait."""
     run = create_run(config, out, overwrite=overwrite, quiet=quiet, manager=manager)
-    if run.directory is not None:  # rank 0 of a torchrun launch, or the only process
+    if run.is_writer:  # rank 0 of a torchrun launch, or the only process
         progress.write(run.directory, [progress.stage_name(s) for s in stages], [])
     return _run_remaining(run, stages, [])
 
@@ -72,6 +81,8 @@ def resume_stages(path: str | Path, stages: Sequence[Stage], *, quiet: bool = Fa
     completed: list[str] = []
     if directory.checkpoint.is_file():
         state = read_checkpoint(directory.checkpoint)
+        if run.is_writer:  # later writes keep what it holds, without a re-read
+            run.checkpoints.last = state
         run.dist.agree(lambda: distributed.check_world_size(run.dist, state,
                                                             f"'{directory.checkpoint}'"))
         completed = [s for s in state.get("completed", []) if s in planned]
@@ -79,47 +90,68 @@ def resume_stages(path: str | Path, stages: Sequence[Stage], *, quiet: bool = Fa
         # at a stage boundary, the prior as it was there (a fit killed after writing its own
         # checkpoint must start again from the unfitted prior: fits continue from the weights)
         load_prior_state(run.prior, state["boundary_prior"] if completed else state["prior"])
-        if run.directory is not None:
+        if run.is_writer:
             progress.truncate_metrics(directory, int(state.get("metrics_lines", 0)))
         if completed:  # resume at a stage boundary: the RNG as the next stage would find it
             rng.restore(state["rng"], what=f"checkpoint '{directory.checkpoint}'")
         else:
             run.resume_from = state
-    elif run.directory is not None:  # killed before the first checkpoint: train again
+    elif run.is_writer:  # killed before the first checkpoint: train again
         progress.truncate_metrics(directory, 0)
-    if run.directory is not None:
+    if run.is_writer:
         progress.write(directory, planned, completed)
     return _run_remaining(run, stages, completed)
 
 
 def _run_remaining(run: Run, stages: Sequence[Stage], completed: list[str]) -> Path:
-    """Run the stages not in ``completed``; after each, a boundary checkpoint (weights, every
-    RNG state, metrics length, completed stages) and the progress in summary.json."""
+    """Run the stages not in ``completed``; after each, its sections of summary.json together
+    with the progress (one write), then a boundary checkpoint (weights, every RNG state, metrics
+    length, completed stages), then the ``stage`` boundary of :mod:`ncpvae.run.hooks`.
+
+    summary.json is written before the checkpoint: a run killed between the two has the
+    stage's results on disk and resumes from the checkpoint before it, redoing the stage."""
     directory = run.directory  # None on ranks > 0 of a torchrun launch: they write nothing
     planned = [progress.stage_name(s) for s in stages]
     try:
         for stage, name in zip(stages, planned):
             if name in completed:
                 continue
-            if stage in TRAINING_STAGES or not run.dist.active:
-                stage(run)
-            else:  # under torchrun, any other stage (the evaluation) runs on rank 0 alone
-                run.dist.main_only(lambda stage=stage: stage(run))
-            run.resume_from = None
-            completed = [*completed, name]
-            if directory is not None:
-                save_checkpoint(directory.checkpoint, run.model, run.prior, f"after_{name}",
-                                keep_previous=True, completed=completed, rng=rng.capture(),
-                                metrics_lines=progress.metrics_lines(directory),
-                                boundary_prior=run.prior.state_dict())
-                progress.write(directory, planned, completed)
-            faults.boundary("stage")
+            with directory.summary_batch() if run.is_writer else nullcontext():
+                _run_stage(run, stage)
+                run.resume_from = None
+                completed = [*completed, name]
+                if run.is_writer:
+                    progress.write(directory, planned, completed)
+            if run.is_writer:
+                _write_boundary(run, name, completed)
+            hooks.boundary("stage")
     except KeyboardInterrupt:
-        if directory is None:
+        if not run.is_writer:
             raise
         raise RunInterrupted(directory) from None
-    path = directory.path if directory is not None else None
+    path = directory.path if run.is_writer else None
     return Path(run.dist.broadcast_object(path))
+
+
+def _run_stage(run: Run, stage: Stage) -> None:
+    """Run ``stage``: on every rank for the stages of this package, on rank 0 alone (the others
+    waiting) for any other (the evaluation) under torchrun."""
+    if stage in _ON_EVERY_RANK or not run.dist.active:
+        stage(run)
+    else:
+        run.dist.main_only(lambda: stage(run))
+
+
+def _write_boundary(run: Run, name: str, completed: list[str]) -> None:
+    """The checkpoint after stage ``name``: what the stage before stored (the VAE's epoch, step
+    and optimizer state), the weights, every RNG state as the next stage finds it, the metrics
+    length, the completed stages and the prior as it is here (a stage that is redone after a
+    kill starts from it)."""
+    assert run.directory is not None
+    run.checkpoints.write(run.model, run.prior, f"after_{name}", keep_previous=True,
+                          completed=completed, rng=rng.capture(),
+                          metrics_lines=progress.metrics_lines(run.directory),
+                          boundary_prior=run.prior.state_dict())
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -1,9 +1,18 @@
-"""Stage 1: train the VAE with the objective against the prior's tractable base."""
+"""Stage 1: train the VAE with the objective against the prior's tractable base.
+
+:func:`train_vae` runs four steps with one concern each: :func:`start_training` (optimizer, data
+order, and the states of a run resumed inside this stage), :func:`train_epochs` (the epoch loop:
+:func:`train_epoch`, then each of :data:`EPOCH_CALLBACKS`, the metrics record and the epoch's
+checkpoint), :func:`training_summary`, and :func:`write_vae_outputs` (the summary section and
+the plots). :func:`evaluate_vae` gives the test-set terms of each epoch's record.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,9 +25,8 @@ from ncpvae.io import to_plain_json
 from ncpvae.modes import eval_mode
 from ncpvae.optim import adam
 from ncpvae.run import directory as files
-from ncpvae.run import distributed, faults, progress, rng, seeds
+from ncpvae.run import distributed, hooks, progress, rng, seeds
 from ncpvae.run.build import Run, encode_source
-from ncpvae.run.checkpoint import save_checkpoint
 
 #: latents whose posterior-mean variance over the data exceeds this are "active" (Burda 2016)
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -66,13 +74,20 @@ def _batches(n: int, batch_size: int, generator: torch.Generator,
     return batches[:max_steps] if max_steps else batches
 
 
+#: images per encoder call of :func:`evaluate_vae` (its test batches and its encoder means)
+EVAL_BATCH = 512
+
+
 @torch.no_grad()
-def evaluate_vae(run: Run, limit: int, *, step: int = 0) -> dict[str, Any]:
+def evaluate_vae(run: Run, limit: int, *, step: int = 0,
+                 means: Tensor | None = None) -> dict[str, Any]:
     """Test-set loss terms (per image), KL per dim and active units on ``limit`` test images
     (eval mode; the model's training flag is restored). ``step`` is the global training step
-    (objectives with a schedule, e.g. the capacity ``C(step)``, use it). Under torchrun each
-    rank takes its shard of every test batch and the sums are all-reduced (global numbers on
-    every rank).
+    (objectives with a schedule, e.g. the capacity ``C(step)``, use it). ``means``: the encoder
+    means ``(min(limit, N_test), D)`` of those images if the caller has them (encoded in
+    batches of :data:`EVAL_BATCH`, so they are the ones encoded here), else they are encoded
+    here. Under torchrun each rank takes its shard of every test batch and the sums are
+    all-reduced (global numbers on every rank).
 
     The objective's draws come from the global RNG seeded for this pass alone and restored
     afterwards, so evaluating (and how much) never changes what training draws."""
@@ -83,7 +98,7 @@ def evaluate_vae(run: Run, limit: int, *, step: int = 0) -> dict[str, Any]:
     devices = [run.device] if run.device.type == "cuda" else []
     with eval_mode(run.model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seeds.torch_seed(run.config.seed, seeds.TRAIN_EVAL))
-        for batch in torch.arange(min(limit, len(run.data.test))).split(512):
+        for batch in torch.arange(min(limit, len(run.data.test))).split(EVAL_BATCH):
             # a batch smaller than the world is done whole by every rank, counted by rank 0
             whole = not dist.active or len(batch) < dist.world_size
             index = batch if whole else dist.shard(batch)
@@ -98,7 +113,8 @@ def evaluate_vae(run: Run, limit: int, *, step: int = 0) -> dict[str, Any]:
                 else:
                     totals[key] = totals.get(key, 0.0) + float(value) * len(x)
             count += len(x)
-        mu, _ = encode_source(run.model, run.data.test, run.device, limit=limit)
+        mu = means if means is not None else encode_source(
+            run.model, run.data.test, run.device, limit=limit, batch_size=EVAL_BATCH)[0]
     if dist.active:
         totals = dist.all_reduce_sums({**totals, " count": count})
         count = int(totals.pop(" count"))
@@ -112,107 +128,185 @@ def evaluate_vae(run: Run, limit: int, *, step: int = 0) -> dict[str, Any]:
     return result
 
 
-def train_vae(run: Run) -> dict[str, Any]:
-    """Stage 1: optimize the objective; checkpoint (atomically) after every epoch.
+@dataclass
+class TrainState:
+    """What VAE training carries from epoch to epoch, and what an epoch's checkpoint restores.
 
-    Each epoch's checkpoint holds the model, prior, optimizer, epoch, step, the data-order
-    generator and the global RNG states (:mod:`ncpvae.run.rng`), so a run resumed from it
-    (``run.resume_from``) continues bit for bit as if it had never stopped."""
+    ``optimizer`` updates ``params`` (the model's and the prior's trainable parameters);
+    ``order`` draws each epoch's data order; ``epoch`` is the last completed epoch and
+    ``record`` its metrics record; ``start`` is the ``time.perf_counter()`` reading training
+    would have started at without interruption (elapsed seconds = now - start)."""
+
+    optimizer: torch.optim.Optimizer
+    params: list[Tensor]
+    order: torch.Generator
+    epoch: int = 0
+    step: int = 0
+    images_seen: int = 0
+    start: float = 0.0
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+#: ``callback(run, state)`` after each epoch (``state.record`` holds the epoch's record)
+EpochCallback = Callable[[Run, TrainState], None]
+
+
+def start_training(run: Run) -> TrainState:
+    """Check the sizes and make the optimizer and the data-order generator; for a run resumed
+    inside this stage (``run.resume_from``), put back its optimizer, generator and RNG states,
+    counters and last record, so training continues bit for bit."""
     cfg = run.config.train
     model, prior = run.model, run.prior.base_prior
-    params = list(model.parameters()) + [p for p in prior.parameters() if p.requires_grad]
-    optimizer = adam(params, lr=cfg.lr, fused=cfg.fused_adam)
-    order_generator = torch.Generator().manual_seed(run.config.seed)
-    n_train = len(run.data.train)
-    if n_train < 1:
+    if len(run.data.train) < 1:
         raise ConfigError("the training set is empty")
     dist = run.dist  # under torchrun: DDP, each rank a contiguous shard of every global batch
     if dist.active and cfg.batch_size < 2 * dist.world_size:
         raise ConfigError(f"train.batch_size ({cfg.batch_size}) is the global batch, split over "
                           f"{dist.world_size} processes; use at least {2 * dist.world_size}")
-    loss_fn = distributed.loss_function(dist, model, prior, run.objective)
-    step = 0
-    first_epoch = 1
+    params = list(model.parameters()) + [p for p in prior.parameters() if p.requires_grad]
+    state = TrainState(adam(params, lr=cfg.lr, fused=cfg.fused_adam), params,
+                       torch.Generator().manual_seed(run.config.seed))
+    saved = run.resume_from
     elapsed_before = 0.0
-    images_seen = 0
-    record: dict[str, Any] = {}
-    state = run.resume_from
-    if state is not None and state.get("stage") == "vae":  # continue an interrupted training
-        optimizer.load_state_dict(state["optimizer"])
-        rng.restore(state["rng"], {"order": order_generator},
+    if saved is not None and saved.get("stage") == "vae":  # continue an interrupted training
+        state.optimizer.load_state_dict(saved["optimizer"])
+        rng.restore(saved["rng"], {"order": state.order},
                     what=f"checkpoint '{run.directory.checkpoint if run.directory else ''}'")
-        step, first_epoch = int(state["step"]), int(state["epoch"]) + 1
-        images_seen = int(state.get("images_seen", 0))
-        elapsed_before = float(state.get("elapsed_seconds", 0.0))
-        record = dict(state.get("record", {}))
-    start = time.perf_counter() - elapsed_before
-    epoch_bar = tqdm(range(first_epoch, cfg.epochs + 1), desc="train VAE", unit="epoch",
-                     disable=run.quiet, initial=first_epoch - 1, total=cfg.epochs)
-    model.train()
+        state.step, state.epoch = int(saved["step"]), int(saved["epoch"])
+        state.images_seen = int(saved.get("images_seen", 0))
+        elapsed_before = float(saved.get("elapsed_seconds", 0.0))
+        state.record = dict(saved.get("record", {}))
+    state.start = time.perf_counter() - elapsed_before
+    return state
+
+
+def train_epoch(run: Run, state: TrainState, loss_fn: Callable[[Tensor, int], dict[str, Tensor]],
+                epoch: int) -> dict[str, Any]:
+    """Epoch ``epoch``: one optimizer step per batch of the data order; return the epoch's
+    record (train means, the test-set terms of :func:`evaluate_vae`, throughput). Raises
+    :class:`NonFiniteError` before the epoch ends if a loss was not finite."""
+    cfg = run.config.train
+    dist = run.dist
+    sums: dict[str, Tensor] = {}
+    batches = _batches(len(run.data.train), cfg.batch_size, state.order, cfg.steps_per_epoch)
+    step_bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="step", disable=run.quiet)
+    epoch_start = time.perf_counter()
+    shards: list[Tensor] = []
+    flags: list[Tensor] = []  # isfinite(loss) of the steps not yet read, on the device
+    for batch_number, batch in enumerate(step_bar, start=1):
+        index = dist.shard(batch)
+        shards.append(index)
+        x = run.data.train.get_batch(index).to(run.device, non_blocking=True)
+        with dist.sharded(len(batch)):
+            out = loss_fn(x, state.step)
+        loss = out["loss"]
+        # checked on the device; read every FINITE_CHECK_INTERVAL steps and at the epoch's
+        # end (a non-finite step's updates are never checkpointed: see _check_finite)
+        flags.append(torch.isfinite(loss.detach()))
+        state.optimizer.zero_grad(set_to_none=True)
+        weight = distributed.loss_weight(dist, len(index), len(batch))
+        (loss if weight == 1.0 else loss * weight).backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip)
+        state.optimizer.step()
+        state.step += 1
+        state.images_seen += len(batch)
+        share = len(index) / len(batch) if dist.active else None
+        for key, value in out.items():
+            if value.ndim == 0:
+                value = value.detach() if share is None else value.detach() * share
+                sums[key] = sums.get(key, 0.0) + value
+        if batch_number % FINITE_CHECK_INTERVAL == 0:
+            _check_finite(flags, batch_number, epoch, state.step, dist)
+            if not run.quiet:
+                step_bar.set_postfix(loss=f"{float(loss.detach()):.1f}")
+    _check_finite(flags, len(batches), epoch, state.step, dist)
+    distributed.log_shard(dist, epoch, torch.cat(shards) if shards else torch.zeros(0))
+    if dist.active:  # the global batch means, summed over the epoch's steps
+        sums = dist.all_reduce_sums(sums)
+    epoch_time = time.perf_counter() - epoch_start
+    return {"stage": "train", "epoch": epoch, "step": state.step,
+            **{f"train_{k}": float(v) / len(batches) for k, v in sums.items()},
+            **evaluate_vae(run, cfg.eval_size, step=state.step),
+            "images_per_second": len(batches) * cfg.batch_size / epoch_time,
+            "elapsed_seconds": state.elapsed()}
+
+
+def log_epoch(run: Run, state: TrainState) -> None:
+    """Append the epoch's record to metrics.jsonl."""
+    run.log(state.record)
+
+
+def save_epoch_checkpoint(run: Run, state: TrainState) -> None:
+    """The epoch's checkpoint (the writing process only): weights, optimizer, counters, the
+    data-order generator and every global RNG state (:mod:`ncpvae.run.rng`), the metrics
+    length; then the ``epoch`` boundary of :mod:`ncpvae.run.hooks`."""
+    if not run.is_writer:
+        return
+    run.checkpoints.write(run.model, run.prior, "vae", epoch=state.epoch, step=state.step,
+                          optimizer=state.optimizer.state_dict(),
+                          world_size=run.dist.world_size,
+                          rng=rng.capture({"order": state.order}),
+                          images_seen=state.images_seen, record=to_plain_json(state.record),
+                          elapsed_seconds=state.elapsed(),
+                          metrics_lines=progress.metrics_lines(run.directory), completed=[])
+    hooks.boundary("epoch")
+
+
+#: what runs after every epoch, in order: the record, then the checkpoint
+EPOCH_CALLBACKS: tuple[EpochCallback, ...] = (log_epoch, save_epoch_checkpoint)
+
+
+def train_epochs(run: Run, state: TrainState, *,
+                 callbacks: Sequence[EpochCallback] = EPOCH_CALLBACKS) -> None:
+    """Train from the epoch after ``state.epoch`` to ``train.epochs``; after each epoch, call
+    every callback (``state.record`` then holds the epoch's record)."""
+    loss_fn = distributed.loss_function(run.dist, run.model, run.prior.base_prior,
+                                        run.objective)
+    epochs = run.config.train.epochs
+    epoch_bar = tqdm(range(state.epoch + 1, epochs + 1), desc="train VAE", unit="epoch",
+                     disable=run.quiet, initial=state.epoch, total=epochs)
+    run.model.train()
     for epoch in epoch_bar:
-        sums: dict[str, Tensor] = {}
-        batches = _batches(n_train, cfg.batch_size, order_generator, cfg.steps_per_epoch)
-        step_bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, unit="step",
-                        disable=run.quiet)
-        epoch_start = time.perf_counter()
-        shards: list[Tensor] = []
-        flags: list[Tensor] = []  # isfinite(loss) of the steps not yet read, on the device
-        for batch_number, batch in enumerate(step_bar, start=1):
-            index = dist.shard(batch)
-            shards.append(index)
-            x = run.data.train.get_batch(index).to(run.device, non_blocking=True)
-            with dist.sharded(len(batch)):
-                out = loss_fn(x, step)
-            loss = out["loss"]
-            # checked on the device; read every FINITE_CHECK_INTERVAL steps and at the epoch's
-            # end (a non-finite step's updates are never checkpointed: see _check_finite)
-            flags.append(torch.isfinite(loss.detach()))
-            optimizer.zero_grad(set_to_none=True)
-            weight = distributed.loss_weight(dist, len(index), len(batch))
-            (loss if weight == 1.0 else loss * weight).backward()
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            images_seen += len(batch)
-            share = len(index) / len(batch) if dist.active else None
-            for key, value in out.items():
-                if value.ndim == 0:
-                    value = value.detach() if share is None else value.detach() * share
-                    sums[key] = sums.get(key, 0.0) + value
-            if batch_number % FINITE_CHECK_INTERVAL == 0:
-                _check_finite(flags, batch_number, epoch, step, dist)
-                if not run.quiet:
-                    step_bar.set_postfix(loss=f"{float(loss.detach()):.1f}")
-        _check_finite(flags, len(batches), epoch, step, dist)
-        distributed.log_shard(dist, epoch, torch.cat(shards) if shards else torch.zeros(0))
-        if dist.active:  # the global batch means, summed over the epoch's steps
-            sums = dist.all_reduce_sums(sums)
-        epoch_time = time.perf_counter() - epoch_start
-        record = {"stage": "train", "epoch": epoch, "step": step,
-                  **{f"train_{k}": float(v) / len(batches) for k, v in sums.items()},
-                  **evaluate_vae(run, cfg.eval_size, step=step),
-                  "images_per_second": len(batches) * cfg.batch_size / epoch_time,
-                  "elapsed_seconds": time.perf_counter() - start}
-        run.log(record)
-        epoch_bar.set_postfix(elbo=f"{record.get('test_elbo', float('nan')):.1f}",
-                              active=record["active_units"])
-        if run.directory is not None:
-            save_checkpoint(run.directory.checkpoint, run.model, run.prior, "vae", epoch=epoch,
-                            step=step, optimizer=optimizer.state_dict(),
-                            world_size=dist.world_size,
-                            rng=rng.capture({"order": order_generator}),
-                            images_seen=images_seen, record=to_plain_json(record),
-                            elapsed_seconds=time.perf_counter() - start,
-                            metrics_lines=progress.metrics_lines(run.directory),
-                            completed=[])
-            faults.boundary("epoch")
-    summary = {key: value for key, value in record.items() if key not in ("stage",)}
-    summary["train_seconds"] = time.perf_counter() - start
-    summary["images_seen"] = images_seen
-    if run.directory is not None:
-        run.directory.update_summary("vae", summary)
-        vae_plots(run, record.get("kl_per_dim"))
+        state.record = train_epoch(run, state, loss_fn, epoch)
+        state.epoch = epoch
+        for callback in callbacks:
+            callback(run, state)
+        epoch_bar.set_postfix(elbo=f"{state.record.get('test_elbo', float('nan')):.1f}",
+                              active=state.record["active_units"])
+
+
+def training_summary(state: TrainState) -> dict[str, Any]:
+    """The ``vae`` section of summary.json: the last epoch's record, the training time and the
+    images seen."""
+    summary = {key: value for key, value in state.record.items() if key not in ("stage",)}
+    summary["train_seconds"] = state.elapsed()
+    summary["images_seen"] = state.images_seen
+    return summary
+
+
+def write_vae_outputs(run: Run, summary: dict[str, Any]) -> None:
+    """The ``vae`` section of summary.json and the training plots (the writing process)."""
+    assert run.directory is not None
+    run.directory.update_summary("vae", summary)
+    vae_plots(run, summary.get("kl_per_dim"))
+
+
+def train_vae(run: Run) -> dict[str, Any]:
+    """Stage 1: optimize the objective; log the record and checkpoint (atomically) after every
+    epoch; then the summary and the plots.
+
+    Each epoch's checkpoint holds the model, prior, optimizer, epoch, step, the data-order
+    generator and the global RNG states (:mod:`ncpvae.run.rng`), so a run resumed from it
+    (``run.resume_from``) continues bit for bit as if it had never stopped."""
+    state = start_training(run)
+    train_epochs(run, state)
+    summary = training_summary(state)
+    if run.is_writer:
+        write_vae_outputs(run, summary)
     return summary
 
 

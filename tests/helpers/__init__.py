@@ -1,0 +1,1 @@
+"""Test-only helpers (importable from the tests as ``helpers.<module>``)."""
