@@ -321,3 +321,13 @@ def test_builtin_name_check_flags_a_default_in_code(tmp_path: Path):
     module.write_text('"""Mentions "gaussian" in a docstring."""\n'
                       'PRIOR = {"name": "gaussian"}\n')
     assert builtin_names_in_code(module, {"gaussian"}) == ["config.py:2 'gaussian'"]
+
+
+def test_the_evaluation_imports_no_training_stage():
+    """The VAE's held-out numbers live in ncpvae.run.vae_eval, which the training stage and the
+    evaluation share; the evaluation does not reach into the stage that trains."""
+    graph = import_graph()
+    assert "ncpvae.run.vae_eval" in graph["ncpvae.evaluation.pipeline"]
+    bad = {m: sorted(graph[m] & {"ncpvae.run.train", "ncpvae.run.stages"})
+           for m in graph if in_layer(m, ("ncpvae.evaluation",))}
+    assert {m: v for m, v in bad.items() if v} == {}

@@ -8,7 +8,8 @@ import torch
 from ncpvae.config import load_config
 from ncpvae.experiment import train
 from ncpvae.run.build import build_run
-from ncpvae.run.train import evaluate_vae, train_vae
+from ncpvae.run.train import train_vae
+from ncpvae.run.vae_eval import evaluate_vae
 
 SMALL = ["train.epochs=2", "evaluate.enabled=false", "data.train_size=256", "data.test_size=64"]
 

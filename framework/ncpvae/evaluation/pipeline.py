@@ -61,7 +61,7 @@ from ncpvae.run.build import Run, encode_source, open_run
 from ncpvae.run.directory import RunDirectory
 from ncpvae.run.fit import learned_prior_summary
 from ncpvae.run.sample import sample_images
-from ncpvae.run.train import EVAL_BATCH, evaluate_vae
+from ncpvae.run.vae_eval import EVAL_BATCH, evaluate_vae
 from ncpvae.sampler import Sampler
 
 #: version of the evaluation.json layout
