@@ -17,7 +17,6 @@ from ncpvae.evaluation import compare
 from ncpvae.evaluation.compare import compare_priors, parse_spec
 from ncpvae.evaluation.format import pm
 from ncpvae.evaluation.report import fit_table, write_report
-from ncpvae.experiment import train
 
 #: smoke-size comparison: the IW bound on the run's [evaluate.likelihood] sizes (32 images,
 #: K = 8), KID on 128 samples in 4 subsets
@@ -28,12 +27,11 @@ FITS = {"num_train": 256, "options": {"ncp": {"epochs": 5}, "gmm": {"max_iter": 
 
 
 @pytest.fixture(scope="module")
-def smoke_gaussian_run(tmp_path_factory):
+def smoke_gaussian_run(smoke_run):
+    """The session's smoke run (tests/conftest.py), compared on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    train(load_config("smoke", ["train.epochs=1", "evaluate.enabled=false"]), out, quiet=True)
-    yield out
+    yield smoke_run
     torch.set_num_threads(threads)
 
 

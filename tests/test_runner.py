@@ -34,14 +34,9 @@ def _without_timing(record):
     return record
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    train(load_config("smoke"), out, quiet=True)
-    return out
+# smoke_run: the session's `ncpvae train smoke` run (tests/conftest.py)
 
 
-@pytest.mark.slow
 def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     for name in ("config.toml", "plugins.json", "checkpoint.pt", "metrics.jsonl", "summary.json"):
         assert (smoke_run / name).is_file(), name
@@ -57,14 +52,12 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     assert any(p["name"] == "ncpvae_plugins.gaussian" for p in plugins)
 
 
-@pytest.mark.slow
 def test_checkpoint_holds_state_dicts_only(smoke_run):
     state = torch.load(smoke_run / "checkpoint.pt", weights_only=True)
     assert set(state) >= {"format", "stage", "model", "prior"}
     assert all(isinstance(v, torch.Tensor) for v in state["model"].values())
 
 
-@pytest.mark.slow
 def test_saved_config_round_trips_to_the_same_run(smoke_run):
     saved = (smoke_run / "config.toml").read_text()
     config = validate_config(tomllib.loads(saved))
@@ -72,7 +65,6 @@ def test_saved_config_round_trips_to_the_same_run(smoke_run):
     assert config == load_config("smoke")
 
 
-@pytest.mark.slow
 def test_reloaded_run_reproduces_the_trained_model(smoke_run):
     run = open_run(smoke_run, quiet=True)
     state = torch.load(smoke_run / "checkpoint.pt", weights_only=True)
