@@ -672,6 +672,7 @@ def test_plugin_warning_is_one_line_without_source_echo(install, tmp_path):
 # ------------------------------------------------------------------------------------- signals
 
 
+@pytest.mark.slow  # a real training in a subprocess, interrupted
 def test_ctrl_c_during_training(tmp_path):
     """SIGINT in the middle of training: exit 130 and one line on stderr."""
     out = tmp_path / "run"

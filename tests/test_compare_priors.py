@@ -44,6 +44,7 @@ def test_parse_spec():
         compare_priors("nowhere", ["gaussian"], kid_reference="validation")
 
 
+@pytest.mark.slow  # fits four priors
 def test_compare_priors_pairs_every_row_with_the_same_draws(smoke_gaussian_run, tmp_path):
     result = compare_priors(smoke_gaussian_run, ["gaussian", "gmm", "ncp:gmm", "run"],
                             out=tmp_path, **SIZES, **FITS)
@@ -110,6 +111,7 @@ def test_pairing_shrinks_the_se_of_a_coupled_difference(smoke_gaussian_run, tmp_
     assert row["kid_diff_se"] < 0.5 * row["kid_diff_se_unpaired"]
 
 
+@pytest.mark.slow  # end to end, three priors
 def test_rows_are_written_as_they_finish_and_reused(smoke_gaussian_run, tmp_path,
                                                     monkeypatch):
     score = compare.score_prior
@@ -147,6 +149,7 @@ def test_rows_are_written_as_they_finish_and_reused(smoke_gaussian_run, tmp_path
     assert other["reused"] == []
 
 
+@pytest.mark.slow  # end to end
 def test_the_report_shows_the_comparison(smoke_gaussian_run, tmp_path):
     run = shutil.copytree(smoke_gaussian_run, tmp_path / "run")
     compare_priors(run, ["gaussian", "gmm"], **SIZES, **FITS)

@@ -78,6 +78,7 @@ print("survived", flush=True)
     ("2@epoch", ["epoch", "stage", "epoch"]),
     ("1@stage", ["epoch", "stage"]),
 ])
+@pytest.mark.slow  # a killed training in a subprocess
 def test_kill_after_the_nth_boundary(tmp_path, setting, printed):
     log = tmp_path / "boundaries.txt"
     env = {**os.environ, faults.ENV_KILL_AFTER: setting, faults.ENV_KILL_LOG: str(log)}
