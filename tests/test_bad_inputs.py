@@ -2,8 +2,8 @@
 no traceback, ONE line on stderr naming the problem, and (where a run directory is involved) that
 run byte-identical afterwards.
 
-One small trained run (the ``smoke`` config, one epoch, no evaluation) is built per session and
-copied for each test that needs one. Signals run the CLI in a subprocess.
+The session's trained smoke run (``smoke_run`` of tests/conftest.py) is copied for each test that
+needs one. Signals run the CLI in a subprocess.
 """
 
 from __future__ import annotations
@@ -64,20 +64,11 @@ def snapshot(path: Path) -> dict[str, str]:
     return result
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """One small trained run (gaussian prior, one epoch, no evaluation)."""
-    out = tmp_path_factory.mktemp("battery") / "trained"
-    code = cli.main(["train", *SMOKE, "--out", str(out), "--quiet"])
-    assert code == 0
-    return out
-
-
 @pytest.fixture
-def run_dir(trained_run, tmp_path) -> Path:
+def run_dir(smoke_run, tmp_path) -> Path:
     """A private copy of the trained run; the test checks it is unchanged at the end."""
     copy = tmp_path / "run"
-    shutil.copytree(trained_run, copy)
+    shutil.copytree(smoke_run, copy)
     before = snapshot(copy)
     yield copy
     assert snapshot(copy) == before, "the run directory changed"
@@ -186,9 +177,9 @@ def test_unknown_option(capsys, run_dir):
     assert_one_line_error(run_cli(capsys, "sample", str(run_dir), "--chians", "3"), "--chians")
 
 
-def test_sample_does_not_overwrite_earlier_samples(capsys, trained_run, tmp_path):
+def test_sample_does_not_overwrite_earlier_samples(capsys, smoke_run, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
+    shutil.copytree(smoke_run, run)
     first = run_cli(capsys, "sample", str(run), "--sampler", "langevin", "--steps", "300")
     assert first[0] == 0, first[2]
     before = snapshot(run)
@@ -454,10 +445,10 @@ def replace_checkpoint(run_dir: Path, write) -> None:
 
 
 @pytest.fixture
-def broken_run(trained_run, tmp_path):
+def broken_run(smoke_run, tmp_path):
     """A copy of the trained run whose checkpoint the test replaces before calling the CLI."""
     copy = tmp_path / "run"
-    shutil.copytree(trained_run, copy)
+    shutil.copytree(smoke_run, copy)
     return copy
 
 
@@ -681,6 +672,7 @@ def test_plugin_warning_is_one_line_without_source_echo(install, tmp_path):
 # ------------------------------------------------------------------------------------- signals
 
 
+@pytest.mark.slow  # a real training in a subprocess, interrupted
 def test_ctrl_c_during_training(tmp_path):
     """SIGINT in the middle of training: exit 130 and one line on stderr."""
     out = tmp_path / "run"

@@ -4,6 +4,7 @@ without conv layers alone."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ncpvae.config import load_config
@@ -45,6 +46,7 @@ def test_channels_last_is_the_same_function_in_another_layout():
         assert float((g_fast - g_plain).abs().max() / scale) < 1e-4
 
 
+@pytest.mark.slow  # a training
 def test_layout_survives_checkpoint_and_reopen(tmp_path):
     config = load_config("smoke", ["train.channels_last=true", "train.epochs=1",
                                    "evaluate.beta_vae.enabled=false",

@@ -26,6 +26,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow  # the installed script in a subprocess
 def test_list_shows_every_kind():
     result = ncpvae("list")
     assert result.returncode == 0, result.stderr
@@ -34,18 +35,21 @@ def test_list_shows_every_kind():
         assert any(line.split()[:2] == [kind, name] for line in result.stdout.splitlines())
 
 
+@pytest.mark.slow  # the installed script in a subprocess
 def test_plugins_lists_builtins_with_components():
     result = ncpvae("plugins")
     assert result.returncode == 0, result.stderr
     assert "ncpvae_plugins.gaussian" in result.stdout and "prior:gaussian" in result.stdout
 
 
+@pytest.mark.slow  # the installed script in a subprocess
 def test_describe_shows_fields_and_capabilities():
     result = ncpvae("describe", "prior", "gaussian")
     assert result.returncode == 0, result.stderr
     assert "scale" in result.stdout and "normalized=True" in result.stdout
 
 
+@pytest.mark.slow  # the installed script in a subprocess
 def test_schema_is_json_with_plugin_configs():
     result = ncpvae("schema")
     schema = json.loads(result.stdout)
@@ -53,6 +57,7 @@ def test_schema_is_json_with_plugin_configs():
     assert schema["properties"]["prior"]["oneOf"]
 
 
+@pytest.mark.slow  # the installed script in a subprocess
 def test_validate_prints_the_resolved_config():
     result = ncpvae("validate", "smoke", "--set", "objective.beta=4")
     assert result.returncode == 0, result.stderr
@@ -64,27 +69,27 @@ def test_unknown_plugin_name_is_one_line_with_suggestion():
     assert_one_line_error(result, "prior", "did you mean 'gaussian'")
 
 
+@pytest.mark.slow  # the installed script in a subprocess
 def test_misspelt_key_names_its_location():
     result = ncpvae("validate", "smoke", "--set", "objective.btea=4")
     assert_one_line_error(result, "objective", "unknown key 'btea'", "did you mean 'beta'")
 
 
+@pytest.mark.slow  # the installed script in a subprocess
 def test_invalid_toml_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("name = [unclosed\n")
     assert_one_line_error(ncpvae("validate", str(bad)), "not valid TOML")
 
 
+@pytest.mark.slow  # the installed script in a subprocess
 def test_debug_shows_the_traceback():
     result = ncpvae("validate", "smoke", "--set", "prior=gausian", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-@pytest.mark.slow
-def test_train_smoke_then_refuse_to_overwrite(tmp_path):
-    out = tmp_path / "run"
-    result = ncpvae("train", "smoke", "--out", str(out), "--quiet")
-    assert result.returncode == 0, result.stderr
+def test_train_smoke_then_refuse_to_overwrite(smoke_run_copy):
+    out = smoke_run_copy  # what `ncpvae train smoke --out OUT` wrote (tests/conftest.py)
     assert (out / "summary.json").is_file()
     before = (out / "checkpoint.pt").read_bytes()
     again = ncpvae("train", "smoke", "--out", str(out), "--quiet")

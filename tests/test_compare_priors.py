@@ -17,7 +17,6 @@ from ncpvae.evaluation import compare
 from ncpvae.evaluation.compare import CompareSettings, compare_priors, parse_spec
 from ncpvae.evaluation.format import pm
 from ncpvae.evaluation.report import fit_table, write_report
-from ncpvae.experiment import train
 
 #: smoke-size comparison: the IW bound on the run's [evaluate.likelihood] sizes (32 images,
 #: K = 8), KID on 128 samples in 4 subsets
@@ -28,12 +27,11 @@ FITS = {"num_train": 256, "options": {"ncp": {"epochs": 5}, "gmm": {"max_iter": 
 
 
 @pytest.fixture(scope="module")
-def smoke_gaussian_run(tmp_path_factory):
+def smoke_gaussian_run(smoke_run):
+    """The session's smoke run (tests/conftest.py), compared on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    train(load_config("smoke", ["train.epochs=1", "evaluate.enabled=false"]), out, quiet=True)
-    yield out
+    yield smoke_run
     torch.set_num_threads(threads)
 
 
@@ -53,6 +51,7 @@ def test_parse_spec():
     assert settings.options == {}
 
 
+@pytest.mark.slow  # fits four priors
 def test_compare_priors_pairs_every_row_with_the_same_draws(smoke_gaussian_run, tmp_path):
     result = compare_priors(smoke_gaussian_run, CompareSettings(
         ["gaussian", "gmm", "ncp:gmm", "run"], out=tmp_path, **SIZES, **FITS))
@@ -119,6 +118,7 @@ def test_pairing_shrinks_the_se_of_a_coupled_difference(smoke_gaussian_run, tmp_
     assert row["kid_diff_se"] < 0.5 * row["kid_diff_se_unpaired"]
 
 
+@pytest.mark.slow  # end to end, three priors
 def test_rows_are_written_as_they_finish_and_reused(smoke_gaussian_run, tmp_path,
                                                     monkeypatch):
     score = compare.score_prior
@@ -156,6 +156,7 @@ def test_rows_are_written_as_they_finish_and_reused(smoke_gaussian_run, tmp_path
     assert other["reused"] == []
 
 
+@pytest.mark.slow  # end to end
 def test_the_report_shows_the_comparison(smoke_gaussian_run, tmp_path):
     run = shutil.copytree(smoke_gaussian_run, tmp_path / "run")
     compare_priors(run, CompareSettings(["gaussian", "gmm"], **SIZES, **FITS))

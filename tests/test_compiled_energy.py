@@ -61,6 +61,7 @@ def _start() -> torch.Tensor:
     return torch.randn(128, 3, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_energy_matches_autograd_and_eager_chains():
     energy = _mlp_energy()
     z = _start()
@@ -78,6 +79,7 @@ def test_compiled_energy_matches_autograd_and_eager_chains():
     torch.testing.assert_close(fast.samples, eager.samples, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # torch.compile
 @onednn
 def test_compiled_energy_with_fast_linear_matches_autograd_and_eager_chains(recwarn):
     # a wide layer with enough rows (one block) for the oneDNN operator inside the compiled

@@ -247,6 +247,7 @@ def test_sampler_contract(name, latent_dim, num_chains, dtype):
                   num_chains=num_chains, latent_dim=latent_dim, dtype=dtype)
 
 
+@pytest.mark.slow  # fits every learned prior
 @pytest.mark.parametrize("prior_name", names_or_skip("prior"))
 @pytest.mark.parametrize("name", names_or_skip("sampler"))
 def test_sampler_contract_on_every_prior_energy(name, prior_name):

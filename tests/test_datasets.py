@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ncpvae_plugins import datasets as datasets_plugin
-from ncpvae_plugins.datasets import splits, sprites
+from ncpvae_plugins.datasets import sprites
 from ncpvae_plugins.datasets.digits import DigitsDataset
 from ncpvae_plugins.datasets.dsprites import DSpritesDataset
 from ncpvae_plugins.datasets.npz import NpzDataset
@@ -20,6 +20,7 @@ from ncpvae_plugins.datasets.sprites import SpritesDataset
 from ncpvae_plugins.datasets.torchvision_sets import FashionMNISTDataset, MNISTDataset
 from pydantic import ValidationError
 
+from ncpvae import splits
 from ncpvae.component import BuildContext
 from ncpvae.data import DataBundle, DatasetPlugin, GroundTruthData, ImageSource
 from ncpvae.errors import DataError

@@ -230,7 +230,7 @@ def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
         elif scenario == "rank_1_vanishes":
             if rank == 1:  # never joins the collective below; waits for rank 0's report
                 report = Path(os.environ[_OUT_ENV], "rank0.json")
-                while not report.exists() and time.perf_counter() - start < 8:
+                while not report.exists() and time.perf_counter() - start < 60:
                     time.sleep(0.05)
             else:
                 ctx.barrier()
@@ -239,7 +239,6 @@ def _scenario(ctx: DistContext, rank: int, scenario: str) -> dict:
         record["error"] = type(exc).__name__
         record["message"] = str(exc).splitlines()[0] if str(exc) else ""
         record["report"] = distributed.should_report(exc)
-    record["seconds"] = time.perf_counter() - start
     return record
 
 
@@ -426,7 +425,8 @@ def test_an_error_on_rank_1_stops_both_ranks_with_one_message(two_ranks: dict[st
     assert r0["error"] == r1["error"] == "DataError"
     assert r0["message"] == r1["message"] == expected
     assert [r0["report"], r1["report"]] == [True, False]  # printed once, by rank 0
-    assert max(r0["seconds"], r1["seconds"]) < 2  # one exchange, not a timeout (3 s)
+    # the agreed error reached both ranks in one exchange: a timeout would raise gloo's
+    # RuntimeError ("Timed out waiting ...") instead of rank 1's DataError
 
 
 def test_an_error_in_a_rank_0_only_step_reaches_every_rank(two_ranks: dict[str, list[dict]]):
@@ -438,7 +438,8 @@ def test_an_error_in_a_rank_0_only_step_reaches_every_rank(two_ranks: dict[str, 
 def test_a_rank_that_never_arrives_times_out_instead_of_hanging(tmp_path: Path):
     r0, r1 = _spawn(["rank_1_vanishes"], tmp_path)
     r0, r1 = r0["rank_1_vanishes"], r1["rank_1_vanishes"]
-    assert "error" in r0 and 2.5 < r0["seconds"] < 8  # the 3 s collective timeout
+    # rank 0's collective ends with the group's timeout error (not a hang, not another error)
+    assert r0["error"] == "RuntimeError" and "timed out" in r0["message"].lower(), r0
     assert r1["passed"]
 
 
@@ -689,12 +690,10 @@ def test_a_data_file_missing_on_rank_1_stops_both_ranks_with_one_line(tmp_path: 
         'batch_size = 16\neval_size = 16\n[evaluate]\nenabled = false\n')
     script = (f'cd "{tmp_path}/rank$RANK" && exec "{sys.executable}" -m ncpvae train '
               f'"{tmp_path}/bad.toml" --out "{tmp_path}/out" --quiet')
-    start = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "--no-python", "sh", "-c", script], capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "NCPVAE_DIST_TIMEOUT": "600"})
-    seconds = time.perf_counter() - start
     assert done.returncode != 0
     # what the ranks print comes before torchrun's own failure report ("... elastic ...")
     ours = done.stderr.split("torch/distributed/elastic")[0].splitlines()
@@ -706,7 +705,8 @@ def test_a_data_file_missing_on_rank_1_stops_both_ranks_with_one_line(tmp_path: 
     # once the first has exited, so it is not always listed as a failure of its own
     assert 1 <= done.stderr.count("exitcode  : 2") <= 2
     assert "exitcode  : 1" not in done.stderr  # no rank died of an unhandled exception
-    assert seconds < 240  # the agreed error ended both ranks, not the 600 s collective timeout
+    # the agreed error ended both ranks: the 600 s collective timeout would have run past the
+    # 300 s of subprocess.run (TimeoutExpired), and the one line above is rank 1's, not a timeout
 
 
 @pytest.mark.slow

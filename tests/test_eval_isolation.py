@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ncpvae.config import load_config
@@ -21,6 +22,7 @@ def trained_weights(tmp_path, eval_size: int) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow  # two trainings
 def test_eval_size_does_not_change_training(tmp_path):
     small, large = trained_weights(tmp_path, 8), trained_weights(tmp_path, 64)
     assert small.keys() == large.keys()

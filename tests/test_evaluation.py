@@ -154,7 +154,7 @@ def test_the_learned_prior_summary_estimates_log_z_once_for_kl_gain():
     from ncpvae.run.fit import learned_prior_summary
 
     logit = torch.nn.Linear(2, 1, dtype=torch.float64)
-    prior = NCPPrior(GaussianPrior(2), torch.nn.Sequential(logit, torch.nn.Flatten(0)),
+    prior = NCPPrior(GaussianPrior(2), classifier=torch.nn.Sequential(logit, torch.nn.Flatten(0)),
                      fitted=True).to(torch.float64)
     latents = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     calls = []

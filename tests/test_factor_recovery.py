@@ -64,6 +64,7 @@ def test_scrambled_shape_falls_to_chance_and_leaves_the_others(sprites):
         assert abs(result.recovery[name] - 1) < 0.1, (name, result.recovery[name], acc)
 
 
+@pytest.mark.slow  # the module's feature net trains for seconds
 def test_mismatched_inputs_are_refused(sprites):
     data, net, factors, images = sprites
     with pytest.raises(DataError, match="differ in shape"):

@@ -163,6 +163,7 @@ def fitted_flow(request) -> FlowPrior:
     return prior
 
 
+@pytest.mark.slow  # statistical; fits two flows
 def test_flow_reaches_the_entropy_of_a_correlated_gaussian(fitted_flow):
     entropy = 0.5 * float(torch.logdet(2 * math.pi * math.e * FLOW_COV.double()))
     with torch.random.fork_rng():
@@ -178,6 +179,7 @@ def test_flow_reaches_the_entropy_of_a_correlated_gaussian(fitted_flow):
     assert fitted_flow.fit_summary["epochs_run"] >= fitted_flow.fit_summary["best_epoch"] >= 1
 
 
+@pytest.mark.slow  # shares the fitted flows
 def test_flow_contract_and_state_dict(fitted_flow):
     check_prior(fitted_flow)
     z = torch.randn(5, 2, generator=gen(11))
@@ -235,6 +237,7 @@ def fitted_ebm() -> EBMPrior:
 EBM_FIT_SLACK = 0.05
 
 
+@pytest.mark.slow  # statistical; fits an EBM
 def test_ebm_recovers_log_z_and_the_tilted_moments(fitted_ebm):
     truth_b, truth_a = EBM_MEAN / EBM_VAR, 1 / EBM_VAR - 1
     fit_b, fit_a = fitted_ebm.classifier.b.detach(), fitted_ebm.classifier.a.detach()
@@ -256,6 +259,7 @@ def test_ebm_recovers_log_z_and_the_tilted_moments(fitted_ebm):
     assert fitted_ebm.fit_summary["heldout_gain"] > 0
 
 
+@pytest.mark.slow  # shares the fitted EBM
 def test_ebm_contract_state_dict_and_config(fitted_ebm):
     check_prior(fitted_ebm)
     z = torch.randn(5, 2, generator=gen(15))
@@ -403,6 +407,7 @@ def test_vamp_trains_end_to_end_on_the_smoke_config(tmp_path):
     ["prior=ncp", "prior.base.name=gmm", "prior.base.components=2", "prior.epochs=2"],
     ["prior=flow", "prior.epochs=3", "prior.transforms=1", "prior.hidden=[16]"],
 ])
+@pytest.mark.slow  # a training per prior
 def test_a_fitted_prior_reloads_from_the_run_checkpoint(tmp_path, overrides):
     from ncpvae.config import load_config
     from ncpvae.run.build import create_run, open_run

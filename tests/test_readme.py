@@ -20,6 +20,7 @@ def code_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
 
 
+@pytest.mark.slow  # the README's tour end to end
 def test_python_tour_runs():
     tour = next(b for b in code_blocks("python") if "sampler.run(" in b)
     namespace: dict = {}
@@ -82,7 +83,8 @@ def test_learned_prior_recipe_fits_the_maximum_likelihood_gaussian():
 
 
 @pytest.mark.parametrize("command", ["python3 -m venv .venv && .venv/bin/pip install -e '.[test]' "
-                                     "&& .venv/bin/ncpvae train", ".venv/bin/pytest"])
+                                     "&& .venv/bin/ncpvae train", ".venv/bin/pytest",
+                                     ".venv/bin/pytest -m slow"])
 def test_ci_runs_the_readme_commands(command):
     ci = (README.parent / ".ci" / "run").read_text()
     assert command in README.read_text() and command in ci

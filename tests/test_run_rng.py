@@ -89,6 +89,7 @@ def _killer(setting: str, log: Path) -> subprocess.CompletedProcess:
     ("2@epoch", ["epoch", "stage", "epoch"]),
     ("1@stage", ["epoch", "stage"]),
 ])
+@pytest.mark.slow  # a killed training in a subprocess
 def test_kill_after_the_nth_boundary(tmp_path, setting, printed):
     log = tmp_path / "boundaries.txt"
     proc = _killer(setting, log)

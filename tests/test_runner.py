@@ -42,7 +42,7 @@ SMOKE_IO: dict[str, collections.Counter] = {"written": collections.Counter(),
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def counted_smoke_run(tmp_path_factory):
     import ncpvae.io
     import ncpvae.run.checkpoint
 
@@ -64,18 +64,20 @@ def smoke_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
-def test_each_epoch_and_stage_writes_the_checkpoint_and_summary_once(smoke_run):
+@pytest.mark.slow  # a training of its own, with its writes counted
+def test_each_epoch_and_stage_writes_the_checkpoint_and_summary_once(counted_smoke_run):
     """2 epochs, 4 stages (train, fit_prior, sample, evaluate): a checkpoint per epoch and per
     stage, never read back; summary.json once at the start and once per stage."""
-    stages = json.loads((smoke_run / "summary.json").read_text())["progress"]["completed"]
+    stages = json.loads((counted_smoke_run / "summary.json").read_text())["progress"]["completed"]
     assert len(stages) == 4
     assert SMOKE_IO["written"]["checkpoint.pt"] == 2 + 4
     assert SMOKE_IO["written"]["summary.json"] == 1 + 4
     assert SMOKE_IO["read"]["checkpoint.pt"] == 0
 
 
-@pytest.mark.slow
+# smoke_run: the session's `ncpvae train smoke` run (tests/conftest.py)
+
+
 def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     for name in ("config.toml", "plugins.json", "checkpoint.pt", "metrics.jsonl", "summary.json"):
         assert (smoke_run / name).is_file(), name
@@ -91,14 +93,12 @@ def test_smoke_run_writes_a_complete_run_directory(smoke_run):
     assert any(p["name"] == "ncpvae_plugins.gaussian" for p in plugins)
 
 
-@pytest.mark.slow
 def test_checkpoint_holds_state_dicts_only(smoke_run):
     state = torch.load(smoke_run / "checkpoint.pt", weights_only=True)
     assert set(state) >= {"format", "stage", "model", "prior"}
     assert all(isinstance(v, torch.Tensor) for v in state["model"].values())
 
 
-@pytest.mark.slow
 def test_saved_config_round_trips_to_the_same_run(smoke_run):
     saved = (smoke_run / "config.toml").read_text()
     config = validate_config(tomllib.loads(saved))
@@ -106,7 +106,6 @@ def test_saved_config_round_trips_to_the_same_run(smoke_run):
     assert config == load_config("smoke")
 
 
-@pytest.mark.slow
 def test_reloaded_run_reproduces_the_trained_model(smoke_run):
     run = open_run(smoke_run, quiet=True)
     state = torch.load(smoke_run / "checkpoint.pt", weights_only=True)

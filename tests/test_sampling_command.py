@@ -18,7 +18,6 @@ from ncpvae.run.build import open_run
 from ncpvae.run.fit import fit_prior
 from ncpvae.run.sample import sample_stage
 from ncpvae.run.sample_command import sample_command
-from ncpvae.run.train import train_vae
 
 NCPVAE = shutil.which("ncpvae", path=str(Path(sys.executable).parent)) or shutil.which("ncpvae")
 NCP_SMOKE = ["prior=ncp", "prior.epochs=3", "prior.hidden=[32,32]", "prior.log_z_samples=2000",
@@ -77,18 +76,14 @@ def test_sample_the_base_prior_of_an_ncp_run(ncp_run, tmp_path):
     assert json.loads((out / "diagnostics.json").read_text())["prior"] == "gaussian"
 
 
-@pytest.mark.slow
-def test_sample_without_a_sampler_is_a_clear_error(tmp_path):
-    config = load_config("smoke", ["evaluate.enabled=false", "train.epochs=1"])
-    out = train(config, tmp_path / "plain", quiet=True, stages=(train_vae,))
+def test_sample_without_a_sampler_is_a_clear_error(smoke_run):
     with pytest.raises(ConfigError, match="--sampler"):
-        sample_command(out, [], quiet=True)
+        sample_command(smoke_run, [], quiet=True)
 
 
 @pytest.mark.slow
-def test_fit_prior_turns_a_plain_run_into_an_ncp_run(tmp_path):
-    config = load_config("smoke", ["evaluate.enabled=false", "train.epochs=1"])
-    out = train(config, tmp_path / "plain", quiet=True, stages=(train_vae,))
+def test_fit_prior_turns_a_plain_run_into_an_ncp_run(smoke_run_copy):
+    out = smoke_run_copy
     overrides = [o for o in NCP_SMOKE if o.startswith("prior")]
     run = open_run(out, overrides, quiet=True)
     assert not run.prior.is_fitted
