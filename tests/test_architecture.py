@@ -331,3 +331,21 @@ def test_the_evaluation_imports_no_training_stage():
     bad = {m: sorted(graph[m] & {"ncpvae.run.train", "ncpvae.run.stages"})
            for m in graph if in_layer(m, ("ncpvae.evaluation",))}
     assert {m: v for m, v in bad.items() if v} == {}
+
+
+def test_the_old_plugin_path_is_a_deprecated_alias_of_the_same_modules():
+    """``ncpvae.plugins.X`` (the pre-0.2 path) is ``ncpvae_plugins.X`` itself, with a warning."""
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from ncpvae.plugins.ncp import NCPPrior\n"
+        "    import ncpvae.plugins.datasets.sprites as old_sprites\n"
+        "import ncpvae_plugins.ncp, ncpvae_plugins.datasets.sprites\n"
+        "assert NCPPrior is ncpvae_plugins.ncp.NCPPrior\n"
+        "assert old_sprites is ncpvae_plugins.datasets.sprites\n"
+        "assert [w.category for w in caught] == [DeprecationWarning], caught\n"
+        "assert 'ncpvae_plugins' in str(caught[0].message)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

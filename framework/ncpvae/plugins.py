@@ -26,4 +26,5 @@ for _info in pkgutil.walk_packages(ncpvae_plugins.__path__, prefix="ncpvae_plugi
     _module = importlib.import_module(_info.name)
     _alias = "ncpvae.plugins." + _info.name.removeprefix("ncpvae_plugins.")
     sys.modules.setdefault(_alias, _module)
-    setattr(sys.modules[__name__], _alias.rpartition(".")[2], _module) if _alias.count(".") == 2 else None
+    if _alias.count(".") == 2:  # a top-level plugin module: also an attribute of this package
+        globals()[_alias.rpartition(".")[2]] = _module
