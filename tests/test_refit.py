@@ -46,3 +46,35 @@ def test_refit_with_another_classifier_invalidates_dependants(tmp_path, capsys):
     assert any(64 in shape for shape in widths)
     new_samples = torch.load(run / "samples.pt", weights_only=True)
     assert new_samples.keys() == old_samples.keys()  # regenerated from the refitted prior
+
+
+def _fit_numbers(run) -> dict:
+    """The prior_fit section of summary.json without its timing."""
+    fit = json.loads((run / "summary.json").read_text())["prior_fit"]
+    return {key: value for key, value in fit.items() if "seconds" not in key}
+
+
+def _prior_state(run) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["prior"]
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_prior_starts_fresh_and_continue_resumes(tmp_path):
+    """Two ``fit-prior`` calls give the same prior (each starts from the seeded initialisation
+    the run's fit stage started from); ``--continue`` goes on from the fitted weights."""
+    run = tmp_path / "run"
+    assert cli.main(["train", *CONFIG, "--out", str(run), "--quiet"]) == 0
+    trained = _fit_numbers(run), _prior_state(run)
+    fits = []
+    for extra in ([], [], ["--continue"]):
+        assert cli.main(["fit-prior", str(run), "--quiet", *extra]) == 0
+        fits.append((_fit_numbers(run), _prior_state(run)))
+    (first, first_state), (second, second_state), (continued, continued_state) = fits
+    assert first == second and _same_state(first_state, second_state)
+    # the fresh fit is the run's own fit stage again
+    assert first == trained[0] and _same_state(first_state, trained[1])
+    assert continued["delta"] != second["delta"]
+    assert not _same_state(continued_state, second_state)
