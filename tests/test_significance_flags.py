@@ -58,7 +58,7 @@ def test_a_row_is_flagged_exactly_when_it_is_below(gain, over_base, flags, tmp_p
     assert (FLAG in text) == bool(flags)  # nothing else carries it, N(0, I)'s row included
     for flag in flags:
         assert flag in line
-    notes = [x for x in text.splitlines() if x.startswith(FLAG)]
+    notes = [x for x in text.splitlines() if x.startswith(f"- {FLAG}")]
     assert len(notes) == (1 if flags else 0)
     if "below its base" in flags:
         assert f"gain over its base {over_base:.3f} ± {SE:.3f} nats" in notes[0]

@@ -774,7 +774,7 @@ def format_table(result: dict[str, Any]) -> str:
         cells += [flag_text(flags)] if flagged else []
         lines.append("| " + " | ".join(cells) + " |")
     if flagged:
-        lines += ["", *flag_notes(result["rows"])]
+        lines += ["", *[f"- {note}" for note in flag_notes(result["rows"])]]
     if result.get("pending"):
         lines += ["", "Not finished yet: " + ", ".join(result["pending"]) + "."]
     if result.get("notes"):
