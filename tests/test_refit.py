@@ -78,3 +78,18 @@ def test_fit_prior_starts_fresh_and_continue_resumes(tmp_path):
     assert first == trained[0] and _same_state(first_state, trained[1])
     assert continued["delta"] != second["delta"]
     assert not _same_state(continued_state, second_state)
+
+
+def test_a_fresh_refit_keeps_what_the_vae_trained(tmp_path):
+    """NCP over a VampPrior: the pseudo-inputs train with the VAE, so a fresh refit resets the
+    classifier but keeps them."""
+    run = tmp_path / "run"
+    assert cli.main(["train", "smoke", "--set", "prior=ncp", "--set",
+                     'prior.base={name="vamp", components=4}', "--set", "train.epochs=1",
+                     "--set", "evaluate.enabled=false", "--set", "prior.epochs=2",
+                     "--out", str(run), "--quiet"]) == 0
+    trained = _prior_state(run)
+    assert cli.main(["fit-prior", str(run), "--quiet"]) == 0
+    refit = _prior_state(run)
+    assert torch.equal(refit["base.pseudo_inputs"], trained["base.pseudo_inputs"])
+    assert _same_state(refit, trained)  # and the classifier is fitted again from the same start
