@@ -188,3 +188,32 @@ def test_compare_priors_command(smoke_gaussian_run, tmp_path, capsys):
     assert main(["compare-priors", str(smoke_gaussian_run), "--priors", "nonesuch",
                  "--out", str(tmp_path)]) == 2
     assert "nonesuch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["vamp", "ncp:vamp"])
+def test_a_jointly_trained_prior_is_refused_in_one_line(smoke_gaussian_run, tmp_path, capsys,
+                                                         spec):
+    """VampPrior's pseudo-inputs train with the encoder: with the VAE frozen there is nothing to
+    fit, so its row (untrained pseudo-inputs, thousands of nats) is refused before any work."""
+    out = tmp_path / "cmp"
+    assert main(["compare-priors", str(smoke_gaussian_run), "--priors", f"gaussian,{spec}",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"'{spec}' cannot be compared post hoc" in err
+    assert "vamp prior's pseudo-inputs are trained jointly with the encoder" in err
+    assert "train a run with `--set prior=vamp`" in err
+    assert not (out / "table.json").exists()  # no row, not even N(0, I)'s, was scored
+
+
+def test_a_run_trained_with_vamp_is_told_to_compare_it_as_run(registry):
+    from types import SimpleNamespace
+
+    own = compare.prior_config("vamp", None, registry)  # type: ignore[arg-type]
+    run = SimpleNamespace(config=SimpleNamespace(prior=own))
+    with pytest.raises(ConfigError, match="this run was trained with it: compare its own prior "
+                                          "as `run`"):
+        compare.refuse_joint_prior("vamp", own, run, registry)  # type: ignore[arg-type]
+    compare.refuse_joint_prior("run", own, run, registry)  # type: ignore[arg-type]
+    compare.refuse_joint_prior("ncp:gmm", compare.prior_config("ncp:gmm", None, registry),
+                               run, registry)  # type: ignore[arg-type]

@@ -46,3 +46,50 @@ def test_refit_with_another_classifier_invalidates_dependants(tmp_path, capsys):
     assert any(64 in shape for shape in widths)
     new_samples = torch.load(run / "samples.pt", weights_only=True)
     assert new_samples.keys() == old_samples.keys()  # regenerated from the refitted prior
+
+
+def _fit_numbers(run) -> dict:
+    """The prior_fit section of summary.json without its timing."""
+    fit = json.loads((run / "summary.json").read_text())["prior_fit"]
+    return {key: value for key, value in fit.items() if "seconds" not in key}
+
+
+def _prior_state(run) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["prior"]
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_prior_starts_fresh_and_continue_resumes(tmp_path):
+    """Two ``fit-prior`` calls give the same prior (each starts from the seeded initialisation
+    the run's fit stage started from); ``--continue`` goes on from the fitted weights."""
+    run = tmp_path / "run"
+    assert cli.main(["train", *CONFIG, "--out", str(run), "--quiet"]) == 0
+    trained = _fit_numbers(run), _prior_state(run)
+    fits = []
+    for extra in ([], [], ["--continue"]):
+        assert cli.main(["fit-prior", str(run), "--quiet", *extra]) == 0
+        fits.append((_fit_numbers(run), _prior_state(run)))
+    (first, first_state), (second, second_state), (continued, continued_state) = fits
+    assert first == second and _same_state(first_state, second_state)
+    # the fresh fit is the run's own fit stage again
+    assert first == trained[0] and _same_state(first_state, trained[1])
+    assert continued["delta"] != second["delta"]
+    assert not _same_state(continued_state, second_state)
+
+
+def test_a_fresh_refit_keeps_what_the_vae_trained(tmp_path):
+    """NCP over a VampPrior: the pseudo-inputs train with the VAE, so a fresh refit resets the
+    classifier but keeps them."""
+    run = tmp_path / "run"
+    assert cli.main(["train", "smoke", "--set", "prior=ncp", "--set",
+                     'prior.base={name="vamp", components=4}', "--set", "train.epochs=1",
+                     "--set", "evaluate.enabled=false", "--set", "prior.epochs=2",
+                     "--out", str(run), "--quiet"]) == 0
+    trained = _prior_state(run)
+    assert cli.main(["fit-prior", str(run), "--quiet"]) == 0
+    refit = _prior_state(run)
+    assert torch.equal(refit["base.pseudo_inputs"], trained["base.pseudo_inputs"])
+    assert _same_state(refit, trained)  # and the classifier is fitted again from the same start

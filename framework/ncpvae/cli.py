@@ -76,9 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
 
-    p = sub.add_parser("fit-prior", help="(re)fit the learned prior of an existing run")
+    p = sub.add_parser("fit-prior", help="(re)fit the learned prior of an existing run, from "
+                                         "a fresh initialisation (--continue: from its weights)")
     p.add_argument("run", help="run directory")
     _overrides(p)
+    p.add_argument("--continue", dest="continue_fit", action="store_true",
+                   help="continue the fit from the prior's current (fitted) weights instead of "
+                        "the fresh initialisation a run's fit stage starts from")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
 
@@ -207,7 +211,8 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
     from ncpvae.run.sample import sample_stage
 
     progress.require_finished(RunDirectory.open(args.run), "fit-prior")
-    run = open_run(args.run, args.overrides, registry=_manager(args).registry, quiet=args.quiet)
+    run = open_run(args.run, args.overrides, registry=_manager(args).registry, quiet=args.quiet,
+                   fresh_prior=not args.continue_fit)
     if not isinstance(run.prior, LearnedPrior):
         raise NcpvaeError(f"the run's prior '{run.prior.name}' has nothing to fit; "
                           "use --set prior=ncp")

@@ -30,7 +30,10 @@ class Prior(nn.Module, Component, metaclass=ABCMeta):
 
     Capability flags (class attributes): ``normalized`` (``log_prob`` includes the normalizer),
     ``requires_fit`` (learned after the VAE is trained, with the VAE frozen), ``exact_sampling``
-    (``sample`` draws exactly from the prior rather than approximately).
+    (``sample`` draws exactly from the prior rather than approximately). ``trained_with_vae``:
+    its parameters (``joint_parameters``, e.g. a VampPrior's pseudo-inputs) are trained jointly
+    with the encoder, so a frozen VAE leaves nothing to fit post hoc (``ncpvae compare-priors``
+    refuses it except as the run's own prior).
 
     ``config`` holds the validated settings the prior reads its hyperparameters from, as a
     sampler does (see :meth:`checked_config`); the built-in priors always have one (their
@@ -43,6 +46,9 @@ class Prior(nn.Module, Component, metaclass=ABCMeta):
     exact_sampling: ClassVar[bool] = True
     #: how ``sample`` draws, for figure titles and reports (e.g. "SIR" for the NCP prior)
     sampling_method: ClassVar[str] = "exact"
+    trained_with_vae: ClassVar[bool] = False
+    #: what of the prior is trained with the VAE, for messages (with ``trained_with_vae``)
+    joint_parameters: ClassVar[str] = "parameters"
 
     def __init__(self, latent_dim: int, config: ComponentConfig | None = None):
         super().__init__()

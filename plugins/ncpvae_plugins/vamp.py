@@ -39,6 +39,8 @@ class VampPrior(Prior):
     """
 
     name = "vamp"
+    trained_with_vae = True  # a frozen VAE leaves the pseudo-inputs nothing to fit post hoc
+    joint_parameters = "pseudo-inputs"
 
     class Config(ComponentConfig):
         name: Literal["vamp"] = "vamp"

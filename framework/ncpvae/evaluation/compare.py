@@ -35,7 +35,10 @@ Spec syntax: a prior name (``gaussian`` = N(0, I), ``gmm``, ``flow``, ``ncp``, `
 registered prior) or ``tilted:base`` (``ncp:gmm``: NCP over a fitted GMM); ``run`` is the run's
 own prior (fitted here if its checkpoint holds no fit). Each prior is built from its config
 defaults (``options`` override fields per prior name); a jointly trained prior such as
-``vamp`` can only be compared as ``run`` (it needs the VAE it was trained with).
+``vamp`` (``trained_with_vae``) can only be compared as ``run`` (it needs the VAE it was
+trained with): any other spec naming it is refused in one line, before anything is fitted.
+A row whose gain over N(0, I), or over its learned base, is more than 2 SE below 0 carries a
+visible flag (:mod:`ncpvae.metrics.significance`).
 
 Output (``RUN/compare_priors`` by default): ``table.json``, ``table.md``, ``gains.png`` and one
 grid of decoded samples per prior, **rewritten after every prior** (atomically), so an
@@ -74,6 +77,7 @@ from ncpvae.metrics.likelihood import (
     prior_log_weights,
 )
 from ncpvae.metrics.sample_quality import kid_blocks
+from ncpvae.metrics.significance import FLAG, flag_notes, flag_text, gain_flags
 from ncpvae.prior import LearnedPrior, Prior
 from ncpvae.registry import Registry
 from ncpvae.run import directory as files
@@ -144,6 +148,36 @@ def prior_config(spec: str, run: Run, registry: Registry,
     if spec == "run":
         return run.config.prior
     return validate_component("prior", _with_options(parse_spec(spec), options or {}), registry)
+
+
+def _sections(config: Any) -> list[Any]:
+    """``config`` and its bases (``[prior.base]``, recursively), outermost first."""
+    chain = []
+    while config is not None:
+        chain.append(config)
+        config = getattr(config, "base", None)
+    return chain
+
+
+def refuse_joint_prior(spec: str, config: ComponentConfig, run: Run, registry: Registry) -> None:
+    """Raise a one-line :class:`ConfigError` when ``spec`` (not ``run``) is, or builds on, a
+    prior trained jointly with the VAE (``trained_with_vae``, e.g. ``vamp``): with the VAE
+    frozen there is nothing to fit, and its row would score an untrained initialisation."""
+    if spec == "run":
+        return
+    for section in _sections(config):
+        cls = registry.get("prior", section.name)
+        if not getattr(cls, "trained_with_vae", False):
+            continue
+        own = {s.name for s in _sections(run.config.prior)}
+        todo = ("this run was trained with it: compare its own prior as `run`" if cls.name in own
+                else f"train a run with `--set prior={cls.name}` and compare its own prior as "
+                     "`run`")
+        raise ConfigError(
+            f"compare-priors: '{spec}' cannot be compared post hoc: the {cls.name} prior's "
+            f"{getattr(cls, 'joint_parameters', 'parameters')} are trained jointly with the "
+            f"encoder, so a frozen VAE leaves it nothing to fit (its row would score an "
+            f"untrained initialisation); {todo}")
 
 
 def build_prior(spec: str, run: Run, registry: Registry,
@@ -627,6 +661,8 @@ def compare_priors(run_dir: str | Path, settings: CompareSettings | None = None,
     run = _open_frozen(run_dir, settings, registry)
     configs = {spec: prior_config(spec, run, registry, settings.options)  # fail early
                for spec in settings.priors}
+    for spec, config in configs.items():
+        refuse_joint_prior(spec, config, run, registry)
     sizes = Sizes.resolve(run, settings)
     table = ComparisonTable(run, run_dir, settings, sizes, configs, registry)
     table.write()
@@ -692,9 +728,14 @@ def _pm(row: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> s
     return f"{row[key] * scale:.{digits}f} ± {row[key + '_se'] * scale:.{digits}f}"
 
 
+def _flagged(text: str, flag: bool) -> str:
+    return f"{text} {FLAG}" if flag else text
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A Markdown table of the comparison (the rows finished so far), with what its columns
-    mean."""
+    mean; a row whose gain over N(0, I) or over its base is more than 2 SE below 0 carries a
+    flag (:mod:`ncpvae.metrics.significance`), in its cells, a ``flag`` column and a note."""
     iw, kid = result.get("iw"), result.get("kid")
     lines = [
         f"Reference N(0, I); every difference is paired (same draws, images and subsets) and "
@@ -715,10 +756,14 @@ def format_table(result: dict[str, Any]) -> str:
     if kid:
         header += ["KID ×10³", "ΔKID ×10³", "precision / recall"]
     header += ["fit (s)", "samples/s"]
+    flagged = any(gain_flags(r) for r in result["rows"])
+    header += ["flag"] if flagged else []
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["rows"]:
-        cells = [f"{r['label']} (`{r['prior']}`)", _pm(r, "cross_entropy"), _pm(r, "gain"),
-                 _pm(r, "gain_over_base")]
+        flags = gain_flags(r)
+        cells = [f"{r['label']} (`{r['prior']}`)", _pm(r, "cross_entropy"),
+                 _flagged(_pm(r, "gain"), "below N(0, I)" in flags),
+                 _flagged(_pm(r, "gain_over_base"), "below its base" in flags)]
         if iw:
             cells += [_pm(r, "iw_bound", digits=2), _pm(r, "iw_gain")]
         if kid:
@@ -726,7 +771,10 @@ def format_table(result: dict[str, Any]) -> str:
                   else "")
             cells += [_pm(r, "kid", 1e3, 2), _pm(r, "kid_diff", 1e3, 2), pr]
         cells += [f"{r['fit_seconds']:.1f}", f"{r['samples_per_second']:.3g}"]
+        cells += [flag_text(flags)] if flagged else []
         lines.append("| " + " | ".join(cells) + " |")
+    if flagged:
+        lines += ["", *[f"- {note}" for note in flag_notes(result["rows"])]]
     if result.get("pending"):
         lines += ["", "Not finished yet: " + ", ".join(result["pending"]) + "."]
     if result.get("notes"):

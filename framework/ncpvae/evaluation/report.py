@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from ncpvae.evaluation.format import num, pm
 from ncpvae.evaluation.metrics_table import DISENTANGLEMENT
 from ncpvae.io import to_plain_json, write_text
+from ncpvae.metrics.significance import FLAG, flag_notes, gain_flags
 from ncpvae.run import directory as files
 from ncpvae.run.directory import RunDirectory
 
@@ -239,9 +240,12 @@ def compare_blocks(run: RunDirectory) -> list[Block]:
     header += ["fit s", "samples/s"]
     rows: list[list[Cell]] = []
     for r in rows_in:
+        flags = gain_flags(r)
         gain = pm(r.get("gain"), r.get("gain_se"))
+        gain += f" {FLAG}" if "below N(0, I)" in flags else ""
         if r.get("gain_over_base") is not None:
-            gain += f" (over its base {pm(r['gain_over_base'], r.get('gain_over_base_se'))})"
+            gain += f" (over its base {pm(r['gain_over_base'], r.get('gain_over_base_se'))}"
+            gain += f" {FLAG})" if "below its base" in flags else ")"
         row: list[Cell] = [f"{r.get('label')} ({r.get('prior')})",
                            pm(r.get("cross_entropy"), r.get("cross_entropy_se")), gain]
         if iw:
@@ -256,6 +260,7 @@ def compare_blocks(run: RunDirectory) -> list[Block]:
         row += [num(r.get("fit_seconds")), num(r.get("samples_per_second"))]
         rows.append(row)
     blocks = [heading("Prior comparison"), paragraph(text), table(header, rows)]
+    blocks += [paragraph(note) for note in flag_notes(rows_in)]
     if result.get("pending"):
         blocks.append(paragraph("Not finished: " + ", ".join(result["pending"]) + "."))
     figure_path = path.with_name(files.COMPARE_GAINS)

@@ -159,20 +159,36 @@ def create_run(config: RunConfig, out: str | Path | None = None, *, overwrite: b
 
 
 def open_run(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
-             registry: Registry | None = None, quiet: bool = False) -> Run:
-    """Rebuild a run from its directory (its saved config plus ``overrides``) and load weights."""
+             registry: Registry | None = None, quiet: bool = False,
+             fresh_prior: bool = False) -> Run:
+    """Rebuild a run from its directory (its saved config plus ``overrides``) and load weights.
+
+    ``fresh_prior``: the prior as :func:`build_run` initialises it (the state a run's fit stage
+    starts from, seeded from the run's seed), keeping from the checkpoint only the weights of
+    the part the VAE trained with (``base_prior``, e.g. a VampPrior's pseudo-inputs): a refit
+    then starts fresh instead of continuing the last fit."""
     directory = RunDirectory.open(path)
     config = load_config(directory.config, overrides, registry)
     run = build_run(config, registry=registry, directory=directory, quiet=quiet)
+    initial = _state_copy(run.prior) if fresh_prior else None
 
     def load() -> None:
         try:
             load_checkpoint(directory.checkpoint, run.model, run.prior)
         except RuntimeError as exc:  # load_state_dict: the weights do not fit this config
             raise DataError(mismatch_message(directory, config, registry, exc)) from None
+        if initial is not None:
+            trained = _state_copy(run.prior.base_prior)  # what VAE training set
+            run.prior.load_state_dict(initial)
+            run.prior.base_prior.load_state_dict(trained)
 
     run.dist.agree(load)
     return run
+
+
+def _state_copy(module: torch.nn.Module) -> dict[str, Tensor]:
+    """A detached copy of ``module``'s state dict (later in-place updates do not reach it)."""
+    return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
 #: config fields that fix the shapes of the saved weights

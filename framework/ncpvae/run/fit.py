@@ -94,7 +94,9 @@ fit_stage.stage_name = "fit_prior"  # type: ignore[attr-defined]
 def fit_prior(run: Run) -> dict[str, Any]:
     """:func:`fit_stage` for a run outside the runner (``ncpvae fit-prior``): the fitted weights
     are also written to the run's checkpoint (keeping the VAE's epoch, step and optimizer
-    state)."""
+    state). The fit goes on from the prior's weights as they are: ``ncpvae fit-prior`` opens
+    the run with ``open_run(..., fresh_prior=True)`` (unless ``--continue``), so a refit starts
+    from the initialisation the run's fit stage started from and repeats it exactly."""
     summary = fit_stage(run)
     if isinstance(run.prior, LearnedPrior) and run.is_writer:
         run.checkpoints.write(run.model, run.prior, "prior_fitted", keep_previous=True)

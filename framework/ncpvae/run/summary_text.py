@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ncpvae.metrics.significance import FLAG, FLAG_SE, significantly_below
 from ncpvae.run.directory import RunDirectory
 
 __all__ = ["format_run_summary", "repeat_directory"]
@@ -85,6 +86,8 @@ def format_run_summary(run_dir: str | Path) -> str:
     lp = evaluation.get("learned_prior") or summary.get("prior_fit", {})
     if "delta" in lp:
         text = f"Delta = {_pm(lp['delta'], lp.get('delta_se'), 3)} nats"
+        if significantly_below(lp["delta"], lp.get("delta_se")):
+            text += f" {FLAG} more than {FLAG_SE:g} SE below 0: worse than the base prior"
         gain = lik.get("iw_gain")
         if gain:
             text += f";  IW bound gain {_pm(gain['mean'], gain.get('se'), 3)} nats"
