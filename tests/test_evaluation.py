@@ -266,6 +266,16 @@ def test_reevaluation_is_identical_and_reuses_the_feature_net(ncp_run):
 
 
 @pytest.mark.slow
+def test_a_corrupt_feature_net_entry_is_rebuilt_and_not_reported_as_a_hit(ncp_run, tmp_path):
+    run = shutil.copytree(ncp_run, tmp_path / "copy")
+    entry, = (run / "cache").glob("*.pt")
+    entry.write_bytes(b"not a checkpoint")
+    evaluate_command(run, [], quiet=True)
+    assert _read(run)["runtime"]["feature_net_cache_hit"] is False
+    assert entry.stat().st_size > 1000  # rebuilt over the corrupt bytes
+
+
+@pytest.mark.slow
 def test_cli_evaluate_through_the_installed_script(ncp_run, tmp_path):
     script = shutil.which("ncpvae", path=str(Path(sys.executable).parent))
     assert script is not None

@@ -202,9 +202,14 @@ def feature_net(run: Run, notes: list[str]) -> tuple[Any, dict[str, Any], bool]:
     key = M.feature_net_cache_key(run.config.data.name,
                                   {**run.config.data.model_dump(mode="json"), "target": kind},
                                   net_cfg)
-    path = cache_directory(run) / f"{key}.pt"
-    hit = path.is_file()
-    net = M.cached_feature_net(cache_directory(run), key, build, device=run.device)
+    built: list[bool] = []
+
+    def build_and_note() -> Any:  # a hit is a cache entry that loaded, not merely one present
+        built.append(True)
+        return build()
+
+    net = M.cached_feature_net(cache_directory(run), key, build_and_note, device=run.device)
+    hit = not built
     info = {"target": kind, "cache_key": key, "heads": list(net.spec.head_names),
             "val_accuracy": dict(zip(net.spec.head_names, net.info.get("val_accuracy", []))),
             "num_examples": net.info.get("num_examples")}
