@@ -70,12 +70,7 @@ from ncpvae.defaults import shipped_default
 from ncpvae.errors import ConfigError
 from ncpvae.factory import build_component
 from ncpvae.io import to_plain_json, write_json, write_text
-from ncpvae.metrics.likelihood import (
-    LogNormalizer,
-    bounds_from_log_weights,
-    importance_draws,
-    prior_log_weights,
-)
+from ncpvae.metrics.likelihood import ImportanceSample, LogNormalizer
 from ncpvae.metrics.sample_quality import kid_blocks
 from ncpvae.metrics.significance import FLAG, flag_notes, flag_text, gain_flags
 from ncpvae.prior import LearnedPrior, Prior
@@ -218,34 +213,15 @@ def score_prior(prior: Prior, heldout: Tensor, reference_log_prob: Tensor, *,
 # the importance-weighted bound and KID, paired against N(0, I)
 
 
-@dataclass
-class ImportanceDraws:
-    """The held-out images' importance draws, shared by every prior: per batch of images,
-    ``z`` ``(K, B, D)`` and ``log p(x|z) - log q(z|x)`` ``(K, B)`` (float64)."""
-
-    batches: list[tuple[Tensor, Tensor]]
-    num_examples: int
-    num_samples: int
-
-    @classmethod
-    def draw(cls, run: Run, num_examples: int, num_samples: int,
-             batch_size: int) -> ImportanceDraws:
-        """Draws for the first ``num_examples`` test images, with the generator stream of
-        :func:`ncpvae.evaluation.pipeline.likelihood` (one ``EVAL_LIKELIHOOD`` generator,
-        batches of ``batch_size`` images)."""
-        generator = run.generator(seeds.EVAL_LIKELIHOOD)
-        batches = []
-        for index in torch.arange(num_examples).split(batch_size):
-            x = run.data.test.get_batch(index).to(run.device)
-            batches.append(importance_draws(run.model, x, num_samples, generator=generator))
-        return cls(batches, num_examples, num_samples)
-
-    def bounds(self, prior: Prior,
-               log_normalizer: LogNormalizer | None) -> tuple[Tensor, Tensor]:
-        """Per-image IW bound and ELBO ``(N,)`` (float64, CPU) under ``prior``."""
-        iw, elbo = zip(*(bounds_from_log_weights(prior_log_weights(
-            prior, z, partial, log_normalizer=log_normalizer)) for z, partial in self.batches))
-        return torch.cat(iw).cpu(), torch.cat(elbo).cpu()
+def importance_sample(run: Run, num_examples: int, num_samples: int,
+                      batch_size: int) -> ImportanceSample:
+    """The held-out images' importance draws, shared by every prior: the first
+    ``num_examples`` test images in batches of ``batch_size``, with the generator stream of
+    :func:`ncpvae.evaluation.pipeline.likelihood` (one ``EVAL_LIKELIHOOD`` generator)."""
+    images = (run.data.test.get_batch(index).to(run.device)
+              for index in torch.arange(num_examples).split(batch_size))
+    return ImportanceSample.draw(run.model, images, num_samples,
+                                 generator=run.generator(seeds.EVAL_LIKELIHOOD))
 
 
 @dataclass
@@ -500,7 +476,7 @@ class Baseline:
     prior: Prior
     config: dict[str, Any]
     reference: Reference
-    draws: ImportanceDraws | None
+    draws: ImportanceSample | None
     bounds: tuple[Tensor, Tensor] | None  # N(0, I)'s per-image IW bound and ELBO
     quality: SampleQuality | None
     measured: tuple[dict[str, Any], np.ndarray, Tensor] | None  # N(0, I)'s SampleQuality.measure
@@ -514,7 +490,7 @@ class Baseline:
         config = prior_config(REFERENCE_PRIOR, run, registry).model_dump(mode="json")
         prior = build_prior(REFERENCE_PRIOR, run, registry)
         reference = Reference(prior.log_prob(heldout), None, 0.0, None, 0.0)
-        draws = (ImportanceDraws.draw(run, sizes.iw_images, sizes.iw_samples, sizes.iw_batch)
+        draws = (importance_sample(run, sizes.iw_images, sizes.iw_samples, sizes.iw_batch)
                  if sizes.iw_images else None)
         bounds = None
         if draws is not None:
