@@ -1,4 +1,5 @@
-"""The README's code must work exactly as written: the tour snippet and the plugin recipe."""
+"""The documentation's code must work exactly as written: the tour snippet (docs/usage.md) and the
+plugin recipes (docs/plugins.md)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from ncpvae.config import tomllib  # the stdlib parser, or tomli on Python 3.10
 from ncpvae.plugin_manager import PluginManager
 from ncpvae.testing import check_prior
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+GUIDES = (ROOT / "docs/usage.md", ROOT / "docs/plugins.md")
+README = ROOT / "README.md"
 
 
 def code_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+    text = "\n".join(path.read_text() for path in GUIDES)
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
 @pytest.mark.slow  # the README's tour end to end
