@@ -46,8 +46,8 @@ def sha256(images: torch.Tensor) -> str:
 def test_hook_registers_all_dataset_classes():
     classes = datasets_plugin.ncpvae_register_datasets()
     names = [cls.name for cls in classes]
-    assert names == ["sprites", "mnist", "fashion-mnist", "digits", "npz", "dsprites", "cifar10",
-                     "svhn", "celeba"]
+    assert names == ["sprites", "mnist", "fashion-mnist", "digits", "npz", "imagefolder", "dsprites",
+                     "cifar10", "svhn", "celeba"]
     registry = Registry()
     for cls in classes:
         assert issubclass(cls, DatasetPlugin)

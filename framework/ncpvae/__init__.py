@@ -29,6 +29,7 @@ from ncpvae.factory import build_component, create
 from ncpvae.fitting import EarlyStopping, EpochLosses, ShardGroup, minibatch_step
 from ncpvae.hookspecs import hookimpl
 from ncpvae.io import atomic_write
+from ncpvae.logging_backends import ExperimentLogger
 from ncpvae.model import LatentModel, reparameterize
 from ncpvae.objective import Objective
 from ncpvae.plugin_manager import get_registry
@@ -66,6 +67,7 @@ __all__ = [
     "ImageSource",
     "TensorImageSource",
     "GroundTruthData",
+    "ExperimentLogger",
     # errors
     "NcpvaeError",
     "ConfigError",

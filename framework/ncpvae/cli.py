@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list loaded plugins with their versions and components")
     _common(p)
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("kind", nargs="?", default=None, help="dataset, model, prior, objective or sampler")
+    p.add_argument("kind", nargs="?", default=None,
+                   help="dataset, model, prior, objective, sampler or logger")
     _common(p)
     p = sub.add_parser("describe", help="show a component's config fields and capabilities")
     p.add_argument("kind")

@@ -24,6 +24,7 @@ from ncpvae.evaluation.config import EvaluateConfig
 from ncpvae.registry import Registry
 from ncpvae.sections import (
     DatasetSection,
+    LoggerSection,
     ModelSection,
     ObjectiveSection,
     PriorSection,
@@ -63,6 +64,17 @@ class SampleConfig(StrictModel):
     num_samples: int = Field(64, ge=1, description="latents drawn per prior/sampler and decoded")
 
 
+class LogConfig(StrictModel):
+    """Experiment trackers fed alongside metrics.jsonl (the source of truth), e.g.
+    ``backends = ["tensorboard", "mlflow"]``; each entry is a logger's name or its table
+    (``{ name = "mlflow", tracking_uri = "..." }``). Their files go to ``<run>/logs/<name>/``
+    unless a logger's config says otherwise."""
+
+    backends: list[LoggerSection] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="logger plugins fed every metrics record, the config "
+        "and the figures (none by default); `ncpvae list logger` shows them")
+
+
 class RunConfig(StrictModel):
     """A whole run: which components, and how to train and sample them."""
 
@@ -80,6 +92,7 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +269,7 @@ def run_config_schema(registry: Registry | None = None) -> dict[str, Any]:
     schema = RunConfig.model_json_schema()
     defs = schema.setdefault("$defs", {})
     section_of_kind = {"dataset": "data"}
+    loggers = defs["LogConfig"]["properties"]["backends"]
     for kind in KINDS:
         variants = []
         for name in registry.names(kind):
@@ -264,6 +278,9 @@ def run_config_schema(registry: Registry | None = None) -> dict[str, Any]:
             title = f"{kind}:{name}"
             defs[title] = sub
             variants.append({"$ref": f"#/$defs/{title}"})
+        if kind == "logger":  # a list inside [log], not a section of its own
+            loggers["items"] = {"oneOf": variants}
+            continue
         section = section_of_kind.get(kind, kind)
         described = schema["properties"][section].get("description")
         schema["properties"][section] = {"oneOf": variants, "description": described

@@ -46,3 +46,8 @@ def ncpvae_register_objectives() -> list[type]:
 @hookspec
 def ncpvae_register_samplers() -> list[type]:
     """Return sampler classes (subclasses of :class:`ncpvae.Sampler`)."""
+
+
+@hookspec
+def ncpvae_register_loggers() -> list[type]:
+    """Return experiment logger classes (subclasses of :class:`ncpvae.ExperimentLogger`)."""

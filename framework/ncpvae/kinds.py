@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ncpvae.data import DatasetPlugin
+from ncpvae.logging_backends import ExperimentLogger
 from ncpvae.model import LatentModel
 from ncpvae.objective import Objective
 from ncpvae.prior import Prior
@@ -31,6 +32,7 @@ COMPONENT_KINDS: tuple[ComponentKind, ...] = (
     ComponentKind("prior", "ncpvae_register_priors", Prior),
     ComponentKind("objective", "ncpvae_register_objectives", Objective),
     ComponentKind("sampler", "ncpvae_register_samplers", Sampler),
+    ComponentKind("logger", "ncpvae_register_loggers", ExperimentLogger),
 )
 
 KINDS: tuple[str, ...] = tuple(kind.name for kind in COMPONENT_KINDS)

@@ -54,6 +54,7 @@ ModelSection = component_section("model")
 PriorSection = component_section("prior")
 ObjectiveSection = component_section("objective")
 SamplerSection = component_section("sampler")
+LoggerSection = component_section("logger")
 
 
 def validate_component(kind: str, raw: Mapping[str, Any],

@@ -16,6 +16,7 @@ from ncpvae.data import DataBundle, ImageSource
 from ncpvae.errors import ConfigError, DataError
 from ncpvae.factory import build_component
 from ncpvae.io import write_json
+from ncpvae.logging_backends import LoggerSet
 from ncpvae.model import LatentModel, reparameterize
 from ncpvae.modes import eval_mode
 from ncpvae.objective import Objective
@@ -55,6 +56,8 @@ class Run:
     dist: distributed.DistContext = field(default_factory=distributed.DistContext)
     #: the checkpoint an interrupted run continues from (``ncpvae resume``), else None
     resume_from: dict[str, Any] | None = None
+    #: the ``[log] backends`` trackers, fed by :meth:`log` (the writing process only)
+    loggers: LoggerSet = field(default_factory=LoggerSet)
     _checkpoints: CheckpointWriter | None = field(default=None, init=False, repr=False)
 
     @property
@@ -82,8 +85,10 @@ class Run:
         return self.dist.is_writer and self.directory is not None
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to metrics.jsonl and pass it on to the loggers (writer only)."""
         if self.is_writer:
             self.directory.log(record)
+            self.loggers.log(self.directory.path, record)
 
     def build_context(self) -> BuildContext:
         """The context components of this run are built with (e.g. an evaluation's samplers)."""
@@ -120,8 +125,12 @@ def build_run(config: RunConfig, *, registry: Registry | None = None,
         sampler = build_component(config.sampler, "sampler", ctx) if config.sampler else None
         objective.check_compatible(model, prior.base_prior)
         prior.bind_model(model)
+        # built on every rank (a missing extra fails everywhere, before any file is written)
+        loggers = LoggerSet([build_component(c, "logger", ctx) for c in config.log.backends],
+                            config.model_dump(mode="json"))
         return Run(config, registry, device, data, model, prior, objective, sampler,
-                   directory if dist.is_main else None, quiet or not dist.is_main, dist)
+                   directory if dist.is_main else None, quiet or not dist.is_main, dist,
+                   loggers=loggers)
 
     return dist.agree(build)
 

@@ -14,6 +14,7 @@
                              energy_trace.png, trajectories.png
       compare_priors/        `ncpvae compare-priors`: table.json, table.md, gains.png,
                              samples_<prior>.png
+      logs/                  `[log] backends`: each logger's files (logs/tensorboard, logs/mlflow)
       .lock                  while a command writes the run: its writer lock (ncpvae.run.lock)
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 
 from ncpvae.errors import NcpvaeError
 from ncpvae.io import append_jsonl, read_json, read_jsonl, to_plain_json, write_json, write_text
+from ncpvae.logging_backends import LOGS_DIR
 
 #: Files that mark a directory as a ncpvae run (refused as a new output without --overwrite).
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "metrics.jsonl", "summary.json")
@@ -150,7 +152,7 @@ class RunDirectory:
         if run.is_run():
             for name in (*RUN_MARKERS, *RUN_OUTPUTS):
                 (run.path / name).unlink(missing_ok=True)
-            for folder in (run.plots, run.cache, run.sampling):
+            for folder in (run.plots, run.cache, run.sampling, run.path / LOGS_DIR):
                 shutil.rmtree(folder, ignore_errors=True)
             for leftover in run.path.glob(".*.tmp"):  # interrupted atomic writes
                 leftover.unlink(missing_ok=True)

@@ -129,6 +129,8 @@ def _run_remaining(run: Run, stages: Sequence[Stage], completed: list[str]) -> P
         if not run.is_writer:
             raise
         raise RunInterrupted(directory) from None
+    if run.is_writer:  # the trackers get the figures and close
+        run.loggers.finish(directory.path, sorted(directory.plots.glob("*.png")))
     path = directory.path if run.is_writer else None
     return Path(run.dist.broadcast_object(path))
 
