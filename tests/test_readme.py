@@ -1,5 +1,5 @@
 """The documentation's code must work exactly as written: the tour snippet (docs/usage.md) and the
-plugin recipes (docs/plugins.md)."""
+plugin recipes (docs/tutorials/write_plugin.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ncpvae.plugin_manager import PluginManager
 from ncpvae.testing import check_prior
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDES = (ROOT / "docs/usage.md", ROOT / "docs/plugins.md")
+GUIDES = (ROOT / "docs/usage.md", ROOT / "docs/tutorials/write_plugin.md")
 README = ROOT / "README.md"
 
 
