@@ -298,3 +298,22 @@ def test_train_seeds_end_to_end(tmp_path, smoke_run):
     assert json.loads((tmp_path / "smoke-seeds" / "aggregate.json").read_text()) == agg
     assert config_to_toml(with_seed(load_config("smoke"), 1)) == \
         (runs[1] / "config.toml").read_text()
+
+
+@pytest.mark.slow  # two 1-epoch smoke runs on two forked ranks
+def test_train_seeds_under_torchrun_writes_once_and_skips_on_a_rerun(tmp_path):
+    from test_distributed import _forked_ranks  # torchrun's environment, ranks forked
+
+    args = ["train", "smoke", "--seeds", "0-1", "--out", str(tmp_path / "s"), "--quiet",
+            "--set", "evaluate.enabled=false", "--set", "train.epochs=1"]
+    first = _forked_ranks(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("aggregate over seeds written to") == 1  # rank 1 prints nothing
+    agg = json.loads((tmp_path / "s-seeds" / "aggregate.json").read_text())
+    summaries = [json.loads((tmp_path / f"s-seed{s}" / "summary.json").read_text())
+                 for s in (0, 1)]
+    assert agg["seeds"] == [0, 1] and all(s["progress"]["finished"] for s in summaries)
+    assert agg["metrics"][0]["values"] == [s["vae"]["test_elbo"] for s in summaries]
+    again = _forked_ranks(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(", skipped") == 2
