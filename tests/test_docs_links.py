@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 CODE_DIRS = ("framework", "plugins", "tests", "benchmarks")
 #: names of files the code writes (into a run directory): outputs, not documents it cites
-OUTPUT_NAMES = frozenset({"report.md", "table.md"})
+OUTPUT_NAMES = frozenset({"report.md", "table.md", "aggregate.md"})
 
 #: a Markdown path not inside a longer path or a URL, and the section numbers cited after it
 CITATION = re.compile(

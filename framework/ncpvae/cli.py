@@ -47,6 +47,16 @@ def _count(minimum: int):
     return parse
 
 
+def _seeds(text: str) -> list[int]:
+    """An argparse type: ``--seeds 0,1,2`` or ``0-2`` (:func:`ncpvae.run.seed_sweep.parse_seeds`)."""
+    from ncpvae.run.seed_sweep import parse_seeds
+
+    try:
+        return parse_seeds(text)
+    except NcpvaeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """Command-line mistakes are one line too (``--help`` shows the usage)."""
 
@@ -68,7 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     _overrides(p)
     p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--seeds", type=_seeds, default=None, metavar="SEEDS",
+                   help="run the pipeline once per seed (e.g. 0,1,2 or 0-2) into OUT-seed<s> "
+                        "(OUT: --out or runs/<name>), then write the mean ± SE over seeds into "
+                        "OUT-seeds; run again, it skips finished seeds and resumes unfinished ones")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _common(p)
+
+    p = sub.add_parser("aggregate", help="mean ± SE over seeds of finished runs' headline numbers",
+                       description="Aggregate finished runs of one config that differ in their "
+                                   "seed: mean, SE (sample SD / sqrt(n)) and every seed's value "
+                                   "of the headline numbers, written as aggregate.json, "
+                                   "aggregate.md and aggregate.html.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories, one per seed")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: X-seeds when the runs are X-seed<s>)")
     _common(p)
 
     p = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
@@ -182,6 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     manager = _manager(args)
     config = load_config(args.config, args.overrides, manager.registry)
+    if args.seeds is not None:
+        return _train_seeds(args, config, manager)
     # `ncpvae train runs/X/config.toml` repeats run X: into runs/<name>-2 when X is the output
     out, note = repeat_directory(args.config, config.name, args.out, args.overwrite)
     if note is not None:
@@ -191,6 +217,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _writer_lock(args, out, create=True):  # the new-run check and creation under the lock
         path = train(config, out, overwrite=args.overwrite, quiet=args.quiet, manager=manager)
     print(format_run_summary(path))
+    return 0
+
+
+def _train_seeds(args: argparse.Namespace, config: Any, manager: Any) -> int:
+    """``ncpvae train --seeds``: every seed's run (each summary printed), then the aggregate."""
+    from pathlib import Path
+
+    from ncpvae.experiment import DEFAULT_STAGES
+    from ncpvae.run.distributed import env_rank
+    from ncpvae.run.lock import command_line
+    from ncpvae.run.seed_sweep import aggregate_directory, run_seeds
+    from ncpvae.run.summary_text import format_run_summary
+
+    base = Path(args.out) if args.out is not None else Path("runs") / config.name
+
+    def report(item: Any) -> None:
+        if item.action == "skip":
+            print(f"seed {item.seed}: finished run in {item.path}, skipped")
+        else:
+            print(f"seed {item.seed}: " + format_run_summary(item.path))
+
+    paths = run_seeds(config, args.seeds, base, DEFAULT_STAGES, overwrite=args.overwrite,
+                      quiet=args.quiet, manager=manager, command=command_line(args.argv),
+                      on_seed=report)
+    if env_rank() == 0:  # the writer alone (ranks > 0 print nothing either)
+        _write_aggregate([str(p) for p in paths], aggregate_directory(base))
+    return 0
+
+
+def _write_aggregate(runs: Sequence[str], out: Any) -> None:
+    """Aggregate ``runs`` into ``out`` and print where, then the table (the output's end)."""
+    from ncpvae.evaluation.aggregate import aggregate_runs, format_aggregate, write_aggregate
+
+    result = aggregate_runs(runs)
+    files = write_aggregate(out, result)
+    print(f"aggregate over seeds written to {out} ({', '.join(f.name for f in files)})")
+    print(format_aggregate(result))
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from ncpvae.run.seed_sweep import aggregate_directory, sweep_base
+
+    out = args.out
+    if out is None:  # X-seed0, X-seed1, ... -> X-seeds
+        bases = {sweep_base(run) for run in args.runs}
+        if len(bases) != 1 or None in bases:
+            raise NcpvaeError("the runs are not the X-seed<s> directories of one sweep X; "
+                              "pass --out DIR")
+        out = aggregate_directory(bases.pop())
+    _write_aggregate(args.runs, out)
     return 0
 
 
@@ -389,7 +465,7 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
 
 
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "fit-prior": cmd_fit_prior,
+COMMANDS = {"train": cmd_train, "aggregate": cmd_aggregate, "resume": cmd_resume, "fit-prior": cmd_fit_prior,
             "sample": cmd_sample, "evaluate": cmd_evaluate, "compare-priors": cmd_compare_priors,
             "plugins": cmd_plugins, "list": cmd_list, "describe": cmd_describe,
             "schema": cmd_schema, "validate": cmd_validate}
