@@ -31,7 +31,7 @@ from ncpvae.run.build import encode_source
 from ncpvae.run.build import open_run as open_run_internal
 
 ROOT = Path(__file__).resolve().parents[1]
-TUTORIAL = ROOT / "docs" / "tutorials" / "python_api.md"
+TUTORIAL = ROOT / "docs/tutorials/python_api.md"
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -265,18 +265,13 @@ def test_hub_push_without_the_extra_is_one_line(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_hub_push_offline_is_one_line(smoke_run, monkeypatch, capsys):
-    pytest.importorskip("huggingface_hub")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def offline(*args, **kwargs):  # what huggingface_hub raises with no network
-        raise OSError("Cannot reach https://huggingface.co: offline mode is enabled")
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    hub = pytest.importorskip("huggingface_hub")
+    # the library's own offline mode: it refuses before any network call
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
     assert main(["export", str(smoke_run), "--hub", "someone/smoke"]) == 2
     err = capsys.readouterr().err
     assert "cannot push to the Hugging Face Hub repository 'someone/smoke'" in err
+    assert "OfflineModeIsEnabled" in err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -308,3 +303,12 @@ def test_train_refuses_a_run_another_writer_holds(tmp_path):
     with hold(tmp_path / "busy", command="ncpvae resume busy", create=True), \
             pytest.raises(RunLockedError, match="ncpvae resume busy"):
         ncpvae.train("smoke", tmp_path / "busy")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_a_cuda_run_opened_without_cuda_names_the_device_argument(tmp_path):
+    from ncpvae.config import config_to_toml, load_config
+
+    (tmp_path / "config.toml").write_text(config_to_toml(load_config("smoke", ["device=cuda"])))
+    with pytest.raises(ConfigError, match="pass device='cpu'"):
+        open_run(tmp_path)

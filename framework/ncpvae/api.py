@@ -246,6 +246,9 @@ def open_run(path: str | Path, *, device: str | torch.device | None = None,
             raise NcpvaeError(f"'{path}' holds an unfinished run ({progress.describe(directory)}); "
                               f"finish it with `ncpvae resume {path}` first")
     config = load_config(path / "config.toml", overrides, registry)
+    if device is None and config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"'{path}' was trained on cuda and no CUDA device is available here; "
+                          "pass device='cpu'")
     where = torch.device(device) if device is not None else resolve_device(config.device)
     if exported:
         run, shape = _build(config, registry, where, export.read_manifest(path).image_shape)

@@ -277,9 +277,8 @@ def push_to_hub(run_path: str | Path, repo_id: str, *, folder: str | Path | None
         export_run(run_path, out, overwrite=True, registry=registry)
         try:
             return _upload(huggingface_hub, out, repo_id, private=private)
-        except NcpvaeError:
-            raise
-        except Exception as exc:  # offline, no token, no rights: the hub's own words, one line
+        except (OSError, ValueError) as exc:  # the hub's errors (offline, no token, no rights,
+            # a bad repo id) are OSErrors and ValueErrors: its own words, in one line
             reason = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise NcpvaeError(f"cannot push to the Hugging Face Hub repository '{repo_id}' "
                               f"({type(exc).__name__}: {reason}); check the network and "
