@@ -312,3 +312,19 @@ def test_a_cuda_run_opened_without_cuda_names_the_device_argument(tmp_path):
     (tmp_path / "config.toml").write_text(config_to_toml(load_config("smoke", ["device=cuda"])))
     with pytest.raises(ConfigError, match="pass device='cpu'"):
         open_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_an_exported_learned_prior_samples_as_its_run(smoke_run_copy, tmp_path):
+    """An NCP prior (base + classifier weights) survives the export bit for bit."""
+    assert main(["fit-prior", str(smoke_run_copy), "--set", "prior=ncp", "--quiet"]) == 0
+    assert main(["export", str(smoke_run_copy), str(tmp_path / "ncp")]) == 0
+    run, shared = open_run(smoke_run_copy), open_run(tmp_path / "ncp")
+    assert shared.prior.name == "ncp" and shared.prior.is_fitted
+    for source in (None, "langevin"):
+        options = {} if source is None else {"num_steps": 5, "burn_in": 0}
+        a = shared.sample(12, source, seed=1, **options)
+        b = run.sample(12, source, seed=1, **options)
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.images, b.images)
+    z = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(shared.prior.log_prob(z), run.prior.log_prob(z))
