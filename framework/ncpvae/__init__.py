@@ -11,9 +11,16 @@ ESS / R-hat), :mod:`ncpvae.mcmc.fastpath` (compiled energies), :mod:`ncpvae.test
 checks for a plugin's components), :mod:`ncpvae.tilted` (a tilted prior over a base),
 :mod:`ncpvae.splits` (dataset split helpers) and :mod:`ncpvae.modes` (``eval_mode``).
 
+The notebook API is here too: ``run = ncpvae.open_run(path)`` (a run directory or an
+``ncpvae export`` folder) and ``run = ncpvae.train("smoke")`` give a :class:`ncpvae.api.TrainedRun`
+(``run.encode``, ``run.decode``, ``run.sample``, ``run.summary``, ...).
+
 ``import ncpvae`` loads the core only (interfaces, registry, components, MCMC building blocks):
-no run config, runner, evaluation or metric module.
+no run config, runner, evaluation or metric module; ``open_run`` and ``train`` load
+:mod:`ncpvae.api` (and with it the runner) on first use.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from ncpvae.component import BuildContext, ComponentConfig
 from ncpvae.data import DataBundle, DatasetPlugin, GroundTruthData, ImageSource, TensorImageSource
@@ -39,6 +46,20 @@ from ncpvae.sections import PriorSection, SamplerSection, component_section
 from ncpvae.sharding import global_batch_mean, randint_rows
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from ncpvae.api import open_run, train
+
+#: the notebook API (:mod:`ncpvae.api`), imported on first use: ``import ncpvae`` stays core only
+_LAZY = ("open_run", "train")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from ncpvae import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'ncpvae' has no attribute {name!r}")
 
 
 __all__ = [
@@ -83,4 +104,7 @@ __all__ = [
     "global_batch_mean",
     "randint_rows",
     "atomic_write",
+    # the notebook API: a trained run to encode, decode and sample (loaded on first use)
+    "open_run",
+    "train",
 ]

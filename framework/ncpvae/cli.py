@@ -174,6 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _common(p)
 
+    p = sub.add_parser("embed", help="write the encoder's mu and logvar (and labels/factors "
+                                     "where the dataset has them) of a split as a .npz file")
+    p.add_argument("run", help="run directory (or an `ncpvae export` folder)")
+    p.add_argument("--split", choices=("train", "test"), default="test",
+                   help="which images to encode (default: test)")
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    p.add_argument("--device", default=None,
+                   help="device to encode on (default: the run's configured device)")
+    _common(p)
+
+    p = sub.add_parser("export", help="write a run as a shareable folder (safetensors weights, "
+                                      "config, model card) or push it to the Hugging Face Hub")
+    p.add_argument("run", help="run directory")
+    p.add_argument("dir", nargs="?", default=None,
+                   help="the folder to write (with --hub: also kept there)")
+    p.add_argument("--hub", default=None, metavar="REPO_ID",
+                   help="push the export to this Hugging Face Hub model repository "
+                        "(pip install 'ncpvae[hub]')")
+    p.add_argument("--private", action="store_true", help="with --hub: create a private repo")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in DIR")
+    _common(p)
+
     p = sub.add_parser("plugins", help="list loaded plugins with their versions and components")
     _common(p)
     p = sub.add_parser("list", help="list registered components")
@@ -388,6 +410,36 @@ def cmd_compare_priors(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from ncpvae.api import open_run
+    from ncpvae.run.embed import check_out, embed_arrays, write_embedding
+
+    out = check_out(args.out)  # before the run is opened
+    run = open_run(args.run, device=args.device, registry=_manager(args).registry)
+    arrays = embed_arrays(run.model, run.data, args.split, run.device)
+    write_embedding(out, arrays)
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
+    print(f"{args.split} embeddings written to {out}: {shapes}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ncpvae.run.export import export_run, push_to_hub
+
+    registry = _manager(args).registry
+    if args.hub is not None:
+        url = push_to_hub(args.run, args.hub, folder=args.dir, private=args.private,
+                          registry=registry)
+        print(f"pushed to {url}")
+        return 0
+    if args.dir is None:
+        raise NcpvaeError("name the folder to write (`ncpvae export RUN DIR`) or a Hub "
+                          "repository (`--hub REPO_ID`)")
+    out = export_run(args.run, args.dir, overwrite=args.overwrite, registry=registry)
+    print(f"run exported to {out}; load it with ncpvae.open_run('{out}')")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     manager = _manager(args)
     rows = [(p.name, p.source, p.version, ", ".join(f"{k}:{n}" for k, n in p.components) or "-")
@@ -467,7 +519,8 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 COMMANDS = {"train": cmd_train, "aggregate": cmd_aggregate, "resume": cmd_resume, "fit-prior": cmd_fit_prior,
             "sample": cmd_sample, "evaluate": cmd_evaluate, "compare-priors": cmd_compare_priors,
-            "plugins": cmd_plugins, "list": cmd_list, "describe": cmd_describe,
+            "embed": cmd_embed, "export": cmd_export, "plugins": cmd_plugins,
+            "list": cmd_list, "describe": cmd_describe,
             "schema": cmd_schema, "validate": cmd_validate}
 
 

@@ -117,14 +117,7 @@ def build_run(config: RunConfig, *, registry: Registry | None = None,
                            registry=registry)
         data = build_component(config.data, "dataset", ctx).build(ctx)
         ctx.image_shape = data.image_shape
-        model = build_component(config.model, "model", ctx)
-        if config.train.channels_last:  # before any checkpoint is loaded: copies keep the layout
-            model = model.to(memory_format=torch.channels_last)
-        prior = build_component(config.prior, "prior", ctx)
-        objective = build_component(config.objective, "objective", ctx)
-        sampler = build_component(config.sampler, "sampler", ctx) if config.sampler else None
-        objective.check_compatible(model, prior.base_prior)
-        prior.bind_model(model)
+        model, prior, objective, sampler = build_parts(config, ctx)
         # built on every rank (a missing extra fails everywhere, before any file is written)
         loggers = LoggerSet([build_component(c, "logger", ctx) for c in config.log.backends],
                             config.model_dump(mode="json"))
@@ -133,6 +126,22 @@ def build_run(config: RunConfig, *, registry: Registry | None = None,
                    loggers=loggers)
 
     return dist.agree(build)
+
+
+def build_parts(config: RunConfig, ctx: BuildContext
+                ) -> tuple[LatentModel, Prior, Objective, Sampler | None]:
+    """The model, prior, objective and sampler of ``config`` (``ctx.image_shape`` set: the
+    data's, or an exported run's record of it), checked to fit together, the prior bound to
+    the model. Parameters are initialised from the global RNG, in this order."""
+    model = build_component(config.model, "model", ctx)
+    if config.train.channels_last:  # before any checkpoint is loaded: copies keep the layout
+        model = model.to(memory_format=torch.channels_last)
+    prior = build_component(config.prior, "prior", ctx)
+    objective = build_component(config.objective, "objective", ctx)
+    sampler = build_component(config.sampler, "sampler", ctx) if config.sampler else None
+    objective.check_compatible(model, prior.base_prior)
+    prior.bind_model(model)
+    return model, prior, objective, sampler  # type: ignore[return-value]
 
 
 def plugin_records(manager: PluginManager) -> list[dict[str, Any]]:
