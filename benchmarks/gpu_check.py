@@ -15,11 +15,16 @@ progress is printed as each starts and ends):
 5. ``mala``: the torch side of ``bench_blackjax.py --device cuda`` (``run()`` default / lean /
    bare MALA; BlackJAX is skipped: its worker is CPU-only) -> ``mala.json``;
 6. ``memory``: ``bench_sampler_memory.py --device cuda`` at 10^5 chains (peak CUDA allocation
-   and RSS of ``run()``, full vs streamed info, 16 / 64 / 256 steps) -> ``memory.json``.
+   and RSS of ``run()``, full vs streamed info, 16 / 64 / 256 steps) -> ``memory.json``;
+7. ``speed``: ``speed_check.py --device cuda``: smoke training at ``train.precision`` fp32 /
+   bf16 / fp16, MALA with ``fast_path = "auto"`` below and above the break-even (mode, compile
+   seconds, fallback), ``torchrun --nproc_per_node=1`` with NCCL, and a hierarchical run (a
+   TODO hook, skipped until that model lands) -> ``speed.json``; with ``--device cpu`` a dry
+   run that skips the CUDA-only parts with a message.
 
 ``gpu_check.json`` lists every stage's status (``ok``, ``failed``, ``timeout``), wall time, JSON
 file and, on failure, the end of its output; every stage's full output goes to ``gpu_check.log``
-(7 files in all). The exit code is 0 when every stage passed, 1 otherwise. Without CUDA the
+(8 files in all). The exit code is 0 when every stage passed, 1 otherwise. Without CUDA the
 script exits with code 2 and a one-line message, unless ``--device cpu`` is given: then the
 same stages run on the CPU (``--quick``: tiny sizes, for the test suite).
 
@@ -56,9 +61,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 #: seconds each stage may take on the GPU (sum ~8 minutes, the expected total is far less)
-GPU_LIMITS = {"smoke": 100, "training": 150, "samplers": 70, "mala": 70, "memory": 80}
+GPU_LIMITS = {"smoke": 90, "training": 100, "samplers": 50, "mala": 50, "memory": 50,
+              "speed": 140}
 #: the same with --device cpu (full sizes on a CPU are for information; --quick for tests)
-CPU_LIMITS = {"smoke": 600, "training": 900, "samplers": 600, "mala": 600, "memory": 600}
+CPU_LIMITS = {"smoke": 600, "training": 900, "samplers": 600, "mala": 600, "memory": 600,
+              "speed": 900}
 
 
 def stage_commands(device: str, quick: bool, out: Path, run_dir: Path) -> dict[str, list[str]]:
@@ -88,8 +95,10 @@ def stage_commands(device: str, quick: bool, out: Path, run_dir: Path) -> dict[s
     memory += (["--chains", "1000", "--steps", "4", "--modes", "stream", "--threads", "1"]
                if quick else ["--chains", "100000", "--steps", "16,64,256",
                               "--modes", "full,stream"])
+    speed = [py, str(HERE / "speed_check.py"), "--device", device,
+             "--json", str(out / "speed.json")]
     return {"smoke": smoke, "training": training, "samplers": samplers, "mala": mala,
-            "memory": memory}
+            "memory": memory, "speed": speed}
 
 
 def nonfinite_paths(value: Any, path: str = "") -> list[str]:
@@ -168,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None,
                         help="results folder (default benchmarks/results/gpu_check_<device>)")
     parser.add_argument("--stages", default=None,
-                        help="comma-separated subset of smoke,training,samplers,mala,memory")
+                        help="comma-separated subset of smoke,training,samplers,mala,memory,"
+                        "speed")
     args = parser.parse_args(argv)
 
     import torch

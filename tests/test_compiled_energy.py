@@ -178,8 +178,10 @@ def test_sampler_config_fast_paths_reach_sample_prior_and_leave_the_prior_traina
     plain = LangevinSampler(LangevinSampler.Config(**config))
     fast = LangevinSampler(LangevinSampler.Config(**config, fast_linear=True,
                                                   compile_energy=True))
-    assert plain.fast_paths() == {"fast_linear": False, "compile_energy": False}
-    assert fast.fast_paths() == {"fast_linear": True, "compile_energy": True}
+    assert plain.fast_paths() == {"fast_linear": False, "compile_energy": False,
+                                  "fast_path": "auto"}
+    assert fast.fast_paths() == {"fast_linear": True, "compile_energy": True,
+                                 "fast_path": "auto"}
     seen = []
     real_run = LangevinSampler.run
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-STAGES = ["smoke", "training", "samplers", "mala", "memory"]
+STAGES = ["smoke", "training", "samplers", "mala", "memory", "speed"]
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,11 @@ def test_quick_cpu_run_writes_every_stage_json(tmp_path):
     assert {r["mode"] for r in memory["rows"]} == {"stream"}
     assert all(r["samples_shape"] == [1, 1000, 10] for r in memory["rows"])
     assert memory["extrapolation"][0]["steps"] == 10_000
+
+    # the CPU dry run of the speed checks: fp16 refused, CUDA-only parts skipped with a reason
+    speed = json.loads((out / "speed.json").read_text())
+    assert speed["precision"]["fp32"]["status"] == "ok"
+    assert speed["precision"]["fp16"]["status"] == "refused"
+    assert speed["torchrun"]["status"] == "skipped" and "CUDA" in speed["torchrun"]["reason"]
+    assert speed["fast_path"]["rows"][-1]["mode"] == "compiled"
+    assert speed["hierarchical"]["status"] in ("skipped", "ok")

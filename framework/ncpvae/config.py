@@ -56,6 +56,11 @@ class TrainConfig(StrictModel):
         "device (CPU from torch 2.4, CUDA): the same float32 update in other rounding (another "
         "training trajectory), 1.02-1.13x the training speed at the default config"
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="arithmetic of the training step: fp32, or autocast to bf16 (CUDA, "
+        "CPUs with bfloat16) or fp16 (CUDA, with a gradient scaler); weights, optimizer state, "
+        "checkpoints and the summed losses stay float32 (docs/speed.md)"
+    )
 
 
 class SampleConfig(StrictModel):

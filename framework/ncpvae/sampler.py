@@ -45,7 +45,8 @@ from torch import Tensor
 from ncpvae.component import BuildContext, Component, ComponentConfig
 from ncpvae.errors import ConfigError, NonFiniteError, format_validation_error
 from ncpvae.mcmc.diagnostics import acceptance_summary, summarize
-from ncpvae.mcmc.fastpath import prepare_energy
+from ncpvae.mcmc.fastpath import CompiledEnergy, onednn_available, prepare_energy
+from ncpvae.mcmc.fastpath.auto import FastPath, choose_fast_path
 from ncpvae.mcmc.kernels import (
     Energy,
     OnNonfinite,
@@ -86,6 +87,7 @@ class RunSettings:
     check_every: int | None = None  # None: every step on the CPU, every 100 on accelerators
     fast_linear: bool = False
     compile_energy: bool = False
+    fast_path: str = "auto"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -128,6 +130,9 @@ class MarkovChainConfig(ComponentConfig):
     compile_energy: bool = Field(
         False, description="opt-in: torch.compile the energy's value and gradient (compiles on "
         "first use, seconds to a minute; pays off on long runs with many chains); other rounding")
+    fast_path: FastPath = Field(
+        "auto", description="eager, compiled (= compile_energy), or auto: compile when chains x "
+        "steps reach the measured break-even (ncpvae.mcmc.fastpath.auto) and the sampler opts in")
 
     @model_validator(mode="after")
     def _burn_in_below_steps(self):
@@ -160,6 +165,9 @@ class Sampler(Component, ABC):
     """
 
     kind: ClassVar[str] = "sampler"
+    #: whether ``fast_path = "auto"`` may compile this sampler's energy (samplers whose step
+    #: evaluates gradients and gains from it, e.g. ``langevin``); False: auto runs eagerly
+    auto_compile: ClassVar[bool] = False
     run_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: ComponentConfig | None = None, **fields: Any):
@@ -266,6 +274,7 @@ class Sampler(Component, ABC):
         check_every: int | None = None,
         fast_linear: bool = False,
         compile_energy: bool = False,
+        fast_path: FastPath = "auto",
         shards: ShardGroup = ONE_PROCESS,
         **options: Any,
     ) -> SampleResult:
@@ -316,6 +325,17 @@ class Sampler(Component, ABC):
         or ``CompiledEnergy(energy, fast_linear=True)``, as the energy.) The fastest CPU path
         at >= 1,024 chains of an MLP energy is both flags (``benchmarks/bench_blackjax.py``).
 
+        ``fast_path``: ``"eager"``, ``"compiled"`` (``compile_energy = True`` plus, on a CPU
+        with oneDNN, ``fast_linear``: the fastest compiled path) or ``"auto"``
+        (default): compiled when the sampler opts in (:attr:`auto_compile`) and chains x
+        ``num_steps`` reach :data:`ncpvae.mcmc.fastpath.auto.COMPILE_BREAK_EVEN` (the measured
+        break-even, docs/speed.md), eager below. ``diagnostics["fast_path"]`` records the
+        choice (mode, reason, chain-steps, threshold; when compiled also ``compile_seconds`` and
+        the ``fallback`` reason). ``compile_energy = True``, or a
+        :class:`~ncpvae.mcmc.fastpath.CompiledEnergy` as the energy, is the compiled mode.
+        Results are reproducible per mode; compiled chains follow the eager ones to float32
+        rounding only.
+
         ``shards`` (under torchrun, the run's :class:`~ncpvae.ShardGroup`; every rank calls
         ``run`` with the same arguments): when the sampler's chains can be split
         (:attr:`shardable_chains`, ``keep_info = "full"``, at least one chain per rank), rank
@@ -328,11 +348,21 @@ class Sampler(Component, ABC):
         and ``step`` (names in ``run_options``).
         """
         settings = RunSettings(num_steps, burn_in, thin, keep_info, diagnose, check_every,
-                               fast_linear, compile_energy, options)
+                               fast_linear, compile_energy, fast_path, options)
         self._check_settings(settings)
         check_positions(init_position)
         check_generator(generator, init_position)
         chains = int(init_position.shape[0])
+        # decided on all chains (not a rank's block), so every rank of a split run agrees
+        explicit = compile_energy or isinstance(energy, CompiledEnergy)
+        choice = choose_fast_path("compiled" if explicit else fast_path, chains, num_steps,
+                                  auto_compile=self.auto_compile)
+        # compile_energy keeps its meaning (fast_linear only when asked); fast_path's compiled
+        # mode adds the oneDNN kernels where the CPU has them (the fastest compiled path)
+        energy = prepare_energy(energy, compile_energy=choice.compiles, fast_linear=fast_linear
+                                or (choice.compiles and not explicit
+                                    and init_position.device.type == "cpu"
+                                    and onednn_available()))
         if not self._splits(settings, shards, chains):
             shards = ONE_PROCESS
         with shards.rows(chains) as (offset, rows):
@@ -346,8 +376,9 @@ class Sampler(Component, ABC):
         wall = max(shards.all_gather_object(draws.wall))
         summary = draws.summary if draws.summary is not None else _summarize_full_info(
             info, settings.burn_in)
-        return SampleResult(samples, info,
-                            self._diagnostics(samples, summary, settings, chains, wall))
+        diagnostics = self._diagnostics(samples, summary, settings, chains, wall)
+        diagnostics["fast_path"] = choice.record(energy)
+        return SampleResult(samples, info, diagnostics)
 
     def sample_prior(self, prior, num_samples: int, *, generator: torch.Generator | None = None,
                      progress: bool = False, shards: ShardGroup = ONE_PROCESS) -> SampleResult:
@@ -395,8 +426,6 @@ class Sampler(Component, ABC):
                    progress: bool) -> _Draws:
         """Run the chains at ``position`` ``(C, D)``: the kept draws, the per-step infos and
         the wall time of the loop (this process's chains only)."""
-        energy = prepare_energy(energy, fast_linear=settings.fast_linear,
-                                compile_energy=settings.compile_energy)
         recorder = _Recorder(settings)
         callbacks = [recorder] if callback is None else [recorder, callback]
         device = position.device
@@ -470,12 +499,14 @@ class Sampler(Component, ABC):
             diagnostics["final_step_size"] = summary["final_step_size"]
         return diagnostics
 
-    def fast_paths(self) -> dict[str, bool]:
-        """The opt-in fast paths of :meth:`run` this sampler's config asks for
-        (``fast_linear``, ``compile_energy``; both False when the config lacks them)."""
+    def fast_paths(self) -> dict[str, Any]:
+        """The fast paths of :meth:`run` this sampler's config asks for (``fast_linear``,
+        ``compile_energy``, ``fast_path``; False, False, ``"auto"`` when the config lacks
+        them)."""
         cfg = self.config
         return {"fast_linear": bool(getattr(cfg, "fast_linear", False)),
-                "compile_energy": bool(getattr(cfg, "compile_energy", False))}
+                "compile_energy": bool(getattr(cfg, "compile_energy", False)),
+                "fast_path": getattr(cfg, "fast_path", "auto")}
 
 
 @contextlib.contextmanager

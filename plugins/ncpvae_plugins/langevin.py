@@ -31,8 +31,10 @@ proposals are ordinary rejections (counted in ``info.nonfinite``).
 A step size of 0 is a no-op: every state stays where it is.
 
 The MALA step is the pure function :func:`mala_transition` (its random draws made first, from
-the run's generator, and passed in); with ``compile_energy`` it is compiled whole around the
-energy's gradient, so the sampler's arithmetic costs no separate kernel launches per step.
+the run's generator, and passed in); compiled (``fast_path = "compiled"``, or ``"auto"``, the
+default, on runs of at least :data:`ncpvae.mcmc.fastpath.auto.COMPILE_BREAK_EVEN` chain-steps)
+it is compiled whole around the energy's gradient, so the sampler's arithmetic costs no
+separate kernel launches per step; ULA compiles the energy's value and gradient.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class LangevinSampler(Sampler):
     """ULA (``metropolis = false``) or MALA (``metropolis = true``); see the module docstring."""
 
     name = "langevin"
+    auto_compile = True  # fast_path="auto" compiles long runs (the MALA step whole)
     _correct_proposal: ClassVar[bool] = True  # tests flip this to get a deliberately wrong MALA
 
     class Config(MarkovChainConfig):

@@ -27,6 +27,7 @@ from ncpvae.optim import adam
 from ncpvae.run import directory as files
 from ncpvae.run import distributed, hooks, progress, rng
 from ncpvae.run.build import Run, encode_source
+from ncpvae.run.precision import Precision
 from ncpvae.run.vae_eval import evaluate_vae
 
 #: training steps between reads of the on-device finiteness flags (and at every epoch's end):
@@ -80,7 +81,8 @@ class TrainState:
     ``optimizer`` updates ``params`` (the model's and the prior's trainable parameters);
     ``order`` draws each epoch's data order; ``epoch`` is the last completed epoch and
     ``record`` its metrics record; ``start`` is the ``time.perf_counter()`` reading training
-    would have started at without interruption (elapsed seconds = now - start)."""
+    would have started at without interruption (elapsed seconds = now - start);
+    ``precision`` is ``train.precision`` on the run's device (:mod:`ncpvae.run.precision`)."""
 
     optimizer: torch.optim.Optimizer
     params: list[Tensor]
@@ -90,6 +92,7 @@ class TrainState:
     images_seen: int = 0
     start: float = 0.0
     record: dict[str, Any] = field(default_factory=dict)
+    precision: Precision = field(default_factory=lambda: Precision("fp32", torch.device("cpu")))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -113,11 +116,13 @@ def start_training(run: Run) -> TrainState:
                           f"{dist.world_size} processes; use at least {2 * dist.world_size}")
     params = list(model.parameters()) + [p for p in prior.parameters() if p.requires_grad]
     state = TrainState(adam(params, lr=cfg.lr, fused=cfg.fused_adam), params,
-                       torch.Generator().manual_seed(run.config.seed))
+                       torch.Generator().manual_seed(run.config.seed),
+                       precision=Precision(cfg.precision, torch.device(run.device)))
     saved = run.resume_from
     elapsed_before = 0.0
     if saved is not None and saved.get("stage") == "vae":  # continue an interrupted training
         state.optimizer.load_state_dict(saved["optimizer"])
+        state.precision.load_state_dict(saved.get("grad_scaler"))
         rng.restore(saved["rng"], {"order": state.order},
                     what=f"checkpoint '{run.directory.checkpoint if run.directory else ''}'")
         state.step, state.epoch = int(saved["step"]), int(saved["epoch"])
@@ -145,18 +150,17 @@ def train_epoch(run: Run, state: TrainState, loss_fn: Callable[[Tensor, int], di
         index = dist.shard(batch)
         shards.append(index)
         x = run.data.train.get_batch(index).to(run.device, non_blocking=True)
-        with dist.sharded(len(batch)):
+        with dist.sharded(len(batch)), state.precision.autocast():
             out = loss_fn(x, state.step)
+        out = state.precision.to_fp32(out)  # losses and KL summed in float32
         loss = out["loss"]
         # checked on the device; read every FINITE_CHECK_INTERVAL steps and at the epoch's
         # end (a non-finite step's updates are never checkpointed: see _check_finite)
         flags.append(torch.isfinite(loss.detach()))
         state.optimizer.zero_grad(set_to_none=True)
         weight = distributed.loss_weight(dist, len(index), len(batch))
-        (loss if weight == 1.0 else loss * weight).backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(state.params, cfg.grad_clip)
-        state.optimizer.step()
+        state.precision.backward(loss if weight == 1.0 else loss * weight)
+        state.precision.step(state.optimizer, state.params, cfg.grad_clip)
         state.step += 1
         state.images_seen += len(batch)
         share = len(index) / len(batch) if dist.active else None
@@ -191,13 +195,15 @@ def save_epoch_checkpoint(run: Run, state: TrainState) -> None:
     length; then the ``epoch`` boundary of :mod:`ncpvae.run.hooks`."""
     if not run.is_writer:
         return
+    scaler = state.precision.state_dict()  # fp16's gradient scaler (none otherwise)
     run.checkpoints.write(run.model, run.prior, "vae", epoch=state.epoch, step=state.step,
                           optimizer=state.optimizer.state_dict(),
                           world_size=run.dist.world_size,
                           rng=rng.capture({"order": state.order}),
                           images_seen=state.images_seen, record=to_plain_json(state.record),
                           elapsed_seconds=state.elapsed(),
-                          metrics_lines=progress.metrics_lines(run.directory), completed=[])
+                          metrics_lines=progress.metrics_lines(run.directory), completed=[],
+                          **({} if scaler is None else {"grad_scaler": scaler}))
     hooks.boundary("epoch")
 
 

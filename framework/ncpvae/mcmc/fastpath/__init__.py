@@ -1,4 +1,9 @@
-"""Opt-in fast paths for energies, each scoped to the energy that asks for it.
+"""Fast paths for energies, each scoped to the energy that asks for it.
+
+- ``fast_path = "auto"`` (``Sampler.run``'s default): the rule that picks eager or compiled
+  evaluation from the run's size, :func:`ncpvae.mcmc.fastpath.auto.choose_fast_path` (compiled
+  from :data:`~ncpvae.mcmc.fastpath.auto.COMPILE_BREAK_EVEN` chain-steps on, for samplers that
+  opt in; docs/speed.md).
 
 - :class:`FastLinearEnergy` (``Sampler.run(..., fast_linear=True)``): the energy's frozen
   float32 CPU linear layers on shape-aware kernels (oneDNN for wide products, transposed or
