@@ -141,7 +141,7 @@ def fit_priors(args: argparse.Namespace) -> None:
         config = load_config("default", run_overrides(args, seed))
         own_table = config.prior.model_dump() if hasattr(config.prior, "model_dump") else dict(
             config.prior)
-        fields = ncpvae.create("prior", "ncp", latent_dim=2).config.model_fields
+        fields = type(ncpvae.create("prior", "ncp", latent_dim=2).config).model_fields
         long_table = {**own_table, **LONG_FIT}
         if "min_steps" in fields:
             long_table["min_steps"] = 0

@@ -112,11 +112,12 @@ def test_gmm_diag_and_means_options_and_labels():
     assert diag.label == "GMM (K=3, diag)"
     check_prior(diag)
     # fitted on the means of wide posteriors, the mixture ignores the posterior spread
-    on_means = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1, fit_on="means"),
-                        seed=0)
+    on_means = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1, covariance="full",
+                                                          fit_on="means"), seed=0)
     on_means.fit(torch.zeros(500, 2), torch.zeros(500, 2), generator=gen(5))
     assert float(on_means.scale_tril.diagonal(dim1=-2, dim2=-1).max()) < 1e-2
-    on_draws = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1), seed=0)
+    on_draws = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1, covariance="full"),
+                        seed=0)
     on_draws.fit(torch.zeros(4000, 2), torch.zeros(4000, 2), generator=gen(5))
     scale = on_draws.scale_tril.diagonal(dim1=-2, dim2=-1)
     assert torch.allclose(scale, torch.ones(2), atol=5 * 0.5 / math.sqrt(4000) * 2)
