@@ -23,7 +23,7 @@ from ncpvae.evaluation.report import fit_table, write_report
 SIZES = {"num_heldout": 64, "num_speed_samples": 50, "kid_samples": 128, "kid_subsets": 4,
          "quiet": True}
 #: quick fits
-FITS = {"num_train": 256, "options": {"ncp": {"epochs": 5}, "gmm": {"max_iter": 50}}}
+FITS = {"num_train": 256, "options": {"ncp": {"epochs": 5, "min_steps": 0}, "gmm": {"max_iter": 50}}}
 
 
 @pytest.fixture(scope="module")

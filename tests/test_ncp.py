@@ -357,7 +357,8 @@ def shifted(n: int, d: int, seed: int) -> Tensor:
 
 
 def small_ncp(registry, **fields):
-    config = {"hidden": [32, 32], "epochs": 25, "batch_size": 256, "lr": 3e-3, "patience": 5}
+    config = {"hidden": [32, 32], "epochs": 25, "batch_size": 256, "lr": 3e-3, "patience": 5,
+              "min_steps": 0}
     return create("prior", "ncp", latent_dim=3, registry=registry, **{**config, **fields})
 
 

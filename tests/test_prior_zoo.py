@@ -340,7 +340,8 @@ def test_ncp_over_a_fitted_gaussian_base_keeps_the_closed_forms():
 
 def test_ncp_fits_a_learned_base_first():
     prior = ncpvae.create("prior", "ncp", latent_dim=2, base={"name": "gmm", "components": 2},
-                          hidden=[16], epochs=2, batch_size=128, log_z_samples=2000)
+                          hidden=[16], epochs=2, min_steps=0, batch_size=128,
+                          log_z_samples=2000)
     points = ThreeComponents.sample(600, gen(25)).float()
     summary = prior.fit(points, torch.full_like(points, -2.0), generator=gen(26))
     assert prior.base.is_fitted and "base_fit" in summary
@@ -405,8 +406,10 @@ def test_vamp_trains_end_to_end_on_the_smoke_config(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["prior=ncp", "prior.base.name=gmm", "prior.base.components=2", "prior.epochs=2"],
-    ["prior=flow", "prior.epochs=3", "prior.transforms=1", "prior.hidden=[16]"],
+    ["prior=ncp", "prior.base.name=gmm", "prior.base.components=2", "prior.epochs=2",
+     "prior.min_steps=0"],
+    ["prior=flow", "prior.epochs=3", "prior.min_steps=0", "prior.transforms=1",
+     "prior.hidden=[16]"],
 ])
 @pytest.mark.slow  # a training per prior
 def test_a_fitted_prior_reloads_from_the_run_checkpoint(tmp_path, overrides):
