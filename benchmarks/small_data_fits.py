@@ -25,7 +25,10 @@ Phases, so that the code before and after a change fits the same encodings::
 ``vae`` writes ``DIR/digits4000.npz`` (npz data), trains one VAE per seed into ``DIR/run_S``
 and saves its encodings to ``DIR/encodings_S.pt``; ``fit`` fits both priors per seed and
 writes ``DIR/fits_<label>.json`` (per seed: own and long Delta with SE, their ratio, the own
-fit's epochs and steps and seconds).
+fit's epochs and steps and seconds). Run with ``OMP_NUM_THREADS=1`` on a shared CPU (torch's
+threads otherwise spin against each other). The results under ``benchmarks/results/``
+(``small_data_fits_<data>_<label>.json``) are these files: ``before`` with the code of commit
+4c56cde, ``after`` with the fits of docs/priors.md §9.
 """
 
 from __future__ import annotations

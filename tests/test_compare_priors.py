@@ -179,6 +179,7 @@ def test_the_fit_table_stays_narrow():
 def test_compare_priors_command(smoke_gaussian_run, tmp_path, capsys):
     assert main(["compare-priors", str(smoke_gaussian_run), "--priors", "gaussian,flow",
                  "--heldout", "32", "--train", "200", "--option", "flow.epochs=2",
+                 "--option", "flow.min_steps=0",
                  "--iw-images", "8", "--iw-samples", "4",
                  "--kid-samples", "64", "--kid-subsets", "2", "--kid-reference", "train",
                  "--out", str(tmp_path), "--quiet"]) == 0
