@@ -27,8 +27,8 @@ and saves its encodings to ``DIR/encodings_S.pt``; ``fit`` fits both priors per 
 writes ``DIR/fits_<label>.json`` (per seed: own and long Delta with SE, their ratio, the own
 fit's epochs and steps and seconds). Run with ``OMP_NUM_THREADS=1`` on a shared CPU (torch's
 threads otherwise spin against each other). The results under ``benchmarks/results/``
-(``small_data_fits_<data>_<label>.json``) are these files: ``before`` with the code of commit
-4c56cde, ``after`` with the fits of docs/priors.md §9.
+(``small_data_fits_<data>_<label>.json``) are these files: ``before`` with the main checkout at
+eb0c737 (its fit code is that of 4c56cde), ``after`` with the fits of docs/priors.md §9.
 """
 
 from __future__ import annotations

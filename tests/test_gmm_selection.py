@@ -71,6 +71,7 @@ def test_explicit_values_fit_that_mixture_and_auto_state_dicts_load() -> None:
     only_k = fitted(mu, logvar, covariance="diag")  # K auto, covariance given
     assert {row["covariance"] for row in only_k.fit_summary["selection"]} == {"diag"}
     fresh = ncpvae.create("prior", "gmm", latent_dim=2)  # K=1 full until loaded
+    assert fresh.label == "GMM (K=auto, auto)"
     fresh.load_state_dict(only_k.state_dict())
     assert (fresh.components, fresh.covariance, fresh.is_fitted) == (
         only_k.components, "diag", True)

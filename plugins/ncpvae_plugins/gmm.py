@@ -131,8 +131,11 @@ class GMMPrior(PriorOverBase):
     def label(self) -> str:
         cfg = self.config
         on = ", on means" if cfg.fit_on == "means" else ""
-        chosen = ", chosen" if "auto" in (cfg.components, cfg.covariance) else ""
-        return f"GMM (K={self.components}, {self.covariance}{on}{chosen})"
+        if "auto" not in (cfg.components, cfg.covariance):
+            return f"GMM (K={self.components}, {self.covariance}{on})"
+        if not self.is_fitted:  # nothing chosen yet
+            return f"GMM (K={cfg.components}, {cfg.covariance}{on})"
+        return f"GMM (K={self.components}, {self.covariance}{on}, chosen)"
 
     # ------------------------------------------------------------------------------------------
     # density and sampling
