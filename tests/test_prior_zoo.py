@@ -266,8 +266,8 @@ def test_ebm_contract_state_dict_and_config(fitted_ebm):
     z = torch.randn(5, 2, generator=gen(15))
     fresh = EBMPrior(GaussianPrior(2), energy_net=QuadraticTilt(2))
     assert_round_trip(fitted_ebm, fresh, z)
-    built = ncpvae.create("prior", "ebm", latent_dim=3, hidden=[16], epochs=2, batch_size=64,
-                          langevin_steps=3, persistent=True)
+    built = ncpvae.create("prior", "ebm", latent_dim=3, hidden=[16], epochs=2, min_steps=0,
+                          batch_size=64, langevin_steps=3, persistent=True)
     summary = built.fit(torch.randn(300, 3, generator=gen(16)), torch.zeros(300, 3),
                         generator=gen(17))
     assert summary["epochs_run"] == 2 and built.label == "EBM"

@@ -39,6 +39,7 @@ __all__ = [
     "PriorOverBaseConfig",
     "aggregate_posterior_draws",
     "heldout_draws",
+    "per_encoding",
     "seeded_init",
 ]
 
@@ -136,3 +137,14 @@ def heldout_draws(mu: Tensor, logvar: Tensor, samples: int, generator: torch.Gen
     held out; drawing them once makes the epochs' losses paired (the same examples)."""
     per_input = max(1, -(-int(samples) // max(1, len(mu))))
     return aggregate_posterior_draws(mu, logvar, per_input, generator)
+
+
+def per_encoding(values: Tensor, num_encodings: int) -> Tensor:
+    """Per-draw held-out values ``(k * N,)`` in the order of :func:`heldout_draws` (draw-major)
+    -> their mean per encoding ``(N,)``; the mean of the result is the mean of ``values``.
+
+    The draws of one encoding are correlated, so a standard error over draws understates the
+    noise; over encodings it does not. Values of independent extra draws in the same layout
+    (NCP's base draws, as many as the positives) may be appended: each encoding then also
+    averages its share of them."""
+    return values.reshape(-1, num_encodings).mean(0)

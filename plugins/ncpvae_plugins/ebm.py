@@ -38,7 +38,7 @@ from ncpvae import (
     create,
     hookimpl,
 )
-from ncpvae.prior_fitting import EpochFitConfig, heldout_draws
+from ncpvae.prior_fitting import EpochFitConfig, heldout_draws, per_encoding
 from ncpvae.tilted import (
     TiltedConfig,
     TiltedPrior,
@@ -252,7 +252,8 @@ class EBMPrior(TiltedPrior):
             record = {"epoch": float(epoch), **train_losses,
                       "heldout_loss": -gain, "heldout_gain": gain}
             # per-example losses log Z - f(z): paired over epochs (fixed draws)
-            stopper.update(record, loss=-gain, values=log_z - f_ho, postfix={"heldout_gain": f"{gain:.4f}"})
+            stopper.update(record, loss=-gain, values=per_encoding(log_z - f_ho, len(held)),
+                           postfix={"heldout_gain": f"{gain:.4f}"})
         stopper.restore()
         self.classifier.eval()
         self.mark_fitted()

@@ -38,6 +38,7 @@ from ncpvae.prior_fitting import (
     PriorOverBase,
     aggregate_posterior_draws,
     heldout_draws,
+    per_encoding,
     seeded_init,
 )
 from ncpvae.tilted import split_heldout
@@ -208,7 +209,7 @@ class FlowPrior(PriorOverBase):
                 per_example = self._heldout_nll(z_ho, shards)
                 heldout = float(per_example.double().mean())
             record = {"epoch": float(epoch), **train_losses, "heldout_loss": heldout}
-            stopper.update(record, loss=heldout, values=per_example,
+            stopper.update(record, loss=heldout, values=per_encoding(per_example, len(held)),
                            postfix={"heldout_nll": f"{heldout:.4f}"})
         stopper.restore()
         self.flow.eval()

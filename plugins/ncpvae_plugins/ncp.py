@@ -47,7 +47,7 @@ from ncpvae import (
     hookimpl,
     minibatch_step,
 )
-from ncpvae.prior_fitting import EpochFitConfig, heldout_draws
+from ncpvae.prior_fitting import EpochFitConfig, heldout_draws, per_encoding
 from ncpvae.tilted import (
     MLPClassifier,
     TiltedConfig,
@@ -213,7 +213,8 @@ class NCPPrior(TiltedPrior):
                 continue
             metrics, per_example = self._heldout_metrics(inputs_ho, labels_ho, shards)
             record = {"epoch": float(epoch), **train_losses, **metrics}
-            stopper.update(record, loss=record["heldout_loss"], values=per_example,
+            stopper.update(record, loss=record["heldout_loss"],
+                           values=per_encoding(per_example, n_held),
                            postfix={"heldout_loss": f"{record['heldout_loss']:.4f}",
                                     "acc": f"{record['heldout_accuracy']:.3f}"})
         stopper.restore()
