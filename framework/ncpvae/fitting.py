@@ -127,8 +127,10 @@ class EarlyStopping:
       handful of steps; the last epoch is always checked.
     - An epoch *improves* only when its held-out loss is below the reference (the loss at the
       last improvement) by more than ``threshold`` standard errors. With per-example held-out
-      ``values`` (the same examples every epoch) the SE is the paired one of the difference to
-      the reference epoch's values (:func:`paired_se`); without, any lower loss improves.
+      ``values`` (the same examples every epoch, independent of each other: e.g. one value per
+      held-out encoding, :func:`ncpvae.prior_fitting.per_encoding`) the SE is the paired one of
+      the difference to the reference epoch's values (:func:`paired_se`); without, any lower
+      loss improves.
       Patience runs out after ``patience`` epochs without an improvement.
     - The state dict of ``module`` at the lowest held-out loss (a deep copy) is restored by
       :meth:`restore`, whether or not that epoch counted as an improvement.
