@@ -95,7 +95,7 @@ class NCPPrior(TiltedPrior):
 
     class Config(TiltedConfig, EpochFitConfig):
         name: Literal["ncp"] = "ncp"
-        epochs: int = Field(50, ge=1, le=100_000, description="maximum classifier epochs "
+        epochs: int = Field(30, ge=1, le=100_000, description="maximum classifier epochs "
                             "(raised to reach min_steps on small data)")
         batch_size: int = Field(512, ge=2, le=1_048_576, description="classifier minibatch size")
         lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
