@@ -23,7 +23,7 @@ from ncpvae.evaluation.report import fit_table, write_report
 SIZES = {"num_heldout": 64, "num_speed_samples": 50, "kid_samples": 128, "kid_subsets": 4,
          "quiet": True}
 #: quick fits
-FITS = {"num_train": 256, "options": {"ncp": {"epochs": 5}, "gmm": {"max_iter": 50}}}
+FITS = {"num_train": 256, "options": {"ncp": {"epochs": 5, "min_steps": 0}, "gmm": {"max_iter": 50}}}
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +179,7 @@ def test_the_fit_table_stays_narrow():
 def test_compare_priors_command(smoke_gaussian_run, tmp_path, capsys):
     assert main(["compare-priors", str(smoke_gaussian_run), "--priors", "gaussian,flow",
                  "--heldout", "32", "--train", "200", "--option", "flow.epochs=2",
+                 "--option", "flow.min_steps=0",
                  "--iw-images", "8", "--iw-samples", "4",
                  "--kid-samples", "64", "--kid-subsets", "2", "--kid-reference", "train",
                  "--out", str(tmp_path), "--quiet"]) == 0

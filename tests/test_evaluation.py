@@ -62,8 +62,8 @@ def _deterministic(evaluation: dict) -> dict:
 def ncp_run(tmp_path_factory) -> Path:
     """A smoke-sized NCP run: trained, prior fitted, evaluated by the evaluation stage."""
     out = tmp_path_factory.mktemp("evaluation") / "ncp"
-    config = load_config("smoke", ["prior=ncp", "prior.epochs=2", "prior.log_z_samples=4096",
-                                   *MALA])
+    config = load_config("smoke", ["prior=ncp", "prior.epochs=2", "prior.min_steps=0",
+                                   "prior.log_z_samples=4096", *MALA])
     train(config, out, quiet=True, stages=STAGES)
     return out
 

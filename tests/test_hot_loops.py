@@ -91,7 +91,7 @@ def test_a_bad_step_inside_a_check_interval_is_named(monkeypatch):
 def test_ncp_fit_names_the_first_bad_step():
     import ncpvae
 
-    prior = ncpvae.create("prior", "ncp", latent_dim=2, epochs=2, batch_size=64)
+    prior = ncpvae.create("prior", "ncp", latent_dim=2, epochs=2, min_steps=0, batch_size=64)
     calls = {"n": 0}
     original = prior.logit
 

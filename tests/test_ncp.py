@@ -357,7 +357,8 @@ def shifted(n: int, d: int, seed: int) -> Tensor:
 
 
 def small_ncp(registry, **fields):
-    config = {"hidden": [32, 32], "epochs": 25, "batch_size": 256, "lr": 3e-3, "patience": 5}
+    config = {"hidden": [32, 32], "epochs": 25, "batch_size": 256, "lr": 3e-3, "patience": 5,
+              "min_steps": 0}
     return create("prior", "ncp", latent_dim=3, registry=registry, **{**config, **fields})
 
 
@@ -400,7 +401,9 @@ def test_fit_is_deterministic_and_restores_the_best_epoch(registry):
     logvar = torch.full_like(mu, math.log(0.05))
     fits = []
     for _ in range(2):
-        prior = small_ncp(registry, epochs=40, patience=2, hidden=[16])
+        # lr 1e-2: the fit plateaus within 40 epochs (at 3e-3 it still improves by more than
+        # 2 paired SE per epoch there, and the stopping rule rightly lets it go on)
+        prior = small_ncp(registry, epochs=40, patience=2, hidden=[16], lr=1e-2)
         summary = prior.fit(mu, logvar, generator=gen(5))
         fits.append((prior, summary))
     (p1, s1), (p2, s2) = fits
@@ -410,8 +413,8 @@ def test_fit_is_deterministic_and_restores_the_best_epoch(registry):
     assert all(torch.equal(state1[k], state2[k]) for k in state1)
     # Early stopping happened, so the kept weights are those after `best_epoch` epochs:
     # a fit that simply runs that many epochs (same draws) ends with the same weights.
-    assert s1["stopped_early"] and s1["best_epoch"] < s1["epochs_run"]
-    short = small_ncp(registry, epochs=s1["best_epoch"], patience=2, hidden=[16])
+    assert s1["stopped_early"] and s1["best_epoch"] <= s1["epochs_run"] < 40
+    short = small_ncp(registry, epochs=s1["best_epoch"], patience=2, hidden=[16], lr=1e-2)
     short.fit(mu, logvar, generator=gen(5))
     assert all(torch.equal(short.state_dict()[k], state1[k]) for k in state1)
     # A different seed gives a different fit.

@@ -112,11 +112,12 @@ def test_gmm_diag_and_means_options_and_labels():
     assert diag.label == "GMM (K=3, diag)"
     check_prior(diag)
     # fitted on the means of wide posteriors, the mixture ignores the posterior spread
-    on_means = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1, fit_on="means"),
-                        seed=0)
+    on_means = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1, covariance="full",
+                                                          fit_on="means"), seed=0)
     on_means.fit(torch.zeros(500, 2), torch.zeros(500, 2), generator=gen(5))
     assert float(on_means.scale_tril.diagonal(dim1=-2, dim2=-1).max()) < 1e-2
-    on_draws = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1), seed=0)
+    on_draws = GMMPrior(GaussianPrior(2), GMMPrior.Config(components=1, covariance="full"),
+                        seed=0)
     on_draws.fit(torch.zeros(4000, 2), torch.zeros(4000, 2), generator=gen(5))
     scale = on_draws.scale_tril.diagonal(dim1=-2, dim2=-1)
     assert torch.allclose(scale, torch.ones(2), atol=5 * 0.5 / math.sqrt(4000) * 2)
@@ -265,8 +266,8 @@ def test_ebm_contract_state_dict_and_config(fitted_ebm):
     z = torch.randn(5, 2, generator=gen(15))
     fresh = EBMPrior(GaussianPrior(2), energy_net=QuadraticTilt(2))
     assert_round_trip(fitted_ebm, fresh, z)
-    built = ncpvae.create("prior", "ebm", latent_dim=3, hidden=[16], epochs=2, batch_size=64,
-                          langevin_steps=3, persistent=True)
+    built = ncpvae.create("prior", "ebm", latent_dim=3, hidden=[16], epochs=2, min_steps=0,
+                          batch_size=64, langevin_steps=3, persistent=True)
     summary = built.fit(torch.randn(300, 3, generator=gen(16)), torch.zeros(300, 3),
                         generator=gen(17))
     assert summary["epochs_run"] == 2 and built.label == "EBM"
@@ -339,7 +340,8 @@ def test_ncp_over_a_fitted_gaussian_base_keeps_the_closed_forms():
 
 def test_ncp_fits_a_learned_base_first():
     prior = ncpvae.create("prior", "ncp", latent_dim=2, base={"name": "gmm", "components": 2},
-                          hidden=[16], epochs=2, batch_size=128, log_z_samples=2000)
+                          hidden=[16], epochs=2, min_steps=0, batch_size=128,
+                          log_z_samples=2000)
     points = ThreeComponents.sample(600, gen(25)).float()
     summary = prior.fit(points, torch.full_like(points, -2.0), generator=gen(26))
     assert prior.base.is_fitted and "base_fit" in summary
@@ -404,8 +406,10 @@ def test_vamp_trains_end_to_end_on_the_smoke_config(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["prior=ncp", "prior.base.name=gmm", "prior.base.components=2", "prior.epochs=2"],
-    ["prior=flow", "prior.epochs=3", "prior.transforms=1", "prior.hidden=[16]"],
+    ["prior=ncp", "prior.base.name=gmm", "prior.base.components=2", "prior.epochs=2",
+     "prior.min_steps=0"],
+    ["prior=flow", "prior.epochs=3", "prior.min_steps=0", "prior.transforms=1",
+     "prior.hidden=[16]"],
 ])
 @pytest.mark.slow  # a training per prior
 def test_a_fitted_prior_reloads_from_the_run_checkpoint(tmp_path, overrides):

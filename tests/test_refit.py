@@ -14,7 +14,7 @@ from ncpvae import cli
 pytestmark = pytest.mark.slow
 
 CONFIG = ["smoke", "--set", "prior=ncp", "--set", "train.epochs=1", "--set",
-          "evaluate.enabled=false", "--set", "prior.epochs=3"]
+          "evaluate.enabled=false", "--set", "prior.epochs=3", "--set", "prior.min_steps=0"]
 
 
 def test_refit_with_another_classifier_invalidates_dependants(tmp_path, capsys):

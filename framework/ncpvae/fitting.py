@@ -1,8 +1,9 @@
 """Building blocks of a learned prior's epoch loop (shared by the ncp, ebm and flow plugins).
 
-- :class:`EarlyStopping`: iterates the epochs (with an optional progress bar), records each
-  epoch's held-out loss, keeps a copy of the state dict at the best one, stops after
-  ``patience`` epochs without improvement and restores the best weights.
+- :class:`EarlyStopping`: iterates the epochs (with an optional progress bar) of a budget of at
+  least ``min_steps`` optimizer steps, records each epoch's held-out loss, keeps a copy of the
+  state dict at the best one, stops after ``patience`` epochs without an improvement larger
+  than twice its paired standard error, and restores the best weights.
 - :class:`EpochLosses`: the minibatch losses of one epoch, kept on the device and read once at
   the epoch's end (a non-finite loss raises :class:`~ncpvae.NonFiniteError` naming the step).
 - :func:`minibatch_step`: one optimizer step on a global minibatch, in one process or data
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from ncpvae.errors import NonFiniteError
 from ncpvae.sharding import ONE_PROCESS, ShardGroup
 
-__all__ = ["EarlyStopping", "EpochLosses", "ShardGroup", "minibatch_step"]
+__all__ = ["EarlyStopping", "EpochLosses", "ShardGroup", "minibatch_step", "paired_se"]
 
 
 class EpochLosses:
@@ -102,36 +103,80 @@ def minibatch_step(optimizer: torch.optim.Optimizer, params: list[Tensor],
     return value.detach()
 
 
+def paired_se(values: Tensor, reference: Tensor) -> float:
+    """The standard error of ``mean(reference - values)`` over paired per-example values ``(n,)``
+    (the same held-out examples scored twice); 0 for fewer than 2 examples."""
+    diff = (reference.detach().to(torch.float64) - values.detach().to(torch.float64)).reshape(-1)
+    if diff.numel() < 2:
+        return 0.0
+    return float(diff.std() / math.sqrt(diff.numel()))
+
+
 class EarlyStopping:
-    """Epochs ``1..epochs`` of a fit, stopped after ``patience`` epochs without a lower held-out
-    loss; the state dict of ``module`` at the best epoch is kept (a deep copy) and restored by
-    :meth:`restore`.
+    """Epochs of a fit with a step budget that does not shrink with the data, and early stopping
+    that noise cannot trigger (docs/priors.md, "Fits that hold on small data").
+
+    - At least ``min_steps`` optimizer steps: with ``steps_per_epoch`` steps an epoch the fit
+      runs at least ``min_epochs = ceil(min_steps / steps_per_epoch)`` epochs, and ``epochs``
+      (the maximum) is raised to ``min_epochs`` when smaller. No stop before ``min_epochs``.
+    - Patience counts epochs but covers at least ``min_steps / 4`` steps: on small data an
+      epoch is a handful of steps, and a few epochs of patience would be a few dozen steps.
+    - The held-out loss is measured every ``check_every`` epochs (:meth:`due`), about
+      ``CHECKS_PER_MIN_STEPS`` times within ``min_steps`` on small data (every epoch when an
+      epoch is that long already), so a tiny data set does not pay one held-out evaluation per
+      handful of steps; the last epoch is always checked.
+    - An epoch *improves* only when its held-out loss is below the reference (the loss at the
+      last improvement) by more than ``threshold`` standard errors. With per-example held-out
+      ``values`` (the same examples every epoch, independent of each other: e.g. one value per
+      held-out encoding, :func:`ncpvae.prior_fitting.per_encoding`) the SE is the paired one of
+      the difference to the reference epoch's values (:func:`paired_se`); without, any lower
+      loss improves.
+      Patience runs out after ``patience`` epochs without an improvement.
+    - The state dict of ``module`` at the lowest held-out loss (a deep copy) is restored by
+      :meth:`restore`, whether or not that epoch counted as an improvement.
 
     Use::
 
-        stopper = EarlyStopping(net, epochs=100, patience=10, desc="fit x", log=log)
+        stopper = EarlyStopping(net, epochs=100, patience=10, min_steps=2000,
+                                steps_per_epoch=len(batches), desc="fit x", log=log)
         for epoch in stopper:          # ends early once patience runs out
             ...                        # train one epoch
-            stopper.update(record, loss=heldout_loss)   # the epoch's plain-float record
+            if stopper.due(epoch):
+                stopper.update(record, loss=heldout_loss, values=per_example_losses)
         stopper.restore()              # the best weights, progress bar closed
 
-    ``history`` holds every epoch's record; ``log`` (if given) receives a copy of each. A loss
-    counts as better only when strictly lower than the best so far (NaN never does).
+    ``history`` holds every checked epoch's record; ``log`` (if given) receives a copy of each.
+    A NaN loss never improves.
     """
 
-    def __init__(self, module: nn.Module, *, epochs: int, patience: int, desc: str = "fit",
+    #: held-out checks within ``min_steps`` when an epoch is shorter than ``min_steps / 25``
+    CHECKS_PER_MIN_STEPS = 25
+
+    def __init__(self, module: nn.Module, *, epochs: int, patience: int, min_steps: int = 0,
+                 steps_per_epoch: int = 1, threshold: float = 2.0, desc: str = "fit",
                  progress: bool = False,
                  log: Callable[[dict[str, Any]], None] | None = None) -> None:
         if epochs < 1 or patience < 1:
             raise ValueError(f"epochs and patience must be >= 1, got {epochs} and {patience}")
+        if min_steps < 0 or steps_per_epoch < 1 or threshold < 0:
+            raise ValueError(f"need min_steps >= 0, steps_per_epoch >= 1 and threshold >= 0, got "
+                             f"{min_steps}, {steps_per_epoch} and {threshold}")
         self.module = module
-        self.epochs = int(epochs)
-        self.patience = int(patience)
+        self.min_epochs = max(1, math.ceil(min_steps / steps_per_epoch))
+        self.epochs = max(int(epochs), self.min_epochs)
+        self.patience = max(int(patience), math.ceil(min_steps / 4 / steps_per_epoch))
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.check_every = max(1, min_steps // (self.CHECKS_PER_MIN_STEPS * steps_per_epoch))
+        self.epoch = 0
+        self.threshold = float(threshold)
         self.log = log
         self.history: list[dict[str, float]] = []
         self.best_loss = math.inf
         self.best_epoch = 0
         self.best_record: dict[str, float] = {}
+        self.reference_loss = math.inf
+        self.reference_epoch = 0
+        self._reference_values: Tensor | None = None
         self.stale = 0
         self.stopped = False
         self._best_state: dict[str, Any] | None = None
@@ -145,14 +190,35 @@ class EarlyStopping:
         self._bar = tqdm(range(1, self.epochs + 1), desc=self._desc, unit="epoch",
                          disable=not self._progress, leave=False)
         for epoch in self._bar:
+            self.epoch = epoch
             yield epoch
             if self.stopped:
                 break
 
-    def update(self, record: Mapping[str, float], *, loss: float,
+    def due(self, epoch: int) -> bool:
+        """Whether the held-out loss is measured (and :meth:`update` called) after ``epoch``."""
+        return epoch % self.check_every == 0 or epoch == self.epochs
+
+    def improves(self, loss: float, values: Tensor | None = None) -> bool:
+        """Whether ``loss`` (with its per-example ``values``) is below the reference by more
+        than ``threshold`` paired standard errors."""
+        if not loss < self.reference_loss:  # NaN never improves
+            return False
+        if values is None or self._reference_values is None or (
+                values.shape != self._reference_values.shape):
+            return True
+        se = paired_se(values, self._reference_values)
+        return self.reference_loss - loss > self.threshold * se
+
+    def update(self, record: Mapping[str, float], *, loss: float, values: Tensor | None = None,
                postfix: Mapping[str, str] | None = None) -> bool:
-        """Record one epoch (``record`` of plain floats; ``loss`` its held-out loss, lower is
-        better). Returns True when the fit should stop (patience ran out)."""
+        """Record the current epoch's check (``record`` of plain floats; ``loss`` its held-out
+        loss, lower is better, the mean of ``values`` ``(n,)`` when given: the per-example
+        held-out losses, the same examples at every check). Returns True when the fit should
+        stop: ``patience`` epochs since the last improvement, and ``min_epochs`` run. Outside
+        the epoch loop each call counts as the next epoch."""
+        if self._bar is None:  # driven by hand, without iterating
+            self.epoch += 1
         record = dict(record)
         self.history.append(record)
         if self.log is not None:
@@ -160,12 +226,14 @@ class EarlyStopping:
         if self._bar is not None and postfix:
             self._bar.set_postfix(**postfix)
         if loss < self.best_loss:
-            self.best_loss, self.best_epoch, self.best_record = loss, len(self.history), record
-            self.stale = 0
+            self.best_loss, self.best_epoch, self.best_record = loss, self.epoch, record
             self._best_state = copy.deepcopy(self.module.state_dict())
-        else:
-            self.stale += 1
-            self.stopped = self.stale >= self.patience
+        if self.improves(loss, values):
+            self.reference_loss = loss
+            self._reference_values = None if values is None else values.detach().clone()
+            self.reference_epoch = self.epoch
+        self.stale = self.epoch - self.reference_epoch
+        self.stopped = self.stale >= self.patience and self.epoch >= self.min_epochs
         return self.stopped
 
     def restore(self) -> None:
@@ -176,10 +244,13 @@ class EarlyStopping:
             self.module.load_state_dict(self._best_state)
 
     def summary(self, started: float, num_train: int, num_heldout: int) -> dict[str, Any]:
-        """``epochs_run``, ``stopped_early``, ``fit_seconds`` (since ``started``, a
-        ``time.perf_counter()`` value), ``num_train`` and ``num_heldout``."""
-        return {"epochs_run": len(self.history),
-                "stopped_early": len(self.history) < self.epochs,
+        """``epochs_run``, ``steps_run``, ``min_epochs``, ``stopped_early``, ``fit_seconds``
+        (since ``started``, a ``time.perf_counter()`` value), ``num_train`` and
+        ``num_heldout``."""
+        return {"epochs_run": self.epoch,
+                "steps_run": self.epoch * self.steps_per_epoch,
+                "min_epochs": self.min_epochs,
+                "stopped_early": self.epoch < self.epochs,
                 "fit_seconds": time.perf_counter() - started,
                 "num_train": int(num_train),
                 "num_heldout": int(num_heldout)}

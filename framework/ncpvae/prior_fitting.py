@@ -33,7 +33,15 @@ from ncpvae import (
 if TYPE_CHECKING:
     from ncpvae import LatentModel
 
-__all__ = ["PriorOverBase", "PriorOverBaseConfig", "aggregate_posterior_draws", "seeded_init"]
+__all__ = [
+    "EpochFitConfig",
+    "PriorOverBase",
+    "PriorOverBaseConfig",
+    "aggregate_posterior_draws",
+    "heldout_draws",
+    "per_encoding",
+    "seeded_init",
+]
 
 T = TypeVar("T")
 
@@ -46,6 +54,19 @@ class PriorOverBaseConfig(ComponentConfig):
         default_factory=lambda: {"name": "gaussian"},
         description="the tractable prior the VAE trains against (a prior table)",
     )
+
+
+class EpochFitConfig(PriorOverBaseConfig):
+    """The budget and held-out settings of a fit by minibatch epochs (ncp, ebm, flow) beyond
+    ``epochs``/``patience``: see :class:`ncpvae.EarlyStopping` and docs/priors.md ("Fits that
+    hold on small data")."""
+
+    min_steps: int = Field(
+        2000, ge=0, le=10_000_000, description="optimizer steps at least, whatever the data "
+        "size (epochs are added on small data; patience covers at least min_steps/4 steps)")
+    heldout_samples: int = Field(
+        20_000, ge=1, le=10_000_000, description="held-out draws of q(z|x) in all, drawn once: "
+        "ceil(heldout_samples / held-out encodings) draws per held-out encoding")
 
 
 class PriorOverBase(LearnedPrior):
@@ -107,3 +128,23 @@ def aggregate_posterior_draws(mu: Tensor, logvar: Tensor, draws_per_input: int,
         eps = torch.randn(mu.shape, generator=generator, device=generator.device, dtype=mu.dtype)
         out.append(mu + torch.exp(0.5 * logvar) * eps.to(mu.device))
     return torch.cat(out)
+
+
+def heldout_draws(mu: Tensor, logvar: Tensor, samples: int, generator: torch.Generator) -> Tensor:
+    """The fixed held-out draws of a fit: ``ceil(samples / N)`` (at least 1) draws of ``q(z|x)``
+    per held-out row of ``mu``, ``logvar`` ``(N, D)``, as :func:`aggregate_posterior_draws`.
+    Several draws per encoding make the held-out criterion stable however few encodings are
+    held out; drawing them once makes the epochs' losses paired (the same examples)."""
+    per_input = max(1, -(-int(samples) // max(1, len(mu))))
+    return aggregate_posterior_draws(mu, logvar, per_input, generator)
+
+
+def per_encoding(values: Tensor, num_encodings: int) -> Tensor:
+    """Per-draw held-out values ``(k * N,)`` in the order of :func:`heldout_draws` (draw-major)
+    -> their mean per encoding ``(N,)``; the mean of the result is the mean of ``values``.
+
+    The draws of one encoding are correlated, so a standard error over draws understates the
+    noise; over encodings it does not. Values of independent extra draws in the same layout
+    (NCP's base draws, as many as the positives) may be appended: each encoding then also
+    averages its share of them."""
+    return values.reshape(-1, num_encodings).mean(0)

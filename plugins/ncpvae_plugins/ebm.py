@@ -38,6 +38,7 @@ from ncpvae import (
     create,
     hookimpl,
 )
+from ncpvae.prior_fitting import EpochFitConfig, heldout_draws, per_encoding
 from ncpvae.tilted import (
     TiltedConfig,
     TiltedPrior,
@@ -68,9 +69,13 @@ class EBMPrior(TiltedPrior):
     shardable_fit = True
     net_role = "energy network"
 
-    class Config(TiltedConfig):
+    class Config(TiltedConfig, EpochFitConfig):
         name: Literal["ebm"] = "ebm"
-        epochs: int = Field(50, ge=1, le=100_000, description="maximum epochs")
+        epochs: int = Field(50, ge=1, le=100_000, description="maximum epochs (raised to reach "
+                            "min_steps on small data)")
+        min_steps: int = Field(1000, ge=0, le=10_000_000, description="optimizer steps at "
+                               "least, whatever the data size (each makes langevin_steps "
+                               "sampler steps; patience covers at least min_steps/4 steps)")
         batch_size: int = Field(256, ge=2, le=1_048_576, description="positives per step "
                                 "(and as many negatives)")
         lr: float = Field(3e-4, gt=0, le=1.0, description="Adam learning rate")
@@ -87,11 +92,11 @@ class EBMPrior(TiltedPrior):
         energy_l2: float = Field(0.0, ge=0, description="penalty alpha * mean(f^2) on positives "
                                  "and negatives (keeps f bounded; 0: off)")
         patience: int = Field(10, ge=1, description="stop after this many epochs without a "
-                              "better held-out gain")
+                              "held-out gain higher by more than 2 paired SE")
         heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of the "
                                         "encodings held out for early stopping")
         heldout_log_z_samples: int = Field(20_000, ge=2, description="base draws for log Z in "
-                                           "the per-epoch held-out gain")
+                                           "the per-epoch held-out gain (drawn once)")
 
     config: Config
 
@@ -151,10 +156,14 @@ class EBMPrior(TiltedPrior):
         many negatives are made by ``langevin_steps`` Langevin steps (from base draws, or from
         the persistent chains) and Adam descends ``-mean f(pos) + mean f(neg)`` (plus
         ``energy_l2 * mean(f^2)``). After each epoch the held-out gain ``E_q[f] - log Z`` is
-        measured; after ``patience`` epochs without a better one training stops and the best
-        weights are restored. ``log`` gets per epoch ``epoch``, ``train_loss_mean``,
+        measured on fixed draws (``heldout_samples`` of ``q`` over the held-out rows,
+        ``heldout_log_z_samples`` of the base); the fit takes at least ``min_steps`` steps and
+        stops after ``patience`` epochs without a gain higher by more than 2 paired SE
+        (:class:`ncpvae.EarlyStopping`); the best weights are restored. ``log`` gets per
+        epoch ``epoch``, ``train_loss_mean``,
         ``train_loss_min``, ``heldout_loss`` (minus the held-out gain), ``heldout_gain``.
-        Returns ``best_epoch``, ``heldout_gain``, ``epochs_run``, ``stopped_early``,
+        Returns ``best_epoch``, ``heldout_gain``, ``epochs_run``, ``steps_run``,
+        ``min_epochs``, ``stopped_early``,
         ``fit_seconds``, ``num_train``, ``num_heldout`` (and ``base_fit``).
         """
 
@@ -166,7 +175,8 @@ class EBMPrior(TiltedPrior):
         chain_gen = gen if gen.device == device else torch.Generator(device=device).manual_seed(
             int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)))
         mu = mu.detach().to(device=device, dtype=dtype)
-        std = torch.exp(0.5 * logvar.detach().to(device=device, dtype=dtype))
+        logvar = logvar.detach().to(device=device, dtype=dtype)
+        std = torch.exp(0.5 * logvar)
         held, train = split_heldout(len(mu), cfg.heldout_fraction, gen, device, "ebm")
         n_train = len(train)
 
@@ -175,7 +185,9 @@ class EBMPrior(TiltedPrior):
                               dtype=dtype).to(device)
             return mu[rows] + std[rows] * eps
 
-        z_ho = draws(held)
+        z_ho = heldout_draws(mu[held], logvar[held], cfg.heldout_samples, gen)
+        with torch.no_grad():
+            z_base = self.base.sample(cfg.heldout_log_z_samples, generator=gen)
         trainable = [p for p in self.classifier.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError("ebm fit: the energy network has no trainable parameters")
@@ -193,6 +205,7 @@ class EBMPrior(TiltedPrior):
 
         # early stopping on the held-out loss -gain: the best epoch is the one of highest gain
         stopper = EarlyStopping(self.classifier, epochs=cfg.epochs, patience=cfg.patience,
+                                min_steps=cfg.min_steps, steps_per_epoch=num_batches,
                                 desc="fit ebm", progress=options.progress,
                                 log=options.log)
         for epoch in stopper:
@@ -228,16 +241,19 @@ class EBMPrior(TiltedPrior):
                 losses.add(loss, len(rows))
             train_losses = losses.summary(
                 "ebm", epoch, f"lower lr (now {cfg.lr}) or step_size, or set energy_l2", shards)
+            if not stopper.due(epoch):
+                continue
             self.classifier.eval()
             with torch.no_grad():
-                f_base = self.base.sample(cfg.heldout_log_z_samples, generator=gen)
-                f_base = shards.map_rows(self._logit_nograd, f_base)
-                f_ho = shards.map_rows(self._logit_nograd, z_ho)
+                f_base = shards.map_rows(self._logit_nograd, z_base)
+                f_ho = shards.map_rows(self._logit_nograd, z_ho).double()
                 log_z, _ = log_mean_exp(f_base)
-                gain = float(f_ho.double().mean()) - log_z
+                gain = float(f_ho.mean()) - log_z
             record = {"epoch": float(epoch), **train_losses,
                       "heldout_loss": -gain, "heldout_gain": gain}
-            stopper.update(record, loss=-gain, postfix={"heldout_gain": f"{gain:.4f}"})
+            # per-example losses log Z - f(z): paired over epochs (fixed draws)
+            stopper.update(record, loss=-gain, values=per_encoding(log_z - f_ho, len(held)),
+                           postfix={"heldout_gain": f"{gain:.4f}"})
         stopper.restore()
         self.classifier.eval()
         self.mark_fitted()

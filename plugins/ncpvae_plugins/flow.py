@@ -34,9 +34,11 @@ from ncpvae import (
     minibatch_step,
 )
 from ncpvae.prior_fitting import (
+    EpochFitConfig,
     PriorOverBase,
-    PriorOverBaseConfig,
     aggregate_posterior_draws,
+    heldout_draws,
+    per_encoding,
     seeded_init,
 )
 from ncpvae.tilted import split_heldout
@@ -73,7 +75,7 @@ class FlowPrior(PriorOverBase):
     shardable_fit = True
     fitted_part = "a fitted flow"
 
-    class Config(PriorOverBaseConfig):
+    class Config(EpochFitConfig):
         name: Literal["flow"] = "flow"
         flow_type: Literal["maf", "nsf"] = Field("nsf", description="masked autoregressive "
                                                  "flow or neural spline flow (zuko)")
@@ -82,12 +84,13 @@ class FlowPrior(PriorOverBase):
             default_factory=lambda: [128, 128], description="hidden sizes of each transform's "
             "autoregressive network")
         bins: int = Field(8, ge=2, le=256, description="spline bins (nsf)")
-        epochs: int = Field(200, ge=1, le=100_000, description="maximum epochs")
+        epochs: int = Field(200, ge=1, le=100_000, description="maximum epochs (raised to "
+                            "reach min_steps on small data)")
         batch_size: int = Field(512, ge=2, le=1_048_576, description="minibatch size")
         lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
         weight_decay: float = Field(0.0, ge=0, le=1.0, description="Adam weight decay")
         patience: int = Field(10, ge=1, description="stop after this many epochs without a "
-                              "better held-out negative log-likelihood")
+                              "held-out negative log-likelihood lower by more than 2 paired SE")
         heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of the "
                                         "encodings held out for early stopping")
 
@@ -147,14 +150,17 @@ class FlowPrior(PriorOverBase):
     def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
         """Maximum likelihood on draws of ``q(z|x)`` for ``mu``, ``logvar`` ``(N, D)``.
 
-        A seeded ``heldout_fraction`` of the rows is held out, with one fixed draw each. The
+        A seeded ``heldout_fraction`` of the rows is held out, with ``heldout_samples`` fixed
+        draws in all (several per row, :func:`~ncpvae.prior_fitting.heldout_draws`). The
         standardization is set from one draw per training row. Each epoch draws afresh for
         every training row and takes Adam steps on the mean negative log-likelihood; after each
-        epoch the held-out NLL (nats per latent vector) is measured; training stops after
-        ``patience`` epochs without improvement and the best weights are restored. ``log`` gets
+        epoch the held-out NLL (nats per latent vector) is measured; the fit takes at least
+        ``min_steps`` steps and stops after ``patience`` epochs without an NLL lower by more
+        than 2 paired SE (:class:`ncpvae.EarlyStopping`); the best weights are restored. ``log`` gets
         one record per epoch: ``epoch``, ``train_loss_mean``, ``train_loss_min``,
         ``heldout_loss``. Returns ``best_epoch``, ``heldout_loss``, ``epochs_run``,
-        ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``. Data parallel
+        ``steps_run``, ``min_epochs``, ``stopped_early``, ``fit_seconds``, ``num_train``,
+        ``num_heldout``. Data parallel
         (``options.shards``): as the ncp fit, each rank evaluates the flow on its rows of every
         minibatch and of the held-out draws, gradients and losses summed over the ranks; the
         standardization is computed whole on every rank.
@@ -167,7 +173,7 @@ class FlowPrior(PriorOverBase):
         logvar = logvar.detach().to(device=device, dtype=dtype)
         held, train = split_heldout(len(mu), cfg.heldout_fraction, gen, device, "flow")
         mu_tr, lv_tr = mu[train], logvar[train]
-        z_ho = aggregate_posterior_draws(mu[held], logvar[held], 1, gen)
+        z_ho = heldout_draws(mu[held], logvar[held], cfg.heldout_samples, gen)
         with torch.no_grad():
             first = aggregate_posterior_draws(mu_tr, lv_tr, 1, gen)
             self.shift.copy_(first.mean(0))
@@ -185,6 +191,7 @@ class FlowPrior(PriorOverBase):
             return values.mean() if reduction == "mean" else values.sum()
 
         stopper = EarlyStopping(self.flow, epochs=cfg.epochs, patience=cfg.patience,
+                                min_steps=cfg.min_steps, steps_per_epoch=num_batches,
                                 desc="fit flow", progress=options.progress,
                                 log=options.log)
         for epoch in stopper:
@@ -195,11 +202,15 @@ class FlowPrior(PriorOverBase):
             for index in perm.tensor_split(num_batches):
                 losses.add(minibatch_step(optimizer, trainable, nll, index, shards), len(index))
             train_losses = losses.summary("flow", epoch, f"lower lr (now {cfg.lr})", shards)
+            if not stopper.due(epoch):
+                continue
             self.flow.eval()
             with torch.no_grad():
-                heldout = float(self._heldout_nll(z_ho, shards).double().mean())
+                per_example = self._heldout_nll(z_ho, shards)
+                heldout = float(per_example.double().mean())
             record = {"epoch": float(epoch), **train_losses, "heldout_loss": heldout}
-            stopper.update(record, loss=heldout, postfix={"heldout_nll": f"{heldout:.4f}"})
+            stopper.update(record, loss=heldout, values=per_encoding(per_example, len(held)),
+                           postfix={"heldout_nll": f"{heldout:.4f}"})
         stopper.restore()
         self.flow.eval()
         self.mark_fitted()

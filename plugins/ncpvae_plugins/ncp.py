@@ -47,6 +47,7 @@ from ncpvae import (
     hookimpl,
     minibatch_step,
 )
+from ncpvae.prior_fitting import EpochFitConfig, heldout_draws, per_encoding
 from ncpvae.tilted import (
     MLPClassifier,
     TiltedConfig,
@@ -92,14 +93,16 @@ class NCPPrior(TiltedPrior):
     net_role = "classifier"
     net_output = "logits"
 
-    class Config(TiltedConfig):
+    class Config(TiltedConfig, EpochFitConfig):
         name: Literal["ncp"] = "ncp"
-        epochs: int = Field(100, ge=1, le=100_000, description="maximum classifier epochs")
+        epochs: int = Field(30, ge=1, le=100_000, description="maximum classifier epochs "
+                            "(raised to reach min_steps on small data)")
         batch_size: int = Field(512, ge=2, le=1_048_576, description="classifier minibatch size")
         lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
         weight_decay: float = Field(0.0, ge=0, le=1.0, description="Adam weight decay (L2)")
         patience: int = Field(
-            10, ge=1, description="stop after this many epochs without a better held-out BCE"
+            5, ge=1, description="stop after this many epochs without a held-out BCE lower by "
+            "more than 2 paired SE"
         )
         heldout_fraction: float = Field(
             0.1, gt=0, lt=0.5, description="fraction of the encodings held out for early stopping"
@@ -127,12 +130,15 @@ class NCPPrior(TiltedPrior):
         """Train the classifier: aggregate posterior (label 1) against the base (label 0).
 
         ``mu``, ``logvar`` ``(N, D)``: the frozen encoder's outputs for the whole training set.
-        A seeded ``heldout_fraction`` of the rows is held out. Each epoch draws fresh
-        positives ``mu + exp(logvar / 2) * eps`` for every training row and as many fresh base
-        draws, shuffles them into near-equal minibatches and takes Adam steps on the BCE with
-        logits. After each epoch the held-out BCE, accuracy and ROC-AUC are measured on fresh
-        draws for the held-out rows against as many base draws; training stops after
-        ``patience`` epochs without a better held-out BCE and the best weights are restored.
+        A seeded ``heldout_fraction`` of the rows is held out, with ``heldout_samples`` draws
+        in all (several per held-out row, :func:`~ncpvae.prior_fitting.heldout_draws`) against
+        as many base draws, drawn once. Each epoch draws fresh positives
+        ``mu + exp(logvar / 2) * eps`` for every training row and as many fresh base draws,
+        shuffles them into near-equal minibatches and takes Adam steps on the BCE with logits.
+        After each epoch the held-out BCE, accuracy and ROC-AUC are measured on the fixed
+        held-out draws; the fit takes at least ``min_steps`` steps and stops after ``patience``
+        epochs without a held-out BCE lower by more than 2 paired SE
+        (:class:`ncpvae.EarlyStopping`); the best weights are restored.
 
         Training continues from the classifier's current weights (no re-initialization). All
         randomness comes from ``generator`` (default: one seeded with ``seed``), so a fit is
@@ -146,19 +152,21 @@ class NCPPrior(TiltedPrior):
         ``train_loss_mean`` (over the epoch's examples), ``train_loss_min`` (lowest minibatch),
         ``heldout_loss``, ``heldout_accuracy``, ``heldout_auc``. Returns a summary: ``best_epoch``
         and the held-out ``heldout_loss``/``heldout_accuracy``/``heldout_auc`` there,
-        ``epochs_run``, ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``.
+        ``epochs_run``, ``steps_run``, ``min_epochs``, ``stopped_early``, ``fit_seconds``,
+        ``num_train``, ``num_heldout`` (held-out encodings).
         """
         gen, cfg = options.generator, self.config
         base_summary = self.fit_base(mu, logvar, options) if cfg.fit_base else {}
         ref = self._param_like()
         device, dtype = ref.device, ref.dtype
         mu = mu.detach().to(device=device, dtype=dtype)
-        std = torch.exp(0.5 * logvar.detach().to(device=device, dtype=dtype))
+        logvar = logvar.detach().to(device=device, dtype=dtype)
+        std = torch.exp(0.5 * logvar)
 
         held, train = split_heldout(mu.shape[0], cfg.heldout_fraction, gen, device, "ncp")
         n_held, n_train = len(held), len(train)
         self.heldout_index = held
-        mu_tr, std_tr, mu_ho, std_ho = mu[train], std[train], mu[held], std[held]
+        mu_tr, std_tr = mu[train], std[train]
         with torch.no_grad():
             self.logit(mu[:2])  # fail early, with a clear message, on a wrong output shape
         trainable = [p for p in self.classifier.parameters() if p.requires_grad]
@@ -171,8 +179,12 @@ class NCPPrior(TiltedPrior):
 
         labels_tr = torch.cat([torch.ones(n_train, device=device, dtype=dtype),
                                torch.zeros(n_train, device=device, dtype=dtype)])
-        labels_ho = torch.cat([torch.ones(n_held, device=device, dtype=dtype),
-                               torch.zeros(n_held, device=device, dtype=dtype)])
+        positives_ho = heldout_draws(mu[held], logvar[held], cfg.heldout_samples, gen)
+        with torch.no_grad():
+            inputs_ho = torch.cat([positives_ho, self.base.sample(len(positives_ho),
+                                                                  generator=gen)])
+        labels_ho = torch.cat([torch.ones(len(positives_ho), device=device, dtype=dtype),
+                               torch.zeros(len(positives_ho), device=device, dtype=dtype)])
         num_batches = max(1, math.ceil(2 * n_train / cfg.batch_size))
         optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -183,6 +195,7 @@ class NCPPrior(TiltedPrior):
                                                       reduction=reduction)
 
         stopper = EarlyStopping(self.classifier, epochs=cfg.epochs, patience=cfg.patience,
+                                min_steps=cfg.min_steps, steps_per_epoch=num_batches,
                                 desc="fit ncp classifier", progress=options.progress,
                                 log=options.log)
         for epoch in stopper:
@@ -195,14 +208,13 @@ class NCPPrior(TiltedPrior):
             for index in perm.tensor_split(num_batches):
                 losses.add(minibatch_step(optimizer, trainable, bce, index, shards), len(index))
             # the steps' losses stay on the device until here: one host read per epoch
-            record = {
-                "epoch": float(epoch),
-                **losses.summary("ncp", epoch, f"lower lr (now {cfg.lr})", shards),
-                **self._heldout_metrics(posterior_draws(mu_ho, std_ho),
-                                        self.base.sample(n_held, generator=gen), labels_ho,
-                                        shards),
-            }
+            train_losses = losses.summary("ncp", epoch, f"lower lr (now {cfg.lr})", shards)
+            if not stopper.due(epoch):
+                continue
+            metrics, per_example = self._heldout_metrics(inputs_ho, labels_ho, shards)
+            record = {"epoch": float(epoch), **train_losses, **metrics}
             stopper.update(record, loss=record["heldout_loss"],
+                           values=per_encoding(per_example, n_held),
                            postfix={"heldout_loss": f"{record['heldout_loss']:.4f}",
                                     "acc": f"{record['heldout_accuracy']:.3f}"})
         stopper.restore()
@@ -222,18 +234,18 @@ class NCPPrior(TiltedPrior):
         return dict(self.fit_summary)
 
     @torch.no_grad()
-    def _heldout_metrics(self, positives: Tensor, negatives: Tensor, labels: Tensor,
-                         shards: ShardGroup) -> dict[str, float]:
-        """BCE, accuracy and ROC-AUC of the classifier on ``positives`` and ``negatives``
-        ``(n, D)`` each; over several ranks (``shards``) each rank computes its rows' logits and
-        every rank gets all of them (so every rank computes the same metrics)."""
+    def _heldout_metrics(self, inputs: Tensor, labels: Tensor,
+                         shards: ShardGroup) -> tuple[dict[str, float], Tensor]:
+        """BCE, accuracy and ROC-AUC of the classifier on ``inputs`` ``(n, D)`` with ``labels``
+        ``(n,)``, and the per-example BCE ``(n,)``; over several ranks (``shards``) each rank
+        computes its rows' logits and every rank gets all of them (so every rank computes the
+        same metrics)."""
         self.classifier.eval()
-        inputs = torch.cat([positives, negatives])
         logits = shards.map_rows(self._logit_nograd, inputs)
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        per_example = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
         accuracy = ((logits > 0) == (labels > 0.5)).to(torch.float64).mean()
-        return {"heldout_loss": float(loss), "heldout_accuracy": float(accuracy),
-                "heldout_auc": roc_auc(logits, labels)}
+        return ({"heldout_loss": float(per_example.mean()), "heldout_accuracy": float(accuracy),
+                 "heldout_auc": roc_auc(logits, labels)}, per_example)
 
 
 @hookimpl
