@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ncpvae.evaluation.format import accuracy_against_targets, instrument_status
 from ncpvae.metrics.significance import FLAG, FLAG_SE, significantly_below
 from ncpvae.run.directory import RunDirectory
 
@@ -92,6 +93,17 @@ def format_run_summary(run_dir: str | Path) -> str:
         if gain:
             text += f";  IW bound gain {_pm(gain['mean'], gain.get('se'), 3)} nats"
         rows.append(("learned prior gain", text))
+    fr = evaluation.get("factor_recovery", {})
+    if fr.get("accuracy_reconstruction"):
+        rows.append(("factor recovery", "accuracy on reconstructions (originals): " + ", ".join(
+            f"{k} {_num(v)} ({_num(fr.get('accuracy_original', {}).get(k))})"
+            for k, v in fr["accuracy_reconstruction"].items())))
+    net = evaluation.get("feature_net", {})
+    if net.get("val_accuracy"):
+        rows.append(("feature net", f"held-out accuracy {accuracy_against_targets(net)}; "
+                     f"{instrument_status(net)}"
+                     + ("; KID and factor recovery rest on it" if net.get("meets_target") is False
+                        else "")))
     report = evaluation.get("report") or summary.get("evaluation", {}).get("report")
     lines = [f"run written to {run_dir}"]
     lines += _align(rows) if rows else []
