@@ -131,6 +131,10 @@ class EvaluateConfig(_EvaluateMetrics):  # type: ignore[misc, valid-type]
                                   "feature_nets/ of $NCPVAE_CACHE_DIR, else "
                                   "$XDG_CACHE_HOME/ncpvae, else ~/.cache/ncpvae; "
                                   "'~' is expanded, relative paths are from the working dir)")
+    inception_weights: str | None = Field(
+        None, description="a local file of the FID Inception-v3 weights (pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth or torch-fidelity's state dict): adds Inception "
+        "FID and KID to every row (unset: skipped, with a note on how to get the file)")
     likelihood: LikelihoodSizes = Field(default_factory=LikelihoodSizes)
     factor_recovery: FactorRecoverySwitch = Field(
         default_factory=FactorRecoverySwitch, description="the feature net's per-factor accuracy on "

@@ -247,6 +247,19 @@ def _feature_net_noted(run: Run, notes: list[str],
     return net, net_info
 
 
+def inception_net(run: Run, notes: list[str]) -> Any:
+    """The FID Inception feature extractor of ``evaluate.inception_weights``
+    (:func:`ncpvae.metrics.inception.load_inception`), or None with a note on how to get the
+    weights when unset."""
+    from ncpvae.metrics import inception  # torchvision's Inception only when asked for
+
+    path = run.config.evaluate.inception_weights
+    if path is None:
+        notes.append(inception.HOW_TO_GET)
+        return None
+    return inception.load_inception(path, device=run.device)
+
+
 def instrument(net_info: dict[str, Any]) -> dict[str, Any]:
     """What a number resting on the feature net carries beside it: a reference to the
     ``feature_net`` block of evaluation.json, its held-out accuracy per head, and whether it
@@ -344,11 +357,14 @@ def feature_scale(real: np.ndarray) -> float:
 
 def evaluate_rows(run: Run, rows: list[Row], net: Any, heldout_z: Tensor, clock: _Clock,
                   bar: tqdm, runtime: dict[str, Any], table: dict[str, Any],
-                  net_info: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                  net_info: dict[str, Any] | None = None,
+                  inception: Any = None) -> list[dict[str, Any]]:
     """Draw, decode, score and plot every row of the prior x sampler table (``rows``, of
     :func:`table_rows`). Puts the feature scale and the factor coverage of as many held-out
     images (the ceiling of a row's coverage) into ``table``. A row's sample quality and
-    coverage carry the net's :func:`instrument` entry (from ``net_info``)."""
+    coverage carry the net's :func:`instrument` entry (from ``net_info``); with an
+    ``inception`` feature extractor (:func:`inception_net`) a row also gets Inception FID and
+    KID against the same held-out images."""
     cfg = run.config.evaluate
     directory = run.directory
     assert directory is not None
@@ -365,6 +381,12 @@ def evaluate_rows(run: Run, rows: list[Row], net: Any, heldout_z: Tensor, clock:
             scale = feature_scale(real_features)
             real_features = real_features / scale
             table["feature_scale"] = scale
+        if inception is not None:
+            from ncpvae.metrics.inception import inception_features, inception_scores
+
+            with clock("Inception features of held-out images"):
+                real_inception = inception_features(inception, real_images,
+                                                    batch_size=cfg.batch_size)
     sq_cfg = without_switch(cfg.sample_quality, M.SampleQualityConfig)
     pf_cfg = without_switch(cfg.prior_fit, M.PriorFitConfig)
     entries = []
@@ -409,6 +431,13 @@ def evaluate_rows(run: Run, rows: list[Row], net: Any, heldout_z: Tensor, clock:
                     entry["coverage"] = to_plain_json(M.factor_coverage(
                         predicted, gt.factor_sizes, factor_names=gt.factor_names).to_dict())
                     entry["coverage"]["instrument"] = instrument(net_info or {})
+            if inception is not None:
+                with clock(f"Inception: {row.label}"):
+                    fake = inception_features(inception, images, batch_size=cfg.batch_size)
+                    seed = _rng(run, seeds.row_offset(i, seeds.ROW_SAMPLE_QUALITY))
+                    entry["inception"] = to_plain_json(inception_scores(
+                        real_inception, fake, subset_size=sq_cfg.kid_subset_size,
+                        num_subsets=sq_cfg.kid_num_subsets, seed=seed))
         entries.append(entry)
         bar.update()
     if coverage_on and real_images is not None:
@@ -614,6 +643,8 @@ def evaluate_run(run: Run) -> dict[str, Any]:
                                "device": str(run.device)}
     metrics = requested_metrics(run, notes)
     rows = table_rows(run)
+    # loaded first: a wrong weights file fails before the long parts
+    inception = inception_net(run, notes) if cfg.sample_quality.enabled else None
     bar = tqdm(total=len(metrics) + len(rows) + 3, desc="evaluate", unit="part",
                disable=run.quiet)
     evaluation: dict[str, Any] = {"format": FORMAT, "run": run.config.name,
@@ -645,7 +676,8 @@ def evaluate_run(run: Run) -> dict[str, Any]:
                 evaluation["learned_prior"] = learned_prior(run, heldout.z)
             table: dict[str, Any] = {"feature_scale": None, "coverage_reference": None}
             evaluation["rows"] = evaluate_rows(run, rows, net, heldout.z, clock, bar, runtime,
-                                               table, net_info)
+                                               table, net_info,
+                                               inception if net is not None else None)
             evaluation.update(table)
             hooks.boundary("evaluate")
             if net is None and cfg.factor_recovery.enabled and run.data.ground_truth is not None:

@@ -375,6 +375,7 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
     if not rows_in:
         return []
     rows: list[list[Cell]] = []
+    with_inception = any("inception" in r for r in rows_in)
     for r in rows_in:
         sq, pf, cov = r.get("sample_quality"), r.get("prior_fit"), r.get("coverage")
         rows.append([
@@ -388,6 +389,10 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
             pm(pf["c2st"]["accuracy"], pf["c2st"]["se"], 2) if pf else "—",
             _sampler_cell(r),
         ])
+        if with_inception:
+            inc = r.get("inception")
+            rows[-1].insert(5, f"{num(inc['fid'])} / {pm(inc['kid'] * 1e3, inc['kid_se'] * 1e3)}"
+                            if inc else "—")
     ref = evaluation.get("coverage_reference")
     scale = num(evaluation.get("feature_scale"))
     net = evaluation.get("feature_net") or {}
@@ -408,7 +413,14 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
                         "with its permutation p-value, and the held-out accuracy of a fresh "
                         "classifier (0.5: indistinguishable)."),
               table(["prior / sampler", "decoded samples", "KID ×10³", "FD", "precision / recall",
+                     *(["Inception FID / KID ×10³"] if with_inception else []),
                      "grid coverage", "MMD² (p)", "C2ST accuracy", "sampler"], rows)]
+    if with_inception:
+        blocks.append(paragraph("Inception FID / KID: the same decoded samples and held-out "
+                                "images on the 2048 pool features of the FID Inception-v3 "
+                                "(evaluate.inception_weights; images resized to 299, grey "
+                                "repeated to 3 channels); comparable with published numbers "
+                                "only at the same sample sizes."))
     if ref and ref.get("joint") is not None:
         blocks.append(paragraph(f"Grid coverage of {ref.get('num_images')} held-out images "
                                 f"(the ceiling for a row): {num(ref['joint'], 2)}."))
