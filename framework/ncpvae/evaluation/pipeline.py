@@ -17,7 +17,9 @@ section, see :mod:`ncpvae.evaluation.config`):
   :func:`ncpvae.metrics.feature_net.default_cache_dir`); its held-out accuracy per factor
   against ``evaluate.feature_net.targets`` is the ``feature_net`` block of evaluation.json, and
   every number resting on the net carries an ``instrument`` entry (accuracy, target met);
-  below target, a note and a logged warning say so. Rows are labelled by the components
+  below target, a note and a logged warning say so. With ``evaluate.inception_weights`` (a
+  local FID Inception file, :mod:`ncpvae.metrics.inception`) every row also gets Inception FID
+  and KID; without it, a note says how to get the file. Rows are labelled by the components
   themselves (``prior.label``, ``sampler.label``); a sampler's ``acceptance_note`` is kept
   with its row.
 - *Did the learned prior help?* Per row, MMD (permutation p-value) and a fresh classifier
