@@ -231,3 +231,13 @@ def test_the_below_target_warning_is_logged(smoke_run_copy, caplog):
     with caplog.at_level(logging.WARNING, logger="ncpvae.evaluation.pipeline"):
         _, info, hit = feature_net(run, notes)
     assert hit and notes == [info["warning"]] and info["warning"] in caplog.text
+
+
+def test_a_target_outside_zero_one_is_a_one_line_config_error():
+    from ncpvae.config import load_config
+    from ncpvae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"evaluate.feature_net.targets.shape: .*less than or "
+                                          r"equal to 1") as err:
+        load_config("smoke", ["evaluate.feature_net.targets={shape=1.5}"])
+    assert "\n" not in str(err.value)

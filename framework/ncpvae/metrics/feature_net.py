@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ class FeatureNetConfig(StrictModel):
     num_train: int = Field(50_000, ge=10, description="images drawn from a ground-truth dataset")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="held out to report accuracy")
     seed: int = 0
-    targets: dict[str, float] = Field(
+    targets: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: dict(DEFAULT_TARGETS),
         description="held-out accuracy each head (by name) should reach; below it the "
         "evaluation warns next to every number that uses the net (not part of the cache key)")
