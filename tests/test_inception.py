@@ -75,7 +75,7 @@ def test_a_wrapped_torch_fidelity_style_dict_loads_and_a_foreign_file_is_refused
         load_inception(other)
     with pytest.raises(DataError, match="no file") as err:
         load_inception(tmp_path / "missing.pth")
-    assert "curl -LO https://" in str(err.value) and "\n" not in str(err.value)
+    assert "curl -LO github.com/mseitzer/pytorch-fid/" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_inception_scores_are_zero_ish_for_one_law_and_large_for_two():

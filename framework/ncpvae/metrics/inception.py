@@ -39,10 +39,11 @@ __all__ = ["FEATURE_DIM", "HOW_TO_GET", "IMAGE_SIZE", "InceptionFeatures", "fid_
 
 IMAGE_SIZE = 299
 FEATURE_DIM = 2048
-#: the one line shown when no weights are configured
+#: the one line shown when no weights are configured (no URL scheme: the report links nothing
+#: outside itself; curl follows GitHub's redirect to https)
 HOW_TO_GET = (
     "Inception FID/KID skipped: to add them, download the FID Inception weights yourself "
-    "(e.g. `curl -LO https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "(e.g. `curl -LO github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
     "pt_inception-2015-12-05-6726825d.pth`) and set evaluate.inception_weights to that file")
 
 
