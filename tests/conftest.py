@@ -23,6 +23,17 @@ from ncpvae.registry import Registry
 TINY_IMAGE_SHAPE = (1, 8, 8)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test (and every ``ncpvae`` subprocess it starts) caches feature nets in a session
+    folder, never in the user's cache (``NCPVAE_CACHE_DIR``, see
+    :func:`ncpvae.metrics.feature_net.default_cache_dir`)."""
+    folder = tmp_path_factory.mktemp("ncpvae-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NCPVAE_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def registry() -> Registry:
     """The built-in components, without installed third-party plugins."""

@@ -62,8 +62,10 @@ def _deterministic(evaluation: dict) -> dict:
 def ncp_run(tmp_path_factory) -> Path:
     """A smoke-sized NCP run: trained, prior fitted, evaluated by the evaluation stage."""
     out = tmp_path_factory.mktemp("evaluation") / "ncp"
+    # its own feature-net cache (the session's is shared with the smoke run, same key)
     config = load_config("smoke", ["prior=ncp", "prior.epochs=2", "prior.min_steps=0",
-                                   "prior.log_z_samples=4096", *MALA])
+                                   "prior.log_z_samples=4096",
+                                   f"evaluate.cache_dir={out.parent / 'cache'}", *MALA])
     train(config, out, quiet=True, stages=STAGES)
     return out
 
@@ -190,6 +192,15 @@ def test_evaluation_json_has_every_part_with_sane_values(ncp_run):
         assert 0.0 <= ev["disentanglement"][metric][key] <= 1.0, metric
     assert ev["feature_net"]["target"] == "factors"
     assert ev["feature_net"]["heads"] == ["shape", "scale", "orientation", "posX", "posY"]
+    # the smoke net is far below the sprites targets, and every dependent number says so
+    net = ev["feature_net"]
+    assert net["meets_target"] is False and set(net["below_target"]) == {
+        "shape", "scale", "posX", "posY"}
+    assert net["warning"] in ev["notes"]
+    for part in (*(row["sample_quality"] for row in ev["rows"]),
+                 *(row["coverage"] for row in ev["rows"]), ev["factor_recovery"]):
+        assert part["instrument"] == {"ref": "feature_net", "val_accuracy": net["val_accuracy"],
+                                      "meets_target": False}
 
     lp = ev["learned_prior"]
     assert lp["log_z_se"] > 0 and lp["delta_se"] > 0 and lp["log_z_samples"] == 4096
@@ -252,7 +263,7 @@ def test_markdown_report_links_the_pngs(ncp_run, tmp_path):
 @pytest.mark.slow
 def test_reevaluation_is_identical_and_reuses_the_feature_net(ncp_run):
     first = _read(ncp_run)
-    cached = list((ncp_run / "cache").glob("*.pt"))
+    cached = list((ncp_run.parent / "cache").glob("*.pt"))
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
     assert first["runtime"]["feature_net_cache_hit"] is False
@@ -268,9 +279,10 @@ def test_reevaluation_is_identical_and_reuses_the_feature_net(ncp_run):
 @pytest.mark.slow
 def test_a_corrupt_feature_net_entry_is_rebuilt_and_not_reported_as_a_hit(ncp_run, tmp_path):
     run = shutil.copytree(ncp_run, tmp_path / "copy")
-    entry, = (run / "cache").glob("*.pt")
+    cache = shutil.copytree(ncp_run.parent / "cache", tmp_path / "cache")
+    entry, = cache.glob("*.pt")
     entry.write_bytes(b"not a checkpoint")
-    evaluate_command(run, [], quiet=True)
+    evaluate_command(run, [f"evaluate.cache_dir={cache}"], quiet=True)
     assert _read(run)["runtime"]["feature_net_cache_hit"] is False
     assert entry.stat().st_size > 1000  # rebuilt over the corrupt bytes
 

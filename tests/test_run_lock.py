@@ -200,14 +200,20 @@ def _small_net():
                                      head_names=("label",), width=4, feature_dim=8))
 
 
-def _cache_writer(folder: str, barrier, result) -> None:
-    """One process of the concurrent-writer test: both miss the cache, then both write it."""
+def _cache_writer(folder: str, barrier, result, builds) -> None:
+    """One process of the concurrent-writer test: both ask for the entry at once; the build
+    lock lets one build while the other waits, then loads what it wrote."""
+    import time
+
     from ncpvae.metrics.feature_net import cached_feature_net
 
     def build():
-        barrier.wait(timeout=120)  # both processes have missed the cache before either writes
+        with open(builds, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # the other process asks meanwhile
         return _small_net()
 
+    barrier.wait(timeout=120)  # both start together, on an empty cache
     net = cached_feature_net(folder, "key", build)
     result.put(sorted(net.state_dict()))
 
@@ -218,7 +224,9 @@ def test_two_processes_writing_one_feature_net_cache_entry_both_end_with_a_valid
 
     context = mp.get_context("fork")
     barrier, result = context.Barrier(2), context.Queue()
-    procs = [context.Process(target=_cache_writer, args=(str(tmp_path), barrier, result))
+    builds = tmp_path.parent / f"{tmp_path.name}-builds.txt"
+    procs = [context.Process(target=_cache_writer, args=(str(tmp_path), barrier, result,
+                                                         str(builds)))
              for _ in range(2)]
     for proc in procs:
         proc.start()
@@ -228,7 +236,9 @@ def test_two_processes_writing_one_feature_net_cache_entry_both_end_with_a_valid
     assert [proc.exitcode for proc in procs] == [0, 0]
     expected = _small_net().state_dict()
     assert keys == [sorted(expected)] * 2
-    assert [p.name for p in tmp_path.iterdir()] == ["key.pt"]  # no temporary file left
+    assert len(builds.read_text().split()) == 1  # the second one waited for the first's entry
+    # the entry and its lock file, no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.lock", "key.pt"]
     loaded = load_feature_net(tmp_path / "key.pt").state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
     again = cached_feature_net(tmp_path, "key", build=lambda: pytest.fail("rebuilt a good entry"))

@@ -11,8 +11,11 @@ The prior x sampler table: one row for the base prior (exact samples), and, when
 prior is a learned one (NCP), one row per entry of ``samplers`` (sampler tables, validated
 like the run's ``[sampler]``), plus the run's own ``[sampler]`` if it is not already listed.
 
-The feature network is cached under ``cache_dir`` (default ``<run>/cache``; set a shared
-directory such as ``~/.cache/ncpvae`` to train it once per dataset across runs).
+The feature network is cached once per machine under ``cache_dir`` (default: the ``feature_nets``
+folder of the user cache, ``$NCPVAE_CACHE_DIR`` or ``$XDG_CACHE_HOME/ncpvae`` or
+``~/.cache/ncpvae``), keyed by the dataset config and the net config. It trains until its held-out
+accuracy plateaus (``feature_net.epochs`` at most, ``feature_net.patience``) and states that
+accuracy against ``feature_net.targets`` beside every number resting on it (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -122,9 +125,16 @@ class EvaluateConfig(_EvaluateMetrics):  # type: ignore[misc, valid-type]
         "precision/recall of decoded samples against held-out images")
     feature_net: FeatureNetConfig = Field(
         default_factory=FeatureNetConfig, description="the locally trained feature network: "
-        "a factor classifier on ground-truth data, a label classifier on labelled data")
-    cache_dir: str | None = Field(None, description="feature-net cache (unset: <run>/cache; "
+        "a factor classifier on ground-truth data, a label classifier on labelled data; "
+        "trained until its held-out accuracy plateaus, checked against its targets")
+    cache_dir: str | None = Field(None, description="feature-net cache folder (unset: "
+                                  "feature_nets/ of $NCPVAE_CACHE_DIR, else "
+                                  "$XDG_CACHE_HOME/ncpvae, else ~/.cache/ncpvae; "
                                   "'~' is expanded, relative paths are from the working dir)")
+    inception_weights: str | None = Field(
+        None, description="a local file of the FID Inception-v3 weights (pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth or torch-fidelity's state dict): adds Inception "
+        "FID and KID to every row (unset: skipped, with a note on how to get the file)")
     likelihood: LikelihoodSizes = Field(default_factory=LikelihoodSizes)
     factor_recovery: FactorRecoverySwitch = Field(
         default_factory=FactorRecoverySwitch, description="the feature net's per-factor accuracy on "

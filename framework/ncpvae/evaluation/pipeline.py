@@ -12,8 +12,14 @@ section, see :mod:`ncpvae.evaluation.config`):
   stage uses too) and compared with held-out test images on the features of a locally trained
   network (scaled to unit RMS on the held-out images, see :func:`feature_scale`): KID
   (unbiased, with SE), Fréchet distance, precision/recall, and for ground-truth data the
-  coverage of the factor grid. The net is trained once per dataset and cached
-  (``evaluate.cache_dir``, default ``<run>/cache``). Rows are labelled by the components
+  coverage of the factor grid. The net is trained once per machine, dataset and net config and
+  cached (``evaluate.cache_dir``, default the user cache folder of
+  :func:`ncpvae.metrics.feature_net.default_cache_dir`); its held-out accuracy per factor
+  against ``evaluate.feature_net.targets`` is the ``feature_net`` block of evaluation.json, and
+  every number resting on the net carries an ``instrument`` entry (accuracy, target met);
+  below target, a note and a logged warning say so. With ``evaluate.inception_weights`` (a
+  local FID Inception file, :mod:`ncpvae.metrics.inception`) every row also gets Inception FID
+  and KID; without it, a note says how to get the file. Rows are labelled by the components
   themselves (``prior.label``, ``sampler.label``); a sampler's ``acceptance_note`` is kept
   with its row.
 - *Did the learned prior help?* Per row, MMD (permutation p-value) and a fresh classifier
@@ -32,6 +38,7 @@ evaluating the same run twice gives the same ``evaluation.json`` except its ``ru
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +58,7 @@ from ncpvae.evaluation.config import EvaluateConfig, without_switch
 from ncpvae.evaluation.metrics_table import DISENTANGLEMENT
 from ncpvae.evaluation.report import write_report
 from ncpvae.io import to_plain_json, write_json
+from ncpvae.metrics.feature_net import accuracy_check, default_cache_dir
 from ncpvae.metrics.likelihood import ImportanceSample
 from ncpvae.model import reparameterize
 from ncpvae.modes import eval_mode
@@ -68,6 +76,10 @@ from ncpvae.sampler import Sampler
 FORMAT = 1
 #: sampler diagnostics that measure time, moved to the runtime section
 _TIMING_KEYS = ("wall_time_s", "chain_steps_per_s", "samples_per_s")
+#: the subfolder of the user cache folder holding feature nets
+FEATURE_NET_CACHE = "feature_nets"
+
+_log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,12 +175,13 @@ def disentanglement(run: Run, metrics: tuple[str, ...], clock: _Clock,
 
 
 def cache_directory(run: Run) -> Path:
-    """Where the feature net is cached: ``evaluate.cache_dir`` or ``<run>/cache``."""
+    """Where the feature net is cached: ``evaluate.cache_dir``, or the ``feature_nets`` folder
+    of the user cache (:func:`ncpvae.metrics.feature_net.default_cache_dir`: shared by every
+    run on this machine, so a dataset's net is trained once)."""
     cfg = run.config.evaluate
     if cfg.cache_dir is not None:
         return Path(cfg.cache_dir).expanduser()
-    assert run.directory is not None
-    return run.directory.cache
+    return default_cache_dir() / FEATURE_NET_CACHE
 
 
 def feature_net(run: Run, notes: list[str]) -> tuple[Any, dict[str, Any], bool]:
@@ -176,6 +189,9 @@ def feature_net(run: Run, notes: list[str]) -> tuple[Any, dict[str, Any], bool]:
 
     Ground-truth data: a factor classifier on ``num_train`` rendered images; labelled data: a
     label classifier on the first ``num_train`` training images; otherwise None (with a note).
+    The description holds the held-out accuracy per head against ``feature_net.targets``
+    (:func:`ncpvae.metrics.feature_net.accuracy_check`); a net below target adds a note and
+    logs a warning.
     """
     net_cfg = run.config.evaluate.feature_net
     data = run.data
@@ -210,10 +226,48 @@ def feature_net(run: Run, notes: list[str]) -> tuple[Any, dict[str, Any], bool]:
 
     net = M.cached_feature_net(cache_directory(run), key, build_and_note, device=run.device)
     hit = not built
+    check = accuracy_check(net, net_cfg.targets)
+    warning = check.warning()
+    if warning is not None:
+        notes.append(warning)
+        _log.warning("%s: %s", run.config.name, warning)
     info = {"target": kind, "cache_key": key, "heads": list(net.spec.head_names),
-            "val_accuracy": dict(zip(net.spec.head_names, net.info.get("val_accuracy", []))),
-            "num_examples": net.info.get("num_examples")}
+            **check.to_dict(), "num_examples": net.info.get("num_examples"),
+            "num_val": net.info.get("num_val"), "epochs_run": net.info.get("epochs_run"),
+            "epochs_max": net_cfg.epochs, "val_history": net.info.get("val_history")}
     return net, to_plain_json(info), hit
+
+
+def _feature_net_noted(run: Run, notes: list[str],
+                       runtime: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """:func:`feature_net`, with the cache hit and the net's training time (when it was built,
+    from its cache entry) put into ``runtime``."""
+    net, net_info, hit = feature_net(run, notes)
+    runtime["feature_net_cache_hit"] = hit
+    if net is not None:
+        runtime["feature_net_train_seconds"] = net.info.get("train_seconds")
+    return net, net_info
+
+
+def inception_net(run: Run, notes: list[str]) -> Any:
+    """The FID Inception feature extractor of ``evaluate.inception_weights``
+    (:func:`ncpvae.metrics.inception.load_inception`), or None with a note on how to get the
+    weights when unset."""
+    from ncpvae.metrics import inception  # torchvision's Inception only when asked for
+
+    path = run.config.evaluate.inception_weights
+    if path is None:
+        notes.append(inception.HOW_TO_GET)
+        return None
+    return inception.load_inception(path, device=run.device)
+
+
+def instrument(net_info: dict[str, Any]) -> dict[str, Any]:
+    """What a number resting on the feature net carries beside it: a reference to the
+    ``feature_net`` block of evaluation.json, its held-out accuracy per head, and whether it
+    meets its targets (None: no target stated)."""
+    return {"ref": "feature_net", "val_accuracy": net_info.get("val_accuracy", {}),
+            "meets_target": net_info.get("meets_target")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +358,15 @@ def feature_scale(real: np.ndarray) -> float:
 
 
 def evaluate_rows(run: Run, rows: list[Row], net: Any, heldout_z: Tensor, clock: _Clock,
-                  bar: tqdm, runtime: dict[str, Any],
-                  table: dict[str, Any]) -> list[dict[str, Any]]:
+                  bar: tqdm, runtime: dict[str, Any], table: dict[str, Any],
+                  net_info: dict[str, Any] | None = None,
+                  inception: Any = None) -> list[dict[str, Any]]:
     """Draw, decode, score and plot every row of the prior x sampler table (``rows``, of
     :func:`table_rows`). Puts the feature scale and the factor coverage of as many held-out
-    images (the ceiling of a row's coverage) into ``table``."""
+    images (the ceiling of a row's coverage) into ``table``. A row's sample quality and
+    coverage carry the net's :func:`instrument` entry (from ``net_info``); with an
+    ``inception`` feature extractor (:func:`inception_net`) a row also gets Inception FID and
+    KID against the same held-out images."""
     cfg = run.config.evaluate
     directory = run.directory
     assert directory is not None
@@ -325,6 +383,12 @@ def evaluate_rows(run: Run, rows: list[Row], net: Any, heldout_z: Tensor, clock:
             scale = feature_scale(real_features)
             real_features = real_features / scale
             table["feature_scale"] = scale
+        if inception is not None:
+            from ncpvae.metrics.inception import inception_features, inception_scores
+
+            with clock("Inception features of held-out images"):
+                real_inception = inception_features(inception, real_images,
+                                                    batch_size=cfg.batch_size)
     sq_cfg = without_switch(cfg.sample_quality, M.SampleQualityConfig)
     pf_cfg = without_switch(cfg.prior_fit, M.PriorFitConfig)
     entries = []
@@ -363,10 +427,19 @@ def evaluate_rows(run: Run, rows: list[Row], net: Any, heldout_z: Tensor, clock:
                 seed = _rng(run, seeds.row_offset(i, seeds.ROW_SAMPLE_QUALITY))
                 entry["sample_quality"] = to_plain_json(M.sample_quality(
                     real_features, fake, config=sq_cfg, seed=seed).to_dict())
+                entry["sample_quality"]["instrument"] = instrument(net_info or {})
                 if coverage_on:
                     predicted = M.predict_factors(net, images, batch_size=cfg.batch_size)
                     entry["coverage"] = to_plain_json(M.factor_coverage(
                         predicted, gt.factor_sizes, factor_names=gt.factor_names).to_dict())
+                    entry["coverage"]["instrument"] = instrument(net_info or {})
+            if inception is not None:
+                with clock(f"Inception: {row.label}"):
+                    fake = inception_features(inception, images, batch_size=cfg.batch_size)
+                    seed = _rng(run, seeds.row_offset(i, seeds.ROW_SAMPLE_QUALITY))
+                    entry["inception"] = to_plain_json(inception_scores(
+                        real_inception, fake, subset_size=sq_cfg.kid_subset_size,
+                        num_subsets=sq_cfg.kid_num_subsets, seed=seed))
         entries.append(entry)
         bar.update()
     if coverage_on and real_images is not None:
@@ -398,13 +471,13 @@ def heldout_factors(run: Run, n: int) -> tuple[Tensor, Tensor, bool]:
     return gt.images_from_factors(factors), factors, False
 
 
-def factor_recovery(run: Run, net: Any, notes: list[str],
-                    heldout: Heldout | None = None) -> dict[str, Any]:
+def factor_recovery(run: Run, net: Any, notes: list[str], heldout: Heldout | None = None,
+                    net_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The feature net's per-factor accuracy on reconstructions (decoder means of the encoder
-    means, no draws) of ``num_heldout`` held-out images relative to the originals
-    (:func:`ncpvae.metrics.factor_recovery`); {} (with a note) when it does not apply. When
-    the held-out images are the test images of ``heldout``, its means are decoded (no second
-    encoder pass)."""
+    means, no draws) of ``num_heldout`` held-out images, absolute and relative to the originals
+    (:func:`ncpvae.metrics.factor_recovery`), with the net's :func:`instrument` entry; {} (with
+    a note) when it does not apply. When the held-out images are the test images of
+    ``heldout``, its means are decoded (no second encoder pass)."""
     cfg = run.config.evaluate
     gt = run.data.ground_truth
     if not cfg.factor_recovery.enabled:
@@ -428,7 +501,7 @@ def factor_recovery(run: Run, net: Any, notes: list[str],
             recon.append(model.mean_image(model.decode(mu)).cpu())
     result = M.factor_recovery(net, images, torch.cat(recon), factors,
                                factor_sizes=gt.factor_sizes, batch_size=cfg.batch_size)
-    return to_plain_json(result.to_dict())
+    return to_plain_json({**result.to_dict(), "instrument": instrument(net_info or {})})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,6 +612,11 @@ def summary_section(evaluation: dict[str, Any]) -> dict[str, Any]:
     recovery = evaluation.get("factor_recovery", {})
     if "recovery" in recovery:
         out["factor_recovery"] = recovery["recovery"]
+        out["factor_accuracy_reconstruction"] = recovery["accuracy_reconstruction"]
+    net = evaluation.get("feature_net", {})
+    if net.get("val_accuracy"):
+        out["feature_net_accuracy"] = net["val_accuracy"]
+        out["feature_net_meets_target"] = net.get("meets_target")
     kid = {r["label"]: r["sample_quality"]["kid"] for r in evaluation.get("rows", [])
            if "sample_quality" in r}
     if kid:
@@ -567,6 +645,8 @@ def evaluate_run(run: Run) -> dict[str, Any]:
                                "device": str(run.device)}
     metrics = requested_metrics(run, notes)
     rows = table_rows(run)
+    # loaded first: a wrong weights file fails before the long parts
+    inception = inception_net(run, notes) if cfg.sample_quality.enabled else None
     bar = tqdm(total=len(metrics) + len(rows) + 3, desc="evaluate", unit="part",
                disable=run.quiet)
     evaluation: dict[str, Any] = {"format": FORMAT, "run": run.config.name,
@@ -589,25 +669,26 @@ def evaluate_run(run: Run) -> dict[str, Any]:
             evaluation["disentanglement"] = disentanglement(run, metrics, clock, bar)
             with clock("feature net"):
                 bar.set_postfix_str("feature net")
-                net, net_info, hit = (feature_net(run, notes) if cfg.sample_quality.enabled
-                                      else (None, {}, False))
-            runtime["feature_net_cache_hit"] = hit
+                net, net_info = (_feature_net_noted(run, notes, runtime)
+                                 if cfg.sample_quality.enabled else (None, {}))
+            runtime.setdefault("feature_net_cache_hit", False)
             evaluation["feature_net"] = net_info
             bar.update()
             with clock("learned prior"):
                 evaluation["learned_prior"] = learned_prior(run, heldout.z)
             table: dict[str, Any] = {"feature_scale": None, "coverage_reference": None}
             evaluation["rows"] = evaluate_rows(run, rows, net, heldout.z, clock, bar, runtime,
-                                               table)
+                                               table, net_info,
+                                               inception if net is not None else None)
             evaluation.update(table)
             hooks.boundary("evaluate")
             if net is None and cfg.factor_recovery.enabled and run.data.ground_truth is not None:
                 with clock("feature net"):  # factor recovery wants it even without KID
-                    net, net_info, hit = feature_net(run, notes)
+                    net, net_info = _feature_net_noted(run, notes, runtime)
                 evaluation["feature_net"] = net_info
-                runtime["feature_net_cache_hit"] = hit
             with clock("factor recovery"):
-                evaluation["factor_recovery"] = factor_recovery(run, net, notes, heldout)
+                evaluation["factor_recovery"] = factor_recovery(run, net, notes, heldout,
+                                                                net_info)
             lp = evaluation["learned_prior"]
             if cfg.likelihood.enabled:
                 bar.set_postfix_str("likelihood")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ncpvae.evaluation.format import num, pm
+from ncpvae.evaluation.format import accuracy_against_targets, instrument_status, num, pm
 from ncpvae.evaluation.metrics_table import DISENTANGLEMENT
 from ncpvae.io import to_plain_json, write_text
 from ncpvae.metrics.significance import FLAG, flag_notes, gain_flags
@@ -115,8 +115,9 @@ def config_summary(config: Mapping[str, Any]) -> Block:
         f"K = {_get(ev, 'likelihood', 'num_samples')} on "
         f"{_get(ev, 'likelihood', 'num_examples')} images, MIG {_get(ev, 'mig', 'num_train')} "
         f"points, DCI {_get(ev, 'dci', 'num_train')}/{_get(ev, 'dci', 'num_test')}, "
-        f"feature net {_get(ev, 'feature_net', 'num_train')} images x "
-        f"{_get(ev, 'feature_net', 'epochs')} epochs")])
+        f"feature net {_get(ev, 'feature_net', 'num_train')} images x at most "
+        f"{_get(ev, 'feature_net', 'epochs')} epochs (stops on a plateau, patience "
+        f"{_get(ev, 'feature_net', 'patience')})")])
     return table(["section", "settings"], rows)
 
 
@@ -129,6 +130,9 @@ def headline(evaluation: Mapping[str, Any]) -> Block:
                  for spec in DISENTANGLEMENT if spec.name in d]
         items.append("Disentangled? " + ", ".join(parts) + " (Locatello et al. 2019 report "
                      "MIG 0.05–0.35, FactorVAE 0.6–0.75 for beta-VAEs on dSprites).")
+    net = evaluation.get("feature_net") or {}
+    caveat = (f" (The feature net behind these numbers: {instrument_status(net)}.)"
+              if net.get("meets_target") is False else "")
     scored = [r for r in evaluation.get("rows", []) if "sample_quality" in r]
     if scored:
         best = min(scored, key=lambda r: r["sample_quality"]["kid"])
@@ -137,13 +141,19 @@ def headline(evaluation: Mapping[str, Any]) -> Block:
         kid = best["sample_quality"]
         items.append(f"Good samples? Lowest KID ×10³: {best['label']} "
                      f"({pm(kid['kid'] * 1e3, kid['kid_se'] * 1e3)})"
-                     + (f"; {others}" if others else "") + " (lower is better).")
+                     + (f"; {others}" if others else "") + " (lower is better)." + caveat)
     fr = evaluation.get("factor_recovery", {})
     if fr.get("recovery"):
-        items.append("Do reconstructions keep the factors? Feature-net accuracy on "
-                     "reconstructions / on originals: "
+        # what a person sees in the reconstruction grid: how often the net still names the
+        # right factor value on a reconstruction (absolute), then the ratio to the originals
+        items.append("Do reconstructions keep the factors? The feature net names the true "
+                     "value on reconstructions for "
+                     + ", ".join(f"{k} {num(fr['accuracy_reconstruction'][k], 2)} (originals "
+                                 f"{num(fr['accuracy_original'][k], 2)}, chance "
+                                 f"{num(fr['chance'][k], 2)})" for k in fr["recovery"])
+                     + " of test images; reconstructions / originals: "
                      + ", ".join(f"{k} {num(v, 2)}" for k, v in fr["recovery"].items())
-                     + " (1 = as recognisable as the originals).")
+                     + " (1 = as recognisable as the originals)." + caveat)
     lp = evaluation.get("learned_prior", {})
     gain = _get(evaluation, "likelihood", "iw_gain")
     if "delta" in lp or gain:
@@ -314,18 +324,22 @@ def metric_table(evaluation: Mapping[str, Any]) -> list[Block]:
                      "fits better"])
     fr = evaluation.get("factor_recovery", {})
     if fr.get("recovery"):
-        rows.append(["factor recovery (mean over factors)", num(fr.get("mean_recovery")),
-                     "per factor, accuracy on reconstructions / on originals: "
-                     + ", ".join(f"{k} {num(v, 2)} ({num(fr['accuracy_reconstruction'][k], 2)}"
-                                 f" / {num(fr['accuracy_original'][k], 2)}; chance "
-                                 f"{num(fr['chance'][k], 2)})"
+        rows.append(["factor recovery (mean ratio over factors)", num(fr.get("mean_recovery")),
+                     "per factor, feature-net accuracy on reconstructions (on originals; "
+                     "chance) and their ratio: "
+                     + ", ".join(f"{k} {num(fr['accuracy_reconstruction'][k], 2)} "
+                                 f"({num(fr['accuracy_original'][k], 2)}; "
+                                 f"{num(fr['chance'][k], 2)}) ratio {num(v, 2)}"
                                  for k, v in fr["recovery"].items())
                      + f"; {fr.get('num_images')} test images"])
     net = evaluation.get("feature_net", {})
     if net:
-        rows.append(["feature net validation accuracy", "",
-                     ", ".join(f"{k} {num(v)}" for k, v in net.get("val_accuracy", {}).items())
-                     + f" (predicts {net.get('target')})"])
+        rows.append(["feature net held-out accuracy", instrument_status(net),
+                     accuracy_against_targets(net)
+                     + f" (predicts {net.get('target')}; {net.get('num_examples')} images, "
+                     f"{net.get('num_val')} held out; {net.get('epochs_run')} of at most "
+                     f"{net.get('epochs_max')} epochs); KID, FD, precision/recall, grid "
+                     "coverage and factor recovery rest on it"])
     if not rows:
         return []
     return [heading("Metrics"), table(["metric", "value", "details"], rows)]
@@ -361,6 +375,7 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
     if not rows_in:
         return []
     rows: list[list[Cell]] = []
+    with_inception = any("inception" in r for r in rows_in)
     for r in rows_in:
         sq, pf, cov = r.get("sample_quality"), r.get("prior_fit"), r.get("coverage")
         rows.append([
@@ -374,8 +389,13 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
             pm(pf["c2st"]["accuracy"], pf["c2st"]["se"], 2) if pf else "—",
             _sampler_cell(r),
         ])
+        if with_inception:
+            inc = r.get("inception")
+            rows[-1].insert(5, f"{num(inc['fid'])} / {pm(inc['kid'] * 1e3, inc['kid_se'] * 1e3)}"
+                            if inc else "—")
     ref = evaluation.get("coverage_reference")
     scale = num(evaluation.get("feature_scale"))
+    net = evaluation.get("feature_net") or {}
     bins = (ref or {}).get("joint_bins") or {}
     coverage = (f"; coverage: fraction of the {' × '.join(bins)} grid of the data's factors "
                 f"({' × '.join(str(b) for b in bins.values())} = {ref.get('joint_cells')} cells) "
@@ -383,7 +403,9 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
     blocks = [heading("Prior × sampler"),
               paragraph("Each row draws latents from a prior with a sampler and decodes them "
                         "(decoder means). Sample quality compares the decoded samples with "
-                        "held-out test images on the features of a locally trained network, "
+                        "held-out test images on the features of a locally trained network "
+                        f"(held-out accuracy {accuracy_against_targets(net)}: "
+                        f"{instrument_status(net)}), "
                         f"divided by their RMS on held-out images ({scale}) "
                         "(KID: unbiased, lower is better, can be negative; Fréchet distance; "
                         f"precision / recall of k-NN manifolds{coverage}). Prior fit compares "
@@ -391,7 +413,14 @@ def sample_table(evaluation: Mapping[str, Any]) -> list[Block]:
                         "with its permutation p-value, and the held-out accuracy of a fresh "
                         "classifier (0.5: indistinguishable)."),
               table(["prior / sampler", "decoded samples", "KID ×10³", "FD", "precision / recall",
+                     *(["Inception FID / KID ×10³"] if with_inception else []),
                      "grid coverage", "MMD² (p)", "C2ST accuracy", "sampler"], rows)]
+    if with_inception:
+        blocks.append(paragraph("Inception FID / KID: the same decoded samples and held-out "
+                                "images on the 2048 pool features of the FID Inception-v3 "
+                                "(evaluate.inception_weights; images resized to 299, grey "
+                                "repeated to 3 channels); comparable with published numbers "
+                                "only at the same sample sizes."))
     if ref and ref.get("joint") is not None:
         blocks.append(paragraph(f"Grid coverage of {ref.get('num_images')} held-out images "
                                 f"(the ceiling for a row): {num(ref['joint'], 2)}."))
@@ -402,8 +431,11 @@ def build_blocks(evaluation: Mapping[str, Any], summary: Mapping[str, Any],
                  config: Mapping[str, Any], run_dir: Path) -> list[Block]:
     run = RunDirectory(run_dir)
     blocks = [heading(f"ncpvae evaluation: run '{config.get('name')}'", 1),
-              paragraph(f"Dataset {evaluation.get('dataset')}, prior {evaluation.get('prior')}."),
-              headline(evaluation), heading("Configuration"), config_summary(config)]
+              paragraph(f"Dataset {evaluation.get('dataset')}, prior {evaluation.get('prior')}.")]
+    net = evaluation.get("feature_net") or {}
+    if net.get("warning"):
+        blocks.append(paragraph(f"{FLAG} {net['warning']}."))
+    blocks += [headline(evaluation), heading("Configuration"), config_summary(config)]
     blocks += training_blocks(summary, run)
     pictures = [(n, c) for n, c in ((files.PLOT_RECONSTRUCTIONS, "Test images (odd rows) and "
                                      "their reconstructions (even rows)"),

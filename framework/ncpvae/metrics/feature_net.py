@@ -8,23 +8,32 @@ Architecture, for any input ``(C, H, W)``: ``s`` stride-2 4x4 convolutions (``s`
 to 4 at 64x64, so the last map is about 4x4), a 3x3 convolution, adaptive average pooling to
 ``pool_size x pool_size``, a dense ReLU layer (the features), and the heads.
 
+Training to a stated target: up to ``epochs`` passes, stopping once the held-out accuracy
+(mean over heads, on the ``val_fraction`` held out) has not risen by ``min_delta`` for
+``patience`` epochs (a plateau). The net's held-out accuracy per head is then compared with
+``targets`` (:func:`accuracy_check`); below target, every number that rests on the net says so.
+
 Caching: :func:`save_feature_net` writes the state dict and plain-data metadata atomically
 (``torch.save`` to a temporary file, then ``os.replace``); :func:`load_feature_net` reads it with
 ``torch.load(weights_only=True)``. :func:`feature_net_cache_key` names a cache entry after the
-dataset and the training config; :func:`cached_feature_net` loads or trains and saves.
+dataset, the training config and :data:`CACHE_VERSION`; :func:`cached_feature_net` loads or
+trains and saves under a file lock; :func:`default_cache_dir` is the per-user cache folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -38,8 +47,26 @@ from ncpvae.errors import DataError
 from ncpvae.io import save_torch
 from ncpvae.modes import eval_mode
 
+try:  # POSIX: a build lock shared by every process that uses one cache folder
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock (two runs may both build; last wins)
+    fcntl = None  # type: ignore[assignment]
+
 FORMAT = "ncpvae-feature-net"
 FORMAT_VERSION = 1
+#: version of the training recipe, part of every cache key: bump it when a change to the code
+#: would train a different net from the same config (old entries are then never loaded)
+CACHE_VERSION = 2
+#: the environment variable naming the ncpvae cache folder (see :func:`default_cache_dir`)
+CACHE_ENV = "NCPVAE_CACHE_DIR"
+#: held-out accuracy each head should reach, by head name; heads not named have no target.
+#: Sprites: shape >= 0.97, scale / posX / posY >= 0.95 (orientation is ambiguous for the
+#: symmetric shapes, so it has none).
+DEFAULT_TARGETS: dict[str, float] = {"shape": 0.97, "scale": 0.95, "posX": 0.95, "posY": 0.95}
+#: held-out images scored per epoch and at the end
+_VAL_MAX = 10_000
+
+_log = logging.getLogger(__name__)
 
 
 class FeatureNetConfig(StrictModel):
@@ -48,12 +75,25 @@ class FeatureNetConfig(StrictModel):
     width: int = Field(32, ge=4, description="channels of the first convolution")
     feature_dim: int = Field(128, ge=2, description="width of the penultimate (feature) layer")
     pool_size: int = Field(4, ge=1, description="adaptive pooling output size")
-    epochs: int = Field(3, ge=1, description="passes over the training images")
+    epochs: int = Field(3, ge=1, description="most passes over the training images (fewer "
+                        "when the held-out accuracy plateaus, see patience)")
+    patience: int | None = Field(2, ge=1, description="stop after this many epochs without a "
+                                 "held-out accuracy gain of min_delta (unset: run every epoch)")
+    min_delta: float = Field(0.002, ge=0, description="held-out accuracy gain (mean over heads) "
+                             "that counts as progress")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     num_train: int = Field(50_000, ge=10, description="images drawn from a ground-truth dataset")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="held out to report accuracy")
     seed: int = 0
+    targets: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: dict(DEFAULT_TARGETS),
+        description="held-out accuracy each head (by name) should reach; below it the "
+        "evaluation warns next to every number that uses the net (not part of the cache key)")
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The fields that change the trained net (the cache key's part): all but ``targets``."""
+        return self.model_dump(exclude={"targets"})
 
 
 @dataclass(frozen=True)
@@ -171,8 +211,11 @@ def train_feature_net(
 
     ``get_images(index)`` returns the images ``(B, C, H, W)`` of a ``(B,)`` long index;
     ``targets`` is ``(N, num_heads)`` long with column k in ``[0, head_sizes[k])``. The last
-    ``val_fraction`` of a seeded shuffle is held out; its per-head accuracy is stored in
-    ``net.info["val_accuracy"]``. Deterministic given ``config.seed`` (on CPU).
+    ``val_fraction`` of a seeded shuffle is held out (at most 10,000 of it scored); training
+    stops at ``config.epochs`` or earlier on a plateau of its mean per-head accuracy
+    (``patience``, ``min_delta``; the weights of the last epoch are kept). ``net.info`` holds
+    ``val_accuracy`` (per head, last epoch), ``epochs_run``, ``val_history`` (mean accuracy per
+    epoch) and ``train_seconds``. Deterministic given ``config.seed`` (on CPU).
     """
     cfg = config or FeatureNetConfig()
     targets = torch.as_tensor(targets).long()
@@ -199,8 +242,20 @@ def train_feature_net(
     if train_idx.numel() == 0:
         raise DataError("feature net: no training examples left after the validation split")
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    val_idx = val_idx[:_VAL_MAX]
+
+    def held_out_accuracy() -> list[float]:
+        if not val_idx.numel():
+            return []
+        pred = predict_factors(net, get_images(val_idx))
+        return [float(v) for v in (pred == targets[val_idx].numpy()).mean(0)]
+
+    start_time = time.perf_counter()
+    history: list[float] = []  # mean held-out accuracy after each scored epoch
+    best, since_best, epochs_run = -math.inf, 0, 0
+    val_acc: list[float] = []
     net.train()
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
         perm = train_idx[torch.randperm(train_idx.numel(), generator=gen)]
         for start in range(0, perm.numel(), cfg.batch_size):
             idx = perm[start:start + cfg.batch_size]
@@ -210,13 +265,24 @@ def train_feature_net(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        epochs_run = epoch + 1
+        if cfg.patience is None and epochs_run < cfg.epochs:
+            continue  # a fixed budget: score once, at the end
+        # scoring draws no random numbers: the training stream is the same with or without it
+        val_acc = held_out_accuracy()
+        if not val_acc:
+            continue
+        history.append(float(np.mean(val_acc)))
+        if history[-1] >= best + cfg.min_delta:
+            best, since_best = history[-1], 0
+        else:
+            since_best += 1
+            if cfg.patience is not None and since_best >= cfg.patience:
+                break  # plateau: the last epochs did not raise the held-out accuracy
     net.eval()
-    val_acc: list[float] = []
-    if val_idx.numel():
-        pred = predict_factors(net, get_images(val_idx[:10_000]))
-        truth = targets[val_idx[:10_000]].numpy()
-        val_acc = [float(v) for v in (pred == truth).mean(0)]
-    net.info = {"val_accuracy": val_acc, "config": cfg.model_dump(), "num_examples": n}
+    net.info = {"val_accuracy": val_acc, "config": cfg.cache_fields(), "num_examples": n,
+                "num_val": int(val_idx.numel()), "epochs_run": epochs_run,
+                "val_history": history, "train_seconds": time.perf_counter() - start_time}
     return net
 
 
@@ -290,32 +356,120 @@ def load_feature_net(path: str | os.PathLike, *, device: torch.device | str = "c
     return net.to(device).eval()
 
 
+@dataclass(frozen=True)
+class AccuracyCheck:
+    """A feature net's held-out accuracy per head against its targets.
+
+    ``val_accuracy``: head name -> accuracy; ``targets``: the targets of the net's heads (heads
+    without one are not listed); ``below``: head -> ``(accuracy, target)`` for every head short
+    of its target; ``meets_target``: None when no head has a target."""
+
+    val_accuracy: dict[str, float]
+    targets: dict[str, float]
+    below: dict[str, tuple[float, float]]
+
+    @property
+    def meets_target(self) -> bool | None:
+        return None if not self.targets else not self.below
+
+    def warning(self) -> str | None:
+        """One line naming every head below target, or None."""
+        if not self.below:
+            return None
+        short = ", ".join(f"{k} {a:.3f} < {t:.2f}" for k, (a, t) in self.below.items())
+        return (f"feature net below its accuracy target ({short}): KID, Fréchet distance, "
+                "precision/recall, grid coverage and factor recovery rest on it; raise "
+                "evaluate.feature_net.num_train / epochs")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"val_accuracy": dict(self.val_accuracy), "targets": dict(self.targets),
+                "below_target": {k: list(v) for k, v in self.below.items()},
+                "meets_target": self.meets_target, "warning": self.warning()}
+
+
+def accuracy_check(net: FeatureNet, targets: Mapping[str, float] | None = None) -> AccuracyCheck:
+    """Compare ``net.info["val_accuracy"]`` with ``targets`` (head name -> least accuracy;
+    default :data:`DEFAULT_TARGETS`); targets of heads the net does not have are ignored. A net
+    without held-out accuracy (``val_fraction = 0``) is below every target it has."""
+    goal = dict(DEFAULT_TARGETS if targets is None else targets)
+    acc = dict(zip(net.spec.head_names, net.info.get("val_accuracy", [])))
+    mine = {k: float(v) for k, v in goal.items() if k in net.spec.head_names}
+    below = {k: (acc.get(k, math.nan), t) for k, t in mine.items()
+             if not acc.get(k, -math.inf) >= t}
+    return AccuracyCheck({k: float(v) for k, v in acc.items()}, mine, below)
+
+
+def default_cache_dir() -> Path:
+    """The per-user ncpvae cache folder: ``$NCPVAE_CACHE_DIR`` if set, else
+    ``$XDG_CACHE_HOME/ncpvae``, else ``~/.cache/ncpvae``. Feature nets live in its
+    ``feature_nets`` subfolder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ncpvae"
+
+
 def feature_net_cache_key(dataset_name: str, dataset_config: Mapping[str, Any] | None = None,
                           config: FeatureNetConfig | None = None) -> str:
-    """A short stable hash of the dataset (name + config) and the feature-net config."""
+    """A short stable hash of the dataset (name + config), the feature-net config (less its
+    targets, which do not change the net) and :data:`CACHE_VERSION`."""
     cfg = config or FeatureNetConfig()
-    blob = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "dataset": dataset_name,
-                       "dataset_config": dict(dataset_config or {}),
-                       "feature_net": cfg.model_dump()}, sort_keys=True, default=str)
+    blob = json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "recipe": CACHE_VERSION,
+                       "dataset": dataset_name, "dataset_config": dict(dataset_config or {}),
+                       "feature_net": cfg.cache_fields()}, sort_keys=True, default=str)
     digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in dataset_name)
     return f"{safe}-{digest}"
+
+
+@contextlib.contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created) while building an entry: a second process
+    that misses the same entry waits here, then loads what the first wrote. No lock where the
+    file system or platform has none (both may then build; the last atomic rename wins)."""
+    if fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        with contextlib.suppress(OSError):  # e.g. a network mount without flock: unlocked
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _load_entry(path: Path, device: torch.device | str, *, log: bool) -> FeatureNet | None:
+    """The entry at ``path``; None if absent, or if it does not load (it is then rebuilt;
+    logged when ``log``)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_feature_net(path, device=device)
+    except (DataError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if log:
+            _log.warning("feature-net cache entry %s refused (%s); rebuilding it", path, exc)
+        return None
 
 
 def cached_feature_net(cache_dir: str | os.PathLike, key: str, build: Callable[[], FeatureNet],
                        *, device: torch.device | str = "cpu") -> FeatureNet:
     """Load ``<cache_dir>/<key>.pt`` if present, else ``build()`` it and save it there.
 
-    Safe for caches shared between runs: an entry is written whole under a unique temporary name
-    and renamed over ``<key>.pt`` (:func:`save_feature_net`), so a reader sees a complete entry or
-    none; two processes that miss at once both build and the last rename wins (one key, one
-    net). An entry that does not load (truncated, foreign, another format) is rebuilt over."""
+    Safe for caches shared between runs: a miss takes an exclusive lock on ``<key>.lock``,
+    looks again (another process may have built the entry while this one waited), and only then
+    builds; the entry is written whole under a unique temporary name and renamed over
+    ``<key>.pt`` (:func:`save_feature_net`), so a reader sees a complete entry or none. An entry
+    that does not load (truncated, foreign, another format) is refused and rebuilt over."""
     path = Path(cache_dir) / f"{key}.pt"
-    if path.is_file():
-        try:
-            return load_feature_net(path, device=device)
-        except (DataError, KeyError, TypeError, ValueError, RuntimeError):
-            pass  # a corrupt or outdated entry: rebuilt below
-    net = build()
-    save_feature_net(net, path)
+    net = _load_entry(path, device, log=False)
+    if net is not None:
+        return net
+    with _build_lock(path.with_suffix(".lock")):
+        net = _load_entry(path, device, log=True)
+        if net is not None:
+            return net
+        net = build()
+        save_feature_net(net, path)
     return net.to(device).eval()

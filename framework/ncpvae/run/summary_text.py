@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ncpvae.evaluation.format import accuracy_against_targets, instrument_status
 from ncpvae.metrics.significance import FLAG, FLAG_SE, significantly_below
 from ncpvae.run.directory import RunDirectory
 
@@ -42,16 +43,19 @@ def _align(rows: list[tuple[str, str]], indent: str = "  ") -> list[str]:
 
 
 def _sampler_table(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per prior x sampler row: KID x 1e3 (± SE), MMD^2 and C2ST accuracy."""
-    table = [("", "KID ×10³", "MMD²", "C2ST acc")]
+    """One line per prior x sampler row: KID x 1e3 (± SE), MMD^2 and C2ST accuracy, and the
+    Inception FID when the evaluation computed it."""
+    inception = any("inception" in row for row in rows)
+    table = [("", "KID ×10³", "MMD²", "C2ST acc", *(["Inception FID"] if inception else []))]
     for row in rows:
         q = row.get("sample_quality", {})
         fit = row.get("prior_fit", {})
         kid = _pm(q["kid"] * 1e3, q.get("kid_se", 0.0) * 1e3, 1) if "kid" in q else "-"
         mmd = _num(fit.get("mmd", {}).get("mmd2"), 4)
         c2st = _num(fit.get("c2st", {}).get("accuracy"), 2)
-        table.append((str(row.get("label", "?")), kid, mmd, c2st))
-    widths = [max(len(r[i]) for r in table) for i in range(4)]
+        fid = [_num(row.get("inception", {}).get("fid"), 1)] if inception else []
+        table.append((str(row.get("label", "?")), kid, mmd, c2st, *fid))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     return ["    " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
 
 
@@ -92,6 +96,17 @@ def format_run_summary(run_dir: str | Path) -> str:
         if gain:
             text += f";  IW bound gain {_pm(gain['mean'], gain.get('se'), 3)} nats"
         rows.append(("learned prior gain", text))
+    fr = evaluation.get("factor_recovery", {})
+    if fr.get("accuracy_reconstruction"):
+        rows.append(("factor recovery", "accuracy on reconstructions (originals): " + ", ".join(
+            f"{k} {_num(v)} ({_num(fr.get('accuracy_original', {}).get(k))})"
+            for k, v in fr["accuracy_reconstruction"].items())))
+    net = evaluation.get("feature_net", {})
+    if net.get("val_accuracy"):
+        rows.append(("feature net", f"held-out accuracy {accuracy_against_targets(net)}; "
+                     f"{instrument_status(net)}"
+                     + ("; KID and factor recovery rest on it" if net.get("meets_target") is False
+                        else "")))
     report = evaluation.get("report") or summary.get("evaluation", {}).get("report")
     lines = [f"run written to {run_dir}"]
     lines += _align(rows) if rows else []
