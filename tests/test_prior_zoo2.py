@@ -202,7 +202,8 @@ def test_density_integrates_to_one_on_a_grid(fitted, name):
 def test_contract_state_dict_and_registry(fitted, name):
     prior = fitted[name]
     check_prior(prior)
-    fresh = ncpvae.create("prior", name, latent_dim=2, hidden=[64, 64], seed=3)
+    same = {"iw_samples": 128} if name == "two_stage" else {}  # the buffer's shape
+    fresh = ncpvae.create("prior", name, latent_dim=2, hidden=[64, 64], seed=3, **same)
     assert not fresh.is_fitted
     with pytest.raises(NotFittedError):
         fresh.sample(2)

@@ -109,6 +109,8 @@ class DiffusionPrior(StandardizedPrior):
         epochs: int = Field(400, ge=1, le=100_000, description="maximum epochs")
         patience: int = Field(30, ge=1, description="stop after this many epochs without a "
                               "better held-out denoising loss (it is noisy: one t per row)")
+        ema: float = Field(0.999, ge=0.0, lt=1.0, description="decay of the exponential "
+                           "moving average of the weights kept as the fit (0: the last step's)")
         beta_min: float = Field(0.1, gt=0, description="beta(0) of the VP SDE")
         beta_max: float = Field(20.0, gt=0, description="beta(1) of the VP SDE")
         t_min: float = Field(1e-3, gt=0, lt=0.5, description="the ODE starts here, not at 0, "
@@ -294,7 +296,7 @@ class DiffusionPrior(StandardizedPrior):
         per held-out row."""
         self.progress = bool(options.progress)
         return self.fit_network(mu, logvar, options, self.denoising_loss, self._draw_aux,
-                                desc="fit diffusion")
+                                desc="fit diffusion", ema=self.config.ema)
 
 
 @hookimpl

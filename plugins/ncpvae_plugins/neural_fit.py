@@ -18,6 +18,7 @@ Every random draw comes from the fit's generator.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -103,7 +104,8 @@ class StandardizedPrior(PriorOverBase):
                            dtype=self.shift.dtype).to(self.shift.device)
 
     def fit_network(self, mu: Tensor, logvar: Tensor, options: FitOptions, loss: RowLoss,
-                    draw_aux: AuxDraw | None = None, *, desc: str) -> dict[str, Any]:
+                    draw_aux: AuxDraw | None = None, *, desc: str,
+                    ema: float = 0.0) -> dict[str, Any]:
         """Fit ``self.net`` by minimizing the mean of ``loss`` on draws of ``q(z|x)``.
 
         A seeded ``heldout_fraction`` of the rows is held out with one fixed draw (and fixed
@@ -113,6 +115,11 @@ class StandardizedPrior(PriorOverBase):
         restored. ``log`` gets ``epoch``, ``train_loss_mean``, ``train_loss_min``,
         ``heldout_loss`` per epoch; the summary has ``best_epoch``, ``heldout_loss``,
         ``epochs_run``, ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``.
+
+        ``ema`` in ``(0, 1)``: keep an exponential moving average of the weights (updated after
+        every step with this decay, less during a warm-up); the held-out loss, the early-stopping snapshots and the
+        final weights are the averaged ones (score models need it: the last iterate's noise
+        shows in the ODE's samples and density).
         """
         gen, cfg = options.generator, self.config
         device, dtype = self.shift.device, self.shift.dtype
@@ -138,7 +145,10 @@ class StandardizedPrior(PriorOverBase):
             values = loss(x[rows], None if aux is None else aux[rows])
             return values.mean() if reduction == "mean" else values.sum()
 
-        stopper = EarlyStopping(self.net, epochs=cfg.epochs, patience=cfg.patience, desc=desc,
+        trained = self.net
+        averaged = copy.deepcopy(trained).requires_grad_(False) if ema > 0 else trained
+        steps = 0
+        stopper = EarlyStopping(averaged, epochs=cfg.epochs, patience=cfg.patience, desc=desc,
                                 progress=options.progress, log=options.log)
         for epoch in stopper:
             self.net.train()
@@ -150,18 +160,28 @@ class StandardizedPrior(PriorOverBase):
             for index in perm.tensor_split(num_batches):
                 losses.add(minibatch_step(optimizer, trainable, batch_loss, index,
                                           options.shards), len(index))
+                if averaged is not trained:
+                    steps += 1  # warm-up: early on the average must not stay at the init
+                    decay = min(ema, (1.0 + steps) / (10.0 + steps))
+                    with torch.no_grad():
+                        for mean, p in zip(averaged.parameters(), trained.parameters(),
+                                           strict=True):
+                            mean.lerp_(p, 1.0 - decay)
             train_losses = losses.summary(self.name, epoch, f"lower lr (now {cfg.lr})",
                                           options.shards)
-            self.net.eval()
+            self.net = averaged.eval()  # the held-out loss of the (averaged) weights
             with torch.no_grad():
                 heldout = float(torch.cat([
                     loss(part, None if aux_ho is None else aux_ho[start:start + len(part)])
                     for start, part in zip(range(0, len(x_ho), EVAL_CHUNK),
                                            x_ho.split(EVAL_CHUNK), strict=True)
                 ]).double().mean())
+            self.net = trained
             record = {"epoch": float(epoch), **train_losses, "heldout_loss": heldout}
             stopper.update(record, loss=heldout, postfix={"heldout": f"{heldout:.4f}"})
         stopper.restore()
+        if averaged is not trained:
+            trained.load_state_dict(averaged.state_dict())
         self.net.eval()
         self.mark_fitted()
         self.history = stopper.history
