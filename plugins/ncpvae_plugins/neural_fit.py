@@ -117,9 +117,9 @@ class StandardizedPrior(PriorOverBase):
         ``epochs_run``, ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``.
 
         ``ema`` in ``(0, 1)``: keep an exponential moving average of the weights (updated after
-        every step with this decay, less during a warm-up); the held-out loss, the early-stopping snapshots and the
-        final weights are the averaged ones (score models need it: the last iterate's noise
-        shows in the ODE's samples and density).
+        every step with this decay, less during a warm-up); the held-out loss, the
+        early-stopping snapshots and the final weights are the averaged ones (score models need
+        it: the last iterate's noise shows in the ODE's samples and density).
         """
         gen, cfg = options.generator, self.config
         device, dtype = self.shift.device, self.shift.dtype
