@@ -29,7 +29,10 @@ from torch import Tensor, nn
 
 from ncpvae import ConfigError, DataError, EarlyStopping, EpochLosses, FitOptions, minibatch_step
 from ncpvae.prior_fitting import PriorOverBase, PriorOverBaseConfig, aggregate_posterior_draws
-from ncpvae.tilted import EVAL_CHUNK, split_heldout
+from ncpvae.tilted import split_heldout
+
+#: rows per network call when evaluating many latents (bounds memory)
+EVAL_CHUNK = 65_536
 
 __all__ = ["AuxDraw", "NeuralFitConfig", "RowLoss", "StandardizedPrior", "mlp"]
 
