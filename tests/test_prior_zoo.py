@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers.priors import exact_latents, gen, mean_se, one_thread  # noqa: F401 (fixture)
 from ncpvae_plugins.ebm import EBMPrior
 from ncpvae_plugins.flow import FlowPrior
 from ncpvae_plugins.gaussian import GaussianPrior
@@ -25,31 +26,8 @@ from ncpvae.testing import check_prior
 LOG_2PI = math.log(2 * math.pi)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models train many times faster on one thread than on a contended pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def mean_se(values: Tensor) -> tuple[float, float]:
-    v = values.detach().double().reshape(-1)
-    return float(v.mean()), float(v.std() / math.sqrt(v.numel()))
-
-
 def mvn_log_prob(z: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
     return torch.distributions.MultivariateNormal(mean.double(), cov.double()).log_prob(z.double())
-
-
-def exact_latents(points: Tensor) -> tuple[Tensor, Tensor]:
-    """Encodings whose draws are ``points`` themselves (posterior variance e^-40)."""
-    return points, torch.full_like(points, -40.0)
 
 
 def assert_round_trip(prior: ncpvae.Prior, fresh: ncpvae.Prior, z: Tensor) -> None:

@@ -47,6 +47,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "ncpvae_plugins.ebm",
     "ncpvae_plugins.vamp",
     "ncpvae_plugins.loggers",
+    "ncpvae_plugins.diffusion",
+    "ncpvae_plugins.two_stage",
+    "ncpvae_plugins.made",
 )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -34,7 +34,6 @@ from ncpvae import (
     minibatch_step,
 )
 from ncpvae.prior_fitting import (
-    EpochFitConfig,
     PriorOverBase,
     aggregate_posterior_draws,
     heldout_draws,
@@ -42,6 +41,7 @@ from ncpvae.prior_fitting import (
     seeded_init,
 )
 from ncpvae.tilted import split_heldout
+from ncpvae_plugins.neural_fit import NeuralFitConfig
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -75,24 +75,12 @@ class FlowPrior(PriorOverBase):
     shardable_fit = True
     fitted_part = "a fitted flow"
 
-    class Config(EpochFitConfig):
+    class Config(NeuralFitConfig):
         name: Literal["flow"] = "flow"
         flow_type: Literal["maf", "nsf"] = Field("nsf", description="masked autoregressive "
                                                  "flow or neural spline flow (zuko)")
         transforms: int = Field(4, ge=1, le=64, description="number of flow transforms")
-        hidden: list[Annotated[int, Field(ge=1)]] = Field(
-            default_factory=lambda: [128, 128], description="hidden sizes of each transform's "
-            "autoregressive network")
         bins: int = Field(8, ge=2, le=256, description="spline bins (nsf)")
-        epochs: int = Field(200, ge=1, le=100_000, description="maximum epochs (raised to "
-                            "reach min_steps on small data)")
-        batch_size: int = Field(512, ge=2, le=1_048_576, description="minibatch size")
-        lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate")
-        weight_decay: float = Field(0.0, ge=0, le=1.0, description="Adam weight decay")
-        patience: int = Field(10, ge=1, description="stop after this many epochs without a "
-                              "held-out negative log-likelihood lower by more than 2 paired SE")
-        heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="fraction of the "
-                                        "encodings held out for early stopping")
 
     config: Config
 
