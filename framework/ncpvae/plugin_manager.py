@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "ncpvae_plugins.flow",
     "ncpvae_plugins.ebm",
     "ncpvae_plugins.vamp",
+    "ncpvae_plugins.hierarchical",
 )
 
 
