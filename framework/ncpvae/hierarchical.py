@@ -54,6 +54,7 @@ __all__ = [
     "diagonal_gaussian_log_prob",
     "log_mean_exp_rows",
     "log_normalizer_per_context",
+    "gain_terms",
     "group_gains",
     "group_energy",
     "joint_energy",
@@ -233,30 +234,47 @@ def log_normalizer_per_context(prior: HierarchicalPrior, tilt: HierarchicalTilt,
 
 
 @torch.no_grad()
-def group_gains(prior: HierarchicalPrior, tilt: HierarchicalTilt, latents: Tensor,
-                num_samples: int = 1000, *, generator: torch.Generator | None = None
-                ) -> list[dict[str, float]]:
-    """Per-group ``Delta_k = E_q[r_k(z_k, z_<k) - log Z_k(z_<k)]`` on held-out aggregate-posterior
-    draws ``latents`` ``(N, D)``, each ``log Z_k`` estimated per context from ``num_samples`` base
-    draws. One dict per group: ``delta``, ``se`` (the SE of the mean of the per-row terms, which
-    carries the Monte Carlo noise of each ``log Z_k`` estimate since those are independent across
-    rows), ``mean_logit``, ``mean_log_z`` (``E_q[log Z_k]``, 0 for an optimal classifier) and
-    ``log_z_bias``: each per-context estimate is biased low by about ``SE^2 / 2`` (Jensen), so
-    ``delta`` is biased high by about the mean of that, reported here and not corrected."""
+def gain_terms(prior: HierarchicalPrior, tilt: HierarchicalTilt, latents: Tensor,
+               num_samples: int = 1000, *, generator: torch.Generator | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """Per row and group, ``r_k(z_k, z_<k) - log Z_k(z_<k)`` ``(N, K)`` (each ``log Z_k`` from
+    ``num_samples`` base draws per context) and the per-context SEs of those ``log Z_k``
+    ``(N, K)``, float64, on aggregate-posterior draws ``latents`` ``(N, D)``."""
     if latents.ndim != 2 or latents.shape[1] != prior.latent_dim or latents.shape[0] < 2:
         raise DataError(f"group gains: expected held-out latents (N, {prior.latent_dim}) with "
                         f"N >= 2, got {tuple(latents.shape)}")
-    out = []
+    terms, ses = [], []
     for k, z_k in enumerate(split_groups(latents, prior.group_sizes)):
         context = latents[:, :prior.context_dim(k)]
         r = tilt.logit(k, z_k, context).to(torch.float64)
         log_z, se_z = log_normalizer_per_context(prior, tilt, k, context, num_samples,
                                                  generator=generator)
-        terms = r - log_z
-        out.append({"delta": float(terms.mean()),
-                    "se": float(terms.std() / math.sqrt(terms.numel())),
-                    "mean_logit": float(r.mean()), "mean_log_z": float(log_z.mean()),
-                    "log_z_bias": float((se_z**2).mean() / 2)})
+        terms.append(r - log_z)
+        ses.append(se_z)
+    return torch.stack(terms, -1), torch.stack(ses, -1)
+
+
+def group_gains(prior: HierarchicalPrior, tilt: HierarchicalTilt, latents: Tensor,
+                num_samples: int = 1000, *, generator: torch.Generator | None = None
+                ) -> list[dict[str, float]]:
+    """Per-group ``Delta_k = E_q[r_k(z_k, z_<k) - log Z_k(z_<k)]`` on held-out aggregate-posterior
+    draws ``latents`` ``(N, D)`` (:func:`gain_terms`). One dict per group: ``delta``, ``se`` (the
+    SE of the mean of the per-row terms, which carries the Monte Carlo noise of each
+    ``log Z_k`` estimate since those are independent across rows), ``mean_logit``,
+    ``mean_log_z`` (``E_q[log Z_k]``, 0 for an optimal classifier) and ``log_z_bias``: each
+    per-context estimate is biased low by about ``SE^2 / 2`` (Jensen), so ``delta`` is biased
+    high by about the mean of that, reported here and not corrected."""
+    terms, ses = gain_terms(prior, tilt, latents, num_samples, generator=generator)
+    out = []
+    for k in range(terms.shape[1]):
+        t = terms[:, k]
+        out.append({"delta": float(t.mean()), "se": float(t.std() / math.sqrt(t.numel())),
+                    "log_z_bias": float((ses[:, k] ** 2).mean() / 2)})
+    with torch.no_grad():
+        logits = tilt.group_logits(latents).to(torch.float64).mean(0)
+    for k, record in enumerate(out):
+        record["mean_logit"] = float(logits[k])
+        record["mean_log_z"] = float(logits[k]) - record["delta"]
     return out
 
 

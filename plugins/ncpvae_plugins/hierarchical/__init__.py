@@ -1,14 +1,16 @@
 """Hierarchical VAE plugins (docs/hierarchical.md): the ``hierarchical`` model, its
-``hierarchical`` top-down prior and the ``hierarchical_elbo`` objective."""
+``hierarchical`` top-down prior, the ``hier_ncp`` learned prior and the ``hierarchical_elbo``
+objective."""
 
 from __future__ import annotations
 
 from ncpvae import hookimpl
 from ncpvae_plugins.hierarchical.model import HierarchicalVAE
+from ncpvae_plugins.hierarchical.ncp import HierarchicalNCPPrior
 from ncpvae_plugins.hierarchical.objective import HierarchicalELBO
 from ncpvae_plugins.hierarchical.prior import ModelHierarchicalPrior
 
-__all__ = ["HierarchicalVAE", "HierarchicalELBO", "ModelHierarchicalPrior"]
+__all__ = ["HierarchicalVAE", "HierarchicalELBO", "HierarchicalNCPPrior", "ModelHierarchicalPrior"]
 
 
 @hookimpl
@@ -18,7 +20,7 @@ def ncpvae_register_models() -> list[type]:
 
 @hookimpl
 def ncpvae_register_priors() -> list[type]:
-    return [ModelHierarchicalPrior]
+    return [ModelHierarchicalPrior, HierarchicalNCPPrior]
 
 
 @hookimpl
