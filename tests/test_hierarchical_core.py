@@ -188,3 +188,27 @@ def test_bad_inputs_are_clear_errors():
                                                                dtype=lg.DT))
     with pytest.raises(ConfigError, match="at least 2"):
         log_normalizer_per_context(p, lg.optimal_tilt(), 0, torch.zeros(3, 0, dtype=lg.DT), 1)
+
+
+class _TiltedHierarchy:
+    """What the group-wise sampler plugins look for: a ``tilt`` over a hierarchical
+    ``base_prior`` (duck-typed, as a hier_ncp prior presents itself)."""
+
+    def __init__(self, tilt):
+        self.base_prior, self.tilt = lg.base_prior(), tilt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["groupwise_sir", "groupwise_langevin"])
+def test_groupwise_sampler_plugins_reproduce_the_tilted_joint_moments(name, registry):
+    import ncpvae
+
+    fields = ({"num_candidates": 300} if name == "groupwise_sir" else
+              {"metropolis": True, "step_size": 0.1, "adapt_step_size": True,
+               "adapt_per_chain": True, "num_steps": 200, "burn_in": 100})
+    sampler = ncpvae.create("sampler", name, registry=registry, **fields)
+    result = sampler.sample_prior(_TiltedHierarchy(lg.quadratic_tilt()), 8000,
+                                  generator=_gen(21))
+    assert result.samples.shape == (1, 8000, 4)
+    assert {k for k in result.diagnostics if k.endswith("group2")}
+    _assert_moments(result.samples[-1], *lg.quadratic_joint_moments())

@@ -1,6 +1,6 @@
 """Hierarchical VAE plugins (docs/hierarchical.md): the ``hierarchical`` model, its
 ``hierarchical`` top-down prior, the ``hier_ncp`` learned prior and the ``hierarchical_elbo``
-objective."""
+objective, and the ``groupwise_langevin`` and ``groupwise_sir`` samplers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from ncpvae_plugins.hierarchical.model import HierarchicalVAE
 from ncpvae_plugins.hierarchical.ncp import HierarchicalNCPPrior
 from ncpvae_plugins.hierarchical.objective import HierarchicalELBO
 from ncpvae_plugins.hierarchical.prior import ModelHierarchicalPrior
+from ncpvae_plugins.hierarchical.samplers import GroupwiseLangevinSampler, GroupwiseSIRSampler
 
-__all__ = ["HierarchicalVAE", "HierarchicalELBO", "HierarchicalNCPPrior", "ModelHierarchicalPrior"]
+__all__ = ["GroupwiseLangevinSampler", "GroupwiseSIRSampler", "HierarchicalELBO",
+           "HierarchicalNCPPrior", "HierarchicalVAE", "ModelHierarchicalPrior"]
 
 
 @hookimpl
@@ -26,3 +28,8 @@ def ncpvae_register_priors() -> list[type]:
 @hookimpl
 def ncpvae_register_objectives() -> list[type]:
     return [HierarchicalELBO]
+
+
+@hookimpl
+def ncpvae_register_samplers() -> list[type]:
+    return [GroupwiseLangevinSampler, GroupwiseSIRSampler]
