@@ -147,7 +147,7 @@ class HierarchicalPrior(Prior):
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` ancestral draws ``(n, D)``, top group first."""
         ref = self._param_like()
-        z = torch.empty(n, 0, device=ref.device, dtype=ref.dtype if ref.numel() else None)
+        z = torch.empty(n, 0, device=ref.device, dtype=ref.dtype)
         for k in range(self.num_groups):
             z = torch.cat([z, self.sample_group(k, z, generator=generator)], dim=-1)
         return z
@@ -384,7 +384,7 @@ def sample_groupwise_sir(prior: HierarchicalPrior, tilt: HierarchicalTilt, n: in
         raise ConfigError(f"group-wise SIR needs n >= 0 and num_candidates >= 1, got {n} and "
                           f"{num_candidates}")
     ref = prior._param_like()
-    z = torch.empty(n, 0, device=ref.device, dtype=ref.dtype if ref.numel() else None)
+    z = torch.empty(n, 0, device=ref.device, dtype=ref.dtype)
     ess = []
     for k in range(prior.num_groups):
         rep = z.repeat_interleave(num_candidates, dim=0)
@@ -410,7 +410,7 @@ def sample_groupwise(prior: HierarchicalPrior, tilt: HierarchicalTilt | None, n:
     sampler (e.g. ``lambda U, x, g: sampler.run(U, x, 200, burn_in=100, generator=g,
     diagnose=False).samples[-1]`` for ULA or MALA). Returns ``(n, D)``."""
     ref = prior._param_like()
-    z = torch.empty(n, 0, device=ref.device, dtype=ref.dtype if ref.numel() else None)
+    z = torch.empty(n, 0, device=ref.device, dtype=ref.dtype)
     for k in range(prior.num_groups):
         with torch.no_grad():
             init = prior.sample_group(k, z, generator=generator)

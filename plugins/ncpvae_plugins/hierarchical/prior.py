@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from ncpvae import BuildContext, ComponentConfig, LatentModel
@@ -28,10 +29,13 @@ class ModelHierarchicalPrior(HierarchicalPrior):
     def __init__(self, latent_dim: int, config: Config | None = None):
         super().__init__((latent_dim,), self.checked_config(config))
         self._model: list[Any] = []  # a list: the model is not a submodule of its prior
+        # carries the prior's device and dtype while unbound (not saved in the state dict)
+        self.register_buffer("probe", torch.zeros(()), persistent=False)
 
     @classmethod
     def from_config(cls, config: Config, ctx: BuildContext) -> ModelHierarchicalPrior:
-        return cls(ctx.require_latent_dim(cls.name), config)
+        return cls(ctx.require_latent_dim(cls.name), config).to(device=ctx.device,
+                                                                dtype=ctx.dtype)
 
     def bind_model(self, model: LatentModel) -> None:
         """Read the conditionals of a hierarchical model (one with ``group_sizes`` and
@@ -45,9 +49,7 @@ class ModelHierarchicalPrior(HierarchicalPrior):
 
     def conditional(self, k: int, context: Tensor) -> tuple[Tensor, Tensor]:
         if not self._model:  # unbound, or a flat model: N(0, I)
-            ref = self._param_like()
-            zeros = context.new_zeros(context.shape[0], self.group_sizes[k],
-                                      dtype=ref.dtype if ref.numel() else context.dtype)
+            zeros = self.probe.new_zeros(context.shape[0], self.group_sizes[k])
             return zeros, zeros
         return self._model[0].prior_conditional(k, context)
 
