@@ -149,7 +149,7 @@ CORE = ("ncpvae", "ncpvae.component", "ncpvae.data", "ncpvae.errors", "ncpvae.fa
         "ncpvae.modes", "ncpvae.objective", "ncpvae.optim", "ncpvae.plugin_manager",
         "ncpvae.prior", "ncpvae.prior_fitting", "ncpvae.registry", "ncpvae.sampler",
         "ncpvae.sections", "ncpvae.sharding", "ncpvae.splits", "ncpvae.testing", "ncpvae.tilted",
-        "ncpvae.units")
+        "ncpvae.units", "ncpvae.hierarchical")
 #: What the core must not reach, directly or through another module.
 OUTER_LAYERS = ("ncpvae.config", "ncpvae.experiment", "ncpvae.cli", "ncpvae.run",
                 "ncpvae.evaluation", "ncpvae.metrics", "ncpvae.plots", "ncpvae.api")
@@ -250,7 +250,8 @@ def test_module_file_path_ends_with_its_dotted_name(name: str):
 
 #: The namespaces a plugin author may import from, each with its own ``__all__``.
 PUBLIC_NAMESPACES = ("ncpvae", "ncpvae.mcmc", "ncpvae.mcmc.fastpath", "ncpvae.testing",
-                     "ncpvae.tilted", "ncpvae.splits", "ncpvae.modes", "ncpvae.prior_fitting")
+                     "ncpvae.tilted", "ncpvae.splits", "ncpvae.modes", "ncpvae.prior_fitting",
+                     "ncpvae.hierarchical")
 
 
 def public_names() -> dict[str, set[str]]:

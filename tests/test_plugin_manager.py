@@ -133,7 +133,7 @@ def test_disable_a_builtin_by_name(monkeypatch):
     monkeypatch.setenv("NCPVAE_DISABLE_PLUGINS", "gaussian, ncpvae_plugins.models")
     manager = PluginManager(entrypoints=False)
     assert "gaussian" not in manager.registry.names("prior")
-    assert manager.registry.names("model") == []
+    assert not {"mlp", "conv"} & set(manager.registry.names("model"))  # that module's models
     assert "beta_elbo" in manager.registry.names("objective")
 
 

@@ -9,7 +9,8 @@ Further public namespaces, each with its own ``__all__``: :mod:`ncpvae.mcmc` (sa
 blocks: energies and gradients, Langevin moves, the divergence policy, importance resampling,
 ESS / R-hat), :mod:`ncpvae.mcmc.fastpath` (compiled energies), :mod:`ncpvae.testing` (conformance
 checks for a plugin's components), :mod:`ncpvae.tilted` (a tilted prior over a base),
-:mod:`ncpvae.splits` (dataset split helpers) and :mod:`ncpvae.modes` (``eval_mode``).
+:mod:`ncpvae.splits` (dataset split helpers), :mod:`ncpvae.modes` (``eval_mode``) and
+:mod:`ncpvae.hierarchical` (hierarchical priors and hierarchical NCP).
 
 The notebook API is here too: ``run = ncpvae.open_run(path)`` (a run directory or an
 ``ncpvae export`` folder) and ``run = ncpvae.train("smoke")`` give a :class:`ncpvae.api.TrainedRun`

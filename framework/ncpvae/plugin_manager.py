@@ -50,6 +50,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "ncpvae_plugins.diffusion",
     "ncpvae_plugins.two_stage",
     "ncpvae_plugins.made",
+    "ncpvae_plugins.hierarchical",
 )
 
 

@@ -1,0 +1,46 @@
+"""End to end on a tiny hierarchical config: train -> fit hierarchical NCP -> sample -> evaluate,
+and a run killed and resumed equal to the uninterrupted one (docs/hierarchical.md)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from test_resume import cli, results_without_evaluation
+
+HIER = ["smoke", "--set", "model.name=hierarchical", "--set", "model.groups=2",
+        "--set", "objective.name=hierarchical_elbo", "--set", "objective.warmup_steps=[4, 8]",
+        "--set", "objective.kl_balancing=true", "--set", "prior.name=hier_ncp",
+        "--set", "prior.epochs=2", "--set", "prior.log_z_samples=4096",
+        "--set", "prior.context_samples=64"]
+
+
+@pytest.mark.slow
+def test_a_tiny_hierarchical_run_trains_fits_samples_and_evaluates(tmp_path):
+    run = tmp_path / "run"
+    done = cli("train", *HIER, "--out", str(run))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    fit = summary["prior_fit"]
+    assert len(fit["group_delta"]) == len(fit["group_delta_se"]) == 2
+    assert all(se > 0 for se in fit["group_delta_se"])
+    assert "delta" in fit and fit["delta_se"] > 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("test_kl_group1" in m and "test_kl_group2" in m for m in metrics)
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    labels = [row.get("label", "") for row in evaluation.get("rows", [])]
+    assert any("hier. NCP" in label for label in labels), labels
+
+
+@pytest.mark.slow
+def test_a_hierarchical_run_killed_in_training_and_in_the_fit_resumes_to_the_same_numbers(
+        tmp_path):
+    config = [*HIER, "--set", "evaluate.enabled=false"]
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    assert cli("train", *config, "--out", str(reference)).returncode == 0
+    assert cli("train", *config, "--out", str(run), kill="1@epoch").returncode == -signal.SIGKILL
+    assert cli("resume", str(run), kill="1@fit").returncode == -signal.SIGKILL
+    final = cli("resume", str(run))
+    assert final.returncode == 0, final.stderr
+    assert results_without_evaluation(run) == results_without_evaluation(reference)
