@@ -16,6 +16,7 @@ import pytest
 import torch
 from ncpvae_plugins.datasets.digits import DigitsDataset
 from ncpvae_plugins.datasets.dsprites import DSpritesDataset
+from ncpvae_plugins.datasets.imagefolder import ImageFolderDataset
 from ncpvae_plugins.datasets.npz import NpzDataset
 from ncpvae_plugins.datasets.sprites import NUM_IMAGES, SpritesDataset
 from ncpvae_plugins.datasets.torchvision_sets import FashionMNISTDataset, MNISTDataset
@@ -131,6 +132,21 @@ def test_npz_split_is_fixed_and_disjoint(tmp_path):
     assert_fixed_disjoint_split(make, rows, 300)
 
 
+def test_imagefolder_split_is_fixed_and_disjoint(tmp_path):
+    from PIL import Image
+
+    for i, image in enumerate(unique_images(40, (8, 8))):  # 8-bit grey PNGs, lossless
+        folder = tmp_path / ("a" if i % 2 else "b")
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+    def make(run_seed, split_seed):
+        return build(ImageFolderDataset, run_seed, root=str(tmp_path), image_size=8, channels=1,
+                     test_fraction=0.25, split_seed=split_seed)
+
+    assert_fixed_disjoint_split(make, rows, 40)
+
+
 def test_dsprites_split_is_fixed_and_disjoint(tmp_path):
     sizes = (1, 3, 2, 2, 3, 3)  # color, shape, scale, orientation, posX, posY
     n = math.prod(sizes)
@@ -179,7 +195,7 @@ def test_mnist_family_subsets_are_fixed_and_disjoint(tmp_path, cls, folder):
 
 def test_every_builtin_dataset_has_a_leakage_test():
     """A new built-in dataset plugin needs its own case in this file."""
-    covered = {"sprites", "digits", "npz", "dsprites", "mnist", "fashion-mnist",
+    covered = {"sprites", "digits", "npz", "imagefolder", "dsprites", "mnist", "fashion-mnist",
                # colour sets: test_datasets_colour.py::test_split_does_not_depend_on_the_run_seed
                "cifar10", "svhn", "celeba"}
     registry = PluginManager(entrypoints=False).registry
