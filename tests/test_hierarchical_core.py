@@ -121,6 +121,26 @@ def test_fitted_classifiers_recover_each_groups_delta():
         assert abs(got["delta"] - got["log_z_bias"] - exact) < 4 * got["se"], (got, exact)
 
 
+@pytest.mark.slow
+def test_budgeted_fit_with_fixed_heldout_pairs_recovers_each_groups_delta():
+    """The plugin's way of fitting: fresh training draws every epoch, a fixed held-out set,
+    at least ``min_steps`` steps, 2-paired-SE early stopping, the best weights restored."""
+    p, q = lg.base_prior(), lg.posterior()
+    tilt = HierarchicalTilt(lg.SIZES, hidden=(32, 32), seed=0).double()
+    out = fit_group_classifiers(p, tilt, q.sample(2000, generator=_gen(20)),
+                                heldout=q.sample(2000, generator=_gen(21)),
+                                resample=lambda g: q.sample(2000, generator=g), epochs=5,
+                                patience=3, min_steps=600, batch_size=256, lr=3e-3,
+                                generator=_gen(22))
+    assert out["min_epochs"] == 75 and out["steps_run"] >= 600  # 8 steps an epoch
+    assert out["epochs_run"] == 75 and not out["stopped_early"]  # the budget raised epochs=5
+    best = min(out["history"], key=lambda r: sum(r["heldout_loss"]))
+    assert out["best_epoch"] == best["epoch"]
+    gains = group_gains(p, tilt, q.sample(5000, generator=_gen(23)), 500, generator=_gen(24))
+    for got, exact in zip(gains, lg.exact_deltas()):
+        assert abs(got["delta"] - got["log_z_bias"] - exact) < 4 * got["se"], (got, exact)
+
+
 def test_unfitted_tilt_is_the_base():
     p, q = lg.base_prior(), lg.posterior()
     tilt = HierarchicalTilt(lg.SIZES, hidden=(8,)).double()

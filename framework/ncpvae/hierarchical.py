@@ -307,7 +307,10 @@ def joint_energy(prior: HierarchicalPrior, tilt: HierarchicalTilt) -> Callable[[
 def fit_group_classifiers(prior: HierarchicalPrior, tilt: HierarchicalTilt, latents: Tensor, *,
                           epochs: int = 20, batch_size: int = 256, lr: float = 1e-3,
                           weight_decay: float = 0.0, heldout_fraction: float = 0.1,
-                          generator: torch.Generator | None = None,
+                          heldout: Tensor | None = None, heldout_encodings: int | None = None,
+                          resample: Callable[[torch.Generator], Tensor] | None = None,
+                          patience: int | None = None, min_steps: int = 0,
+                          generator: torch.Generator | None = None, progress: bool = False,
                           log: Callable[[dict[str, Any]], None] | None = None
                           ) -> dict[str, Any]:
     """Fit every ``r_k`` by logistic regression, with ``prior`` frozen.
@@ -317,57 +320,102 @@ def fit_group_classifiers(prior: HierarchicalPrior, tilt: HierarchicalTilt, late
     ``z'_k ~ p(z_k | z_<k)`` fresh each time (the same context, so the classifier learns
     ``log q(z_k|z_<k) - log p(z_k|z_<k)`` and not a ratio of the contexts). The K classifiers
     are independent; they are trained in one loop on the sum of their losses (Adam's updates are
-    per parameter, so this equals K separate fits on the same minibatches). A seeded held-out
-    part gives each group's held-out loss per epoch (``log`` receives one record per epoch).
-    Returns ``{"history": [...], "heldout_index": Tensor}``.
+    per parameter, so this equals K separate fits on the same minibatches).
+
+    Held-out rows: ``heldout`` ``(M, D)`` when given (``latents`` are then all training rows),
+    else a seeded ``heldout_fraction`` of ``latents``. Their negatives are drawn once, so every
+    epoch scores the same pairs. ``heldout_encodings``: the rows of ``heldout`` are that many
+    encodings' draws in draw-major order (:func:`ncpvae.prior_fitting.heldout_draws`); the
+    stopping SE then counts encodings, not correlated draws. ``resample(generator)``: fresh
+    training rows ``(N', D)`` for every epoch after the first (fresh draws of ``q(z|x)``).
+
+    Budget and stopping as every epoch fit (:class:`ncpvae.EarlyStopping`, docs/priors.md §9):
+    at least ``min_steps`` optimizer steps, and with ``patience`` a stop after that many epochs
+    without a held-out loss (summed over the groups) lower by more than 2 paired SE; the weights
+    of the lowest held-out loss are restored. ``patience=None`` runs ``epochs`` epochs and keeps
+    the last weights. ``log`` receives one record per held-out check. Returns ``{"history":
+    [...], "heldout_index": Tensor (the held-out rows of latents, empty with heldout)}`` and
+    the stopper's ``best_epoch``, ``epochs_run``, ``steps_run``, ``min_epochs``,
+    ``stopped_early``.
     """
+    from ncpvae.fitting import EarlyStopping
+    from ncpvae.prior_fitting import per_encoding
+
     if latents.ndim != 2 or latents.shape[1] != prior.latent_dim:
         raise DataError(f"hierarchical NCP fit: expected latents (N, {prior.latent_dim}), got "
                         f"{tuple(latents.shape)}")
     if not torch.isfinite(latents).all():
         raise DataError("hierarchical NCP fit: the latents contain NaN or infinite values")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    n = latents.shape[0]
-    n_held = max(1, round(heldout_fraction * n))
-    if n - n_held < 1:
-        raise DataError(f"hierarchical NCP fit: need at least 2 latents, got {n}")
-    order = torch.randperm(n, generator=gen).to(latents.device)
-    held, train = latents[order[:n_held]], latents[order[n_held:]]
+    if heldout is None:
+        n = latents.shape[0]
+        n_held = max(1, round(heldout_fraction * n))
+        if n - n_held < 1:
+            raise DataError(f"hierarchical NCP fit: need at least 2 latents, got {n}")
+        order = torch.randperm(n, generator=gen).to(latents.device)
+        held_index = order[:n_held]
+        held, train = latents[held_index], latents[order[n_held:]]
+    else:
+        held_index = torch.zeros(0, dtype=torch.long, device=latents.device)
+        held, train = heldout, latents
     opt = torch.optim.Adam(tilt.parameters(), lr=lr, weight_decay=weight_decay)
     bce = nn.functional.binary_cross_entropy_with_logits
     for p in prior.parameters():
         p.requires_grad_(False)
 
-    def losses(z: Tensor) -> Tensor:
-        """``(K,)`` mean BCE of each group on positives ``z`` and their negatives."""
+    def pair_losses(z: Tensor, negatives: Sequence[Tensor] | None = None,
+                    reduction: str = "mean") -> Tensor:
+        """Each group's BCE on positives ``z`` and their negatives (drawn when not given):
+        ``(K,)`` means, or ``(n, K)`` per row with ``reduction="none"``."""
         out = []
         for k, z_k in enumerate(split_groups(z, prior.group_sizes)):
             context = z[:, :prior.context_dim(k)]
-            neg = prior.sample_group(k, context, generator=gen).detach()
+            neg = (negatives[k] if negatives is not None
+                   else prior.sample_group(k, context, generator=gen).detach())
             pos_logit, neg_logit = tilt.logit(k, z_k, context), tilt.logit(k, neg, context)
-            out.append(bce(pos_logit, torch.ones_like(pos_logit))
-                       + bce(neg_logit, torch.zeros_like(neg_logit)))
-        return torch.stack(out) / 2
+            out.append(bce(pos_logit, torch.ones_like(pos_logit), reduction=reduction)
+                       + bce(neg_logit, torch.zeros_like(neg_logit), reduction=reduction))
+        return torch.stack(out, -1) / 2
 
-    history = []
-    for epoch in range(epochs):
+    with torch.no_grad():
+        held_negatives = [prior.sample_group(k, held[:, :prior.context_dim(k)], generator=gen)
+                          for k in range(prior.num_groups)]
+    steps_per_epoch = max(1, math.ceil(len(train) / batch_size))
+    stopper = EarlyStopping(tilt, epochs=epochs, patience=epochs if patience is None else patience,
+                            min_steps=min_steps, steps_per_epoch=steps_per_epoch,
+                            threshold=2.0 if patience is not None else math.inf,
+                            desc="fit hier_ncp", progress=progress, log=log)
+    for epoch in stopper:
+        if resample is not None and epoch > 1:
+            train = resample(gen)
         perm = torch.randperm(len(train), generator=gen).to(latents.device)
         total, batches = torch.zeros(prior.num_groups, dtype=torch.float64), 0
         for start in range(0, len(train), batch_size):
-            loss = losses(train[perm[start:start + batch_size]])
+            loss = pair_losses(train[perm[start:start + batch_size]])
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()
             total += loss.detach().to(torch.float64).cpu()
             batches += 1
+        if not stopper.due(epoch):
+            continue
         with torch.no_grad():
-            held_loss = losses(held).to(torch.float64).cpu()
-        record = {"epoch": epoch + 1, "train_loss": (total / batches).tolist(),
+            per_row = pair_losses(held, held_negatives, "none").to(torch.float64)
+        held_loss = per_row.mean(0).cpu()
+        values = per_row.sum(-1)
+        if heldout_encodings is not None:
+            values = per_encoding(values, heldout_encodings)
+        record = {"epoch": epoch, "train_loss": (total / batches).tolist(),
                   "heldout_loss": held_loss.tolist()}
-        history.append(record)
-        if log is not None:
-            log(record)
-    return {"history": history, "heldout_index": order[:n_held]}
+        stopper.update(record, loss=float(held_loss.sum()), values=values)
+    last = None if patience is not None else {k: v.clone() for k, v in tilt.state_dict().items()}
+    stopper.restore()  # closes the progress bar; loads the best weights
+    if last is not None:  # without early stopping the fit is the last epoch's weights
+        tilt.load_state_dict(last)
+    return {"history": stopper.history, "heldout_index": held_index,
+            "best_epoch": stopper.best_epoch if patience is not None else stopper.epoch,
+            "epochs_run": stopper.epoch, "steps_run": stopper.epoch * steps_per_epoch,
+            "min_epochs": stopper.min_epochs, "stopped_early": stopper.epoch < stopper.epochs}
 
 
 @torch.no_grad()

@@ -35,8 +35,8 @@ from ncpvae.hierarchical import (
     group_gains,
     sample_groupwise_sir,
 )
-from ncpvae.prior_fitting import aggregate_posterior_draws
-from ncpvae.tilted import log_mean_exp
+from ncpvae.prior_fitting import aggregate_posterior_draws, heldout_draws
+from ncpvae.tilted import log_mean_exp, split_heldout
 from ncpvae_plugins.hierarchical.prior import ModelHierarchicalPrior
 
 
@@ -55,11 +55,21 @@ class HierarchicalNCPPrior(LearnedPrior):
         hidden: list[Annotated[int, Field(ge=1)]] = Field(
             default_factory=lambda: [128, 128], description="hidden sizes of each classifier")
         activation: Literal["relu", "silu", "gelu", "elu", "tanh", "softplus"] = "silu"
-        epochs: int = Field(20, ge=1, description="passes over the aggregate-posterior draws")
+        epochs: int = Field(30, ge=1, le=100_000, description="maximum epochs over the "
+                            "aggregate-posterior draws (raised to reach min_steps on small data)")
+        patience: int = Field(5, ge=1, description="stop after this many epochs without a "
+                              "held-out loss (summed over groups) lower by more than 2 paired SE")
+        min_steps: int = Field(2000, ge=0, le=10_000_000, description="optimizer steps at "
+                               "least, whatever the data size")
         batch_size: int = Field(256, ge=1)
         lr: float = Field(1e-3, gt=0)
-        draws_per_input: int = Field(1, ge=1, description="draws of q(z|x) per training image")
-        heldout_fraction: float = Field(0.1, gt=0, lt=1)
+        draws_per_input: int = Field(1, ge=1, description="fresh draws of q(z|x) per training "
+                                     "image each epoch")
+        heldout_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of the "
+                                        "encodings held out for early stopping")
+        heldout_samples: int = Field(20_000, ge=1, le=10_000_000, description="held-out draws "
+                                     "of q(z|x) in all, drawn once: ceil(heldout_samples / "
+                                     "held-out encodings) per held-out encoding")
         sir_candidates: int = Field(100, ge=1, description="candidates per group in group-wise "
                                     "SIR")
         context_samples: int = Field(256, ge=2, description="base draws per context for each "
@@ -104,15 +114,30 @@ class HierarchicalNCPPrior(LearnedPrior):
     # -- fitting -----------------------------------------------------------------------------
 
     def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
-        cfg = self.config
-        latents = aggregate_posterior_draws(mu, logvar, cfg.draws_per_input, options.generator)
+        cfg, gen = self.config, options.generator
+        like = next(iter(self.tilt.parameters()))
+        mu = mu.detach().to(device=like.device, dtype=like.dtype)
+        logvar = logvar.detach().to(device=like.device, dtype=like.dtype)
+        held_rows, train_rows = split_heldout(len(mu), cfg.heldout_fraction, gen, like.device,
+                                              self.name)
+        mu_tr, lv_tr = mu[train_rows], logvar[train_rows]
+        heldout = heldout_draws(mu[held_rows], logvar[held_rows], cfg.heldout_samples, gen)
+
+        def resample(generator: torch.Generator) -> Tensor:
+            return aggregate_posterior_draws(mu_tr, lv_tr, cfg.draws_per_input, generator)
+
+        latents = resample(gen)
         out = fit_group_classifiers(self.base, self.tilt, latents, epochs=cfg.epochs,
-                                    batch_size=cfg.batch_size, lr=cfg.lr,
-                                    heldout_fraction=cfg.heldout_fraction,
-                                    generator=options.generator, log=options.log)
+                                    batch_size=cfg.batch_size, lr=cfg.lr, heldout=heldout,
+                                    heldout_encodings=len(held_rows), resample=resample,
+                                    patience=cfg.patience, min_steps=cfg.min_steps,
+                                    generator=gen, progress=options.progress, log=options.log)
         self.mark_fitted()
-        held = latents[out["heldout_index"]]
-        summary: dict[str, Any] = {"epochs": cfg.epochs, "num_latents": int(len(latents))}
+        held = heldout[:len(held_rows)]  # one draw per held-out encoding for the gains
+        summary: dict[str, Any] = {
+            **{k: out[k] for k in ("best_epoch", "epochs_run", "steps_run", "min_epochs",
+                                   "stopped_early")},
+            "num_latents": int(len(latents)), "num_heldout": int(len(held_rows))}
         if len(held) >= 2:
             gains = group_gains(self.base, self.tilt, held, cfg.context_samples,
                                 generator=options.generator)
