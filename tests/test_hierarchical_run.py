@@ -1,5 +1,6 @@
 """End to end on a tiny hierarchical config: train -> fit hierarchical NCP -> sample -> evaluate,
-and a run killed and resumed equal to the uninterrupted one (docs/hierarchical.md)."""
+a run killed and resumed equal to the uninterrupted one, and a two-process ``torchrun`` run
+equal to the one-process run (docs/hierarchical.md)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,20 @@ import json
 import signal
 
 import pytest
+from test_distributed import (
+    ELBO_TOLERANCE,
+    _finish,
+    _in_process,
+    _ncpvae_start,
+    _train_records,
+)
 from test_resume import cli, results_without_evaluation
 
 HIER = ["smoke", "--set", "model.name=hierarchical", "--set", "model.groups=2",
         "--set", "objective.name=hierarchical_elbo", "--set", "objective.warmup_steps=[4, 8]",
         "--set", "objective.kl_balancing=true", "--set", "prior.name=hier_ncp",
-        "--set", "prior.epochs=2", "--set", "prior.log_z_samples=4096",
+        "--set", "prior.epochs=2", "--set", "prior.min_steps=0",
+        "--set", "prior.log_z_samples=4096",
         "--set", "prior.context_samples=64"]
 
 
@@ -44,3 +53,23 @@ def test_a_hierarchical_run_killed_in_training_and_in_the_fit_resumes_to_the_sam
     final = cli("resume", str(run))
     assert final.returncode == 0, final.stderr
     assert results_without_evaluation(run) == results_without_evaluation(reference)
+
+
+@pytest.mark.slow
+def test_a_two_process_hierarchical_run_equals_the_one_process_run(tmp_path):
+    """``torchrun --nproc_per_node=2``: the same global batches and noise rows as one process, so
+    the per-group KLs and ELBOs agree up to float summation order (the bound of the flat runs'
+    test, test_distributed.py); the hierarchical NCP fit then runs and reports per group."""
+    config = [*HIER, "--quiet", "--set", "evaluate.enabled=false", "--set", "train.epochs=2"]
+    launched = _ncpvae_start(["train", *config, "--out", str(tmp_path / "two")], nproc=2)
+    one = _in_process(["train", *config, "--out", str(tmp_path / "one")])
+    two = _finish(launched)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    ones, twos = _train_records(tmp_path / "one"), _train_records(tmp_path / "two")
+    assert [r["epoch"] for r in ones] == [r["epoch"] for r in twos] == [1, 2]
+    for a, b in zip(ones, twos):
+        for key in ("train_elbo", "test_elbo", "test_kl_group1", "test_kl_group2"):
+            assert abs(b[key] - a[key]) <= ELBO_TOLERANCE * abs(a[key]) + 1e-6, key
+    fit = json.loads((tmp_path / "two" / "summary.json").read_text())["prior_fit"]
+    assert len(fit["group_delta"]) == 2  # the fit ran once (rank 0) and wrote its per-group Deltas
