@@ -18,8 +18,8 @@ progress is printed as each starts and ends):
    and RSS of ``run()``, full vs streamed info, 16 / 64 / 256 steps) -> ``memory.json``;
 7. ``speed``: ``speed_check.py --device cuda``: smoke training at ``train.precision`` fp32 /
    bf16 / fp16, MALA with ``fast_path = "auto"`` below and above the break-even (mode, compile
-   seconds, fallback), ``torchrun --nproc_per_node=1`` with NCCL, and a hierarchical run (a
-   TODO hook, skipped until that model lands) -> ``speed.json``; with ``--device cpu`` a dry
+   seconds, fallback), ``torchrun --nproc_per_node=1`` with NCCL, and a hierarchical run (the
+   hierarchical VAE with hierarchical NCP) -> ``speed.json``; with ``--device cpu`` a dry
    run that skips the CUDA-only parts with a message.
 
 ``gpu_check.json`` lists every stage's status (``ok``, ``failed``, ``timeout``), wall time, JSON

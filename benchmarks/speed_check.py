@@ -1,7 +1,6 @@
 """The speed features on a device, one JSON: mixed-precision training, the automatic sampler
-fast path, ``torchrun`` with NCCL on one GPU, and a hierarchical run (a hook, until that model
-lands). The ``speed`` stage of ``gpu_check.py``; on a CPU it is a dry run that skips the
-CUDA-only parts with a message.
+fast path, ``torchrun`` with NCCL on one GPU, and a hierarchical run. The ``speed`` stage of
+``gpu_check.py``; on a CPU it is a dry run that skips the CUDA-only parts with a message.
 
 Checks (each recorded as ``{"status": "ok" | "failed" | "skipped", ...}``):
 
@@ -14,8 +13,8 @@ Checks (each recorded as ``{"status": "ok" | "failed" | "skipped", ...}``):
   with ``fast_path="compiled"`` vs ``"eager"`` instead (a full-size compiled run takes minutes);
 - ``torchrun``: ``torchrun --standalone --nproc_per_node=1 -m ncpvae train smoke`` on CUDA
   (backend ``auto`` = NCCL): finished and finite; skipped without CUDA;
-- ``hierarchical``: TODO hook: a smoke run with a hierarchical model once a model plugin whose
-  name contains ``hier`` is registered; skipped with a message until then.
+- ``hierarchical``: a smoke-sized run of the hierarchical VAE (2 groups) with hierarchical NCP:
+  finished and finite, training images/s.
 
     python benchmarks/speed_check.py --device cpu --json /tmp/speed.json   # dry run
     python benchmarks/speed_check.py --device cuda --json speed.json
@@ -120,18 +119,15 @@ def check_torchrun(device: str, tmp: Path, timeout: float) -> dict[str, Any]:
 
 
 def check_hierarchical(device: str, tmp: Path, timeout: float) -> dict[str, Any]:
-    """TODO hook: runs once a hierarchical model plugin is registered (another helper's
-    issue); skipped with a message until then."""
-    from ncpvae.plugin_manager import get_registry
-
-    names = [n for n in get_registry().names("model") if "hier" in n]
-    if not names:
-        return {"status": "skipped", "reason": "no hierarchical model plugin registered yet "
-                "(TODO: enable when the hierarchical VAE lands)"}
+    """A smoke-sized hierarchical run on ``device``: the ``hierarchical`` model (2 groups),
+    ``hierarchical_elbo`` and ``hier_ncp`` (training and the per-group NCP fit): finished and
+    finite, with the training images/s."""
     run = tmp / "hierarchical"
-    proc = _ncpvae(["train", *SMOKE, "--set", f"device={device}", "--set", f"model={names[0]}",
+    proc = _ncpvae(["train", *SMOKE, "--set", f"device={device}",
+                    "--set", "model.name=hierarchical", "--set", "model.groups=2",
+                    "--set", "objective.name=hierarchical_elbo", "--set", "prior.name=hier_ncp",
                     "--out", str(run)], timeout)
-    return {"model": names[0], **_train_record(proc, run)}
+    return {"model": "hierarchical", **_train_record(proc, run)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,4 +130,5 @@ def test_quick_cpu_run_writes_every_stage_json(tmp_path):
     assert speed["precision"]["fp16"]["status"] == "refused"
     assert speed["torchrun"]["status"] == "skipped" and "CUDA" in speed["torchrun"]["reason"]
     assert speed["fast_path"]["rows"][-1]["mode"] == "compiled"
-    assert speed["hierarchical"]["status"] in ("skipped", "ok")
+    assert speed["hierarchical"]["status"] == "ok"
+    assert speed["hierarchical"]["model"] == "hierarchical"

@@ -5,6 +5,7 @@ equal to the one-process run (docs/hierarchical.md)."""
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import pytest
@@ -40,6 +41,24 @@ def test_a_tiny_hierarchical_run_trains_fits_samples_and_evaluates(tmp_path):
     evaluation = json.loads((run / "evaluation.json").read_text())
     labels = [row.get("label", "") for row in evaluation.get("rows", [])]
     assert any("hier. NCP" in label for label in labels), labels
+    lp = evaluation["learned_prior"]  # per-group gains on the test draws of Delta: they add up
+    assert len(lp["group_delta"]) == len(lp["group_delta_se"]) == 2
+    assert abs(sum(lp["group_delta"]) - lp["delta"]) < 1e-9 * max(1.0, abs(lp["delta"]))
+    assert (run / lp["group_plot"]).is_file() and lp["group_plot"] in (
+        run / "report.html").read_text()
+    assert "per-group Delta" in done.stdout
+    # compare-priors on a hierarchical run: flat priors on the concatenated latent, the model's
+    # top-down prior and the run's hierarchical NCP as rows, paired against N(0, I)
+    from test_compare_priors import SIZES
+
+    from ncpvae.evaluation.compare import CompareSettings, compare_priors, format_table
+    result = compare_priors(run, CompareSettings(["gaussian", "hierarchical", "run"],
+                                                 out=tmp_path / "cmp", **SIZES))
+    assert result["complete"] and result["group_sizes"] == [2, 2]
+    rows = {row["prior"]: row for row in result["rows"]}
+    assert set(rows) == {"gaussian", "hierarchical", "run"}
+    assert all(math.isfinite(rows[s]["cross_entropy"]) for s in rows)
+    assert "flat priors model the concatenated latent" in format_table(result)
 
 
 @pytest.mark.slow

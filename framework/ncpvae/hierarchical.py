@@ -406,7 +406,8 @@ def fit_group_classifiers(prior: HierarchicalPrior, tilt: HierarchicalTilt, late
         if heldout_encodings is not None:
             values = per_encoding(values, heldout_encodings)
         record = {"epoch": epoch, "train_loss": (total / batches).tolist(),
-                  "heldout_loss": held_loss.tolist()}
+                  "heldout_loss": held_loss.tolist(),
+                  **{f"heldout_loss_group{k + 1}": float(v) for k, v in enumerate(held_loss)}}
         stopper.update(record, loss=float(held_loss.sum()), values=values)
     last = None if patience is not None else {k: v.clone() for k, v in tilt.state_dict().items()}
     stopper.restore()  # closes the progress bar; loads the best weights

@@ -180,7 +180,8 @@ class LearnedPrior(Prior):
     - :meth:`log_ratio`: ``log p(z) - log p_base(z)`` up to the constant ``log Z``;
     - :meth:`kl_gain`: ``Delta = E_q[log_ratio] - log Z`` over the base prior, with its SE;
     - :meth:`sampling_info`: diagnostics of the last :meth:`sample` call (e.g. an importance
-      sampler's ESS fraction), plain numbers.
+      sampler's ESS fraction), plain numbers;
+    - :meth:`gain_parts`: the parts of the last :meth:`kl_gain` (e.g. one per latent group).
     """
 
     requires_fit: ClassVar[bool] = True
@@ -273,6 +274,12 @@ class LearnedPrior(Prior):
     def log_ratio(self, z: Tensor) -> Tensor:
         """``(..., D) -> (...)``: ``log p(z) - log p_base(z)`` without ``log Z``."""
         return self.log_prob(z) - self.base_prior.log_prob(z)
+
+    def gain_parts(self) -> dict[str, list[float]]:
+        """The parts of the last :meth:`kl_gain`, as lists of plain floats of one length (e.g. a
+        hierarchical prior's ``group_delta`` and ``group_delta_se``, top group first); {} when
+        the gain has no parts (the default)."""
+        return {}
 
     def kl_gain(
         self,

@@ -450,7 +450,8 @@ class ComparisonTable:
             "latent_dim": run.config.latent_dim, "reference": "N(0, I)", "rows": [],
             "pending": list(self.priors), "complete": False, "reused": sorted(self.done),
             "options": settings.options, "settings": table_settings, "iw": None, "kid": None,
-            "notes": self.notes}
+            "notes": self.notes,
+            "group_sizes": list(getattr(run.model, "group_sizes", []) or [])}
 
     @property
     def pending(self) -> list[str]:
@@ -717,6 +718,12 @@ def format_table(result: dict[str, Any]) -> str:
         f"Reference N(0, I); every difference is paired (same draws, images and subsets) and "
         f"its SE is that of the paired difference. Aggregate posterior: {result['num_heldout']} "
         f"held-out draws z ~ q(z|x) (nats per latent vector)."]
+    groups = result.get("group_sizes") or []
+    if len(groups) > 1:
+        lines.append(f"This run's VAE is hierarchical ({len(groups)} latent groups of sizes "
+                     f"{', '.join(map(str, groups))}, top first): flat priors model the "
+                     f"concatenated latent z = (z_1, ..., z_{len(groups)}); `hierarchical` is "
+                     f"the model's own top-down prior, `run` the run's prior.")
     if iw:
         lines.append(f"IW bound: {iw['num_examples']} test images, K = {iw['num_samples']} "
                      f"importance draws each (nats per image; higher is better).")

@@ -64,6 +64,7 @@ from ncpvae.model import reparameterize
 from ncpvae.modes import eval_mode
 from ncpvae.prior import LearnedPrior
 from ncpvae.registry import Registry
+from ncpvae.run import directory as files
 from ncpvae.run import hooks, seeds
 from ncpvae.run.build import Run, encode_source, open_run
 from ncpvae.run.directory import RunDirectory
@@ -508,6 +509,15 @@ def factor_recovery(run: Run, net: Any, notes: list[str], heldout: Heldout | Non
 # learned prior and likelihood
 
 
+def plot_group_gains(run: Run, summary: dict[str, Any]) -> None:
+    """A hierarchical prior's per-group gains (``group_delta`` in ``summary``) as bars in
+    ``plots/group_gains.png``; its path goes into ``summary["group_plot"]``."""
+    if summary.get("group_delta") and run.directory is not None:
+        path = run.directory.plot(files.PLOT_GROUP_GAINS)
+        plots.plot_group_gains(summary["group_delta"], summary["group_delta_se"], path)
+        summary["group_plot"] = run.directory.relative(path)
+
+
 def learned_prior(run: Run, heldout_z: Tensor) -> dict[str, Any]:
     """A learned prior's ``log Z`` and ``Delta`` (with SEs) from one ``log Z`` estimate (see
     :func:`ncpvae.run.fit.learned_prior_summary`); {} for any other prior."""
@@ -676,6 +686,7 @@ def evaluate_run(run: Run) -> dict[str, Any]:
             bar.update()
             with clock("learned prior"):
                 evaluation["learned_prior"] = learned_prior(run, heldout.z)
+                plot_group_gains(run, evaluation["learned_prior"])
             table: dict[str, Any] = {"feature_scale": None, "coverage_reference": None}
             evaluation["rows"] = evaluate_rows(run, rows, net, heldout.z, clock, bar, runtime,
                                                table, net_info,

@@ -322,6 +322,11 @@ def metric_table(evaluation: Mapping[str, Any]) -> list[Block]:
         rows.append(["Delta = E_q[f] − log Z", pm(lp["delta"], lp["delta_se"]),
                      f"on {lp.get('num_encodings')} held-out encodings; > 0: the learned prior "
                      "fits better"])
+    if lp.get("group_delta"):
+        rows.append(["per-group Delta_k (top group first)",
+                     "; ".join(pm(d, e) for d, e in zip(lp["group_delta"], lp["group_delta_se"])),
+                     "each group's gain over its base conditional, log Z_k estimated per "
+                     "context; they add up to Delta"])
     fr = evaluation.get("factor_recovery", {})
     if fr.get("recovery"):
         rows.append(["factor recovery (mean ratio over factors)", num(fr.get("mean_recovery")),
@@ -446,6 +451,10 @@ def build_blocks(evaluation: Mapping[str, Any], summary: Mapping[str, Any],
         blocks.append(heading("Reconstructions and traversals"))
         blocks += [figure(run.relative(run.plot(n)), c, 700) for n, c in pictures]
     blocks += metric_table(evaluation)
+    group_plot = (evaluation.get("learned_prior") or {}).get("group_plot")
+    if group_plot and (run.path / group_plot).is_file():
+        blocks.append(figure(group_plot, "Hierarchical NCP: the gain of each latent group over "
+                             "its base conditional (±2 SE)", 500))
     blocks += sample_table(evaluation)
     blocks += compare_blocks(run)
     if evaluation.get("notes"):

@@ -93,4 +93,24 @@ def plot_classifier_loss(history: Sequence[Mapping[str, float]],
     return save_figure(fig, path)
 
 
-__all__ = ["plot_classifier_loss", "plot_fit_history"]
+def plot_group_gains(delta: Sequence[float], se: Sequence[float], path: str | os.PathLike[str], *,
+                     title: str = "hierarchical NCP: gain per latent group") -> Path:
+    """Bars of the per-group gains ``Delta_k`` (nats, top group first) with ±2 SE whiskers and
+    the zero line; returns the path."""
+    if not delta or len(delta) != len(se):
+        raise DataError(f"cannot plot per-group gains: got {len(delta)} gains and {len(se)} SEs")
+    groups = list(range(1, len(delta) + 1))
+    fig = Figure(figsize=(1.2 * len(delta) + 2.6, 3.4))
+    ax = fig.add_subplot()
+    ax.bar(groups, [float(d) for d in delta], yerr=[2 * float(e) for e in se], capsize=4,
+           color="tab:blue", alpha=0.8)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(groups, [f"group {k}" for k in groups])
+    ax.set_ylabel("Delta_k (nats), ±2 SE")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+__all__ = ["plot_classifier_loss", "plot_fit_history", "plot_group_gains"]

@@ -46,6 +46,7 @@ PLOT_KL_PER_DIM = "kl_per_dim.png"
 PLOT_TRAVERSALS = "traversals.png"
 PLOT_SAMPLES = "samples.png"
 PLOT_PRIOR_FIT = "prior_fit.png"
+PLOT_GROUP_GAINS = "group_gains.png"
 
 #: The files ``ncpvae sample`` writes (into ``<run>/sampling`` unless ``--out`` says otherwise).
 SAMPLING_DIR = "sampling"

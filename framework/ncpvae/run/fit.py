@@ -24,7 +24,9 @@ def learned_prior_summary(prior: Prior, heldout: Tensor, generator: torch.Genera
     ``heldout`` are draws ``z ~ q(z|x)`` ``(N, D)`` of held-out images; ``generator`` (fresh,
     seeded) draws the ``num_samples`` base samples of ``log Z`` (None: the prior's own default),
     which ``kl_gain`` is given rather than estimating it again. Plain numbers: ``log_z``,
-    ``log_z_se``, ``log_z_samples``, ``delta``, ``delta_se``, ``num_encodings``.
+    ``log_z_se``, ``log_z_samples``, ``delta``, ``delta_se``, ``num_encodings``, and the
+    gain's parts where the prior has them (:meth:`~ncpvae.LearnedPrior.gain_parts`: a
+    hierarchical prior's ``group_delta`` and ``group_delta_se``).
     """
     if not isinstance(prior, LearnedPrior):
         return {}
@@ -33,7 +35,7 @@ def learned_prior_summary(prior: Prior, heldout: Tensor, generator: torch.Genera
         delta, delta_se = prior.kl_gain(heldout, num_samples=num_samples, log_normalizer=log_z)
     return {"log_z": float(log_z[0]), "log_z_se": float(log_z[1]),
             "log_z_samples": num_samples, "delta": float(delta), "delta_se": float(delta_se),
-            "num_encodings": int(heldout.shape[0])}
+            "num_encodings": int(heldout.shape[0]), **prior.gain_parts()}
 
 
 def fit_learned_prior(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -96,10 +96,10 @@ def format_run_summary(run_dir: str | Path) -> str:
         if gain:
             text += f";  IW bound gain {_pm(gain['mean'], gain.get('se'), 3)} nats"
         rows.append(("learned prior gain", text))
-        fit = summary.get("prior_fit", {})
-        if "group_delta" in fit:  # a hierarchical prior's per-group gains (top group first)
+        parts = lp if "group_delta" in lp else summary.get("prior_fit", {})
+        if "group_delta" in parts:  # a hierarchical prior's per-group gains (top group first)
             rows.append(("per-group Delta", ";  ".join(
-                _pm(d, se, 3) for d, se in zip(fit["group_delta"], fit["group_delta_se"]))
+                _pm(d, se, 3) for d, se in zip(parts["group_delta"], parts["group_delta_se"]))
                 + " nats"))
     fr = evaluation.get("factor_recovery", {})
     if fr.get("accuracy_reconstruction"):

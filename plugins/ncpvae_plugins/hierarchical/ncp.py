@@ -183,7 +183,13 @@ class HierarchicalNCPPrior(LearnedPrior):
         terms, _ = gain_terms(self.base, self.tilt, latents, self.config.context_samples,
                               generator=generator)
         total = terms.sum(-1)
+        self._gain_parts = {"group_delta": terms.mean(0).tolist(),
+                            "group_delta_se": (terms.std(0) / math.sqrt(len(terms))).tolist()}
         return float(total.mean()), float(total.std() / math.sqrt(total.numel()))
+
+    def gain_parts(self) -> dict[str, list[float]]:
+        """Per-group ``Delta_k`` and their SEs (top group first) of the last :meth:`kl_gain`."""
+        return dict(getattr(self, "_gain_parts", {}))
 
     # -- sampling ------------------------------------------------------------------------------
 
