@@ -131,7 +131,11 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path,
                 if key in rec and rec[key] is not None:
                     series[term][split].append((rec["epoch"], rec[key]))
     present = [t for t in terms if series[t]]
-    fig, axes = _subplots(1, len(present), figsize=(4 * len(present), 3.4), squeeze=False)
+    # a hierarchical objective's per-group KLs (kl_group1..K): one more panel, a line per group
+    groups = sorted({int(key[len("test_kl_group"):]) for rec in records for key in rec
+                     if key.startswith("test_kl_group") and key[len("test_kl_group"):].isdigit()})
+    panels = len(present) + (1 if groups else 0)
+    fig, axes = _subplots(1, panels, figsize=(4 * panels, 3.4), squeeze=False)
     for ax, term in zip(axes[0], present):
         for split, points in series[term].items():
             xs, ys = zip(*points)
@@ -141,15 +145,41 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str | Path,
         ax.set_title(term)
         ax.legend()
         ax.grid(alpha=0.3)
+    if groups:
+        ax = axes[0][-1]
+        for k in groups:
+            points = [(rec["epoch"], rec[f"test_kl_group{k}"]) for rec in records
+                      if rec.get(f"test_kl_group{k}") is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", ms=3, label=f"group {k}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test KL (nats / image)")
+        ax.set_title("KL per latent group (top = 1)")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def plot_kl_per_dim(kl_per_dim: Tensor, path: str | Path) -> Path:
-    """Bar chart of the test KL per latent dimension (which dims are active)."""
+def plot_kl_per_dim(kl_per_dim: Tensor, path: str | Path,
+                    group_sizes: Sequence[int] | None = None) -> Path:
+    """Bar chart of the test KL per latent dimension (which dims are active); with
+    ``group_sizes`` (a hierarchical latent, top group first) the bars are coloured by group and
+    the legend gives each group's count of dimensions with a KL above 0.01 nats."""
     kl = kl_per_dim.detach().cpu()
     fig, ax = _subplots(figsize=(max(4, 0.35 * len(kl) + 1), 3))
-    ax.bar(range(len(kl)), kl.tolist())
+    if group_sizes and sum(group_sizes) == len(kl) and len(group_sizes) > 1:
+        start = 0
+        for k, size in enumerate(group_sizes, 1):
+            part = kl[start:start + size]
+            used = int((part > 0.01).sum())
+            ax.bar(range(start, start + size), part.tolist(),
+                   label=f"group {k}: {used} of {size} dims with KL > 0.01")
+            start += size
+        ax.legend(fontsize="small")
+    else:
+        ax.bar(range(len(kl)), kl.tolist())
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats)")
     ax.set_title("KL per latent dimension (test set)")

@@ -280,5 +280,6 @@ def vae_plots(run: Run, kl_per_dim: list[float] | None) -> None:
             kl = torch.tensor(kl_per_dim)
         else:  # no closed-form KL: rank dims by posterior-mean variance instead
             kl = encode_source(model, run.data.test, run.device, limit=1000)[0].var(0).cpu()
-        plots.plot_kl_per_dim(kl, directory.plot(files.PLOT_KL_PER_DIM))
+        plots.plot_kl_per_dim(kl, directory.plot(files.PLOT_KL_PER_DIM),
+                              getattr(model, "group_sizes", None))
         plots.plot_traversals(model, mu[0], kl, directory.plot(files.PLOT_TRAVERSALS))
