@@ -22,8 +22,11 @@ from ncpvae.evaluation.report import fit_table, write_report
 #: K = 8), KID on 128 samples in 4 subsets
 SIZES = {"num_heldout": 64, "num_speed_samples": 50, "kid_samples": 128, "kid_subsets": 4,
          "quiet": True}
-#: quick fits
-FITS = {"num_train": 256, "options": {"ncp": {"epochs": 5, "min_steps": 0}, "gmm": {"max_iter": 50}}}
+#: quick fits; the GMM's structure fixed (K = 10, full) so its label is known (selection has its
+#: own tests, test_gmm_selection.py)
+FITS = {"num_train": 256, "options": {"ncp": {"epochs": 5, "min_steps": 0},
+                                      "gmm": {"max_iter": 50, "components": 10,
+                                              "covariance": "full"}}}
 
 
 @pytest.fixture(scope="module")
