@@ -41,8 +41,9 @@ DTYPES = [torch.float32, torch.float64]
 #: Config fields that bound the cost of a component in these tests, and their test values;
 #: a component gets those it has and accepts.
 FAST_FIELDS = {
-    "prior": {"epochs": 1, "num_epochs": 1, "max_epochs": 1, "hidden": [32, 32],
-              "log_z_samples": 64, "sir_candidates": 16},
+    "prior": {"epochs": 1, "num_epochs": 1, "max_epochs": 1, "min_steps": 0,
+              "heldout_samples": 256, "hidden": [32, 32], "log_z_samples": 64,
+              "sir_candidates": 16},
     "sampler": {"num_candidates": 8},
 }
 SHAPES = settings(derandomize=True, max_examples=10, deadline=None)

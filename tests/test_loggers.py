@@ -151,7 +151,8 @@ def _strip(value):
 
 
 def _run(out: Path, backends: list[str]) -> Path:
-    overrides = ["prior=ncp", "prior.epochs=3", f"log.backends={json.dumps(backends)}"]
+    overrides = ["prior=ncp", "prior.epochs=3", "prior.min_steps=0",
+                 f"log.backends={json.dumps(backends)}"]
     manager = PluginManager(entrypoints=False, plugins=[FailingPlugin()])
     config = load_config("smoke", overrides, manager.registry)
     return train(config, out, quiet=True, manager=manager, stages=TRAINING_STAGES)

@@ -144,7 +144,8 @@ def test_a_zoo_prior_resumes_after_training_and_refits_as_another(tmp_path):
     assert final.returncode == 0, final.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["progress"]["finished"] and "delta" in summary["prior_fit"]
-    refit = cli("fit-prior", str(run), "--set", "prior=flow", "--set", "prior.epochs=3")
+    refit = cli("fit-prior", str(run), "--set", "prior=flow", "--set", "prior.epochs=3",
+                "--set", "prior.min_steps=0")
     assert refit.returncode == 0, refit.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["prior_fit"]["epochs_run"] <= 3 and "delta" in summary["prior_fit"]

@@ -20,9 +20,9 @@ from ncpvae.run.sample import sample_stage
 from ncpvae.run.sample_command import sample_command
 
 NCPVAE = shutil.which("ncpvae", path=str(Path(sys.executable).parent)) or shutil.which("ncpvae")
-NCP_SMOKE = ["prior=ncp", "prior.epochs=3", "prior.hidden=[32,32]", "prior.log_z_samples=2000",
-             "prior.sir_candidates=20", "sampler=langevin", "sampler.num_steps=20",
-             "sampler.burn_in=10", "sampler.thin=5", "sampler.metropolis=true",
+NCP_SMOKE = ["prior=ncp", "prior.epochs=3", "prior.min_steps=0", "prior.hidden=[32,32]",
+             "prior.log_z_samples=2000", "prior.sir_candidates=20", "sampler=langevin",
+             "sampler.num_steps=20", "sampler.burn_in=10", "sampler.thin=5", "sampler.metropolis=true",
              "evaluate.enabled=false"]
 
 
