@@ -23,6 +23,11 @@ round, in rotating order, so load changes hit every column alike):
 - ``blackjax``: ``blackjax.mala`` vmapped over chains inside ``lax.scan`` under ``jit``
   (positions and acceptance of every step returned, like ``run()``), compile time excluded.
 
+``--threads 1`` holds both sides to one core: ``torch.set_num_threads(1)`` for torch, and for
+the JAX worker the XLA flags plus the process pinned to one core (:class:`JaxWorker`; the flags
+alone left JAX 0.10 on 1.8-1.9 cores of this machine, so tables before this change compared one
+torch thread with two cores).
+
 ``--retain-freed-memory`` calls :func:`ncpvae.mcmc.fastpath.retain_freed_memory` first, which
 fixes glibc's malloc thresholds for this process (every torch column then runs with them; the
 compiled columns gain most). ncpvae never makes that call itself; without the flag every column
@@ -48,6 +53,7 @@ CPU-only here), as does ``--no-jax``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -118,28 +124,49 @@ for line in sys.stdin:
         run = runner(cmd["chains"], cmd["steps"], cmd["step_size"])
         z0 = jnp.asarray(np.asarray(cmd["z0"], dtype=np.float32))
         rng = jax.random.PRNGKey(cmd["seed"])
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         out = run(rng, z0)
         jax.block_until_ready(out)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         accept = float(np.asarray(out[1][1]).mean())
-        print(json.dumps({"seconds": elapsed, "acceptance": accept}), flush=True)
+        print(json.dumps({"seconds": elapsed, "cpu_seconds": cpu, "acceptance": accept}),
+              flush=True)
 '''
 
 
+def one_core() -> set[int] | None:
+    """The core a one-thread comparison runs on (the lowest this process may use), or None
+    where the platform cannot pin processes."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return {min(os.sched_getaffinity(0))}
+
+
 class JaxWorker:
-    """A BlackJAX process in the benchmark environment, driven over pipes."""
+    """A BlackJAX process in the benchmark environment, driven over pipes.
+
+    With ``threads == 1`` the worker is pinned to one core (its affinity set before ``exec``,
+    so every thread XLA starts inherits it). The XLA flags alone do not hold it to one: JAX
+    0.10's CPU client used 1.8-1.9 cores of this 2-core machine with
+    ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`` (process CPU time /
+    wall time over 100 jitted GEMMs), so the earlier one-thread tables pitted one torch thread
+    against two cores. Each run reports its CPU seconds, so the table shows the cores used.
+    """
 
     def __init__(self, python: str, weights: Path, threads: int):
         env = dict(os.environ)
+        preexec = None
         if threads == 1:  # one XLA thread, like torch.set_num_threads(1)
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                 "intra_op_parallelism_threads=1").strip()
+            core = one_core()
+            if core is not None:
+                preexec = functools.partial(os.sched_setaffinity, 0, core)
         env["JAX_PLATFORMS"] = "cpu"
         try:
             self.proc = subprocess.Popen([python, "-c", JAX_WORKER, str(weights)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                         env=env)
+                                         env=env, preexec_fn=preexec)
         except OSError as exc:
             self.proc = None
             self.hello = {"error": f"cannot start {python}: {exc.strerror}"}

@@ -15,9 +15,12 @@ on both sides, checked at start). Columns, per chain count:
   time excluded (compiled once, untimed).
 
 Interleaved rounds (one call of each column per round, the order rotating), a warm-up round,
-medians of the times and of the per-round speed ratios. ``--steps`` are per call (chains > 1;
-``--steps-one`` at 1 chain); ``--long`` gives every chain count >= 1,024 enough steps to reach
-the break-even (``ceil(COMPILE_BREAK_EVEN / chains)``), so the defaults column compiles.
+medians of the times and of the per-round speed ratios. ``--threads 1`` (the default) holds
+each side to one core (the JAX worker pinned, see ``bench_blackjax.JaxWorker``); the last
+column, CPU seconds over wall seconds per call, shows the cores each side used. ``--steps``
+are per call (chains > 1; ``--steps-one`` at 1 chain); ``--long`` gives every chain count
+>= 1,024 enough steps to reach the break-even (``ceil(COMPILE_BREAK_EVEN /
+chains)``), so the defaults column compiles.
 
     python benchmarks/bench_defaults.py --json benchmarks/results/defaults_cpu.json
     python benchmarks/bench_defaults.py --quick            # a smoke run (seconds)
@@ -79,20 +82,28 @@ def measure(chains: int, args, energy, jax: JaxWorker | None) -> dict:
         z0_list = z0.tolist()
         jax.ask(op="run", chains=chains, steps=steps, step_size=args.step_size, z0=z0_list,
                 seed=0)  # compile once, untimed
-        fns["blackjax"] = lambda: jax.ask(op="run", chains=chains, steps=steps,
-                                          step_size=args.step_size, z0=z0_list,
-                                          seed=len(times["blackjax"]))["seconds"]
+
+        def run_jax() -> tuple[float, float]:
+            out = jax.ask(op="run", chains=chains, steps=steps, step_size=args.step_size,
+                          z0=z0_list, seed=len(times["blackjax"]))
+            return out["seconds"], out["cpu_seconds"]
+
+        fns["blackjax"] = run_jax
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cores: dict[str, list[float]] = {name: [] for name in fns}  # CPU seconds / wall seconds
     names = list(fns)
     for round_ in range(args.warmup + args.repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = fns[name]()
-            elapsed = out if isinstance(out, float) else time.perf_counter() - start
+            elapsed, cpu = (out if isinstance(out, tuple) else
+                            (time.perf_counter() - start, time.process_time() - cpu_start))
             if round_ >= args.warmup:
                 times[name].append(elapsed)
+                cores[name].append(cpu / elapsed)
     row: dict = {"chains": chains, "steps": steps, "times_s": times,
+                 "cores_used": {name: statistics.median(v) for name, v in cores.items()},
                  "fast_path": records[-1]["mode"],
                  "compile_seconds": [r.get("compile_seconds", 0.0) for r in records]}
     for name, values in times.items():
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
              + (" (UNDER LOAD: indicative only)" if max(load_before[0], load[0]) > 1.5 else ""),
              *notes, "",
              "| chains | steps | defaults mode | defaults | bare | BlackJAX | defaults/bare "
-             "| defaults/BlackJAX |", "|" + "---:|" * 8]
+             "| defaults/BlackJAX | cores used: defaults / bare / BlackJAX |", "|" + "---:|" * 9]
     for r in rows:
         jx = r.get("blackjax_chain_steps_per_s")
         vs_jax = "-" if jx is None else f"{r['defaults_vs_blackjax']:.2f}x"
@@ -173,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['chains']:,} | {r['steps']:,} | {r['fast_path']} "
             f"| {r['defaults_chain_steps_per_s']:,.0f} | {r['bare_chain_steps_per_s']:,.0f} "
             f"| {'-' if jx is None else f'{jx:,.0f}'} | {r['defaults_vs_bare']:.2f}x "
-            f"| {vs_jax} |")
+            f"| {vs_jax} | {' / '.join(f'{c:.2f}' for c in r['cores_used'].values())} |")
     lines += ["", f"Rates in chain-steps/s; ratios are speeds (higher: defaults faster), medians "
               f"of per-round ratios. Break-even of fast_path='auto': {COMPILE_BREAK_EVEN:,} "
               f"chain-steps. Total time {wall:.0f} s."]

@@ -130,6 +130,55 @@ def test_state_caches_energy_and_gradient_without_graph(kind):
                 assert not t.requires_grad and t.grad_fn is None
 
 
+def test_many_chains_on_a_cpu_are_evaluated_in_row_blocks(monkeypatch):
+    """Above CPU_BLOCK_FROM chains, energy_and_grad calls the energy on near-equal row blocks
+    of at most CPU_BLOCK_ROWS and returns the one-call function (closed-form gradient);
+    at or below it, one call as before; a reducing energy's error names the caller's count."""
+    from ncpvae.mcmc import kernels
+
+    monkeypatch.setattr(kernels, "CPU_BLOCK_FROM", 20)
+    monkeypatch.setattr(kernels, "CPU_BLOCK_ROWS", 8)
+    seen: list[int] = []
+
+    def energy(z):
+        seen.append(z.shape[0])
+        return quartic(z)
+
+    z = torch.randn(21, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u, grad = energy_and_grad(energy, z)
+    assert seen == [7, 7, 7]
+    torch.testing.assert_close(u, quartic(z), rtol=0, atol=0)
+    torch.testing.assert_close(grad, z**3 + z + 0.3, rtol=1e-15, atol=1e-15)
+    seen.clear()
+    energy_and_grad(energy, z[:20])
+    assert seen == [20]
+    with pytest.raises(DataError, match=r"per-chain values \(C,\) = \(21,\), got \(\)"):
+        energy_and_grad(lambda x: quartic(x).sum(), z)
+
+
+def test_an_energy_marked_rows_indexed_is_never_split(monkeypatch):
+    """One data point per chain (rows_indexed): all chains in one call, eager and compiled."""
+    from ncpvae.mcmc import kernels
+    from ncpvae.mcmc.fastpath import CompiledEnergy
+
+    monkeypatch.setattr(kernels, "CPU_BLOCK_FROM", 20)
+    monkeypatch.setattr(kernels, "CPU_BLOCK_ROWS", 8)
+    data = torch.randn(21, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    seen: list[int] = []
+
+    def energy(z):
+        seen.append(z.shape[0])
+        return quartic(z - data)  # row i needs data[i]: splitting the rows would misalign
+
+    energy.rows_indexed = True
+    z = torch.randn(21, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u, grad = energy_and_grad(energy, z)
+    assert seen == [21]
+    torch.testing.assert_close(grad, (z - data)**3 + (z - data) + 0.3, rtol=1e-15, atol=1e-15)
+    assert len(CompiledEnergy(energy, block_rows=8)._blocks(z)) == 1
+    assert len(CompiledEnergy(quartic, block_rows=8)._blocks(z)) == 3
+
+
 def test_energy_parameters_get_no_gradient():
     net = torch.nn.Linear(3, 1).double()
 

@@ -541,33 +541,53 @@ class _Draws(NamedTuple):
 
 
 class _Recorder:
-    """A step callback of :meth:`Sampler._loop` that keeps the draws and the per-step infos."""
+    """A step callback of :meth:`Sampler._loop` that keeps the draws and the per-step infos.
+
+    Each kept draw and each step's info is copied into a buffer allocated at the first step
+    for the whole run (``(kept draws, C, D)``, ``(num_steps, C)`` per info field) instead of
+    being kept as a tensor of its own and stacked at the end: one allocation per buffer, no
+    second copy at the end, and no small long-lived tensors left between each step's freed
+    temporaries. Kept per step, those had fragmented the heap: 1,024 chains of the benchmark
+    MLP grew the process by ~0.5 MB (eager) to ~1.9 MB (compiled) a step for 54 kB of data.
+    """
 
     def __init__(self, settings: RunSettings):
         self.settings = settings
-        self.kept: list[Tensor] = []
-        self.infos: list[NamedTuple] = []
+        self.num_kept = sum(1 for t in range(1, settings.num_steps + 1) if settings.keeps(t))
+        self.samples: Tensor | None = None
+        self.next_draw = 0
+        self.fields: tuple[str, ...] = ()
+        self.info_buffers: list[Tensor] = []
+        self.steps = 0
         self.stream = _InfoStream(settings.burn_in) if settings.keep_info == "summary" else None
 
     def __call__(self, t: int, state: NamedTuple, info: NamedTuple) -> None:
-        if self.stream is None:
-            self.infos.append(info)
-        else:
+        if self.stream is not None:
             self.stream.add(t, info)
+        else:
+            if not self.info_buffers:
+                self.fields = info._fields
+                self.info_buffers = [value.new_empty((self.settings.num_steps, *value.shape))
+                                     for value in info]
+            for buffer, value in zip(self.info_buffers, info):
+                buffer[self.steps].copy_(value)
+            self.steps += 1
         if self.settings.keeps(t):
-            self.kept.append(state.position)  # type: ignore[attr-defined]
+            position: Tensor = state.position  # type: ignore[attr-defined]
+            if self.samples is None:
+                self.samples = position.new_empty((self.num_kept, *position.shape))
+            self.samples[self.next_draw].copy_(position)
+            self.next_draw += 1
 
     def finish(self, state: NamedTuple, wall: float) -> _Draws:
         """The draws (the final state alone when no step ran) and the infos."""
-        kept = self.kept or [state.position]  # type: ignore[attr-defined]
-        samples = torch.stack(kept)
+        samples = (state.position[None].clone()  # type: ignore[attr-defined]
+                   if self.samples is None else self.samples[:self.next_draw])
         if self.stream is not None:
             info, summary = self.stream.finish()
             return _Draws(samples, info, summary, wall)
-        info_dict: dict[str, Tensor] = {}
-        if self.infos:
-            for name in self.infos[0]._fields:
-                info_dict[name] = torch.stack([getattr(i, name) for i in self.infos])
+        info_dict = {name: buffer[:self.steps]
+                     for name, buffer in zip(self.fields, self.info_buffers)}
         return _Draws(samples, info_dict, None, wall)
 
 

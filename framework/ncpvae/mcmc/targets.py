@@ -22,7 +22,9 @@ def posterior_energy(model: LatentModel, prior: Prior, x: Tensor) -> Energy:
         U(z)[i] = -model.recon_log_prob(x, model.decode(z))[i] + prior.energy(z)[i]
 
     ``prior.energy`` is ``-prior.log_prob`` up to a constant (so learned priors whose normalizer
-    is unknown work too). The model and prior are used as they are (put them in ``eval()`` mode
+    is unknown work too). The energy is marked ``rows_indexed`` (chain i belongs to image i), so
+    samplers evaluate its chains all at once, never in row blocks. The model and prior are used
+    as they are (put them in ``eval()`` mode
     yourself); their parameters receive no gradient from sampling.
     """
     if x.ndim < 1 or x.shape[0] < 1:
@@ -37,4 +39,5 @@ def posterior_energy(model: LatentModel, prior: Prior, x: Tensor) -> Energy:
             )
         return -model.recon_log_prob(x, model.decode(z)) + prior.energy(z)
 
+    energy.rows_indexed = True  # chain i belongs to image i: never evaluated in row blocks
     return energy

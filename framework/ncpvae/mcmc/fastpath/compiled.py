@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ncpvae.errors import ConfigError
 from ncpvae.mcmc.fastpath.linear import FastLinearEnergy, register_onednn_op
-from ncpvae.mcmc.kernels import Energy, energy_and_grad
+from ncpvae.mcmc.kernels import Energy, energy_and_grad, row_blocks, rows_indexed
 
 __all__ = ["CompiledEnergy", "prepare_energy"]
 
@@ -57,7 +57,8 @@ class CompiledEnergy:
     kernels' intermediates, ``(block, hidden)``, then stay in cache. 4,096 chains of the
     benchmark MLP ran ~12-15 % faster in blocks of 512-1,024 than in one call. Blocks of two
     sizes at most (e.g. 1,020 and 1,021 rows), so at most two compilations per chain count.
-    ``block_rows=None`` evaluates all chains at once.
+    ``block_rows=None`` evaluates all chains at once, as does an energy marked
+    ``rows_indexed`` (:func:`ncpvae.mcmc.kernels.rows_indexed`: one data point per chain).
 
     ``compile_seconds`` is the wall time of the first call of each compiled function
     (compilation plus one evaluation), summed; ``fallback_reason`` why this energy, or a
@@ -95,14 +96,7 @@ class CompiledEnergy:
         return u.sum(), u
 
     def _blocks(self, z: Tensor) -> tuple[Tensor, ...]:
-        """``z`` ``(C, D)`` split into ``ceil(C / block_rows)`` blocks whose sizes differ by at
-        most one row (CPU only; one block otherwise)."""
-        rows = z.shape[0]
-        if self.block_rows is None or z.device.type != "cpu" or rows <= self.block_rows:
-            return (z,)
-        count = -(-rows // self.block_rows)
-        base, extra = divmod(rows, count)
-        return z.split([base + 1] * extra + [base] * (count - extra))
+        return row_blocks(z, None if rows_indexed(self.energy) else self.block_rows)
 
     def _blockwise(self, grad_and_value: Callable[[Tensor], Any], z: Tensor
                    ) -> tuple[Tensor, Tensor]:
