@@ -25,8 +25,8 @@ round, in rotating order, so load changes hit every column alike):
 
 ``--threads 1`` holds both sides to one core: ``torch.set_num_threads(1)`` for torch, and for
 the JAX worker the XLA flags plus the process pinned to one core (:class:`JaxWorker`; the flags
-alone left JAX 0.10 on 1.8-1.9 cores of this machine, so tables before this change compared one
-torch thread with two cores).
+alone left JAX 0.10 on 1.8-1.9 cores of this machine; runs under ``taskset -c 0`` were pinned
+already).
 
 ``--retain-freed-memory`` calls :func:`ncpvae.mcmc.fastpath.retain_freed_memory` first, which
 fixes glibc's malloc thresholds for this process (every torch column then runs with them; the
@@ -149,8 +149,10 @@ class JaxWorker:
     so every thread XLA starts inherits it). The XLA flags alone do not hold it to one: JAX
     0.10's CPU client used 1.8-1.9 cores of this 2-core machine with
     ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`` (process CPU time /
-    wall time over 100 jitted GEMMs), so the earlier one-thread tables pitted one torch thread
-    against two cores. Each run reports its CPU seconds, so the table shows the cores used.
+    wall time over 100 jitted GEMMs). Tables taken under ``taskset -c 0`` (docs/results.md)
+    were pinned already; ``bench_defaults.py``'s earlier tables, run without it, pitted one
+    torch thread against two cores. Each run reports its CPU seconds, so the tables show the
+    cores used.
     """
 
     def __init__(self, python: str, weights: Path, threads: int):

@@ -282,13 +282,15 @@ def group_energy(prior: HierarchicalPrior, tilt: HierarchicalTilt | None, k: int
                  context: Tensor) -> Callable[[Tensor], Tensor]:
     """The energy of group k's tilted conditional, one context per chain:
     ``U(z_k) = -log p(z_k | c) - r_k(z_k, c)``, ``(n, d_k) -> (n,)`` with ``c = context[i]`` for
-    chain i (batch-separable; ``tilt`` None gives the base conditional)."""
+    chain i (batch-separable; ``tilt`` None gives the base conditional). Marked
+    ``rows_indexed``, so samplers evaluate its chains at once, never in row blocks."""
     context = context.detach()
 
     def energy(z_k: Tensor) -> Tensor:
         u = -prior.group_log_prob(k, z_k, context)
         return u if tilt is None else u - tilt.logit(k, z_k, context)
 
+    energy.rows_indexed = True  # chain i has context[i]: never evaluated in row blocks
     return energy
 
 

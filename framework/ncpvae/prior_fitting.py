@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EpochFitConfig",
+    "FitBudgetConfig",
     "PriorOverBase",
     "PriorOverBaseConfig",
     "aggregate_posterior_draws",
@@ -56,10 +57,10 @@ class PriorOverBaseConfig(ComponentConfig):
     )
 
 
-class EpochFitConfig(PriorOverBaseConfig):
-    """The budget and held-out settings of a fit by minibatch epochs (ncp, ebm, flow) beyond
-    ``epochs``/``patience``: see :class:`ncpvae.EarlyStopping` and docs/priors.md ("Fits that
-    hold on small data")."""
+class FitBudgetConfig(ComponentConfig):
+    """The budget and held-out settings of a fit by minibatch epochs beyond
+    ``epochs``/``patience``, shared by every such fit (ncp, ebm, flow, hier_ncp): see
+    :class:`ncpvae.EarlyStopping` and docs/priors.md ("Fits that hold on small data")."""
 
     min_steps: int = Field(
         2000, ge=0, le=10_000_000, description="optimizer steps at least, whatever the data "
@@ -67,6 +68,11 @@ class EpochFitConfig(PriorOverBaseConfig):
     heldout_samples: int = Field(
         20_000, ge=1, le=10_000_000, description="held-out draws of q(z|x) in all, drawn once: "
         "ceil(heldout_samples / held-out encodings) draws per held-out encoding")
+
+
+class EpochFitConfig(PriorOverBaseConfig, FitBudgetConfig):
+    """A prior over a base fitted by minibatch epochs (ncp, ebm, flow): the base plus
+    :class:`FitBudgetConfig`'s settings."""
 
 
 class PriorOverBase(LearnedPrior):

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ncpvae import BuildContext, ComponentConfig, DataError, FitOptions, LatentModel, LearnedPrior
+from ncpvae import BuildContext, DataError, FitOptions, LatentModel, LearnedPrior
 from ncpvae.hierarchical import (
     HierarchicalTilt,
     fit_group_classifiers,
@@ -35,7 +35,7 @@ from ncpvae.hierarchical import (
     group_gains,
     sample_groupwise_sir,
 )
-from ncpvae.prior_fitting import aggregate_posterior_draws, heldout_draws
+from ncpvae.prior_fitting import FitBudgetConfig, aggregate_posterior_draws, heldout_draws
 from ncpvae.tilted import log_mean_exp, split_heldout
 from ncpvae_plugins.hierarchical.prior import ModelHierarchicalPrior
 
@@ -50,7 +50,7 @@ class HierarchicalNCPPrior(LearnedPrior):
     sampling_method = "group-wise SIR"
     fitted_part = "trained group classifiers"
 
-    class Config(ComponentConfig):
+    class Config(FitBudgetConfig):
         name: Literal["hier_ncp"] = "hier_ncp"
         hidden: list[Annotated[int, Field(ge=1)]] = Field(
             default_factory=lambda: [128, 128], description="hidden sizes of each classifier")
@@ -59,17 +59,12 @@ class HierarchicalNCPPrior(LearnedPrior):
                             "aggregate-posterior draws (raised to reach min_steps on small data)")
         patience: int = Field(5, ge=1, description="stop after this many epochs without a "
                               "held-out loss (summed over groups) lower by more than 2 paired SE")
-        min_steps: int = Field(2000, ge=0, le=10_000_000, description="optimizer steps at "
-                               "least, whatever the data size")
         batch_size: int = Field(256, ge=1)
         lr: float = Field(1e-3, gt=0)
         draws_per_input: int = Field(1, ge=1, description="fresh draws of q(z|x) per training "
                                      "image each epoch")
         heldout_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of the "
                                         "encodings held out for early stopping")
-        heldout_samples: int = Field(20_000, ge=1, le=10_000_000, description="held-out draws "
-                                     "of q(z|x) in all, drawn once: ceil(heldout_samples / "
-                                     "held-out encodings) per held-out encoding")
         sir_candidates: int = Field(100, ge=1, description="candidates per group in group-wise "
                                     "SIR")
         context_samples: int = Field(256, ge=2, description="base draws per context for each "
