@@ -14,7 +14,6 @@ generator) through the inverse. The weights and the standardization are in the s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -22,28 +21,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ncpvae import (
-    ConfigError,
-    DataError,
-    EarlyStopping,
-    EpochLosses,
-    FitOptions,
-    Prior,
-    ShardGroup,
-    hookimpl,
-    minibatch_step,
-)
-from ncpvae.prior_fitting import (
-    PriorOverBase,
-    aggregate_posterior_draws,
-    heldout_draws,
-    per_encoding,
-    seeded_init,
-)
-from ncpvae.tilted import split_heldout
-from ncpvae_plugins.neural_fit import NeuralFitConfig
-
-_LOG_2PI = math.log(2 * math.pi)
+from ncpvae import ConfigError, FitOptions, Prior, hookimpl
+from ncpvae.prior_fitting import seeded_init
+from ncpvae_plugins.neural_fit import NeuralFitConfig, StandardizedPrior
 
 
 def build_zuko_flow(flow_type: str, latent_dim: int, transforms: int, hidden: Sequence[int],
@@ -61,14 +41,15 @@ def build_zuko_flow(flow_type: str, latent_dim: int, transforms: int, hidden: Se
     raise ConfigError(f"flow_type must be 'maf' or 'nsf', got '{flow_type}'")
 
 
-class FlowPrior(PriorOverBase):
+class FlowPrior(StandardizedPrior):
     """A zuko normalizing flow over standardized latents; normalized, exact sampling.
 
     Built from ``base`` and its :class:`FlowPrior.Config`, which it reads its settings from.
     ``flow`` is a zuko ``Flow`` (calling it gives the distribution): the config's
     ``flow_type``, ``transforms``, ``hidden`` and ``bins``, initialized from ``seed``, unless
-    one is passed. Buffers ``shift`` and ``log_sigma`` ``(D,)`` hold the standardization.
-    Unfitted until :meth:`fit` or a fitted state dict.
+    one is passed. Buffers ``shift`` and ``log_sigma`` ``(D,)`` hold the standardization
+    (:class:`~ncpvae_plugins.neural_fit.StandardizedPrior`). Unfitted until :meth:`fit` or a
+    fitted state dict.
     """
 
     name = "flow"
@@ -95,128 +76,37 @@ class FlowPrior(PriorOverBase):
             raise ConfigError("the flow must be a zuko Flow (an nn.Module returning a "
                               "distribution when called)")
         self.flow = flow
-        dtype = torch.get_default_dtype()
-        self.register_buffer("shift", torch.zeros(self.latent_dim, dtype=dtype))
-        self.register_buffer("log_sigma", torch.zeros(self.latent_dim, dtype=dtype))
-        self.history: list[dict[str, float]] = []
 
     @property
     def label(self) -> str:
         return f"flow ({self.config.flow_type.upper()})"
 
-    # ------------------------------------------------------------------------------------------
-    # density and sampling
-
-    def _log_prob(self, z: Tensor) -> Tensor:
-        if z.ndim < 1 or z.shape[-1] != self.latent_dim:
-            raise DataError(f"latents: expected shape (..., {self.latent_dim}) for a "
-                            f"{self.latent_dim}-dim flow prior, got {tuple(z.shape)}")
-        flat = z.reshape(-1, self.latent_dim)
-        x = (flat - self.shift) * torch.exp(-self.log_sigma)
-        out = self.flow().log_prob(x) - self.log_sigma.sum()
-        return out.reshape(z.shape[:-1])
+    def _nll_x(self, x: Tensor, aux: Tensor | None = None) -> Tensor:
+        """``-log p(z)`` ``(n,)`` of standardized rows ``x`` ``(n, D)`` (the fit's loss)."""
+        return -(self.flow().log_prob(x) - self.log_sigma.sum())
 
     def log_prob(self, z: Tensor) -> Tensor:
         """``(..., D) -> (...)``: the flow's exact log density."""
         self.require_fitted("log_prob")
-        return self._log_prob(z)
+        return self.log_prob_rows(z, lambda x: self.flow().log_prob(x))
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact draws ``(n, D)``: ``u ~ N(0, I)`` from ``generator`` through the inverse
         transform, then un-standardized."""
         self.require_fitted("sample")
-        device = generator.device if generator is not None else self.shift.device
-        u = torch.randn(n, self.latent_dim, generator=generator, device=device,
-                        dtype=self.shift.dtype).to(self.shift.device)
+        u = self.standard_normal(n, self.latent_dim, generator)
         with torch.no_grad():
             x = self.flow().transform.inv(u) if n else u
-        return self.shift + x * torch.exp(self.log_sigma)
-
-    # ------------------------------------------------------------------------------------------
-    # fitting
+        return self.unstandardize(x)
 
     def _fit(self, mu: Tensor, logvar: Tensor, options: FitOptions) -> dict[str, Any]:
-        """Maximum likelihood on draws of ``q(z|x)`` for ``mu``, ``logvar`` ``(N, D)``.
-
-        A seeded ``heldout_fraction`` of the rows is held out, with ``heldout_samples`` fixed
-        draws in all (several per row, :func:`~ncpvae.prior_fitting.heldout_draws`). The
-        standardization is set from one draw per training row. Each epoch draws afresh for
-        every training row and takes Adam steps on the mean negative log-likelihood; after each
-        epoch the held-out NLL (nats per latent vector) is measured; the fit takes at least
-        ``min_steps`` steps and stops after ``patience`` epochs without an NLL lower by more
-        than 2 paired SE (:class:`ncpvae.EarlyStopping`); the best weights are restored. ``log`` gets
-        one record per epoch: ``epoch``, ``train_loss_mean``, ``train_loss_min``,
-        ``heldout_loss``. Returns ``best_epoch``, ``heldout_loss``, ``epochs_run``,
-        ``steps_run``, ``min_epochs``, ``stopped_early``, ``fit_seconds``, ``num_train``,
-        ``num_heldout``. Data parallel
-        (``options.shards``): as the ncp fit, each rank evaluates the flow on its rows of every
-        minibatch and of the held-out draws, gradients and losses summed over the ranks; the
-        standardization is computed whole on every rank.
-        """
-
-        gen, cfg = options.generator, self.config
-        ref = self.shift
-        device, dtype = ref.device, ref.dtype
-        mu = mu.detach().to(device=device, dtype=dtype)
-        logvar = logvar.detach().to(device=device, dtype=dtype)
-        held, train = split_heldout(len(mu), cfg.heldout_fraction, gen, device, "flow")
-        mu_tr, lv_tr = mu[train], logvar[train]
-        z_ho = heldout_draws(mu[held], logvar[held], cfg.heldout_samples, gen)
-        with torch.no_grad():
-            first = aggregate_posterior_draws(mu_tr, lv_tr, 1, gen)
-            self.shift.copy_(first.mean(0))
-            self.log_sigma.copy_(first.std(0).clamp_min(1e-6).log())
-        trainable = [p for p in self.flow.parameters() if p.requires_grad]
-        if not trainable:
-            raise ConfigError("flow fit: the flow has no trainable parameters")
-        optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n_train = len(train)
-        num_batches = max(1, math.ceil(n_train / cfg.batch_size))
-        shards = options.shards  # data parallel: each rank its rows of every minibatch
-
-        def nll(rows: Tensor, reduction: str) -> Tensor:
-            values = -self._log_prob(z[rows])
-            return values.mean() if reduction == "mean" else values.sum()
-
-        stopper = EarlyStopping(self.flow, epochs=cfg.epochs, patience=cfg.patience,
-                                min_steps=cfg.min_steps, steps_per_epoch=num_batches,
-                                desc="fit flow", progress=options.progress,
-                                log=options.log)
-        for epoch in stopper:
-            self.flow.train()
-            z = aggregate_posterior_draws(mu_tr, lv_tr, 1, gen)
-            perm = torch.randperm(n_train, generator=gen, device=gen.device).to(device)
-            losses = EpochLosses()
-            for index in perm.tensor_split(num_batches):
-                losses.add(minibatch_step(optimizer, trainable, nll, index, shards), len(index))
-            train_losses = losses.summary("flow", epoch, f"lower lr (now {cfg.lr})", shards)
-            if not stopper.due(epoch):
-                continue
-            self.flow.eval()
-            with torch.no_grad():
-                per_example = self._heldout_nll(z_ho, shards)
-                heldout = float(per_example.double().mean())
-            record = {"epoch": float(epoch), **train_losses, "heldout_loss": heldout}
-            stopper.update(record, loss=heldout, values=per_encoding(per_example, len(held)),
-                           postfix={"heldout_nll": f"{heldout:.4f}"})
-        stopper.restore()
-        self.flow.eval()
-        self.mark_fitted()
-        self.history = stopper.history
-        self.fit_summary = {
-            "best_epoch": stopper.best_epoch,
-            "heldout_loss": stopper.best_loss,
-            **stopper.summary(options.started, n_train, len(held)),
-        }
-        return dict(self.fit_summary)
-
-    def _heldout_nll(self, z: Tensor, shards: ShardGroup) -> Tensor:
-        """``-log p(z)`` ``(n,)`` for held-out draws ``z`` ``(n, D)``, in chunks; over several
-        ranks (``shards``) each rank evaluates its rows and every rank gets all of them."""
-        def nll(part: Tensor) -> Tensor:
-            return torch.cat([-self._log_prob(chunk) for chunk in part.split(65_536)])
-
-        return shards.map_rows(nll, z)
+        """Maximum likelihood on draws of ``q(z|x)`` for ``mu``, ``logvar`` ``(N, D)``: the
+        shared loop of :meth:`~ncpvae_plugins.neural_fit.StandardizedPrior.fit_network` (a
+        held-out split with fixed draws, fresh draws every epoch, at least ``min_steps`` Adam
+        steps, early stopping on the held-out NLL in nats per latent vector, the best weights
+        restored, data parallel over ``options.shards``)."""
+        return self.fit_network(mu, logvar, options, self._nll_x, desc="fit flow",
+                                net=self.flow)
 
 
 @hookimpl

@@ -1,5 +1,5 @@
-"""What the network priors fitted on standardized latents share (``diffusion``, ``two_stage``,
-``made``; docs/priors.md §10-§12).
+"""What the network priors fitted on standardized latents share (``flow``, ``diffusion``,
+``two_stage``, ``made``; docs/priors.md §10-§12).
 
 - :class:`NeuralFitConfig`: the fit settings (epochs, minibatch, Adam, early stopping, the
   held-out share) and the hidden sizes of the network;
@@ -69,7 +69,8 @@ class NeuralFitConfig(EpochFitConfig):
 class StandardizedPrior(PriorOverBase):
     """A prior over a base whose network models standardized latents ``x = (z - shift) / sigma``.
 
-    Subclasses build their network (``self.net``) and implement the density of ``x``; this
+    Subclasses build their network (``self.net``, or another attribute that they pass to
+    :meth:`fit_network` as ``net``, as ``flow`` does) and implement the density of ``x``; this
     class holds the standardization buffers and the fit loop.
     """
 
@@ -116,8 +117,9 @@ class StandardizedPrior(PriorOverBase):
 
     def fit_network(self, mu: Tensor, logvar: Tensor, options: FitOptions, loss: RowLoss,
                     draw_aux: AuxDraw | None = None, *, desc: str,
-                    ema: float = 0.0) -> dict[str, Any]:
-        """Fit ``self.net`` by minimizing the mean of ``loss`` on draws of ``q(z|x)``.
+                    ema: float = 0.0, net: nn.Module | None = None) -> dict[str, Any]:
+        """Fit ``net`` (default ``self.net``) by minimizing the mean of ``loss`` on draws of
+        ``q(z|x)``.
 
         A seeded ``heldout_fraction`` of the rows is held out with ``heldout_samples`` fixed
         draws in all (several per row, :func:`~ncpvae.prior_fitting.heldout_draws`, with fixed
@@ -130,10 +132,15 @@ class StandardizedPrior(PriorOverBase):
         ``heldout_loss`` per epoch; the summary has ``best_epoch``, ``heldout_loss``,
         ``epochs_run``, ``stopped_early``, ``fit_seconds``, ``num_train``, ``num_heldout``.
 
+        Data parallel (``options.shards``, for a prior with ``shardable_fit``): each rank
+        evaluates its rows of every minibatch and of the held-out draws, gradients and losses
+        summed over the ranks; the standardization is computed whole on every rank.
+
         ``ema`` in ``(0, 1)``: keep an exponential moving average of the weights (updated after
         every step with this decay, less during a warm-up); the held-out loss, the
         early-stopping snapshots and the final weights are the averaged ones (score models need
-        it: the last iterate's noise shows in the ODE's samples and density).
+        it: the last iterate's noise shows in the ODE's samples and density); ``loss`` reads
+        the network as ``self.net``, which holds the averaged weights while they are scored.
         """
         gen, cfg = options.generator, self.config
         device, dtype = self.shift.device, self.shift.dtype
@@ -148,7 +155,8 @@ class StandardizedPrior(PriorOverBase):
             self.log_sigma.copy_(first.std(0).clamp_min(1e-6).log())
             x_ho = self.standardize(z_ho)
         aux_ho = draw_aux(len(z_ho), gen) if draw_aux is not None else None
-        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        trained = self.net if net is None else net
+        trainable = [p for p in trained.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError(f"{self.name} fit: the network has no trainable parameters")
         optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -159,14 +167,18 @@ class StandardizedPrior(PriorOverBase):
             values = loss(x[rows], None if aux is None else aux[rows])
             return values.mean() if reduction == "mean" else values.sum()
 
-        trained = self.net
         averaged = copy.deepcopy(trained).requires_grad_(False) if ema > 0 else trained
+
+        def heldout_losses(rows: Tensor) -> Tensor:
+            return torch.cat([loss(x_ho[part], None if aux_ho is None else aux_ho[part])
+                              for part in rows.split(EVAL_CHUNK)])
+
         steps = 0
         stopper = EarlyStopping(averaged, epochs=cfg.epochs, patience=cfg.patience,
                                 min_steps=cfg.min_steps, steps_per_epoch=num_batches, desc=desc,
                                 progress=options.progress, log=options.log)
         for epoch in stopper:
-            self.net.train()
+            trained.train()
             with torch.no_grad():
                 x = self.standardize(aggregate_posterior_draws(mu_tr, lv_tr, 1, gen))
             aux = draw_aux(n_train, gen) if draw_aux is not None else None
@@ -186,22 +198,22 @@ class StandardizedPrior(PriorOverBase):
                                           options.shards)
             if not stopper.due(epoch):
                 continue
-            self.net = averaged.eval()  # the held-out loss of the (averaged) weights
+            averaged.eval()
+            if averaged is not trained:
+                self.net = averaged  # the held-out loss of the averaged weights
             with torch.no_grad():
-                per_example = torch.cat([
-                    loss(part, None if aux_ho is None else aux_ho[start:start + len(part)])
-                    for start, part in zip(range(0, len(x_ho), EVAL_CHUNK),
-                                           x_ho.split(EVAL_CHUNK), strict=True)
-                ])
+                per_example = options.shards.map_rows(
+                    heldout_losses, torch.arange(len(x_ho), device=device))
                 heldout = float(per_example.double().mean())
-            self.net = trained
+            if averaged is not trained:
+                self.net = trained
             record = {"epoch": float(epoch), **train_losses, "heldout_loss": heldout}
             stopper.update(record, loss=heldout, values=per_encoding(per_example, len(held)),
                            postfix={"heldout": f"{heldout:.4f}"})
         stopper.restore()
         if averaged is not trained:
             trained.load_state_dict(averaged.state_dict())
-        self.net.eval()
+        trained.eval()
         self.mark_fitted()
         self.history = stopper.history
         self.fit_summary = {"best_epoch": stopper.best_epoch, "heldout_loss": stopper.best_loss,
