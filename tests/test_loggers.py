@@ -223,3 +223,26 @@ def test_mlflow_store_holds_params_metrics_and_the_run_directory(runs):
     artifacts = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"metrics.jsonl", "summary.json", "config.toml", "plots"} <= artifacts
     assert "logs" not in artifacts
+
+
+@pytest.mark.slow
+def test_fit_prior_logs_the_refit_and_closes_the_trackers(tmp_path: Path):
+    """``ncpvae fit-prior`` on a run with MLflow: the refit's records go to a second MLflow
+    run, which ends FINISHED like the first (before, it was left RUNNING)."""
+    from mlflow.tracking import MlflowClient
+
+    from ncpvae import cli
+
+    run = _run(tmp_path / "run", ["mlflow"])
+    before = len(_records(run, "fit_prior"))
+    assert cli.main(["fit-prior", str(run), "--quiet"]) == 0
+    refit = _records(run, "fit_prior")[before:]
+    assert refit
+    client = MlflowClient(f"sqlite:///{run / 'logs' / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    history = client.get_metric_history(runs[-1].info.run_id, "fit_prior/heldout_auc")
+    assert sorted((m.step, m.value) for m in history) == [
+        (int(r["epoch"]), r["heldout_auc"]) for r in refit]

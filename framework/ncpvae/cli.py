@@ -308,6 +308,7 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
     from ncpvae.run.directory import RunDirectory
     from ncpvae.run.fit import fit_prior
     from ncpvae.run.sample import sample_stage
+    from ncpvae.run.stages import finish_loggers
 
     progress.require_finished(RunDirectory.open(args.run), "fit-prior")
     run = open_run(args.run, args.overrides, registry=_manager(args).registry, quiet=args.quiet,
@@ -322,6 +323,7 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
     summary = fit_prior(run)  # under torchrun: every rank fits, only rank 0 writes
     removed = invalidate_after_refit(run.directory) if run.is_writer else []
     sample_stage(run)
+    finish_loggers(run)  # the refit's records went to the trackers: close them
     if not run.is_writer:  # a rank > 0 of a torchrun launch: rank 0 reports
         return 0
     print(json.dumps(to_plain_json(summary), indent=2))

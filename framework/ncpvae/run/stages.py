@@ -129,10 +129,17 @@ def _run_remaining(run: Run, stages: Sequence[Stage], completed: list[str]) -> P
         if not run.is_writer:
             raise
         raise RunInterrupted(directory) from None
-    if run.is_writer:  # the trackers get the figures and close
-        run.loggers.finish(directory.path, sorted(directory.plots.glob("*.png")))
+    finish_loggers(run)
     path = directory.path if run.is_writer else None
     return Path(run.dist.broadcast_object(path))
+
+
+def finish_loggers(run: Run) -> None:
+    """The run's trackers get its figures and close (the writing process only): after the
+    runner's last stage, and after a command that logged to them (``ncpvae fit-prior``)."""
+    if run.is_writer:
+        directory = run.directory
+        run.loggers.finish(directory.path, sorted(directory.plots.glob("*.png")))
 
 
 def _run_stage(run: Run, stage: Stage) -> None:
