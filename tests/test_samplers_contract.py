@@ -179,6 +179,18 @@ def test_an_energy_marked_rows_indexed_is_never_split(monkeypatch):
     assert len(CompiledEnergy(quartic, block_rows=8)._blocks(z)) == 3
 
 
+def test_run_settings_count_the_draws_they_keep():
+    """num_kept (the size of the draw buffer) equals the number of steps keeps() selects."""
+    from ncpvae.sampler import RunSettings
+
+    for num_steps in (0, 1, 2, 7, 10):
+        for burn_in in range(num_steps):
+            for thin in (1, 2, 3, 11):
+                settings = RunSettings(num_steps, burn_in, thin)
+                kept = sum(settings.keeps(t) for t in range(1, num_steps + 1))
+                assert settings.num_kept == kept, (num_steps, burn_in, thin)
+
+
 def test_energy_parameters_get_no_gradient():
     net = torch.nn.Linear(3, 1).double()
 

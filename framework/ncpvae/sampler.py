@@ -114,6 +114,12 @@ class RunSettings:
         counted back from the last step)."""
         return t > self.burn_in and (self.num_steps - t) % self.thin == 0
 
+    @property
+    def num_kept(self) -> int:
+        """How many steps :meth:`keeps`: ``ceil((num_steps - burn_in) / thin)``, 0 without
+        steps."""
+        return -(-(self.num_steps - self.burn_in) // self.thin)
+
 
 class MarkovChainConfig(ComponentConfig):
     """Config fields every Markov-chain sampler shares (``sample_prior`` uses them)."""
@@ -553,7 +559,6 @@ class _Recorder:
 
     def __init__(self, settings: RunSettings):
         self.settings = settings
-        self.num_kept = sum(1 for t in range(1, settings.num_steps + 1) if settings.keeps(t))
         self.samples: Tensor | None = None
         self.next_draw = 0
         self.fields: tuple[str, ...] = ()
@@ -575,7 +580,7 @@ class _Recorder:
         if self.settings.keeps(t):
             position: Tensor = state.position  # type: ignore[attr-defined]
             if self.samples is None:
-                self.samples = position.new_empty((self.num_kept, *position.shape))
+                self.samples = position.new_empty((self.settings.num_kept, *position.shape))
             self.samples[self.next_draw].copy_(position)
             self.next_draw += 1
 

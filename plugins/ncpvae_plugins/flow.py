@@ -106,7 +106,7 @@ class FlowPrior(StandardizedPrior):
         steps, early stopping on the held-out NLL in nats per latent vector, the best weights
         restored, data parallel over ``options.shards``)."""
         return self.fit_network(mu, logvar, options, self._nll_x, desc="fit flow",
-                                net=self.flow)
+                                network="flow")
 
 
 @hookimpl

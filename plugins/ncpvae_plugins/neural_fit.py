@@ -69,8 +69,8 @@ class NeuralFitConfig(EpochFitConfig):
 class StandardizedPrior(PriorOverBase):
     """A prior over a base whose network models standardized latents ``x = (z - shift) / sigma``.
 
-    Subclasses build their network (``self.net``, or another attribute that they pass to
-    :meth:`fit_network` as ``net``, as ``flow`` does) and implement the density of ``x``; this
+    Subclasses build their network (``self.net``, or another attribute that they name to
+    :meth:`fit_network` as ``network``, as ``flow`` does) and implement the density of ``x``; this
     class holds the standardization buffers and the fit loop.
     """
 
@@ -117,9 +117,9 @@ class StandardizedPrior(PriorOverBase):
 
     def fit_network(self, mu: Tensor, logvar: Tensor, options: FitOptions, loss: RowLoss,
                     draw_aux: AuxDraw | None = None, *, desc: str,
-                    ema: float = 0.0, net: nn.Module | None = None) -> dict[str, Any]:
-        """Fit ``net`` (default ``self.net``) by minimizing the mean of ``loss`` on draws of
-        ``q(z|x)``.
+                    ema: float = 0.0, network: str = "net") -> dict[str, Any]:
+        """Fit the module in attribute ``network`` (default ``self.net``) by minimizing the mean
+        of ``loss`` on draws of ``q(z|x)``.
 
         A seeded ``heldout_fraction`` of the rows is held out with ``heldout_samples`` fixed
         draws in all (several per row, :func:`~ncpvae.prior_fitting.heldout_draws`, with fixed
@@ -140,7 +140,8 @@ class StandardizedPrior(PriorOverBase):
         every step with this decay, less during a warm-up); the held-out loss, the
         early-stopping snapshots and the final weights are the averaged ones (score models need
         it: the last iterate's noise shows in the ODE's samples and density); ``loss`` reads
-        the network as ``self.net``, which holds the averaged weights while they are scored.
+        the network from that attribute, which holds the averaged weights while they are
+        scored.
         """
         gen, cfg = options.generator, self.config
         device, dtype = self.shift.device, self.shift.dtype
@@ -155,7 +156,7 @@ class StandardizedPrior(PriorOverBase):
             self.log_sigma.copy_(first.std(0).clamp_min(1e-6).log())
             x_ho = self.standardize(z_ho)
         aux_ho = draw_aux(len(z_ho), gen) if draw_aux is not None else None
-        trained = self.net if net is None else net
+        trained: nn.Module = getattr(self, network)
         trainable = [p for p in trained.parameters() if p.requires_grad]
         if not trainable:
             raise ConfigError(f"{self.name} fit: the network has no trainable parameters")
@@ -200,13 +201,13 @@ class StandardizedPrior(PriorOverBase):
                 continue
             averaged.eval()
             if averaged is not trained:
-                self.net = averaged  # the held-out loss of the averaged weights
+                setattr(self, network, averaged)  # the held-out loss of the averaged weights
             with torch.no_grad():
                 per_example = options.shards.map_rows(
                     heldout_losses, torch.arange(len(x_ho), device=device))
                 heldout = float(per_example.double().mean())
             if averaged is not trained:
-                self.net = trained
+                setattr(self, network, trained)
             record = {"epoch": float(epoch), **train_losses, "heldout_loss": heldout}
             stopper.update(record, loss=heldout, values=per_encoding(per_example, len(held)),
                            postfix={"heldout": f"{heldout:.4f}"})
